@@ -1,0 +1,46 @@
+"""Fixtures shared by every test: real MNIST from ../shared/mnist, settings, temp folders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fedsim import config
+
+ROOT = Path(__file__).resolve().parent.parent
+# Tests and CI use the copy beside the project; FEDSIM_TEST_MNIST points elsewhere.
+MNIST_DIR = Path(os.environ.get("FEDSIM_TEST_MNIST", ROOT.parent / "shared" / "mnist"))
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not all(
+        (MNIST_DIR / f"{n}.gz").is_file()
+        for n in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
+    ):
+        pytest.skip(f"MNIST files not found in {MNIST_DIR} (set FEDSIM_TEST_MNIST)")
+    return MNIST_DIR
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., config.Settings]:
+    """Settings from defaults plus overrides, with MODEL_DIR in a fresh temp folder.
+
+    No `.env` is read and the process environment is ignored, so tests are
+    independent of the machine they run on.
+    """
+
+    def make(**overrides: object) -> config.Settings:
+        environ = {"MODEL_DIR": str(tmp_path / "models"), "DATA_DIR": str(MNIST_DIR)}
+        environ.update({k: str(v) for k, v in overrides.items()})
+        return config.load(environ=environ, env_file=tmp_path / "no.env")
+
+    return make
