@@ -84,15 +84,15 @@ def read_bytes(path: Path) -> bytes:
 
 def parse_idx(content: bytes, ndim: int, source: str) -> np.ndarray:
     """Parse IDX bytes (magic 0x0000 0x08 ndim, then ndim big-endian sizes, then data)."""
-    if len(content) < 4 + 4 * ndim:
-        raise DataError(f"{source}: truncated: {len(content)} bytes, shorter than an IDX header")
     magic = content[:4]
     expected = bytes((0, 0, IDX_UBYTE, ndim))
-    if magic != expected:
+    if len(magic) == 4 and magic != expected:
         raise DataError(
             f"{source}: wrong magic number: expected {expected.hex()} "
             f"(unsigned bytes, {ndim} dimensions), found {magic.hex()}"
         )
+    if len(content) < 4 + 4 * ndim:
+        raise DataError(f"{source}: truncated: {len(content)} bytes, shorter than an IDX header")
     dims = tuple(int.from_bytes(content[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     needed = int(np.prod(dims))

@@ -1,0 +1,129 @@
+"""Settings: defaults, the .env file, precedence, and one clear error per bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedsim import config
+
+
+def load(tmp_path: Path, env_text: str | None = None, **environ: str) -> config.Settings:
+    env_file = tmp_path / ".env"
+    if env_text is not None:
+        env_file.write_text(env_text)
+    return config.load(environ=environ, env_file=env_file)
+
+
+def test_defaults_match_the_original_run(tmp_path: Path) -> None:
+    s = load(tmp_path)
+    assert s.num_images_train == 5000
+    assert s.num_slices == 12
+    assert s.client_slices == ((1, 4), (5, 8), (9, 12))
+    assert (s.max_retry, s.max_wait, s.save_model) == (2, 2.0, 2)
+    assert s.client_index is None
+    assert s.model == "mlp" and s.aggregation == "async-weighted"
+    assert s.round_quorum == 3
+    assert s.explicit == frozenset()
+
+
+def test_env_file_is_read_and_environment_wins(tmp_path: Path) -> None:
+    s = load(tmp_path, "MAX_RETRY=5\nMODEL=cnn\n# a comment\n", MODEL="mlp")
+    assert s.max_retry == 5
+    assert s.model == "mlp"
+    assert s.explicit == {"MAX_RETRY", "MODEL"}
+
+
+def test_env_file_named_by_fedsim_env_file(tmp_path: Path) -> None:
+    other = tmp_path / "other.env"
+    other.write_text("EPOCHS=3\n")
+    s = config.load(environ={"FEDSIM_ENV_FILE": str(other)})
+    assert s.epochs == 3
+
+
+def test_unknown_key_in_env_file_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="MAX_RETRIES") as info:
+        load(tmp_path, "MAX_RETRIES=3\n")
+    assert "unknown key" in str(info.value)
+
+
+def test_compose_keys_are_allowed_in_env_file(tmp_path: Path) -> None:
+    assert load(tmp_path, "AGGREGATOR_PORT=9000\n").max_retry == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("MAX_RETRY", "0", "an integer >= 1"),
+        ("MAX_RETRY", "two", "an integer >= 1"),
+        ("MAX_WAIT", "-1", "a number >= 0"),
+        ("MAX_WAIT", "nan", "a number >= 0"),
+        ("LEARNING_RATE", "0", "a number > 0"),
+        ("NUM_IMAGES_TRAIN", "60001", "<= 60000"),
+        ("MODEL", "resnet", "one of mlp, cnn"),
+        ("AGGREGATION", "fedprox", "one of async-weighted, fedavg"),
+        ("DATA_VERIFY", "maybe", "true or false"),
+        ("AGGREGATOR_URL", "localhost:8080", "http:// or https:// URL"),
+        ("MNIST_MIRRORS", "ftp://x/", "http:// or https:// URL"),
+        ("CLIENT_INDEX", "0", "an integer >= 1"),
+        ("DATA_DIR", " ", "a directory path"),
+    ],
+)
+def test_bad_value_names_key_value_and_what_is_allowed(
+    tmp_path: Path, key: str, value: str, allowed: str
+) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        load(tmp_path, **{key: value})
+    message = str(info.value)
+    assert message.startswith(f"invalid setting {key}={value!r}")
+    assert allowed in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("slices", "reason"),
+    [
+        ("1-4 3-8", "ranges 1-4 and 3-8 overlap"),
+        ("1-4 5-13", "outside 1-12"),
+        ("0-2", "outside 1-12"),
+        ("4-1", "runs backwards"),
+        ("1-4,5-8", "is not a range"),
+        ("", "one range per client"),
+    ],
+)
+def test_bad_client_slices(tmp_path: Path, slices: str, reason: str) -> None:
+    with pytest.raises(config.ConfigError, match=reason):
+        load(tmp_path, CLIENT_SLICES=slices)
+
+
+def test_slices_follow_num_images_train(tmp_path: Path) -> None:
+    s = load(tmp_path, NUM_IMAGES_TRAIN="2000", CLIENT_SLICES="1-10 11-29 30")
+    assert s.num_slices == 30
+    assert s.client_slices == ((1, 10), (11, 29), (30, 30))
+    with pytest.raises(config.ConfigError, match="outside 1-30"):
+        load(tmp_path, NUM_IMAGES_TRAIN="2000", CLIENT_SLICES="1-31")
+
+
+def test_client_index_beyond_the_ranges(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="CLIENT_SLICES has only 3 ranges"):
+        load(tmp_path, CLIENT_INDEX="4")
+
+
+def test_min_clients_sets_the_quorum(tmp_path: Path) -> None:
+    assert load(tmp_path, MIN_CLIENTS="2").round_quorum == 2
+
+
+def test_resolved_settings_are_json_friendly(tmp_path: Path) -> None:
+    import json
+
+    out = load(tmp_path).to_dict()
+    assert set(out) == config.KNOWN_KEYS
+    assert out["CLIENT_SLICES"] == "1-4 5-8 9-12"
+    json.dumps(out)
+
+
+def test_every_setting_has_a_valid_default() -> None:
+    for setting in config.SETTINGS:
+        setting.parse(setting.default)
+        assert setting.why

@@ -1,0 +1,38 @@
+"""Keras models: the layouts the aggregator relies on, and seeded initial weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedsim import models
+
+
+@pytest.mark.parametrize(("name", "params"), [("mlp", 199_210), ("cnn", 1_663_370)])
+def test_built_model_matches_its_layout(name: str, params: int) -> None:
+    model = models.build(name, seed=1, learning_rate=0.001)
+    assert model.count_params() == params == models.parameter_count(name)
+    built = models.get_weights(model)
+    assert [(k, v.shape) for k, v in built.items()] == list(models.SHAPES[name])
+    assert all(v.dtype == np.float32 for v in built.values())
+
+
+def test_same_seed_same_initial_weights_other_seed_differs() -> None:
+    a = models.get_weights(models.build("mlp", seed=7, learning_rate=0.001))
+    b = models.get_weights(models.build("mlp", seed=7, learning_rate=0.001))
+    c = models.get_weights(models.build("mlp", seed=8, learning_rate=0.001))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    assert not np.array_equal(a["hidden1/kernel"], c["hidden1/kernel"])
+
+
+def test_set_weights_round_trip() -> None:
+    model = models.build("mlp", seed=1, learning_rate=0.001)
+    ones = {k: np.ones_like(v) for k, v in models.get_weights(model).items()}
+    models.set_weights(model, ones)
+    assert all((v == 1).all() for v in models.get_weights(model).values())
+
+
+def test_unknown_model() -> None:
+    with pytest.raises(ValueError, match="unknown model 'vgg'"):
+        models.build("vgg", seed=1, learning_rate=0.001)
