@@ -1,0 +1,1 @@
+"""The client: trains on its slices of MNIST and exchanges weights with the aggregator."""

@@ -1,0 +1,309 @@
+"""The client's loop: pull the global model, train on a slice, push the weights.
+
+`async-weighted` (the original): one pass over the client's slices; a failed pull
+trains on the weights it has, a failed push keeps them and skips the next pull.
+`fedavg`: one slice per round, cycling, until the aggregator says the run is
+finished; an update based on an old version is refused (409) and the client
+pulls again. Both log one line per step and return a `Summary`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedsim import models, weights
+from fedsim.client.identity import Identity
+from fedsim.client.training import Trained
+from fedsim.client.transport import Pulled, Pushed, Transport
+from fedsim.config import Settings
+
+log = logging.getLogger("fedsim.client")
+
+POLL_SECONDS = 0.5  # how often a fedavg client asks whether its round closed
+STARTUP_SECONDS = 120.0  # how long a client waits for the aggregator to come up
+
+
+class AggregatorUnreachable(RuntimeError):
+    """The aggregator did not answer for longer than the client waits."""
+
+
+class Learner(Protocol):
+    def get_weights(self) -> dict[str, np.ndarray]: ...
+    def set_weights(self, tensors: dict[str, np.ndarray]) -> None: ...
+    def train(self, slice_no: int) -> Trained: ...
+
+
+@dataclass
+class Summary:
+    slices_done: int = 0
+    pushes_accepted: int = 0
+    pushes_failed: int = 0
+    pulls_failed: int = 0
+    retries: int = 0
+    rounds: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self, client_id: str, seconds: float) -> str:
+        return (
+            f"{client_id} done: {self.slices_done} slices trained, pushes "
+            f"{self.pushes_accepted} accepted {self.pushes_failed} failed, "
+            f"pulls {self.pulls_failed} failed, {self.retries} retries, {seconds:.1f}s"
+        )
+
+
+def finished(status: dict[str, Any]) -> bool:
+    """Whether the aggregator's /v1/status says the run is over."""
+    round_info = status.get("round")
+    if isinstance(round_info, dict) and round_info.get("finished"):
+        return True
+    return bool(status.get("finished", False))
+
+
+class Client:
+    def __init__(
+        self,
+        settings: Settings,
+        identity: Identity,
+        transport: Transport,
+        learner: Learner,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        new_update_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.transport = transport
+        self.learner = learner
+        self.clock = clock
+        self.sleep = sleep
+        self.new_update_id = new_update_id
+        self.summary = Summary(started=clock())
+        self.name = identity.client_id
+        # The client's own initial weights are checkpoint 0's (same MODEL and SEED),
+        # so before its first pull it trains from version 0.
+        self.version = 0
+
+    # --- shared steps -------------------------------------------------------------
+
+    def wait_ready(self, timeout: float = STARTUP_SECONDS) -> str:
+        """Wait for /healthz; return the strategy the aggregator runs."""
+        deadline = self.clock() + timeout
+        while (health := self.transport.health()) is None:
+            if self.clock() >= deadline:
+                raise AggregatorUnreachable(
+                    f"no answer from the aggregator at {self.transport.base_url}/healthz "
+                    f"for {timeout:.0f}s: is it running, and is AGGREGATOR_URL right?"
+                )
+            self.sleep(1.0)
+        status = self.transport.status() or {}
+        strategy = str(status.get("strategy") or self.settings.aggregation)
+        if strategy != self.settings.aggregation:
+            log.warning(
+                "%s: the aggregator runs %s, AGGREGATION here says %s: following the aggregator",
+                self.name,
+                strategy,
+                self.settings.aggregation,
+            )
+        log.info("%s: aggregator up at version %s (%s)", self.name, health.get("version"), strategy)
+        return strategy
+
+    def pull(self, slice_no: int) -> Pulled:
+        pulled = self.transport.pull()
+        self.summary.retries += pulled.retries
+        if not pulled.ok:
+            self.summary.pulls_failed += 1
+            log.warning(
+                "%s pull  slice %d failed after %d tries (%s): training on version %d it has",
+                self.name,
+                slice_no,
+                pulled.retries + 1,
+                pulled.error,
+                self.version,
+            )
+            return pulled
+        assert pulled.tensors is not None
+        try:
+            weights.validate(pulled.tensors, models.SHAPES[self.settings.model])
+        except weights.WeightsError as exc:
+            raise weights.WeightsError(
+                exc.status,
+                f"the aggregator serves a model that is not MODEL={self.settings.model} "
+                f"({exc.reason}); give both the same MODEL",
+            ) from None
+        self.learner.set_weights(pulled.tensors)
+        self.version = pulled.version if pulled.version is not None else self.version
+        log.info(
+            "%s pull  slice %d version %d (retries %d)",
+            self.name,
+            slice_no,
+            self.version,
+            pulled.retries,
+        )
+        return pulled
+
+    def train(self, slice_no: int) -> Trained:
+        trained = self.learner.train(slice_no)
+        self.summary.slices_done += 1
+        log.info(
+            "%s train slice %d samples %d loss %.4f acc %.4f (%.1fs)",
+            self.name,
+            slice_no,
+            trained.samples,
+            trained.loss,
+            trained.accuracy,
+            trained.seconds,
+        )
+        return trained
+
+    def metadata(self, trained: Trained, base_version: int) -> dict[str, object]:
+        # A fresh update_id per trained update; every retry of it sends the same
+        # bytes, so the aggregator can count it once.
+        return {
+            "client_id": self.name,
+            "base_version": base_version,
+            "num_samples": trained.samples,
+            "update_id": self.new_update_id(),
+            "slice": trained.slice,
+            "slices": f"{self.identity.first}-{self.identity.last}",
+            "loss": f"{trained.loss:.6f}",
+            "accuracy": f"{trained.accuracy:.6f}",
+            "retries": self.summary.retries,
+        }
+
+    def push(
+        self, tensors: dict[str, np.ndarray], meta: dict[str, object], *, again: bool = False
+    ) -> Pushed:
+        """One push (MAX_RETRY tries). `again`: a re-send of an update already accepted."""
+        pushed = self.transport.push(tensors, meta)
+        self.summary.retries += pushed.retries
+        slice_no, base = meta["slice"], meta["base_version"]
+        if pushed.accepted:
+            self.summary.pushes_accepted += 0 if again else 1
+            log.info(
+                "%s push  slice %s base %s -> version %s (retries %d)%s",
+                self.name,
+                slice_no,
+                base,
+                pushed.version,
+                pushed.retries,
+                " (already counted)" if pushed.duplicate else "",
+            )
+        elif pushed.status == 409:
+            log.info(
+                "%s push  slice %s base %s refused: %s (version %s)",
+                self.name,
+                slice_no,
+                base,
+                "run finished" if pushed.finished else pushed.detail or "stale",
+                pushed.version,
+            )
+        else:
+            self.summary.pushes_failed += 1
+            log.warning(
+                "%s push  slice %s base %s failed after %d tries (%s): keeping the weights",
+                self.name,
+                slice_no,
+                base,
+                pushed.retries + 1,
+                pushed.detail,
+            )
+        return pushed
+
+    # --- async-weighted: one pass, the original loop ------------------------------
+
+    def run_async(self) -> Summary:
+        pull_next = True
+        for slice_no in self.identity.slices:
+            if pull_next:
+                self.pull(slice_no)
+            trained = self.train(slice_no)
+            pushed = self.push(self.learner.get_weights(), self.metadata(trained, self.version))
+            if pushed.finished:
+                break
+            # After a failed push the weights hold work the aggregator lacks: keep
+            # training on them rather than overwrite them with the global model.
+            pull_next = pushed.accepted
+        return self.summary
+
+    # --- fedavg: one slice per round until the run is finished --------------------
+
+    def run_fedavg(self) -> Summary:
+        lost_after = max(60.0, 2 * self.settings.round_timeout)
+        slices = itertools.cycle(self.identity.slices)
+        slice_no = next(slices)
+        while True:
+            status = self._status_within(lost_after)
+            if finished(status):
+                log.info("%s: the run is finished at version %s", self.name, status.get("version"))
+                return self.summary
+            pulled = self.pull(slice_no)
+            if not pulled.ok:
+                self.sleep(POLL_SECONDS)
+                continue
+            base = self.version
+            trained = self.train(slice_no)
+            tensors, meta = self.learner.get_weights(), self.metadata(trained, base)
+            if self._push_until_round_moves(tensors, meta, base, lost_after) == "finished":
+                log.info("%s: the run is finished", self.name)
+                return self.summary
+            slice_no = next(slices)
+
+    def _status_within(self, lost_after: float) -> dict[str, Any]:
+        since = self.clock()
+        while (status := self.transport.status()) is None:
+            if self.clock() - since >= lost_after:
+                raise AggregatorUnreachable(
+                    f"the aggregator at {self.transport.base_url} did not answer "
+                    f"for {lost_after:.0f}s"
+                )
+            self.sleep(POLL_SECONDS)
+        return status
+
+    def _push_until_round_moves(
+        self, tensors: dict[str, np.ndarray], meta: dict[str, object], base: int, lost_after: float
+    ) -> str:
+        """Push, then wait for the version to move past `base`: 'next' or 'finished'.
+
+        An update not yet accepted is pushed again every few seconds; an accepted
+        one again when nothing moves for 2 x ROUND_TIMEOUT (the aggregator may have
+        restarted without it; the same update_id keeps it from counting twice).
+        """
+        stuck_after = 2 * self.settings.round_timeout
+        retry_failed_after = max(5 * POLL_SECONDS, self.settings.max_wait)
+        accepted = False
+        last_push = last_contact = self.clock()
+        pushed = self.push(tensors, meta)
+        while True:
+            if pushed.status == 409:
+                return "finished" if pushed.finished else "next"
+            if pushed.accepted and not accepted:
+                accepted = True
+                self.summary.rounds += 1
+            self.sleep(POLL_SECONDS)
+            status = self.transport.status(attempts=1)
+            now = self.clock()
+            if status is not None:
+                last_contact = now
+                if finished(status):
+                    return "finished"
+                if int(status.get("version", base)) > base:
+                    return "next"
+            elif now - last_contact >= lost_after:
+                raise AggregatorUnreachable(
+                    f"the aggregator at {self.transport.base_url} did not answer "
+                    f"for {lost_after:.0f}s"
+                )
+            wait = stuck_after if accepted else retry_failed_after
+            if now - last_push >= wait:
+                log.info("%s: version still %d, pushing the same update again", self.name, base)
+                last_push = now
+                pushed = self.push(tensors, meta, again=accepted)

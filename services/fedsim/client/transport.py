@@ -1,0 +1,196 @@
+"""HTTP to the aggregator, with the original retry rule kept as data.
+
+A pull or push makes at most `RetryPolicy.attempts` tries (MAX_RETRY) and waits a
+random 0..`max_wait` seconds (MAX_WAIT) between them. Only failures that another
+try can cure are retried: no connection, a timeout, 5xx, 429. A POST is safe to
+retry because its `update_id` makes the aggregator count it once. 409 is an
+answer, not a failure (stale base or finished run); any other 4xx is a bug on
+this side and raises `ProtocolError` at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import requests
+
+from fedsim import weights
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+class ProtocolError(RuntimeError):
+    """The aggregator refused a request as malformed: retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int  # MAX_RETRY: tries in all, not retries after the first
+    max_wait: float  # MAX_WAIT: upper bound of the random wait between tries
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+    uniform: Callable[[float, float], float] = field(default=random.uniform, repr=False)
+
+    def pause(self) -> None:
+        self.sleep(self.uniform(0.0, self.max_wait))
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """The outcome of a pull. `tensors` None: every try failed, `error` says why."""
+
+    retries: int
+    tensors: Tensors | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.tensors is not None
+
+    @property
+    def version(self) -> int | None:
+        return int(self.metadata["version"]) if "version" in self.metadata else None
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """The outcome of a push. `accepted` False with `status` None: every try failed."""
+
+    accepted: bool
+    retries: int
+    version: int | None = None
+    duplicate: bool = False
+    status: int | None = None  # 409 when refused as stale or finished
+    finished: bool = False
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    response: requests.Response | None
+    retries: int
+    error: str = ""
+
+
+class Transport:
+    """The aggregator's API as calls; one `requests.Session` keeps connections alive."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        policy: RetryPolicy,
+        timeout: float,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.policy = policy
+        self.timeout = timeout
+        self.session = session or requests.Session()
+
+    def _call(
+        self, method: str, path: str, *, attempts: int | None = None, **kwargs: Any
+    ) -> _Outcome:
+        """Up to `attempts` tries; a retryable failure waits and tries again."""
+        attempts = attempts or self.policy.attempts
+        error = ""
+        for attempt in range(attempts):
+            if attempt:
+                self.policy.pause()
+            try:
+                response = self.session.request(
+                    method, self.base_url + path, timeout=self.timeout, **kwargs
+                )
+            except requests.RequestException as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code not in RETRYABLE_STATUS:
+                    return _Outcome(response, attempt)
+                error = f"HTTP {response.status_code}"
+            log.debug("%s %s try %d/%d failed: %s", method, path, attempt + 1, attempts, error)
+        return _Outcome(None, attempts - 1, error)
+
+    @staticmethod
+    def _refuse(method: str, path: str, response: requests.Response) -> ProtocolError:
+        return ProtocolError(
+            f"{method} {path} refused with HTTP {response.status_code}: {response.text[:300]}"
+        )
+
+    def health(self) -> dict[str, Any] | None:
+        """One try at /healthz: its JSON when the aggregator is up, else None."""
+        outcome = self._call("GET", "/healthz", attempts=1)
+        if outcome.response is None or outcome.response.status_code != 200:
+            return None
+        return outcome.response.json()
+
+    def status(self, *, attempts: int | None = None) -> dict[str, Any] | None:
+        """/v1/status as JSON, or None when it could not be had."""
+        outcome = self._call("GET", "/v1/status", attempts=attempts)
+        if outcome.response is None:
+            return None
+        if outcome.response.status_code != 200:
+            raise self._refuse("GET", "/v1/status", outcome.response)
+        return outcome.response.json()
+
+    def pull(self) -> Pulled:
+        """The global model with its metadata (version, samples, model)."""
+        outcome = self._call("GET", "/v1/model")
+        if outcome.response is None:
+            return Pulled(outcome.retries, error=outcome.error)
+        if outcome.response.status_code != 200:
+            raise self._refuse("GET", "/v1/model", outcome.response)
+        tensors, metadata = weights.decode(outcome.response.content)
+        return Pulled(outcome.retries, tensors, metadata)
+
+    def push(self, tensors: Tensors, metadata: Mapping[str, object]) -> Pushed:
+        """Upload an update. The body, and so its update_id, is the same on every try."""
+        body = weights.encode(tensors, metadata)
+        outcome = self._call(
+            "POST",
+            "/v1/updates",
+            data=body,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        response = outcome.response
+        if response is None:
+            return Pushed(False, outcome.retries, detail=outcome.error)
+        if response.status_code == 200:
+            answer = response.json()
+            return Pushed(
+                bool(answer.get("accepted", True)),
+                outcome.retries,
+                version=answer.get("version"),
+                duplicate=bool(answer.get("duplicate", False)),
+                status=200,
+            )
+        if response.status_code == 409:
+            answer = _json_or_empty(response)
+            return Pushed(
+                False,
+                outcome.retries,
+                version=answer.get("version"),
+                status=409,
+                finished=bool(answer.get("finished", False)),
+                detail=str(answer.get("detail") or answer.get("error") or ""),
+            )
+        raise self._refuse("POST", "/v1/updates", response)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _json_or_empty(response: requests.Response) -> dict[str, Any]:
+    try:
+        answer = response.json()
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
