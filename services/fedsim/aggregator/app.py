@@ -1,0 +1,130 @@
+"""The aggregator's Flask app factory and its HTTP API (see the README's API table).
+
+gunicorn runs it as `fedsim.aggregator.app:create_app()` in one worker process
+with threads: the global state lives in that process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from fedsim import config
+from fedsim.aggregator import updates
+from fedsim.aggregator.state import StartupError, State
+from fedsim.aggregator.strategies import Refused
+
+log = logging.getLogger("fedsim.aggregator")
+
+# gunicorn's "worker failed to boot" exit code: it stops instead of respawning the worker.
+WORKER_BOOT_ERROR = 3
+
+bp = Blueprint("api", __name__)
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app. Settings come from the environment, or FEDSIM_SETTINGS in `test_config`."""
+    app = Flask(__name__)
+    app.config.from_mapping(
+        FEDSIM_SETTINGS=None,  # a config.Settings; None: read the environment
+        FEDSIM_CLOCK=None,  # monotonic clock for round timeouts and idle saves (tests swap it)
+        FEDSIM_TICKER=True,  # background thread for round timeouts and idle saves
+    )
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    try:
+        settings = app.config["FEDSIM_SETTINGS"] or config.load()
+        clock = app.config["FEDSIM_CLOCK"]
+        state = State.resume(settings, **({"clock": clock} if clock else {}))
+    except (config.ConfigError, StartupError) as exc:
+        log.error("fedsim aggregator: error: %s", exc)
+        raise SystemExit(WORKER_BOOT_ERROR) from exc
+    # Werkzeug caps the body it reads at this size, also without a Content-Length.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_update_bytes
+    app.extensions["fedsim"] = state
+    app.register_blueprint(bp)
+    app.register_error_handler(HTTPException, _http_error)
+    if app.config["FEDSIM_TICKER"]:
+        # Often enough to close a timed-out round or save when idle without much delay.
+        state.start_ticker(
+            max(0.05, min(1.0, settings.idle_save_seconds / 4, settings.round_timeout / 4))
+        )
+    return app
+
+
+def _state() -> State:
+    return current_app.extensions["fedsim"]
+
+
+def error(status: int, code: str, detail: str, **extra: Any) -> Response:
+    response = jsonify(error=code, detail=detail, **extra)
+    response.status_code = status
+    return response
+
+
+def _http_error(exc: HTTPException) -> Response:
+    """Werkzeug's errors (404, 405, 413 from the read cap...) as JSON like ours."""
+    code = "too_large" if exc.code == 413 else (exc.name or "error").lower().replace(" ", "_")
+    return error(exc.code or 500, code, exc.description or exc.name)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return jsonify(status="ok", version=_state().snapshot.version)
+
+
+@bp.get("/v1/model")
+def model() -> Response:
+    snap = _state().poll()
+    if request.if_none_match.contains(snap.etag):
+        response = Response(status=304)
+    else:
+        response = Response(snap.body, mimetype="application/octet-stream")
+    response.set_etag(snap.etag)
+    response.headers["Cache-Control"] = "no-cache"  # revalidate: the model changes
+    return response
+
+
+@bp.post("/v1/updates")
+def post_update() -> Response:
+    state = _state()
+    limit = state.settings.max_update_bytes
+    # Refuse by the declared size before reading a byte of the body.
+    if request.content_length is not None and request.content_length > limit:
+        return _refused(
+            413,
+            "too_large",
+            f"body of {request.content_length} bytes is over MAX_UPDATE_BYTES={limit}",
+        )
+    body = request.get_data(cache=False)
+    if len(body) > limit:
+        return _refused(413, "too_large", f"body is over MAX_UPDATE_BYTES={limit}")
+    try:
+        update = updates.parse(body, state.layout)
+    except updates.BadUpdate as exc:
+        return _refused(exc.status, exc.code, exc.detail)
+    try:
+        result = state.submit(update)
+    except Refused as exc:
+        return _refused(409, exc.code, exc.reason, update=update)
+    state.save_if_due(wait=False)
+    return jsonify(accepted=True, version=result.version, duplicate=result.duplicate)
+
+
+def _refused(status: int, code: str, detail: str, update: updates.Update | None = None) -> Response:
+    state = _state()
+    who = f"client {update.client_id} update {update.update_id}" if update else request.remote_addr
+    log.warning("refused update from %s: %d %s: %s", who, status, code, detail)
+    if status == 409:
+        version, finished = state.info()
+        return error(status, code, detail, version=version, finished=finished)
+    return error(status, code, detail)
+
+
+@bp.get("/v1/status")
+def status() -> Response:
+    return jsonify(_state().status())

@@ -1,0 +1,65 @@
+"""gunicorn settings for the aggregator.
+
+    gunicorn -c python:fedsim.aggregator.gunicorn_conf 'fedsim.aggregator.app:create_app()'
+
+One worker process, because the global model lives in it; threads serve the
+requests. On SIGTERM the worker finishes its requests and writes a final
+checkpoint of unsaved updates in `worker_exit`. BIND and THREADS come from the
+environment; command-line flags (e.g. `-b`) override them.
+"""
+
+from __future__ import annotations
+
+import os
+
+bind = os.environ.get("BIND", "127.0.0.1:8080")  # Compose sets 0.0.0.0:8080
+workers = 1  # the state is in-process; a second worker would hold a second model
+worker_class = "gthread"
+threads = int(os.environ.get("THREADS", "8"))  # 8: the bench's 8 uploaders each get a thread
+graceful_timeout = 8  # finish requests and checkpoint within Docker's default 10 s stop timeout
+timeout = 60  # a stuck worker is killed after this; a request takes milliseconds
+keepalive = 5  # clients reuse their connection between pull and push
+control_socket_disable = True  # no ~/.gunicorn control socket: unused, and HOME may be read-only
+
+# The app's loggers (fedsim.*) print beside gunicorn's own, in the same format as the clients.
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "fedsim": {
+            "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
+            "datefmt": "%H:%M:%S",
+        }
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "fedsim",
+            "stream": "ext://sys.stdout",
+        }
+    },
+    "root": {"level": "INFO", "handlers": ["console"]},
+    "loggers": {
+        "gunicorn.error": {
+            "level": "INFO",
+            "handlers": ["console"],
+            "propagate": False,
+            "qualname": "gunicorn.error",
+        },
+        "gunicorn.access": {
+            # Access lines are off: the app logs one line per accepted or refused update.
+            "level": "WARNING",
+            "handlers": ["console"],
+            "propagate": False,
+            "qualname": "gunicorn.access",
+        },
+    },
+}
+
+
+def worker_exit(server, worker) -> None:
+    """Checkpoint unsaved updates as the worker stops (SIGTERM, SIGINT or a restart)."""
+    app = getattr(worker, "wsgi", None)
+    state = getattr(app, "extensions", {}).get("fedsim") if app is not None else None
+    if state is not None:
+        state.close()

@@ -1,0 +1,257 @@
+"""Aggregation strategies: how accepted client updates become the next global model.
+
+- `async-weighted`: the original running sample-weighted mean, one new version
+  per update.
+- `fedavg`: Federated Averaging, McMahan, Moore, Ramage, Hampson, Agüera y Arcas,
+  "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+  AISTATS 2017, arXiv:1602.05629. Synchronous rounds; the new global model is
+  the mean of the round's client models weighted by their sample counts n_k.
+
+A strategy sees the current global model and one update at a time and returns
+the next global weights, or None while it waits for more. It never touches
+HTTP, checkpoints or validation, so a new rule is one more class here. The math
+lives in small pure numpy functions, tested on hand-worked arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from fedsim.config import Settings
+
+Tensors = Mapping[str, np.ndarray]
+
+
+# --- math ---------------------------------------------------------------------------
+
+
+def weighted_merge(
+    global_w: Tensors, client_w: Tensors, *, a: int, b: int
+) -> dict[str, np.ndarray]:
+    """The running weighted mean: w = (a * w_global + b * w_client) / (a + b).
+
+    Computed as w_global + b / (a + b) * (w_client - w_global): the same value,
+    without a * w_global growing with the sample count.
+    """
+    if a < 0 or b <= 0:
+        raise ValueError(f"need a >= 0 and b > 0, got a={a}, b={b}")
+    step = b / (a + b)
+    return {
+        name: (g + np.float32(step) * (client_w[name] - g)).astype(np.float32, copy=False)
+        for name, g in global_w.items()
+    }
+
+
+def weighted_mean(models: Sequence[Tensors], counts: Sequence[int]) -> dict[str, np.ndarray]:
+    """FedAvg's aggregate: w = sum_k (n_k / n) * w_k, with n = sum_k n_k.
+
+    Accumulated in float64 so the order of the clients does not change the result.
+    """
+    if not models:
+        raise ValueError("no models to average")
+    if any(n_k <= 0 for n_k in counts):
+        raise ValueError(f"sample counts must be positive, got {list(counts)}")
+    n = sum(counts)
+    out: dict[str, np.ndarray] = {}
+    for name in models[0]:
+        acc = np.zeros(models[0][name].shape, dtype=np.float64)
+        for w_k, n_k in zip(models, counts, strict=True):
+            acc += (n_k / n) * w_k[name]
+        out[name] = acc.astype(np.float32)
+    return out
+
+
+# --- the interface --------------------------------------------------------------------
+
+
+class Refused(Exception):
+    """An update the strategy cannot take now (HTTP 409). `code` is a short machine word."""
+
+    def __init__(self, code: str, reason: str, *, finished: bool = False) -> None:
+        self.code, self.reason, self.finished = code, reason, finished
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class Update:
+    """One validated client upload."""
+
+    client_id: str
+    update_id: str
+    base_version: int
+    num_samples: int
+    tensors: Tensors
+    meta: Mapping[str, Any] = field(default_factory=dict)  # slice, loss, accuracy, ...
+
+
+@dataclass(frozen=True)
+class Global:
+    """The global model as a strategy sees it."""
+
+    tensors: Tensors
+    version: int
+    samples: int  # samples aggregated into `tensors` so far
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """Next global weights and the updates folded into them."""
+
+    tensors: dict[str, np.ndarray]
+    updates: tuple[Update, ...]
+    reason: str  # "update", or what closed a round, e.g. "round 3 closed by quorum"
+
+
+class Strategy:
+    """Turns accepted updates into new global weights. Subclasses override `accept`."""
+
+    name: ClassVar[str]
+
+    def accept(self, update: Update, current: Global, now: float) -> Aggregate | None:
+        """Take `update`, or raise Refused. Return the next weights when they are due."""
+        raise NotImplementedError
+
+    def tick(self, current: Global, now: float) -> Aggregate | None:
+        """Close whatever is due at time `now` (seconds, monotonic)."""
+        return None
+
+    def deadline(self) -> float | None:
+        """When `tick` will next have work, so callers can skip the lock until then."""
+        return None
+
+    @property
+    def finished(self) -> bool:
+        return False
+
+    def pending(self) -> int:
+        """Updates accepted but not yet in the global model."""
+        return 0
+
+    def status(self, current: Global, now: float) -> dict[str, Any] | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-friendly state saved in checkpoints (e.g. a server optimizer's moments)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from `state_dict()` output of the same strategy."""
+
+
+class AsyncWeighted(Strategy):
+    """The original rule: every update moves the global model by its share of the samples.
+
+    w <- (a * w + b * w_k) / (a + b), a <- a + b, where a is the samples aggregated
+    so far and b the update's samples. The base version is recorded, never refused.
+    """
+
+    name = "async-weighted"
+
+    def accept(self, update: Update, current: Global, now: float) -> Aggregate:
+        merged = weighted_merge(
+            current.tensors, update.tensors, a=current.samples, b=update.num_samples
+        )
+        return Aggregate(merged, (update,), "update")
+
+
+class FedAvg(Strategy):
+    """Synchronous FedAvg rounds (McMahan et al. 2017, arXiv:1602.05629, Algorithm 1).
+
+    A round collects updates based on the current version, one per client, and
+    closes when `quorum` have arrived (the paper's m = max(C * K, 1) clients) or
+    `timeout` seconds after its first update; then w_{t+1} = sum_k (n_k / n) w_k.
+    After `rounds` rounds the run is finished and further updates are refused.
+    """
+
+    name = "fedavg"
+
+    def __init__(self, *, quorum: int, timeout: float, rounds: int) -> None:
+        if quorum < 1 or timeout <= 0 or rounds < 1:
+            raise ValueError(f"bad fedavg settings: {quorum=}, {timeout=}, {rounds=}")
+        self.quorum, self.timeout, self.rounds = quorum, timeout, rounds
+        self.rounds_done = 0
+        self._round: list[Update] = []
+        self._opened_at: float | None = None  # monotonic time of the round's first update
+
+    @property
+    def finished(self) -> bool:
+        return self.rounds_done >= self.rounds
+
+    def pending(self) -> int:
+        return len(self._round)
+
+    def deadline(self) -> float | None:
+        return None if self._opened_at is None else self._opened_at + self.timeout
+
+    def accept(self, update: Update, current: Global, now: float) -> Aggregate | None:
+        if self.finished:
+            raise Refused("finished", f"the run finished after {self.rounds} rounds", finished=True)
+        if update.base_version != current.version:
+            raise Refused(
+                "stale",
+                f"update is based on version {update.base_version}, round {self.rounds_done + 1}"
+                f" collects updates to version {current.version}; pull the model again",
+            )
+        if any(u.client_id == update.client_id for u in self._round):
+            raise Refused(
+                "duplicate_client",
+                f"client {update.client_id} already sent an update in round {self.rounds_done + 1}",
+            )
+        self._round.append(update)
+        if self._opened_at is None:
+            self._opened_at = now
+        if len(self._round) >= self.quorum:
+            return self._close("quorum")
+        return None
+
+    def tick(self, current: Global, now: float) -> Aggregate | None:
+        deadline = self.deadline()
+        if deadline is None or now < deadline:
+            return None
+        return self._close("timeout")
+
+    def _close(self, why: str) -> Aggregate:
+        updates = tuple(self._round)
+        merged = weighted_mean([u.tensors for u in updates], [u.num_samples for u in updates])
+        self._round, self._opened_at = [], None
+        self.rounds_done += 1
+        return Aggregate(merged, updates, f"round {self.rounds_done} closed by {why}")
+
+    def status(self, current: Global, now: float) -> dict[str, Any]:
+        deadline = self.deadline()
+        return {
+            "number": min(self.rounds_done + 1, self.rounds),
+            "rounds_done": self.rounds_done,
+            "rounds": self.rounds,
+            "pending": len(self._round),
+            "quorum": self.quorum,
+            "clients": [u.client_id for u in self._round],
+            "closes_in": None if deadline is None else round(max(0.0, deadline - now), 3),
+            "finished": self.finished,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        # Pending updates are not saved: clients re-send them with the same update_id.
+        return {"rounds_done": self.rounds_done}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        rounds_done = state.get("rounds_done", 0)
+        if not isinstance(rounds_done, int) or rounds_done < 0:
+            raise ValueError(f"fedavg state has a bad rounds_done: {rounds_done!r}")
+        self.rounds_done = rounds_done
+
+
+def build(settings: Settings) -> Strategy:
+    """The strategy named by `AGGREGATION`."""
+    if settings.aggregation == AsyncWeighted.name:
+        return AsyncWeighted()
+    if settings.aggregation == FedAvg.name:
+        return FedAvg(
+            quorum=settings.round_quorum, timeout=settings.round_timeout, rounds=settings.rounds
+        )
+    raise ValueError(f"unknown strategy {settings.aggregation!r}")

@@ -1,0 +1,91 @@
+"""Reading one client upload: safetensors bytes -> a validated `Update`, or a precise refusal.
+
+Metadata (all strings in the safetensors header): `client_id`, `update_id`,
+`base_version`, `num_samples`, and optionally `slice`, `slices`, `loss`,
+`accuracy`, `retries`. The checks run outside the state lock, so a slow or bad
+upload never holds up the others.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from fedsim import weights
+from fedsim.aggregator.strategies import Update
+
+# Ids are echoed in logs and saved in checkpoint metadata, so they are short and plain.
+_ID = re.compile(r"^[A-Za-z0-9._:@+=/-]{1,128}$")
+_SLICES = re.compile(r"^[0-9 ,-]{1,64}$")
+
+
+class BadUpdate(Exception):
+    """An upload refused before it reaches the strategy: HTTP `status`, short `code`."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        self.status, self.code, self.detail = status, code, detail
+        super().__init__(detail)
+
+
+def _ident(meta: Mapping[str, str], key: str) -> str:
+    value = meta.get(key)
+    if value is None:
+        raise BadUpdate(400, "bad_metadata", f"metadata has no {key}")
+    if not _ID.match(value):
+        raise BadUpdate(
+            400, "bad_metadata", f"{key} must be 1-128 characters of A-Z a-z 0-9 . _ : @ + = / -"
+        )
+    return value
+
+
+def _integer(meta: Mapping[str, str], key: str, *, lo: int, status: int, code: str) -> int:
+    raw = meta.get(key)
+    try:
+        value = int(raw) if raw is not None else None
+    except ValueError:
+        value = None
+    if value is None or value < lo:
+        raise BadUpdate(status, code, f"{key} must be an integer >= {lo}, got {raw!r}")
+    return value
+
+
+def _optional(meta: Mapping[str, str]) -> dict[str, Any]:
+    """Optional client metrics; present but malformed is refused, so client bugs show."""
+    out: dict[str, Any] = {}
+    for key in ("slice", "slices"):
+        if key in meta:
+            if not _SLICES.match(meta[key]):
+                raise BadUpdate(400, "bad_metadata", f"{key} must look like 3 or 1-4")
+            out[key] = meta[key]
+    for key in ("loss", "accuracy"):
+        if key in meta:
+            try:
+                value = float(meta[key])
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value):
+                raise BadUpdate(400, "bad_metadata", f"{key} must be a finite number")
+            out[key] = value
+    if "retries" in meta:
+        out["retries"] = _integer(meta, "retries", lo=0, status=400, code="bad_metadata")
+    return out
+
+
+def parse(body: bytes, layout: weights.Layout) -> Update:
+    """The update in `body`, checked against the model's layout. Raises BadUpdate."""
+    try:
+        tensors, meta = weights.decode(body)
+    except weights.WeightsError as exc:
+        raise BadUpdate(400, "unreadable", exc.reason) from None
+    client_id = _ident(meta, "client_id")
+    update_id = _ident(meta, "update_id")
+    base_version = _integer(meta, "base_version", lo=0, status=400, code="bad_metadata")
+    extra = _optional(meta)
+    num_samples = _integer(meta, "num_samples", lo=1, status=422, code="bad_num_samples")
+    try:
+        weights.validate(tensors, layout)
+    except weights.WeightsError as exc:
+        raise BadUpdate(422, "invalid_weights", exc.reason) from None
+    return Update(client_id, update_id, base_version, num_samples, tensors, extra)
