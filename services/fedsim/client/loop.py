@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -167,17 +168,20 @@ class Client:
     def metadata(self, trained: Trained, base_version: int) -> dict[str, object]:
         # A fresh update_id per trained update; every retry of it sends the same
         # bytes, so the aggregator can count it once.
-        return {
+        meta: dict[str, object] = {
             "client_id": self.name,
             "base_version": base_version,
             "num_samples": trained.samples,
             "update_id": self.new_update_id(),
             "slice": trained.slice,
             "slices": f"{self.identity.first}-{self.identity.last}",
-            "loss": f"{trained.loss:.6f}",
-            "accuracy": f"{trained.accuracy:.6f}",
             "retries": self.summary.retries,
         }
+        # Metrics are optional; a diverged loss is left out rather than sent as NaN.
+        for key, value in (("loss", trained.loss), ("accuracy", trained.accuracy)):
+            if math.isfinite(value):
+                meta[key] = f"{value:.6f}"
+        return meta
 
     def push(
         self, tensors: dict[str, np.ndarray], meta: dict[str, object], *, again: bool = False

@@ -1,0 +1,171 @@
+"""The client's HTTP transport: which failures are retried, how often, and with what body."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import requests
+from requests.adapters import BaseAdapter
+
+from fedsim import weights
+from fedsim.client.transport import ProtocolError, RetryPolicy, Transport
+
+TENSORS = {"layer/kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}
+META = {"client_id": "client-1", "base_version": 3, "num_samples": 10, "update_id": "u-1"}
+
+
+class Scripted(BaseAdapter):
+    """Answers requests from a script: an int status (with an optional body) or an exception."""
+
+    def __init__(self, script: list) -> None:
+        super().__init__()
+        self.script = list(script)
+        self.requests: list[requests.PreparedRequest] = []
+
+    def send(self, request, **kwargs):
+        self.requests.append(request)
+        step = self.script.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        status, body = step if isinstance(step, tuple) else (step, b"{}")
+        response = requests.Response()
+        response.status_code = status
+        response._content = body
+        response.request = request
+        response.url = request.url
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+class FakeSleep:
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+def transport(script: list, *, attempts: int = 3, max_wait: float = 2.0):
+    adapter = Scripted(script)
+    session = requests.Session()
+    session.mount("http://", adapter)
+    sleep = FakeSleep()
+    # The random wait is the policy's upper bound here, so the test sees it.
+    policy = RetryPolicy(attempts, max_wait, sleep=sleep, uniform=lambda lo, hi: hi)
+    return Transport("http://agg:8080", policy=policy, timeout=5, session=session), adapter, sleep
+
+
+def test_push_retries_a_lost_connection_with_the_same_body():
+    # Prepare: the first try never connects, the second is accepted.
+    link, adapter, sleep = transport(
+        [requests.ConnectionError("refused"), (200, b'{"accepted":true,"version":5}')]
+    )
+    # Execute
+    pushed = link.push(TENSORS, META)
+    # Assert
+    assert pushed.accepted and pushed.version == 5 and pushed.retries == 1
+    assert sleep.calls == [2.0]
+    bodies = [r.body for r in adapter.requests]
+    assert len(bodies) == 2 and bodies[0] == bodies[1]
+    assert all(weights.decode(b)[1]["update_id"] == "u-1" for b in bodies)
+    assert all(
+        r.method == "POST" and r.url == "http://agg:8080/v1/updates" for r in adapter.requests
+    )
+
+
+def test_push_gives_up_after_max_retry_tries():
+    link, adapter, sleep = transport([503, requests.Timeout("slow"), 502], attempts=3)
+    pushed = link.push(TENSORS, META)
+    assert not pushed.accepted and pushed.status is None
+    assert pushed.retries == 2 and "502" in pushed.detail
+    assert len(adapter.requests) == 3 and len(sleep.calls) == 2
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_a_refused_body_is_a_bug_and_not_retried(status: int):
+    link, adapter, sleep = transport([(status, b'{"error":"bad","detail":"wrong shape"}')])
+    with pytest.raises(ProtocolError, match=f"HTTP {status}.*wrong shape"):
+        link.push(TENSORS, META)
+    assert len(adapter.requests) == 1 and sleep.calls == []
+
+
+def test_409_is_an_answer_not_a_failure():
+    body = b'{"error":"stale","detail":"base 3 is not 4","version":4,"finished":false}'
+    link, adapter, _ = transport([(409, body)])
+    pushed = link.push(TENSORS, META)
+    assert (pushed.accepted, pushed.status, pushed.version, pushed.finished) == (
+        False,
+        409,
+        4,
+        False,
+    )
+    assert "base 3" in pushed.detail and len(adapter.requests) == 1
+
+
+def test_pull_decodes_the_model_and_its_version():
+    body = weights.encode(TENSORS, {"version": 7, "samples": 100, "model": "mlp"})
+    link, _, _ = transport([503, (200, body)])
+    pulled = link.pull()
+    assert pulled.ok and pulled.version == 7 and pulled.retries == 1
+    np.testing.assert_array_equal(pulled.tensors["layer/kernel"], TENSORS["layer/kernel"])
+
+
+def test_pull_that_always_fails_reports_it():
+    link, adapter, sleep = transport([requests.ConnectionError("down")] * 2, attempts=2)
+    pulled = link.pull()
+    assert not pulled.ok and pulled.version is None and "down" in pulled.error
+    assert len(adapter.requests) == 2 and len(sleep.calls) == 1
+
+
+def test_health_tries_once():
+    link, adapter, sleep = transport([requests.ConnectionError("down")])
+    assert link.health() is None
+    assert len(adapter.requests) == 1 and sleep.calls == []
+
+
+@pytest.fixture
+def flaky_server() -> Iterator[tuple[str, list[bytes]]]:
+    """A real HTTP server on 127.0.0.1 that answers 503 once, then accepts."""
+    received: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            status, body = (
+                (503, b"{}") if len(received) == 1 else (200, b'{"accepted":true,"version":1}')
+            )
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", received
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_retry_over_a_real_socket(flaky_server):
+    url, received = flaky_server
+    sleep = FakeSleep()
+    policy = RetryPolicy(2, 1.0, sleep=sleep, uniform=lambda lo, hi: 0.5)
+    link = Transport(url, policy=policy, timeout=5)
+    try:
+        pushed = link.push(TENSORS, META)
+    finally:
+        link.close()
+    assert pushed.accepted and pushed.retries == 1 and sleep.calls == [0.5]
+    assert len(received) == 2 and received[0] == received[1]
