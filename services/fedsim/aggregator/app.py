@@ -43,8 +43,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     except (config.ConfigError, StartupError) as exc:
         log.error("fedsim aggregator: error: %s", exc)
         raise SystemExit(WORKER_BOOT_ERROR) from exc
-    # Werkzeug caps the body it reads at this size, also without a Content-Length.
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_update_bytes
+    # Werkzeug caps the body it reads, also without a Content-Length; one byte over the
+    # limit so that a body it cut short is still seen to be too large.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_update_bytes + 1
     app.extensions["fedsim"] = state
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _http_error)

@@ -1,0 +1,546 @@
+"""The aggregator's HTTP API through Flask's test client, with a fake clock and no TensorFlow."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from safetensors.numpy import save as st_save
+
+from aggregator_helpers import tensors, upload, write_v0
+from fedsim import checkpoints, weights
+from fedsim.aggregator.app import create_app
+from fedsim.aggregator.state import State
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make_app(make_settings, clock) -> Callable[..., Flask]:
+    """An app on a fresh MODEL_DIR holding version 0 (all zeros), unless write=False."""
+
+    def make(*, write: bool = True, ticker: bool = False, **overrides: object) -> Flask:
+        settings = make_settings(**{"MODEL": "mlp", **overrides})
+        if write and not checkpoints.versions(settings.model_dir):
+            write_v0(settings.model_dir)
+        return create_app(
+            {
+                "TESTING": True,
+                "FEDSIM_SETTINGS": settings,
+                "FEDSIM_CLOCK": None if ticker else clock,
+                "FEDSIM_TICKER": ticker,
+            }
+        )
+
+    return make
+
+
+@pytest.fixture
+def app(make_app) -> Flask:
+    return make_app()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def state_of(app: Flask) -> State:
+    return app.extensions["fedsim"]
+
+
+def served(client: FlaskClient) -> tuple[bytes, int, int]:
+    """The model bytes as served, and version and samples from /v1/status."""
+    body = client.get("/v1/model").data
+    status = client.get("/v1/status").get_json()
+    return body, status["version"], status["samples"]
+
+
+def post(client: FlaskClient, body: bytes, **kwargs):
+    return client.post("/v1/updates", data=body, content_type="application/octet-stream", **kwargs)
+
+
+def model_dir(app: Flask) -> Path:
+    return state_of(app).settings.model_dir
+
+
+# --- routes -------------------------------------------------------------------------
+
+
+def test_healthz(client: FlaskClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok", "version": 0}
+
+
+def test_model_is_safetensors_with_version_samples_model_and_etag(client: FlaskClient) -> None:
+    response = client.get("/v1/model")
+    assert response.status_code == 200
+    assert response.content_type == "application/octet-stream"
+    assert response.headers["ETag"] == '"0"'
+    got, meta = weights.decode(response.data)
+    assert meta == {"version": "0", "samples": "0", "model": "mlp"}
+    np.testing.assert_array_equal(got["hidden1/kernel"], tensors("mlp")["hidden1/kernel"])
+
+
+def test_if_none_match_gives_304_until_the_model_changes(client: FlaskClient) -> None:
+    etag = client.get("/v1/model").headers["ETag"]
+    not_modified = client.get("/v1/model", headers={"If-None-Match": etag})
+    assert not_modified.status_code == 304
+    assert not_modified.data == b""
+    assert post(client, upload(1.0)).status_code == 200
+    changed = client.get("/v1/model", headers={"If-None-Match": etag})
+    assert changed.status_code == 200
+    assert changed.headers["ETag"] == '"1"'
+
+
+def test_model_is_encoded_once_per_version_not_per_request(client, monkeypatch) -> None:
+    body = upload(1.0)
+    calls = []
+    real = weights.encode
+    monkeypatch.setattr(weights, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = client.get("/v1/model").data
+    assert client.get("/v1/model").data == first
+    assert calls == []
+    post(client, body)
+    for _ in range(3):
+        client.get("/v1/model")
+    assert len(calls) == 1
+
+
+def test_async_weighted_update_math_through_the_api(client: FlaskClient) -> None:
+    # Prepare: version 0 is all zeros with 0 samples.
+    # Execute: 100 samples of 2.0, then 300 samples of 5.0.
+    first = post(client, upload(2.0, num_samples=100))
+    second = post(client, upload(5.0, num_samples=300, client_id="client-2", base_version=0))
+    # Assert: v1 = 2.0 (a = 0), v2 = (100*2 + 300*5) / 400 = 4.25.
+    assert first.get_json() == {"accepted": True, "version": 1, "duplicate": False}
+    assert second.get_json() == {"accepted": True, "version": 2, "duplicate": False}
+    got, meta = weights.decode(client.get("/v1/model").data)
+    assert meta["version"] == "2" and meta["samples"] == "400"
+    for tensor in got.values():
+        np.testing.assert_allclose(tensor, 4.25, rtol=1e-6)
+
+
+def test_duplicate_update_id_is_acknowledged_and_aggregated_once(client: FlaskClient) -> None:
+    body = upload(2.0, update_id="retry-me", num_samples=100)
+    assert post(client, body).get_json() == {"accepted": True, "version": 1, "duplicate": False}
+    again = post(client, body)
+    assert again.status_code == 200
+    assert again.get_json() == {"accepted": True, "version": 1, "duplicate": True}
+    _, version, samples = served(client)
+    assert (version, samples) == (1, 100)
+    assert client.get("/v1/status").get_json()["clients"][0]["updates"] == 1
+
+
+def test_unknown_route_and_method_are_json(client: FlaskClient) -> None:
+    missing = client.get("/nope")
+    assert missing.status_code == 404
+    assert missing.get_json()["error"] == "not_found"
+    wrong = client.get("/v1/updates")
+    assert wrong.status_code == 405
+    assert set(wrong.get_json()) == {"error", "detail"}
+
+
+# --- errors never change the model, version, samples or dedup set ----------------------
+
+
+def assert_error_changed_nothing(client: FlaskClient, before, update_id: str) -> None:
+    assert served(client) == before
+    # The refused update_id is not remembered: the same id, valid, is aggregated as new.
+    version = before[1]
+    ok = post(client, upload(3.0, update_id=update_id, base_version=version))
+    assert ok.get_json() == {"accepted": True, "version": version + 1, "duplicate": False}
+
+
+@pytest.fixture
+def after_one_update(client: FlaskClient):
+    """The client after one accepted update (version 1, 100 samples), and what it serves."""
+    post(client, upload(2.0, num_samples=100))
+    return served(client)
+
+
+def st_bytes(arrays: dict[str, np.ndarray], **meta: object) -> bytes:
+    """safetensors bytes exactly as given (weights.encode would cast to float32)."""
+    base = {"client_id": "c", "update_id": "bad", "base_version": "1", "num_samples": "10"}
+    return st_save(arrays, metadata={k: str(v) for k, v in {**base, **meta}.items()})
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"not safetensors at all", "unreadable"),
+        (b"\xff" * 8 + b"{}", "unreadable"),
+        (upload(update_id="bad", client_id=None), "bad_metadata"),
+        (upload(update_id="bad", base_version="one"), "bad_metadata"),
+        (upload(update_id="bad", client_id="has space"), "bad_metadata"),
+        (upload(update_id="bad", loss="low"), "bad_metadata"),
+    ],
+    ids=[
+        "garbage",
+        "huge-header",
+        "no-client-id",
+        "text-base-version",
+        "bad-client-id",
+        "bad-loss",
+    ],
+)
+def test_400_changes_nothing(client, after_one_update, body: bytes, code: str) -> None:
+    response = post(client, body)
+    assert response.status_code == 400
+    assert response.get_json()["error"] == code
+    assert response.get_json()["detail"]
+    assert_error_changed_nothing(client, after_one_update, "bad")
+
+
+def test_400_without_update_id(client, after_one_update) -> None:
+    response = post(client, _no_update_id())
+    assert response.status_code == 400
+    assert "update_id" in response.get_json()["detail"]
+    assert served(client) == after_one_update
+
+
+def _no_update_id() -> bytes:
+    meta = {"client_id": "c", "base_version": "1", "num_samples": "10"}
+    return weights.encode(tensors("mlp", 1.0), meta)
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "detail"),
+    [
+        (upload(update_id="bad", base_version=1, num_samples=0), "bad_num_samples", "num_samples"),
+        (upload(update_id="bad", base_version=1, num_samples=-5), "bad_num_samples", "num_samples"),
+        (upload(update_id="bad", base_version=1, num_samples="3.5"), "bad_num_samples", ">= 1"),
+        (upload(update_id="bad", base_version=1, num_samples=None), "bad_num_samples", "None"),
+        (
+            upload(update_id="bad", base_version=1, tensors_=tensors("cnn")),
+            "invalid_weights",
+            "names",
+        ),
+        (
+            upload(
+                update_id="bad",
+                base_version=1,
+                tensors_={**tensors("mlp"), "output/bias": np.zeros(11, np.float32)},
+            ),
+            "invalid_weights",
+            "shape",
+        ),
+        (
+            st_bytes({k: v.astype(np.float64) for k, v in tensors("mlp").items()}),
+            "invalid_weights",
+            "float64",
+        ),
+        (
+            upload(
+                update_id="bad",
+                base_version=1,
+                tensors_={**tensors("mlp"), "output/bias": np.full(10, np.nan, np.float32)},
+            ),
+            "invalid_weights",
+            "NaN",
+        ),
+    ],
+    ids=["zero", "negative", "fraction", "missing", "names", "shape", "dtype", "nan"],
+)
+def test_422_changes_nothing(client, after_one_update, body: bytes, code: str, detail: str) -> None:
+    response = post(client, body)
+    assert response.status_code == 422
+    assert response.get_json()["error"] == code
+    assert detail in response.get_json()["detail"]
+    assert_error_changed_nothing(client, after_one_update, "bad")
+
+
+def test_413_by_content_length_changes_nothing(make_app) -> None:
+    client = make_app(MAX_UPDATE_BYTES=100_000).test_client()
+    before = served(client)
+    response = post(client, upload(1.0, update_id="big"))  # ~797 kB
+    assert response.status_code == 413
+    assert response.get_json()["error"] == "too_large"
+    assert "MAX_UPDATE_BYTES=100000" in response.get_json()["detail"]
+    assert served(client) == before
+    assert state_of(client.application).status()["updates"] == 0
+
+
+def test_413_without_content_length_caps_the_read(make_app) -> None:
+    client = make_app(MAX_UPDATE_BYTES=100_000).test_client()
+    before = served(client)
+    response = client.post(
+        "/v1/updates",
+        input_stream=io.BytesIO(upload(1.0, update_id="chunked")),
+        headers={"Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert response.status_code == 413
+    assert response.get_json()["error"] == "too_large"
+    assert served(client) == before
+
+
+def test_409_stale_under_fedavg_changes_nothing(make_app) -> None:
+    client = make_app(AGGREGATION="fedavg", MIN_CLIENTS=1, ROUNDS=5).test_client()
+    post(client, upload(2.0, num_samples=100))  # round 1 closes: version 1
+    before = served(client)
+    response = post(client, upload(9.0, update_id="bad", base_version=0))
+    assert response.status_code == 409
+    assert response.get_json() == {
+        "error": "stale",
+        "detail": response.get_json()["detail"],
+        "version": 1,
+        "finished": False,
+    }
+    assert "pull the model again" in response.get_json()["detail"]
+    assert_error_changed_nothing(client, before, "bad")
+
+
+def test_409_when_the_run_is_finished(make_app) -> None:
+    app = make_app(AGGREGATION="fedavg", MIN_CLIENTS=1, ROUNDS=1, SAVE_MODEL=5)
+    client = app.test_client()
+    assert post(client, upload(2.0)).get_json()["version"] == 1
+    before = served(client)
+    response = post(client, upload(3.0, update_id="late", base_version=1))
+    assert response.status_code == 409
+    assert response.get_json()["error"] == "finished"
+    assert response.get_json()["finished"] is True
+    assert response.get_json()["version"] == 1
+    assert served(client) == before
+    assert client.get("/v1/status").get_json()["finished"] is True
+    # The finished run is checkpointed at once, whatever SAVE_MODEL says.
+    assert checkpoints.versions(model_dir(app))[0] == 1
+
+
+# --- fedavg through the API -----------------------------------------------------------
+
+
+def test_fedavg_round_quorum_duplicate_client_and_pending_duplicate(make_app) -> None:
+    client = make_app(AGGREGATION="fedavg", CLIENT_SLICES="1-2 3-4", ROUNDS=3).test_client()
+    a = upload(0.0, client_id="a", update_id="a1", num_samples=1)
+    assert post(client, a).get_json() == {"accepted": True, "version": 0, "duplicate": False}
+    # The same update again while pending: acknowledged, not counted twice.
+    assert post(client, a).get_json()["duplicate"] is True
+    # Another update from the same client in this round: 409.
+    again = post(client, upload(1.0, client_id="a", update_id="a2"))
+    assert again.status_code == 409
+    assert again.get_json()["error"] == "duplicate_client"
+    status = client.get("/v1/status").get_json()
+    assert status["round"]["pending"] == 1 and status["round"]["quorum"] == 2
+    # The second client completes the quorum: (1*0 + 3*4) / 4 = 3.
+    b = upload(4.0, client_id="b", update_id="b1", num_samples=3)
+    assert post(client, b).get_json()["version"] == 1
+    got, meta = weights.decode(client.get("/v1/model").data)
+    assert meta["samples"] == "4"
+    np.testing.assert_allclose(got["output/bias"], 3.0, rtol=1e-7)
+    status = client.get("/v1/status").get_json()
+    assert status["round"]["number"] == 2 and status["round"]["rounds_done"] == 1
+    assert [h["version"] for h in status["history"]] == [1, 1]
+
+
+def test_fedavg_round_closes_on_timeout_lazily_and_by_tick(make_app, clock) -> None:
+    app = make_app(AGGREGATION="fedavg", MIN_CLIENTS=3, ROUND_TIMEOUT=30, ROUNDS=3)
+    client = app.test_client()
+    post(client, upload(2.0, client_id="a"))
+    clock.advance(29)
+    assert client.get("/healthz").get_json()["version"] == 0
+    clock.advance(1)
+    # A model download notices the deadline and closes the round first.
+    assert client.get("/v1/model").headers["ETag"] == '"1"'
+    # The next round closes from the background tick.
+    post(client, upload(4.0, client_id="a", base_version=1))
+    clock.advance(30)
+    state_of(app).tick()
+    assert client.get("/healthz").get_json()["version"] == 2
+
+
+def test_fedavg_resumes_its_round_count(make_app) -> None:
+    app = make_app(AGGREGATION="fedavg", MIN_CLIENTS=1, ROUNDS=3, SAVE_MODEL=1)
+    post(app.test_client(), upload(2.0))
+    again = make_app(AGGREGATION="fedavg", MIN_CLIENTS=1, ROUNDS=3, SAVE_MODEL=1)
+    round_ = again.test_client().get("/v1/status").get_json()["round"]
+    assert round_["rounds_done"] == 1 and round_["number"] == 2
+
+
+# --- checkpoints and resume -----------------------------------------------------------
+
+
+def test_checkpoint_every_save_model_updates(make_app) -> None:
+    app = make_app(SAVE_MODEL=3)
+    client = app.test_client()
+    ids = ["u1", "u2", "u3"]
+    for i, update_id in enumerate(ids[:2]):
+        post(client, upload(1.0 + i, update_id=update_id))
+    assert checkpoints.versions(model_dir(app)) == [0]
+    assert client.get("/v1/status").get_json()["unsaved_updates"] == 2
+    post(client, upload(3.0, update_id="u3"))
+    assert checkpoints.versions(model_dir(app)) == [3, 0]
+    ckpt = checkpoints.read(checkpoints.path_for(model_dir(app), 3))
+    assert ckpt.metadata["samples"] == "300"
+    assert ckpt.metadata["strategy"] == "async-weighted"
+    assert json.loads(ckpt.metadata["applied_ids"]) == ids
+    assert (model_dir(app) / "latest").read_text().strip() == "ckpt-3.safetensors"
+    status = client.get("/v1/status").get_json()
+    assert status["unsaved_updates"] == 0
+    assert status["last_checkpoint"]["version"] == 3
+
+
+def test_resume_from_newest_checkpoint_keeps_dedup(make_app) -> None:
+    first = make_app(SAVE_MODEL=2)
+    post(first.test_client(), upload(2.0, update_id="u1", num_samples=100))
+    post(first.test_client(), upload(4.0, update_id="u2", num_samples=100))  # checkpoint v2
+    # A restart: a new app on the same folder.
+    client = make_app(SAVE_MODEL=2).test_client()
+    body, version, samples = served(client)
+    assert (version, samples) == (2, 200)
+    np.testing.assert_allclose(weights.decode(body)[0]["output/bias"], 3.0, rtol=1e-6)
+    retry = post(client, upload(2.0, update_id="u1", num_samples=100))
+    assert retry.get_json() == {"accepted": True, "version": 2, "duplicate": True}
+
+
+def test_corrupt_newest_checkpoint_is_skipped(make_app, make_settings, caplog) -> None:
+    settings = make_settings()
+    write_v0(settings.model_dir)
+    checkpoints.save(
+        settings.model_dir, 1, tensors("mlp", 1.0), {"samples": 7, "model": "mlp"}, keep=5
+    )
+    good = checkpoints.path_for(settings.model_dir, 1).read_bytes()
+    checkpoints.path_for(settings.model_dir, 2).write_bytes(good[: len(good) // 2])
+    with caplog.at_level(logging.INFO):
+        client = make_app().test_client()
+    assert served(client)[1:] == (1, 7)
+    assert "skipping checkpoint" in caplog.text and "ckpt-2" in caplog.text
+    assert "resumed from" in caplog.text and "ckpt-1" in caplog.text
+
+
+def test_refuses_to_start_without_a_checkpoint(make_app, caplog) -> None:
+    with pytest.raises(SystemExit) as info:
+        make_app(write=False)
+    assert info.value.code == 3  # gunicorn stops instead of respawning the worker
+    message = str(info.value.__cause__)
+    assert "no checkpoint in" in message
+    assert "python -m fedsim.prepare" in message and "docker compose up" in message
+    assert message in caplog.text
+
+
+def test_refuses_a_checkpoint_of_another_model(make_app, make_settings, caplog) -> None:
+    write_v0(make_settings().model_dir, model="cnn")
+    with pytest.raises(SystemExit):
+        make_app()
+    assert "holds model 'cnn' but MODEL=mlp" in caplog.text
+
+
+def test_refuses_a_checkpoint_with_the_wrong_layout(make_app, make_settings, caplog) -> None:
+    # No model named in the metadata: the layout itself must be checked.
+    checkpoints.save(make_settings().model_dir, 0, tensors("cnn"), {"samples": 0}, keep=5)
+    with pytest.raises(SystemExit):
+        make_app()
+    assert "does not fit MODEL=mlp" in caplog.text
+
+
+def test_idle_save_with_a_fake_clock(make_app, clock) -> None:
+    app = make_app(SAVE_MODEL=10, IDLE_SAVE_SECONDS=5)
+    post(app.test_client(), upload(1.0))
+    state_of(app).tick()
+    assert checkpoints.versions(model_dir(app)) == [0]
+    clock.advance(5)
+    state_of(app).tick()
+    assert checkpoints.versions(model_dir(app)) == [1, 0]
+
+
+def test_idle_save_by_the_background_ticker(make_app) -> None:
+    app = make_app(SAVE_MODEL=10, IDLE_SAVE_SECONDS=0.1, ticker=True)
+    try:
+        post(app.test_client(), upload(1.0))
+        done = threading.Event()
+        for _ in range(200):  # up to ~10 s on a loaded machine; usually ~0.2 s
+            if checkpoints.versions(model_dir(app))[0] == 1:
+                done.set()
+                break
+            threading.Event().wait(0.05)
+        assert done.is_set()
+    finally:
+        state_of(app).close()
+
+
+def test_close_checkpoints_unsaved_updates(make_app) -> None:
+    app = make_app(SAVE_MODEL=10)
+    post(app.test_client(), upload(1.0, update_id="last"))
+    state_of(app).close()
+    ckpt = checkpoints.load_newest(model_dir(app))
+    assert ckpt is not None and ckpt.version == 1
+    assert json.loads(ckpt.metadata["applied_ids"]) == ["last"]
+
+
+# --- status and concurrency -----------------------------------------------------------
+
+
+def test_status_contents(make_app) -> None:
+    app = make_app(SAVE_MODEL=2)
+    client = app.test_client()
+    post(client, upload(1.0, client_id="a", slice=1, slices="1-4", loss=0.25, accuracy=0.75))
+    post(client, upload(1.0, client_id="b", slice=5, slices="5-8", num_samples=50))
+    post(client, upload(1.0, client_id="a", slice=2, slices="1-4", loss=0.125, retries=1))
+    status = client.get("/v1/status").get_json()
+    assert status["version"] == 3 and status["samples"] == 250
+    assert status["model"] == "mlp" and status["strategy"] == "async-weighted"
+    assert status["round"] is None and status["finished"] is False
+    clients = {c["id"]: c for c in status["clients"]}
+    assert clients["a"]["updates"] == 2 and clients["a"]["slice"] == "2"
+    assert clients["a"]["slices"] == "1-4" and clients["a"]["loss"] == 0.125
+    assert clients["a"]["retries"] == 1 and "last_seen" in clients["a"]
+    assert clients["b"]["updates"] == 1 and clients["b"]["slices"] == "5-8"
+    history = status["history"]
+    assert [(h["client_id"], h["version"], h["samples"]) for h in history] == [
+        ("a", 1, 100),
+        ("b", 2, 50),
+        ("a", 3, 100),
+    ]
+    assert status["last_checkpoint"]["version"] == 2
+    assert status["last_checkpoint"]["path"].endswith("ckpt-2.safetensors")
+    assert status["unsaved_updates"] == 1 and status["updates"] == 3
+
+
+def test_readers_see_whole_consistent_snapshots_under_concurrent_updates(client) -> None:
+    errors: list[str] = []
+
+    def writer(k: int) -> None:
+        for i in range(5):
+            response = post(client, upload(float(k), client_id=f"w{k}", update_id=f"{k}-{i}"))
+            if response.status_code != 200:
+                errors.append(response.get_data(as_text=True))
+
+    def reader() -> None:
+        for _ in range(20):
+            response = client.get("/v1/model")
+            got, meta = weights.decode(response.data)
+            if response.headers["ETag"] != f'"{meta["version"]}"':
+                errors.append(f"ETag {response.headers['ETag']} for version {meta['version']}")
+            weights.validate(got, state_of(client.application).layout)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+    threads += [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert client.get("/healthz").get_json()["version"] == 15

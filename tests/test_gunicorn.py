@@ -1,0 +1,172 @@
+"""The aggregator under a real gunicorn on 127.0.0.1, with real HTTP and real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from aggregator_helpers import upload, write_v0
+from fedsim import checkpoints
+
+GUNICORN = Path(sys.executable).with_name("gunicorn")
+APP = "fedsim.aggregator.app:create_app()"
+CONF = "python:fedsim.aggregator.gunicorn_conf"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    model_dir: Path
+    log: Path
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def start(tmp_path: Path, **env: object) -> Server:
+    port = free_port()
+    model_dir = tmp_path / "models"
+    log = tmp_path / "gunicorn.log"
+    environ = {
+        **os.environ,
+        "MODEL_DIR": str(model_dir),
+        "MODEL": "mlp",
+        "FEDSIM_ENV_FILE": str(tmp_path / "no.env"),  # never the developer's .env
+        "BIND": f"127.0.0.1:{port}",
+        **{k: str(v) for k, v in env.items()},
+    }
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(GUNICORN), "-c", CONF, APP],
+            cwd=tmp_path,
+            env=environ,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return Server(proc, f"http://127.0.0.1:{port}", model_dir, log)
+
+
+def wait_healthy(server: Server) -> None:
+    for _ in range(300):  # up to ~30 s on a busy machine
+        if server.proc.poll() is not None:
+            pytest.fail(f"gunicorn exited {server.proc.returncode}:\n{server.output()}")
+        try:
+            if requests.get(server.url + "/healthz", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"gunicorn never became healthy:\n{server.output()}")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    write_v0(tmp_path / "models")
+    srv = start(tmp_path, SAVE_MODEL=100, IDLE_SAVE_SECONDS=3600, MAX_UPDATE_BYTES=900_000)
+    try:
+        wait_healthy(srv)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def model_state(server: Server) -> tuple[bytes, int, int]:
+    body = requests.get(server.url + "/v1/model", timeout=10).content
+    status = requests.get(server.url + "/v1/status", timeout=10).json()
+    return body, status["version"], status["samples"]
+
+
+def test_real_bad_requests_change_nothing(server: Server) -> None:
+    session = requests.Session()
+    url = server.url + "/v1/updates"
+    assert session.post(url, data=upload(1.0, update_id="ok"), timeout=10).status_code == 200
+    before = model_state(server)
+
+    garbage = session.post(url, data=b"\x00" * 100, timeout=10)
+    assert garbage.status_code == 400
+    assert garbage.json()["error"] == "unreadable"
+
+    wrong = session.post(url, data=upload(1.0, update_id="x", num_samples=0), timeout=10)
+    assert wrong.status_code == 422
+    assert wrong.json()["error"] == "bad_num_samples"
+
+    # Over MAX_UPDATE_BYTES=900000 by its Content-Length: refused before the body is read.
+    big = session.post(url, data=b"\x00" * 1_000_000, timeout=10)
+    assert big.status_code == 413
+    assert big.json()["error"] == "too_large"
+
+    # Chunked, so no Content-Length: the read is capped.
+    def chunks() -> Iterator[bytes]:
+        for _ in range(20):
+            yield b"\x00" * 50_000
+
+    chunked = requests.post(url, data=chunks(), timeout=10)
+    assert chunked.status_code == 413
+
+    assert model_state(server) == before
+    # The connection still works after the refusals, and the refused id was not remembered.
+    accepted = session.post(url, data=upload(2.0, update_id="x"), timeout=10).json()
+    assert accepted == {"accepted": True, "version": 2, "duplicate": False}
+    assert "refused update" in server.output()
+
+
+def test_model_etag_and_304_over_http(server: Server) -> None:
+    first = requests.get(server.url + "/v1/model", timeout=10)
+    assert first.headers["ETag"] == '"0"'
+    assert first.headers["Content-Type"] == "application/octet-stream"
+    again = requests.get(
+        server.url + "/v1/model", headers={"If-None-Match": first.headers["ETag"]}, timeout=10
+    )
+    assert again.status_code == 304
+
+
+def test_sigterm_leaves_a_final_checkpoint_with_unsaved_updates(server: Server) -> None:
+    for i in range(3):
+        body = upload(float(i), update_id=f"u{i}", num_samples=10)
+        assert requests.post(server.url + "/v1/updates", data=body, timeout=10).ok
+    assert checkpoints.versions(server.model_dir) == [0]  # SAVE_MODEL=100: nothing saved yet
+    assert server.stop() == 0
+    ckpt = checkpoints.load_newest(server.model_dir)
+    assert ckpt is not None
+    assert ckpt.version == 3
+    assert ckpt.metadata["samples"] == "30"
+    assert json.loads(ckpt.metadata["applied_ids"]) == ["u0", "u1", "u2"]
+    assert "checkpoint v3 written" in server.output() and "shutdown" in server.output()
+
+
+def test_gunicorn_exits_nonzero_with_the_message_when_there_is_no_checkpoint(
+    tmp_path: Path,
+) -> None:
+    srv = start(tmp_path)
+    try:
+        code = srv.proc.wait(timeout=60)
+    finally:
+        srv.stop()
+    assert code != 0
+    output = srv.output()
+    assert f"no checkpoint in {srv.model_dir}" in output
+    assert "python -m fedsim.prepare" in output
+    assert output.count("Booting worker") == 1  # it stopped; it did not respawn the worker
