@@ -195,7 +195,7 @@ def st_bytes(arrays: dict[str, np.ndarray], **meta: object) -> bytes:
         (b"\xff" * 8 + b"{}", "unreadable"),
         (upload(update_id="bad", client_id=None), "bad_metadata"),
         (upload(update_id="bad", base_version="one"), "bad_metadata"),
-        (upload(update_id="bad", client_id="has space"), "bad_metadata"),
+        (upload(update_id="bad", client_id="line\nbreak"), "bad_metadata"),
         (upload(update_id="bad", loss="low"), "bad_metadata"),
     ],
     ids=[
@@ -372,6 +372,17 @@ def test_fedavg_round_closes_on_timeout_lazily_and_by_tick(make_app, clock) -> N
     assert client.get("/healthz").get_json()["version"] == 2
 
 
+def test_fedavg_pending_update_lost_in_a_hard_kill_is_accepted_again(make_app) -> None:
+    # A round's pending updates are not checkpointed; after a restart the client's
+    # re-push with the same update_id must count.
+    first = make_app(AGGREGATION="fedavg", MIN_CLIENTS=2, ROUNDS=3)
+    body = upload(2.0, client_id="a", update_id="a1")
+    assert post(first.test_client(), body).get_json()["duplicate"] is False
+    again = make_app(AGGREGATION="fedavg", MIN_CLIENTS=2, ROUNDS=3).test_client()
+    assert post(again, body).get_json() == {"accepted": True, "version": 0, "duplicate": False}
+    assert again.get("/v1/status").get_json()["round"]["pending"] == 1
+
+
 def test_fedavg_resumes_its_round_count(make_app) -> None:
     app = make_app(AGGREGATION="fedavg", MIN_CLIENTS=1, ROUNDS=3, SAVE_MODEL=1)
     post(app.test_client(), upload(2.0))
@@ -454,6 +465,20 @@ def test_refuses_a_checkpoint_with_the_wrong_layout(make_app, make_settings, cap
     with pytest.raises(SystemExit):
         make_app()
     assert "does not fit MODEL=mlp" in caplog.text
+
+
+def test_saved_update_ids_are_bounded_so_the_checkpoint_reads_back(make_app) -> None:
+    app = make_app(SAVE_MODEL=1000)
+    client = app.test_client()
+    long_id = "\u00e9" * 120  # 6 bytes each once JSON-escaped: ~43 ids fit in 32 kB
+    for i in range(60):
+        post(client, upload(1.0, update_id=f"{long_id}{i:03d}"))
+    state_of(app).close()
+    ckpt = checkpoints.load_newest(model_dir(app))
+    assert ckpt is not None and ckpt.version == 60
+    saved = json.loads(ckpt.metadata["applied_ids"])
+    assert 0 < len(saved) < 60
+    assert saved[-1] == f"{long_id}059"
 
 
 def test_idle_save_with_a_fake_clock(make_app, clock) -> None:

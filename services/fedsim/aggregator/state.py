@@ -32,7 +32,8 @@ from fedsim.models import SHAPES
 log = logging.getLogger("fedsim.aggregator")
 
 REMEMBERED_IDS = 100_000  # applied update ids kept in memory for dedup (~10 MB at most)
-SAVED_IDS = 256  # the most recent of them saved in a checkpoint; bounds its header (<64 kB)
+SAVED_IDS = 256  # the most recent of them saved in a checkpoint, for dedup after a restart
+SAVED_IDS_BYTES = 32_000  # and at most this much JSON: a checkpoint header must stay < 64 kB
 HISTORY = 20  # recent aggregated updates shown by /v1/status
 MAX_CLIENTS_SHOWN = 1000  # clients remembered for /v1/status, least recently seen dropped
 
@@ -387,7 +388,14 @@ class State:
     def _save_view(self) -> _SaveView:
         """What a checkpoint of the current version holds. Caller holds _lock."""
         snap = self.snapshot
-        recent = list(self._applied)[-SAVED_IDS:]
+        recent: list[str] = []
+        size = 2
+        for update_id in reversed(self._applied):
+            size += len(json.dumps(update_id)) + 2
+            if len(recent) == SAVED_IDS or size > SAVED_IDS_BYTES:
+                break
+            recent.append(update_id)
+        recent.reverse()
         metadata: dict[str, object] = {
             "samples": snap.samples,
             "model": self.settings.model,
@@ -416,7 +424,9 @@ class State:
                 "updates": self._updates_total,
                 "pending_updates": self.strategy.pending(),
                 "unsaved_updates": self._updates_total - self._saved_updates,
-                "clients": list(self._clients.values()),
+                "clients": [
+                    dict(c) for c in self._clients.values()
+                ],  # copies: JSON is made unlocked
                 "history": list(self._history),
                 "last_checkpoint": self._last_checkpoint,
             }
