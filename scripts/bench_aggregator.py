@@ -80,6 +80,12 @@ def vm_hwm_kib(pid: int) -> int:
     raise RuntimeError(f"no VmHWM for {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process: what the aggregator spent, whatever the load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def uploader(args: tuple[str, int, float]) -> tuple[int, int]:
     """Post valid updates until the deadline; (accepted, other answers)."""
     url, k, deadline = args
@@ -206,16 +212,23 @@ def main() -> int:
                 f"SAVE_MODEL={args.save_model}, {args.clients} client processes, "
                 f"{args.seconds:g} s per phase; worker RSS at start {vm_hwm_kib(worker) / 1024:.0f} MiB"
             )
+            print(f"load: {os.getloadavg()[0]:.2f} (1-min average before the run)")
+            cpu = cpu_seconds(worker)
             ok, other, secs = run_phase(uploader, url, args.clients, args.seconds)
+            cpu_up = cpu_seconds(worker) - cpu
             status = requests.get(url + "/v1/status", timeout=10).json()
             print(
                 f"uploads: {ok / secs:.0f} accepted updates/s ({ok} in {secs:g} s, "
                 f"{other} not accepted; version {status['version']}, "
-                f"last checkpoint v{status['last_checkpoint']['version']})"
+                f"last checkpoint v{status['last_checkpoint']['version']}); "
+                f"aggregator CPU {1000 * cpu_up / max(ok, 1):.2f} ms per update"
             )
+            cpu = cpu_seconds(worker)
             ok, other, secs = run_phase(downloader, url, args.clients, args.seconds)
+            cpu_down = cpu_seconds(worker) - cpu
             print(
-                f"downloads: {ok / secs:.0f} model downloads/s ({ok} in {secs:g} s, {other} failed)"
+                f"downloads: {ok / secs:.0f} model downloads/s ({ok} in {secs:g} s, {other} failed); "
+                f"aggregator CPU {1000 * cpu_down / max(ok, 1):.2f} ms per download"
             )
             print(f"memory: aggregator worker peak RSS (VmHWM) {vm_hwm_kib(worker) / 1024:.0f} MiB")
         finally:
