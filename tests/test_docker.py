@@ -1,0 +1,363 @@
+"""End-to-end tests that run the Docker Compose simulation for real.
+
+Each test works in its own copy of the project (compose.yaml, Dockerfiles, the
+package, scripts) under a temporary folder, with its own `.env`, its own
+./data, its own Compose project name `fedsim-test-<random>` and its own host
+port, and removes its containers, network and volumes afterwards even when it
+fails. The two images are built once per session and shared by the tests.
+
+In CI (`CI=true`) they must run, and fail when there is no Docker engine;
+elsewhere they skip with the reason when `docker info` fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fedsim import config
+
+pytestmark = pytest.mark.docker
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+# What a project copy needs: the build inputs, compose.yaml and evaluate.sh.
+PROJECT_FILES = ("compose.yaml", ".dockerignore", "pyproject.toml", "services", "scripts")
+MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+# Small settings: six slices of 2,000 images, two epochs each, about a minute a run.
+SMALL = {"NUM_IMAGES_TRAIN": "2000", "CLIENT_SLICES": "1-2 3-4 5-6", "EPOCHS": "2"}
+RUN_TIMEOUT = 600  # seconds for one run of the clients; a run takes about one minute
+
+
+def _compose_env() -> dict[str, str]:
+    """The caller's environment without fedsim or Compose settings, which would
+    override the test's `.env` (Compose gives the shell precedence)."""
+    drop = config.KNOWN_KEYS | config.COMPOSE_KEYS
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    try:
+        info = subprocess.run(
+            ["docker", "info"], capture_output=True, text=True, timeout=30, check=False
+        )
+        reason = info.stderr.strip().splitlines()[-1:] if info.returncode else None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        reason = [str(exc)]
+    if reason is not None:
+        message = f"no Docker engine (`docker info` failed: {' '.join(reason)})"
+        if IN_CI:
+            pytest.fail(message + "; CI=true requires one (run ../shared/tools/docker-sandbox up)")
+        pytest.skip(message)
+
+
+class Project:
+    """One Compose project in its own folder: `.env`, ./data, ./reports."""
+
+    def __init__(self, folder: Path, settings: dict[str, str]) -> None:
+        self.folder = folder
+        self.name = f"fedsim-test-{secrets.token_hex(4)}"
+        self.port = _free_port()
+        self.settings = settings
+        for name in PROJECT_FILES:
+            source = ROOT / name
+            if source.is_dir():
+                shutil.copytree(
+                    source,
+                    folder / name,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+                )
+            else:
+                shutil.copy2(source, folder / name)
+        (folder / "data").mkdir()
+        self.write_env(settings)
+
+    def write_env(self, settings: dict[str, str]) -> None:
+        lines = [f"COMPOSE_PROJECT_NAME={self.name}", f"AGGREGATOR_PORT={self.port}"]
+        lines += [f'{key}="{value}"' for key, value in settings.items()]
+        (self.folder / ".env").write_text("\n".join(lines) + "\n")
+
+    def add_mnist(self, mnist_dir: Path) -> None:
+        for name in MNIST_FILES:
+            shutil.copyfile(mnist_dir / name, self.folder / "data" / name)
+
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 900
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command in the project folder; stdout and stderr together."""
+        done = subprocess.run(
+            args,
+            cwd=self.folder,
+            env=_compose_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {done.returncode}:\n{done.stdout}")
+        return done
+
+    def compose(self, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+        return self.run("docker", "compose", *args, **kwargs)
+
+    def containers(self, service: str) -> list[dict]:
+        """`docker compose ps -a` of one service, as dicts (Name, State, ExitCode)."""
+        out = self.compose("ps", "-a", "--format", "json", service).stdout.strip()
+        if not out:
+            return []
+        if out.startswith("["):  # older Compose prints one array
+            return json.loads(out)
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def wait_exited(self, service: str, count: int, timeout: float = RUN_TIMEOUT) -> list[dict]:
+        """Wait until `count` containers of `service` have exited for good.
+
+        A container in its restart policy's back-off shows as `restarting`, so
+        waiting for `exited` also waits out a failing replica's retries.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.containers(service)
+            if len(found) == count and all(c["State"] == "exited" for c in found):
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{service} did not finish in {timeout} s: {found}\n{self.logs()}"
+                )
+            time.sleep(2)
+
+    def logs(self, service: str = "") -> str:
+        args = ["logs", "--no-color", "--timestamps"] + ([service] if service else [])
+        return self.compose(*args, check=False).stdout
+
+    def container_logs(self, name: str) -> str:
+        return self.run("docker", "logs", name, check=False).stdout
+
+    def status(self) -> dict:
+        url = f"http://127.0.0.1:{self.port}/v1/status"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.load(response)
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.containers("aggregator")
+            if found and found[0].get("Health") == "healthy":
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"aggregator not healthy in {timeout} s:\n{self.logs()}")
+            time.sleep(1)
+
+    def down(self) -> None:
+        self.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False, timeout=180)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def images(docker_engine, tmp_path_factory) -> None:
+    """Build both images once; the tests' projects reuse them (and their cache)."""
+    project = Project(tmp_path_factory.mktemp("build"), {})
+    try:
+        project.compose("--profile", "tools", "build", timeout=1800)
+    finally:
+        project.down()
+
+
+@pytest.fixture
+def project(images, tmp_path) -> Iterator[Callable[[dict[str, str]], Project]]:
+    made: list[Project] = []
+
+    def make(settings: dict[str, str]) -> Project:
+        folder = tmp_path / f"project-{len(made)}"
+        folder.mkdir()
+        made.append(Project(folder, settings))
+        return made[-1]
+
+    yield make
+    for p in made:
+        if os.environ.get("FEDSIM_TEST_KEEP"):  # keep the containers to look at them
+            continue
+        p.down()
+
+
+def _accepted_pushes(client_log: str) -> int:
+    match = re.search(r"done: \d+ slices trained, pushes (\d+) accepted", client_log)
+    assert match, f"no summary line in:\n{client_log}"
+    return int(match.group(1))
+
+
+# --- (a) a run, evaluation, and a second run that resumes ----------------------------
+
+
+def test_compose_run_trains_evaluates_and_resumes(project, mnist_dir):
+    p = project(SMALL)
+    p.add_mnist(mnist_dir)
+
+    p.compose("up", "-d", "--build", "--scale", "client=3")
+    clients = p.wait_exited("client", 3)
+    assert [c["ExitCode"] for c in clients] == [0, 0, 0], p.logs()
+
+    # Replica k took the k-th range, found from its container name.
+    for k, (first, last) in enumerate([(1, 2), (3, 4), (5, 6)], start=1):
+        log = p.container_logs(f"{p.name}-client-{k}")
+        samples = f"samples {(first - 1) * 2000}-{last * 2000 - 1}"
+        assert f"client-{k}: slices {first}-{last} ({samples})" in log, log
+        assert _accepted_pushes(log) == 2, log
+
+    status = p.status()  # the aggregator keeps serving after the clients are done
+    assert status["version"] == 6 and status["samples"] == 12_000, status
+    assert status["strategy"] == "async-weighted"
+    assert p.containers("aggregator")[0]["State"] == "running"
+    aggregator_log = p.logs("aggregator")
+    # SAVE_MODEL=2: a checkpoint every two accepted updates.
+    assert "checkpoint v6 written" in aggregator_log, aggregator_log
+
+    evaluation = p.run("scripts/evaluate.sh", timeout=300)
+    accuracy = float(re.search(r"^accuracy: (\d\.\d+)$", evaluation.stdout, re.M).group(1))
+    print(f"accuracy after 6 updates: {accuracy:.4f}")
+    assert accuracy >= 0.90, evaluation.stdout
+    reports = list((p.folder / "reports").glob("evaluation-*.json"))
+    assert len(reports) == 1, evaluation.stdout
+    assert abs(json.loads(reports[0].read_text())["accuracy"] - accuracy) < 1e-4
+
+    # `down` keeps the models volume; `up` again resumes and the version keeps counting.
+    p.compose("down", "--timeout", "20")
+    p.compose("up", "-d", "--scale", "client=3")
+    clients = p.wait_exited("client", 3)
+    assert [c["ExitCode"] for c in clients] == [0, 0, 0], p.logs()
+    assert re.search(r"resumed from /models/ckpt-6\.safetensors: version 6\b", p.logs("aggregator"))
+    assert p.status()["version"] == 12
+
+
+# --- (b) the aggregator crashes in the middle of a run ----------------------------------
+
+
+def _crash(p: Project) -> str:
+    """SIGKILL the aggregator's main process, as an out-of-memory kill would.
+
+    Docker's restart policy (unless-stopped) brings it back. When the engine's
+    processes are not visible from here, fall back to `docker compose kill`,
+    after which Docker deliberately does not restart, so start it again.
+    """
+    container = f"{p.name}-aggregator-1"
+    pid = int(p.run("docker", "inspect", "-f", "{{.State.Pid}}", container).stdout)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return "restart policy"
+    except (PermissionError, ProcessLookupError):
+        p.compose("kill", "aggregator")
+        p.compose("start", "aggregator")
+        return "docker compose start"
+
+
+def test_aggregator_crash_mid_run(project, mnist_dir):
+    # Enough retries to ride out the restart; SAVE_MODEL=1 keeps little unsaved.
+    settings = {
+        **SMALL,
+        "CLIENT_SLICES": "1-4 5-8 9-12",
+        "MAX_RETRY": "30",
+        "MAX_WAIT": "1",
+        "SAVE_MODEL": "1",
+    }
+    p = project(settings)
+    p.add_mnist(mnist_dir)
+    # One replica more than there are ranges: it must fail on its own, visibly.
+    p.compose("up", "-d", "--scale", "client=4")
+
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not re.search(r"checkpoint v[1-9]\d* written", p.logs("aggregator")):
+        assert time.monotonic() < deadline, p.logs()
+        time.sleep(0.3)
+    how = _crash(p)
+    p.wait_healthy()
+
+    clients = {c["Name"]: c for c in p.wait_exited("client", 4)}
+    extra = clients.pop(f"{p.name}-client-4")
+    assert extra["ExitCode"] != 0
+    extra_log = p.container_logs(f"{p.name}-client-4")
+    assert 'replica 4 has no range in CLIENT_SLICES "1-4 5-8 9-12"' in extra_log, extra_log
+    restarts = p.run("docker", "inspect", "-f", "{{.RestartCount}}", extra["Name"]).stdout
+    assert int(restarts) == 3, "on-failure:3 retries a failing replica three times, then stops"
+    assert [c["ExitCode"] for c in clients.values()] == [0, 0, 0], p.logs()
+
+    # The aggregator came back from its newest checkpoint, not from version 0.
+    aggregator_log = p.logs("aggregator")
+    runs = aggregator_log.split("resumed from ")
+    assert len(runs) == 3, f"expected two starts ({how}):\n{aggregator_log}"
+    before_crash = [int(v) for v in re.findall(r"-> v(\d+),", runs[1])]
+    resumed = int(re.match(r"\S+: version (\d+)", runs[2]).group(1))
+    assert resumed >= 1 and resumed <= max(before_crash), aggregator_log
+    lost = max(before_crash) - resumed  # accepted, but not yet in a checkpoint
+
+    # No update counted twice: async-weighted makes one version per aggregated
+    # update, each of 2,000 samples, and every push a client saw accepted is
+    # in the model except those lost with the unsaved state.
+    status = p.status()
+    pushed = sum(_accepted_pushes(p.container_logs(name)) for name in clients)
+    assert status["version"] == status["updates"], status
+    assert status["samples"] == 2000 * status["updates"], status
+    assert status["updates"] == pushed - lost, (status, pushed, lost, aggregator_log)
+    ids = [h["update_id"] for h in status["history"]]
+    assert len(ids) == len(set(ids)), ids
+    assert status["version"] > resumed
+    print(
+        f"crash at v{max(before_crash)}, back by {how} from checkpoint v{resumed} "
+        f"({lost} unsaved updates lost); clients saw {pushed} pushes accepted; "
+        f"final version {status['version']}, {status['updates']} updates"
+    )
+
+
+# --- (c) bad settings and missing data stop `docker compose up` with the message -------
+
+
+def test_bad_env_value_stops_compose_up(project):
+    p = project({**SMALL, "MAX_RETRY": "zero"})
+    # Attached, as a user runs it: prepare fails first, and `up` stops there.
+    result = p.compose("up", "--scale", "client=3", check=False, timeout=300)
+    assert result.returncode != 0, result.stdout
+    assert "invalid setting MAX_RETRY='zero': an integer >= 1" in result.stdout, result.stdout
+    assert 'service "prepare" didn\'t complete successfully' in result.stdout, result.stdout
+    assert all(c["State"] == "created" for c in p.containers("aggregator")), result.stdout
+    print(result.stdout)
+
+
+def test_missing_data_stops_compose_up_with_where_to_put_it(project):
+    # ./data empty and no mirror reachable (port 9 on the container itself refuses).
+    p = project({**SMALL, "MNIST_MIRRORS": "http://127.0.0.1:9/"})
+    result = p.compose("up", "--scale", "client=3", check=False, timeout=300)
+    assert result.returncode != 0, result.stdout
+    message = next(
+        (line for line in result.stdout.splitlines() if "could not download" in line), ""
+    )
+    for name in MNIST_FILES:
+        assert name in message, result.stdout
+    assert "in /data" in message, result.stdout
+    # Compose creates the containers up front; none may have started.
+    assert all(c["State"] == "created" for c in p.containers("client")), result.stdout
+    assert all(c["State"] == "created" for c in p.containers("aggregator")), result.stdout
+    print(result.stdout)
