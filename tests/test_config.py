@@ -62,6 +62,7 @@ def test_compose_keys_are_allowed_in_env_file(tmp_path: Path) -> None:
         ("LEARNING_RATE", "0", "a number > 0"),
         ("NUM_IMAGES_TRAIN", "60001", "<= 60000"),
         ("MODEL", "resnet", "one of mlp, cnn"),
+        ("OPTIMIZER", "lbfgs", "one of sgd, adam"),
         ("AGGREGATION", "fedprox", "one of async-weighted, fedavg"),
         ("DATA_VERIFY", "maybe", "true or false"),
         ("AGGREGATOR_URL", "localhost:8080", "http:// or https:// URL"),

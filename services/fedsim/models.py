@@ -14,6 +14,11 @@ import numpy as np
 if TYPE_CHECKING:
     import keras
 
+    from fedsim.config import Settings
+
+OPTIMIZERS = ("sgd", "adam")
+SGD_MOMENTUM = 0.9  # heavy-ball momentum for "sgd"; see LEARNING_RATE in the README
+
 # name -> ordered (tensor name, shape); every tensor is float32.
 SHAPES: dict[str, tuple[tuple[str, tuple[int, ...]], ...]] = {
     # The original 784-200-200-10 ReLU network: 199,210 parameters.
@@ -43,7 +48,17 @@ def parameter_count(name: str) -> int:
     return sum(int(np.prod(shape)) for _, shape in SHAPES[name])
 
 
-def build(name: str, *, seed: int, learning_rate: float) -> keras.Model:
+def from_settings(settings: Settings) -> keras.Model:
+    """The model, optimizer and seed that MODEL, OPTIMIZER, LEARNING_RATE and SEED name."""
+    return build(
+        settings.model,
+        seed=settings.seed,
+        learning_rate=settings.learning_rate,
+        optimizer=settings.optimizer,
+    )
+
+
+def build(name: str, *, seed: int, learning_rate: float, optimizer: str = "sgd") -> keras.Model:
     """A compiled model whose initial weights depend only on `seed`."""
     import keras
     from keras import layers
@@ -94,8 +109,14 @@ def build(name: str, *, seed: int, learning_rate: float) -> keras.Model:
         )
     else:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(SHAPES)}")
+    if optimizer == "sgd":
+        opt = keras.optimizers.SGD(learning_rate, momentum=SGD_MOMENTUM)
+    elif optimizer == "adam":
+        opt = keras.optimizers.Adam(learning_rate)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=opt,
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )

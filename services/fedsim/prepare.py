@@ -48,9 +48,7 @@ def _main() -> int:
         log.info("checkpoint %s (version %d) exists: left as it is", newest.path, newest.version)
     else:
         quiet_tensorflow()
-        model = models.build(
-            settings.model, seed=settings.seed, learning_rate=settings.learning_rate
-        )
+        model = models.from_settings(settings)
         path = checkpoints.save(
             settings.model_dir,
             0,

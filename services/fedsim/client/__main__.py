@@ -23,11 +23,12 @@ def _main() -> int:
     started = time.monotonic()
     learner = training.Trainer(settings, me.first, me.last, seed_offset=me.index)
     log.info(
-        "%s: %s, %d epochs, batch %d, learning rate %g, TensorFlow threads %d; range from %s",
+        "%s: %s, %d epochs, batch %d, %s learning rate %g, TensorFlow threads %d; range from %s",
         me.client_id,
         settings.model,
         settings.epochs,
         settings.batch_size,
+        settings.optimizer,
         settings.learning_rate,
         threads,
         me.source,

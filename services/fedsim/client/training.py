@@ -68,9 +68,7 @@ class Trainer:
         self.first = first
         self.images = data.scale(images[start:stop])
         self.labels = np.asarray(labels[start:stop], dtype=np.int64)
-        self.model = models.build(
-            settings.model, seed=settings.seed, learning_rate=settings.learning_rate
-        )
+        self.model = models.from_settings(settings)
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return models.get_weights(self.model)
