@@ -194,7 +194,7 @@ def test_wait_ready_follows_the_aggregators_strategy(make_settings):
 # --- fedavg ------------------------------------------------------------------------
 
 
-def test_fedavg_one_slice_per_round_until_finished(make_settings):
+def test_fedavg_one_slice_per_round_until_finished(make_settings, caplog):
     clock = Clock()
     link = FakeTransport(
         pulls=[ok_pull(0, 0), ok_pull(1, 0), ok_pull(2, 0)],
@@ -212,7 +212,9 @@ def test_fedavg_one_slice_per_round_until_finished(make_settings):
     client, learner, _ = make_client(
         make_settings, link, first=4, last=5, clock=clock, AGGREGATION="fedavg"
     )
-    summary = client.run_fedavg()
+    with caplog.at_level(logging.INFO, "fedsim.client"):
+        summary = client.run_fedavg()
+    assert "client-2 push  slice 4 base 0 -> version 0 (retries 0) (round open)" in caplog.text
     assert learner.trained == [4, 5, 4]  # cycles through its range
     assert [m["base_version"] for _, m in link.pushed] == [0, 1, 2]
     assert summary.pushes_accepted == 3 and summary.rounds == 3

@@ -49,6 +49,7 @@ def test_three_clients_train_a_model_above_90_percent(tmp_path, mnist_dir):
     )
     out = run.stdout
     assert run.returncode == 0, out + run.stderr
+    assert "Traceback" not in out + run.stderr
 
     # Every process's lines carry its name; every client finished with a summary.
     summaries = re.findall(

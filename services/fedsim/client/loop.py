@@ -199,7 +199,11 @@ class Client:
                 base,
                 pushed.version,
                 pushed.retries,
-                " (already counted)" if pushed.duplicate else "",
+                " (already counted)"
+                if pushed.duplicate
+                else " (round open)"
+                if pushed.version == base
+                else "",
             )
         elif pushed.status == 409:
             log.info(
