@@ -169,3 +169,16 @@ def test_retry_over_a_real_socket(flaky_server):
         link.close()
     assert pushed.accepted and pushed.retries == 1 and sleep.calls == [0.5]
     assert len(received) == 2 and received[0] == received[1]
+
+
+def test_a_refused_connection_is_described_briefly():
+    link = Transport(
+        "http://127.0.0.1:9",  # the discard port: nothing listens
+        policy=RetryPolicy(1, 0.0, sleep=FakeSleep()),
+        timeout=5,
+    )
+    try:
+        pulled = link.pull()
+    finally:
+        link.close()
+    assert not pulled.ok and pulled.error == "connection refused"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -111,7 +112,7 @@ class Transport:
                     method, self.base_url + path, timeout=self.timeout, **kwargs
                 )
             except requests.RequestException as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                error = describe(exc)
             else:
                 if response.status_code not in RETRYABLE_STATUS:
                     return _Outcome(response, attempt)
@@ -186,6 +187,16 @@ class Transport:
 
     def close(self) -> None:
         self.session.close()
+
+
+def describe(exc: requests.RequestException) -> str:
+    """A short reason for a log line; requests' own messages run to several hundred characters."""
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
+    if errno:
+        return errno.group(1).strip().lower()
+    return f"{type(exc).__name__}: {exc}"[:160]
 
 
 def _json_or_empty(response: requests.Response) -> dict[str, Any]:
