@@ -144,6 +144,32 @@ def test_async_weighted_update_math_through_the_api(client: FlaskClient) -> None
         np.testing.assert_allclose(tensor, 4.25, rtol=1e-6)
 
 
+def test_fedasync_update_math_through_the_api_and_resume(make_app, make_settings) -> None:
+    # Prepare: version 0 is all zeros; alpha = 0.5, a = 0.5, a checkpoint per update.
+    settings = {"AGGREGATION": "fedasync", "FEDASYNC_ALPHA": 0.5, "FEDASYNC_STALENESS": 0.5}
+    client = make_app(SAVE_MODEL=1, **settings).test_client()
+    # Execute: a fresh update of 2.0, then an update of 4.0 still based on version 0.
+    first = post(client, upload(2.0, num_samples=100))
+    second = post(client, upload(4.0, num_samples=300, client_id="client-2", base_version=0))
+    # Assert: v1 = 0.5 * 2 = 1 (t - tau = 0); v2: t - tau = 1, alpha_t = 0.5 / sqrt(2).
+    assert first.get_json() == {"accepted": True, "version": 1, "duplicate": False}
+    assert second.get_json() == {"accepted": True, "version": 2, "duplicate": False}
+    expected = 1.0 + 0.5 / np.sqrt(2.0) * (4.0 - 1.0)
+    got, meta = weights.decode(client.get("/v1/model").data)
+    assert meta["version"] == "2" and meta["samples"] == "400"
+    for tensor in got.values():
+        np.testing.assert_allclose(tensor, expected, rtol=1e-6)
+    status = client.get("/v1/status").get_json()
+    assert status["strategy"] == "fedasync" and status["round"] is None
+    # A restarted aggregator resumes at version 2, so staleness keeps counting from there.
+    again = make_app(SAVE_MODEL=1, **settings).test_client()
+    third = post(again, upload(0.0, num_samples=100, base_version=2))
+    assert third.get_json()["version"] == 3
+    got, _ = weights.decode(again.get("/v1/model").data)
+    for tensor in got.values():
+        np.testing.assert_allclose(tensor, expected / 2, rtol=1e-6)
+
+
 def test_duplicate_update_id_is_acknowledged_and_aggregated_once(client: FlaskClient) -> None:
     body = upload(2.0, update_id="retry-me", num_samples=100)
     assert post(client, body).get_json() == {"accepted": True, "version": 1, "duplicate": False}

@@ -63,7 +63,13 @@ def test_compose_keys_are_allowed_in_env_file(tmp_path: Path) -> None:
         ("NUM_IMAGES_TRAIN", "60001", "<= 60000"),
         ("MODEL", "resnet", "one of mlp, cnn"),
         ("OPTIMIZER", "lbfgs", "one of sgd, adam"),
-        ("AGGREGATION", "fedprox", "one of async-weighted, fedavg"),
+        ("AGGREGATION", "fedprox", "one of async-weighted, fedavg, fedasync"),
+        ("FEDASYNC_ALPHA", "0", "a number > 0 and <= 1"),
+        ("FEDASYNC_ALPHA", "1.5", "a number > 0 and <= 1"),
+        ("FEDASYNC_ALPHA", "nan", "a number > 0 and <= 1"),
+        ("FEDASYNC_ALPHA", "half", "a number > 0 and <= 1"),
+        ("FEDASYNC_STALENESS", "-0.5", "a number >= 0"),
+        ("FEDASYNC_STALENESS", "inf", "a number >= 0"),
         ("DATA_VERIFY", "maybe", "true or false"),
         ("AGGREGATOR_URL", "localhost:8080", "http:// or https:// URL"),
         ("MNIST_MIRRORS", "ftp://x/", "http:// or https:// URL"),
@@ -109,6 +115,11 @@ def test_slices_follow_num_images_train(tmp_path: Path) -> None:
 def test_client_index_beyond_the_ranges(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="CLIENT_SLICES has only 3 ranges"):
         load(tmp_path, CLIENT_INDEX="4")
+
+
+def test_fedasync_settings(tmp_path: Path) -> None:
+    s = load(tmp_path, AGGREGATION="FedAsync", FEDASYNC_ALPHA="1", FEDASYNC_STALENESS="0")
+    assert (s.aggregation, s.fedasync_alpha, s.fedasync_staleness) == ("fedasync", 1.0, 0.0)
 
 
 def test_min_clients_sets_the_quorum(tmp_path: Path) -> None:

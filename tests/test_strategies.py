@@ -8,10 +8,13 @@ import pytest
 from fedsim.aggregator import strategies
 from fedsim.aggregator.strategies import (
     AsyncWeighted,
+    FedAsync,
     FedAvg,
     Global,
     Refused,
     Update,
+    fedasync_mix,
+    polynomial_staleness,
     weighted_mean,
     weighted_merge,
 )
@@ -62,6 +65,39 @@ def test_weighted_mean_needs_models_and_matching_counts() -> None:
         weighted_mean([], [])
     with pytest.raises(ValueError):
         weighted_mean([w(1), w(2)], [1])
+
+
+def test_polynomial_staleness_by_hand() -> None:
+    # Fresh (t = tau): s = 1; t - tau = 3, a = 0.5: 4 ** -0.5 = 1/2; a = 0: always 1.
+    assert polynomial_staleness(5, 5, a=0.5) == 1.0
+    assert polynomial_staleness(7, 4, a=0.5) == pytest.approx(0.5)
+    assert polynomial_staleness(7, 4, a=1.0) == pytest.approx(0.25)
+    assert polynomial_staleness(100, 0, a=0.0) == 1.0
+
+
+def test_polynomial_staleness_base_ahead_counts_as_fresh() -> None:
+    # A client that saw versions a resumed aggregator lost: tau > t.
+    assert polynomial_staleness(3, 5, a=0.5) == 1.0
+
+
+def test_polynomial_staleness_rejects_negative_a() -> None:
+    with pytest.raises(ValueError, match="a >= 0"):
+        polynomial_staleness(1, 0, a=-0.5)
+
+
+def test_fedasync_mix_by_hand() -> None:
+    # Prepare: x_{t-1} = [1, 2], x_new = [5, -2], alpha_t = 0.25.
+    # Execute
+    out = fedasync_mix(w(1, 2), w(5, -2), alpha_t=0.25)
+    # Assert: 0.75*1 + 0.25*5 = 2, 0.75*2 + 0.25*(-2) = 1.
+    np.testing.assert_allclose(out["x"], [2.0, 1.0], rtol=1e-6)
+    assert out["x"].dtype == np.float32
+
+
+@pytest.mark.parametrize("alpha_t", [0.0, -0.1, 1.5, float("nan")])
+def test_fedasync_mix_rejects_a_rate_outside_0_1(alpha_t: float) -> None:
+    with pytest.raises(ValueError, match="alpha_t"):
+        fedasync_mix(w(1), w(2), alpha_t=alpha_t)
 
 
 # --- async-weighted -------------------------------------------------------------------
@@ -174,6 +210,62 @@ def test_fedavg_state_dict_round_trip() -> None:
         fresh.load_state_dict({"rounds_done": -1})
 
 
+# --- fedasync -----------------------------------------------------------------------
+
+
+def test_fedasync_fresh_update_mixes_at_alpha() -> None:
+    # Prepare: global [0, 4] at version 2; a client trained from version 2 sends [8, 0].
+    rule = FedAsync(alpha=0.5, a=0.5)
+    current = Global(w(0, 4), version=2, samples=10)
+    # Execute
+    agg = rule.accept(update("c1", (8, 0), n=5, base=2), current, now=0.0)
+    # Assert: s(0) = 1, alpha_t = 0.5: [0.5*0 + 0.5*8, 0.5*4 + 0.5*0] = [4, 2].
+    np.testing.assert_allclose(agg.tensors["x"], [4.0, 2.0], rtol=1e-6)
+    assert [u.client_id for u in agg.updates] == ["c1"]
+    assert agg.reason == "update"
+
+
+def test_fedasync_stale_update_mixes_at_alpha_over_two() -> None:
+    # Prepare: t - tau = 7 - 4 = 3, a = 0.5: s = 4 ** -0.5 = 1/2, alpha_t = 0.8/2 = 0.4.
+    rule = FedAsync(alpha=0.8, a=0.5)
+    current = Global(w(0, 10), version=7, samples=10)
+    # Execute: an old base is never refused.
+    agg = rule.accept(update("c1", (5, 0), n=5, base=4), current, now=0.0)
+    # Assert: [0.6*0 + 0.4*5, 0.6*10 + 0.4*0] = [2, 6].
+    np.testing.assert_allclose(agg.tensors["x"], [2.0, 6.0], rtol=1e-6)
+
+
+def test_fedasync_a_zero_is_a_constant_rate_whatever_the_staleness() -> None:
+    rule = FedAsync(alpha=0.25, a=0.0)
+    current = Global(w(4), version=50, samples=10)
+    fresh = rule.accept(update("c1", (8,), n=1, base=50), current, now=0.0)
+    stale = rule.accept(update("c2", (8,), n=1, base=0), current, now=0.0)
+    # 0.75*4 + 0.25*8 = 5 both times.
+    np.testing.assert_allclose(fresh.tensors["x"], [5.0], rtol=1e-6)
+    np.testing.assert_allclose(stale.tensors["x"], [5.0], rtol=1e-6)
+
+
+def test_fedasync_alpha_one_replaces_the_model_with_a_fresh_update() -> None:
+    rule = FedAsync(alpha=1.0, a=0.5)
+    current = Global(w(9, 9), version=3, samples=10)
+    agg = rule.accept(update("c1", (0.25, -3), n=1, base=3), current, now=0.0)
+    np.testing.assert_array_equal(agg.tensors["x"], [0.25, -3.0])
+
+
+def test_fedasync_is_stateless_beyond_the_version() -> None:
+    rule = FedAsync(alpha=0.5, a=0.5)
+    rule.accept(update("c1", (1,), n=1), Global(w(0), 0, 0), now=0.0)
+    assert rule.state_dict() == {}
+    assert not rule.finished and rule.pending() == 0
+    assert rule.tick(Global(w(0), 1, 1), now=1e9) is None
+
+
+@pytest.mark.parametrize(("alpha", "a"), [(0.0, 0.5), (1.5, 0.5), (0.5, -1.0)])
+def test_fedasync_rejects_bad_settings(alpha: float, a: float) -> None:
+    with pytest.raises(ValueError, match="bad fedasync settings"):
+        FedAsync(alpha=alpha, a=a)
+
+
 def test_build_picks_the_configured_strategy(make_settings) -> None:
     assert isinstance(strategies.build(make_settings(AGGREGATION="async-weighted")), AsyncWeighted)
     fedavg = strategies.build(
@@ -181,3 +273,8 @@ def test_build_picks_the_configured_strategy(make_settings) -> None:
     )
     assert isinstance(fedavg, FedAvg)
     assert (fedavg.quorum, fedavg.rounds) == (3, 4)
+    fedasync = strategies.build(
+        make_settings(AGGREGATION="fedasync", FEDASYNC_ALPHA=0.6, FEDASYNC_STALENESS=1)
+    )
+    assert isinstance(fedasync, FedAsync)
+    assert (fedasync.alpha, fedasync.a) == (0.6, 1.0)

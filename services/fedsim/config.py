@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 TRAIN_IMAGES = 60_000  # MNIST's training set; slices are cut from it
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adam")
-STRATEGIES = ("async-weighted", "fedavg")
+STRATEGIES = ("async-weighted", "fedavg", "fedasync")
 
 # Keys that Compose reads from the same .env but the Python code does not use.
 COMPOSE_KEYS = frozenset({"AGGREGATOR_PORT", "COMPOSE_PROJECT_NAME", "COMPOSE_FILE"})
@@ -63,6 +63,17 @@ def _float(lo: float, *, strict: bool) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _fraction(raw: str) -> float:
+    allowed = "a number > 0 and <= 1"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(allowed) from None
+    if not 0 < value <= 1:  # also false for nan
+        raise ValueError(allowed)
+    return value
 
 
 def _choice(*options: str) -> Callable[[str], str]:
@@ -214,7 +225,20 @@ SETTINGS: tuple[Setting, ...] = (
         "AGGREGATION",
         "async-weighted",
         _choice(*STRATEGIES),
-        "async-weighted: the original running weighted mean; fedavg: synchronous rounds",
+        "async-weighted: the original running weighted mean; fedavg: synchronous rounds;"
+        " fedasync: staleness-weighted mixing",
+    ),
+    Setting(
+        "FEDASYNC_ALPHA",
+        "0.5",
+        _fraction,
+        "fedasync: mixing rate alpha, the share a fresh update takes of the global model",
+    ),
+    Setting(
+        "FEDASYNC_STALENESS",
+        "0.5",
+        _float(0, strict=False),
+        "fedasync: exponent a of s = (t - tau + 1) ** -a; 0.5 as in the paper, 0: no discount",
     ),
     Setting(
         "MIN_CLIENTS",
@@ -300,6 +324,8 @@ class Settings:
     model: str
     seed: int
     aggregation: str
+    fedasync_alpha: float
+    fedasync_staleness: float
     min_clients: int
     round_timeout: float
     rounds: int

@@ -6,6 +6,10 @@
   "Communication-Efficient Learning of Deep Networks from Decentralized Data",
   AISTATS 2017, arXiv:1602.05629. Synchronous rounds; the new global model is
   the mean of the round's client models weighted by their sample counts n_k.
+- `fedasync`: FedAsync, Xie, Koyejo, Gupta, "Asynchronous Federated Optimization",
+  arXiv:1903.03934. Each update is mixed in at once with a rate that shrinks
+  with its staleness: alpha_t = alpha * s(t - tau), x_t = (1 - alpha_t) x_{t-1}
+  + alpha_t x_new, with the polynomial s(t - tau) = (t - tau + 1) ** -a.
 
 A strategy sees the current global model and one update at a time and returns
 the next global weights, or None while it waits for more. It never touches
@@ -64,6 +68,31 @@ def weighted_mean(models: Sequence[Tensors], counts: Sequence[int]) -> dict[str,
             acc += (n_k / n) * w_k[name]
         out[name] = acc.astype(np.float32)
     return out
+
+
+def polynomial_staleness(t: int, tau: int, *, a: float) -> float:
+    """FedAsync's polynomial staleness function s(t - tau) = (t - tau + 1) ** -a.
+
+    1 for a fresh update (tau = t) or a = 0, smaller the older the base version.
+    A base ahead of t (a client that saw versions a resumed aggregator lost)
+    counts as fresh.
+    """
+    if a < 0:
+        raise ValueError(f"need a >= 0, got a={a}")
+    return float((max(t - tau, 0) + 1) ** -a)
+
+
+def fedasync_mix(global_w: Tensors, client_w: Tensors, *, alpha_t: float) -> dict[str, np.ndarray]:
+    """FedAsync's update x_t = (1 - alpha_t) * x_{t-1} + alpha_t * x_new.
+
+    Computed as x_{t-1} + alpha_t * (x_new - x_{t-1}), like `weighted_merge`.
+    """
+    if not 0 < alpha_t <= 1:
+        raise ValueError(f"need 0 < alpha_t <= 1, got alpha_t={alpha_t}")
+    return {
+        name: (x + np.float32(alpha_t) * (client_w[name] - x)).astype(np.float32, copy=False)
+        for name, x in global_w.items()
+    }
 
 
 # --- the interface --------------------------------------------------------------------
@@ -246,6 +275,30 @@ class FedAvg(Strategy):
         self.rounds_done = rounds_done
 
 
+class FedAsync(Strategy):
+    """FedAsync (Xie, Koyejo, Gupta 2019, arXiv:1903.03934, Algorithm 1, polynomial s).
+
+    An update trained from version tau and arriving at version t is mixed in at
+    once: alpha_t = alpha * (t - tau + 1) ** -a, x_t = (1 - alpha_t) x_{t-1} +
+    alpha_t x_new. Every update makes a new version and none is refused; a = 0
+    gives the constant rate alpha, alpha = 1 with a fresh update takes it whole.
+    Stateless beyond the version, which the global model carries.
+    """
+
+    name = "fedasync"
+
+    def __init__(self, *, alpha: float, a: float) -> None:
+        if not 0 < alpha <= 1 or a < 0:
+            raise ValueError(f"bad fedasync settings: {alpha=}, {a=}")
+        self.alpha, self.a = alpha, a
+
+    def accept(self, update: Update, current: Global, now: float) -> Aggregate:
+        # t: the current version; tau: the version the client trained from.
+        alpha_t = self.alpha * polynomial_staleness(current.version, update.base_version, a=self.a)
+        mixed = fedasync_mix(current.tensors, update.tensors, alpha_t=alpha_t)
+        return Aggregate(mixed, (update,), "update")
+
+
 def build(settings: Settings) -> Strategy:
     """The strategy named by `AGGREGATION`."""
     if settings.aggregation == AsyncWeighted.name:
@@ -254,4 +307,6 @@ def build(settings: Settings) -> Strategy:
         return FedAvg(
             quorum=settings.round_quorum, timeout=settings.round_timeout, rounds=settings.rounds
         )
+    if settings.aggregation == FedAsync.name:
+        return FedAsync(alpha=settings.fedasync_alpha, a=settings.fedasync_staleness)
     raise ValueError(f"unknown strategy {settings.aggregation!r}")

@@ -40,6 +40,7 @@ def _main() -> int:
     client = loop.Client(settings, me, link, learner)
     try:
         strategy = client.wait_ready()
+        # fedavg runs in rounds; async-weighted and fedasync take one pass.
         summary = client.run_fedavg() if strategy == "fedavg" else client.run_async()
     except (loop.AggregatorUnreachable, transport.ProtocolError) as exc:
         print(f"fedsim client: error: {me.client_id}: {exc}", file=sys.stderr, flush=True)
