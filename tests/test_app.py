@@ -136,8 +136,8 @@ def test_async_weighted_update_math_through_the_api(client: FlaskClient) -> None
     first = post(client, upload(2.0, num_samples=100))
     second = post(client, upload(5.0, num_samples=300, client_id="client-2", base_version=0))
     # Assert: v1 = 2.0 (a = 0), v2 = (100*2 + 300*5) / 400 = 4.25.
-    assert first.get_json() == {"accepted": True, "version": 1, "duplicate": False}
-    assert second.get_json() == {"accepted": True, "version": 2, "duplicate": False}
+    assert first.get_json() == {"accepted": True, "version": 1, "duplicate": False, "seq": 1}
+    assert second.get_json() == {"accepted": True, "version": 2, "duplicate": False, "seq": 2}
     got, meta = weights.decode(client.get("/v1/model").data)
     assert meta["version"] == "2" and meta["samples"] == "400"
     for tensor in got.values():
@@ -152,8 +152,8 @@ def test_fedasync_update_math_through_the_api_and_resume(make_app, make_settings
     first = post(client, upload(2.0, num_samples=100))
     second = post(client, upload(4.0, num_samples=300, client_id="client-2", base_version=0))
     # Assert: v1 = 0.5 * 2 = 1 (t - tau = 0); v2: t - tau = 1, alpha_t = 0.5 / sqrt(2).
-    assert first.get_json() == {"accepted": True, "version": 1, "duplicate": False}
-    assert second.get_json() == {"accepted": True, "version": 2, "duplicate": False}
+    assert first.get_json() == {"accepted": True, "version": 1, "duplicate": False, "seq": 1}
+    assert second.get_json() == {"accepted": True, "version": 2, "duplicate": False, "seq": 2}
     expected = 1.0 + 0.5 / np.sqrt(2.0) * (4.0 - 1.0)
     got, meta = weights.decode(client.get("/v1/model").data)
     assert meta["version"] == "2" and meta["samples"] == "400"
@@ -172,10 +172,15 @@ def test_fedasync_update_math_through_the_api_and_resume(make_app, make_settings
 
 def test_duplicate_update_id_is_acknowledged_and_aggregated_once(client: FlaskClient) -> None:
     body = upload(2.0, update_id="retry-me", num_samples=100)
-    assert post(client, body).get_json() == {"accepted": True, "version": 1, "duplicate": False}
+    assert post(client, body).get_json() == {
+        "accepted": True,
+        "version": 1,
+        "duplicate": False,
+        "seq": 1,
+    }
     again = post(client, body)
     assert again.status_code == 200
-    assert again.get_json() == {"accepted": True, "version": 1, "duplicate": True}
+    assert again.get_json() == {"accepted": True, "version": 1, "duplicate": True, "seq": 1}
     _, version, samples = served(client)
     assert (version, samples) == (1, 100)
     assert client.get("/v1/status").get_json()["clients"][0]["updates"] == 1
@@ -198,7 +203,12 @@ def assert_error_changed_nothing(client: FlaskClient, before, update_id: str) ->
     # The refused update_id is not remembered: the same id, valid, is aggregated as new.
     version = before[1]
     ok = post(client, upload(3.0, update_id=update_id, base_version=version))
-    assert ok.get_json() == {"accepted": True, "version": version + 1, "duplicate": False}
+    assert ok.get_json() == {
+        "accepted": True,
+        "version": version + 1,
+        "duplicate": False,
+        "seq": version + 1,
+    }
 
 
 @pytest.fixture
@@ -362,7 +372,12 @@ def test_409_when_the_run_is_finished(make_app) -> None:
 def test_fedavg_round_quorum_duplicate_client_and_pending_duplicate(make_app) -> None:
     client = make_app(AGGREGATION="fedavg", CLIENT_SLICES="1-2 3-4", ROUNDS=3).test_client()
     a = upload(0.0, client_id="a", update_id="a1", num_samples=1)
-    assert post(client, a).get_json() == {"accepted": True, "version": 0, "duplicate": False}
+    assert post(client, a).get_json() == {
+        "accepted": True,
+        "version": 0,
+        "duplicate": False,
+        "seq": None,
+    }
     # The same update again while pending: acknowledged, not counted twice.
     assert post(client, a).get_json()["duplicate"] is True
     # Another update from the same client in this round: 409.
@@ -405,7 +420,12 @@ def test_fedavg_pending_update_lost_in_a_hard_kill_is_accepted_again(make_app) -
     body = upload(2.0, client_id="a", update_id="a1")
     assert post(first.test_client(), body).get_json()["duplicate"] is False
     again = make_app(AGGREGATION="fedavg", MIN_CLIENTS=2, ROUNDS=3).test_client()
-    assert post(again, body).get_json() == {"accepted": True, "version": 0, "duplicate": False}
+    assert post(again, body).get_json() == {
+        "accepted": True,
+        "version": 0,
+        "duplicate": False,
+        "seq": None,
+    }
     assert again.get("/v1/status").get_json()["round"]["pending"] == 1
 
 
@@ -450,7 +470,7 @@ def test_resume_from_newest_checkpoint_keeps_dedup(make_app) -> None:
     assert (version, samples) == (2, 200)
     np.testing.assert_allclose(weights.decode(body)[0]["output/bias"], 3.0, rtol=1e-6)
     retry = post(client, upload(2.0, update_id="u1", num_samples=100))
-    assert retry.get_json() == {"accepted": True, "version": 2, "duplicate": True}
+    assert retry.get_json() == {"accepted": True, "version": 2, "duplicate": True, "seq": 1}
 
 
 def test_corrupt_newest_checkpoint_is_skipped(make_app, make_settings, caplog) -> None:
@@ -595,3 +615,118 @@ def test_readers_see_whole_consistent_snapshots_under_concurrent_updates(client)
         t.join()
     assert errors == []
     assert client.get("/healthz").get_json()["version"] == 15
+
+
+# --- what became of an update ---------------------------------------------------------
+
+
+def lookup(client: FlaskClient, update_id: str, seq: int | None = None):
+    query = f"?seq={seq}" if seq is not None else ""
+    return client.get(f"/v1/updates/{update_id}{query}")
+
+
+def test_update_applied_then_saved_by_save_model(make_app) -> None:
+    client = make_app(SAVE_MODEL=2).test_client()
+    assert post(client, upload(1.0, update_id="u1")).get_json()["seq"] == 1
+    answer = lookup(client, "u1")
+    assert answer.status_code == 200
+    assert answer.get_json() == {"update_id": "u1", "state": "applied", "version": 1, "seq": 1}
+    post(client, upload(1.0, update_id="u2", base_version=1))  # checkpoint v2
+    assert lookup(client, "u1").get_json()["state"] == "saved"
+    assert lookup(client, "u2").get_json() == {
+        "update_id": "u2",
+        "state": "saved",
+        "version": 2,
+        "seq": 2,
+    }
+
+
+def test_update_saved_after_an_idle_save(make_app, clock) -> None:
+    app = make_app(SAVE_MODEL=10, IDLE_SAVE_SECONDS=5)
+    client = app.test_client()
+    post(client, upload(1.0, update_id="idle"))
+    state_of(app).tick()
+    assert lookup(client, "idle").get_json()["state"] == "applied"
+    clock.advance(5)
+    state_of(app).tick()
+    assert lookup(client, "idle").get_json()["state"] == "saved"
+
+
+def test_update_pending_in_a_fedavg_round_then_applied(make_app) -> None:
+    client = make_app(AGGREGATION="fedavg", MIN_CLIENTS=2, ROUNDS=3, SAVE_MODEL=5).test_client()
+    post(client, upload(1.0, client_id="a", update_id="a1"))
+    assert lookup(client, "a1").get_json() == {
+        "update_id": "a1",
+        "state": "pending",
+        "version": None,
+        "seq": None,
+    }
+    post(client, upload(1.0, client_id="b", update_id="b1"))  # the round closes: version 1
+    assert lookup(client, "a1").get_json() == {
+        "update_id": "a1",
+        "state": "applied",
+        "version": 1,
+        "seq": 1,
+    }
+    assert lookup(client, "b1").get_json()["seq"] == 2
+
+
+def test_unknown_update_is_404_and_not_forgotten(client: FlaskClient) -> None:
+    post(client, upload(1.0, update_id="known"))
+    for answer in (lookup(client, "never-sent"), lookup(client, "never-sent", seq=1)):
+        assert answer.status_code == 404
+        body = answer.get_json()
+        assert body["error"] == "unknown_update" and body["detail"]
+        assert body["forgotten"] is False and body["remembered_from"] == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/v1/updates/" + "x" * 129, "bad_update_id"),
+        ("/v1/updates/bad%0Aid", "bad_update_id"),
+        ("/v1/updates/u1?seq=abc", "bad_seq"),
+        ("/v1/updates/u1?seq=0", "bad_seq"),
+    ],
+)
+def test_bad_update_lookup_is_400(client: FlaskClient, path: str, code: str) -> None:
+    answer = client.get(path)
+    assert answer.status_code == 400
+    assert answer.get_json()["error"] == code and answer.get_json()["detail"]
+
+
+def test_ids_restored_from_a_checkpoint_are_saved(make_app) -> None:
+    first = make_app(SAVE_MODEL=10)
+    post(first.test_client(), upload(1.0, update_id="u1"))
+    post(first.test_client(), upload(1.0, update_id="u2", base_version=1))
+    state_of(first).close()  # a graceful stop checkpoints v2
+    client = make_app(SAVE_MODEL=10).test_client()
+    assert lookup(client, "u1").get_json() == {
+        "update_id": "u1",
+        "state": "saved",
+        "version": 2,  # the restored checkpoint's version, which holds it
+        "seq": 1,
+    }
+    assert lookup(client, "u2").get_json()["seq"] == 2
+    # Numbers go on from the checkpoint's count.
+    assert post(client, upload(1.0, update_id="u3", base_version=2)).get_json()["seq"] == 3
+
+
+def test_forgotten_after_a_restart_versus_lost_in_it(make_app, monkeypatch) -> None:
+    # Prepare: checkpoints keep only the 2 most recent ids; v3 is saved, v4 is not.
+    monkeypatch.setattr("fedsim.aggregator.state.SAVED_IDS", 2)
+    first = make_app(SAVE_MODEL=3)
+    for i in range(1, 5):
+        post(first.test_client(), upload(1.0, update_id=f"u{i}", base_version=i - 1))
+    # Execute: a hard kill; the new process resumes from v3.
+    client = make_app(SAVE_MODEL=3).test_client()
+    # Assert: u1 (seq 1) is older than what the checkpoint remembers: forgotten, saved.
+    old = lookup(client, "u1", seq=1)
+    assert old.status_code == 404
+    assert old.get_json()["forgotten"] is True and old.get_json()["remembered_from"] == 2
+    assert lookup(client, "u2", seq=2).get_json()["state"] == "saved"
+    # u4 (seq 4) was accepted after the checkpoint: lost, and safe to push again.
+    lost = lookup(client, "u4", seq=4)
+    assert lost.status_code == 404 and lost.get_json()["forgotten"] is False
+    # Without its seq an unknown id is never called forgotten.
+    assert lookup(client, "u1").get_json()["forgotten"] is False

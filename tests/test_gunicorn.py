@@ -129,7 +129,7 @@ def test_real_bad_requests_change_nothing(server: Server) -> None:
     assert model_state(server) == before
     # The connection still works after the refusals, and the refused id was not remembered.
     accepted = session.post(url, data=upload(2.0, update_id="x"), timeout=10).json()
-    assert accepted == {"accepted": True, "version": 2, "duplicate": False}
+    assert accepted == {"accepted": True, "version": 2, "duplicate": False, "seq": 2}
     assert "refused update" in server.output()
 
 

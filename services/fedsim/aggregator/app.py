@@ -12,6 +12,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
 from fedsim import config
 from fedsim.aggregator import updates
@@ -24,6 +25,12 @@ log = logging.getLogger("fedsim.aggregator")
 WORKER_BOOT_ERROR = 3
 
 bp = Blueprint("api", __name__)
+
+
+class AnyTextConverter(PathConverter):
+    """Like `path`, but also matches control characters, so a bad id gets our 400."""
+
+    regex = "[^/][\\s\\S]*?"
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -47,6 +54,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     # limit so that a body it cut short is still seen to be too large.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_update_bytes + 1
     app.extensions["fedsim"] = state
+    app.url_map.converters["text"] = AnyTextConverter
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _http_error)
     if app.config["FEDSIM_TICKER"]:
@@ -113,7 +121,40 @@ def post_update() -> Response:
     except Refused as exc:
         return _refused(409, exc.code, exc.reason, update=update)
     state.save_if_due(wait=False)
-    return jsonify(accepted=True, version=result.version, duplicate=result.duplicate)
+    return jsonify(
+        accepted=True, version=result.version, duplicate=result.duplicate, seq=result.seq
+    )
+
+
+@bp.get("/v1/updates/<text:update_id>")
+def get_update(update_id: str) -> Response:
+    """What became of an update (see State.lookup); `?seq=N` tells forgotten from lost."""
+    if not updates.valid_id(update_id):
+        return error(
+            400, "bad_update_id", "update_id must be 1-128 characters, none of them control"
+        )
+    raw = request.args.get("seq")
+    try:
+        seq = int(raw) if raw is not None else None
+    except ValueError:
+        seq = -1
+    if seq is not None and seq < 1:
+        return error(400, "bad_seq", f"seq must be an integer >= 1, got {raw!r}")
+    answer = _state().lookup(update_id, seq)
+    if answer["state"] == "unknown":
+        detail = (
+            f"update {update_id} is older than the updates remembered and was saved"
+            if answer["forgotten"]
+            else f"update {update_id} is not known here: never received, or lost in a restart"
+        )
+        return error(
+            404,
+            "unknown_update",
+            detail,
+            forgotten=answer["forgotten"],
+            remembered_from=answer["remembered_from"],
+        )
+    return jsonify(answer)
 
 
 def _refused(status: int, code: str, detail: str, update: updates.Update | None = None) -> Response:

@@ -31,7 +31,7 @@ from fedsim.models import SHAPES
 
 log = logging.getLogger("fedsim.aggregator")
 
-REMEMBERED_IDS = 100_000  # applied update ids kept in memory for dedup (~10 MB at most)
+REMEMBERED_IDS = 100_000  # applied update ids kept in memory for dedup (~15 MB at most)
 SAVED_IDS = 256  # the most recent of them saved in a checkpoint, for dedup after a restart
 SAVED_IDS_BYTES = 32_000  # and at most this much JSON: a checkpoint header must stay < 64 kB
 HISTORY = 20  # recent aggregated updates shown by /v1/status
@@ -74,6 +74,7 @@ class Snapshot:
 class Result:
     version: int
     duplicate: bool
+    seq: int | None  # the update's sequence number; None while a round holds it
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,14 @@ class State:
         self._clock, self._wall = clock, wall
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
-        self._applied: OrderedDict[str, None] = OrderedDict.fromkeys(applied_ids)
+        # Applied update id -> (version that included it, its sequence number). The
+        # ids restored from a checkpoint are its most recent ones, in order, so the
+        # last of them is number `updates_total`; their version is the checkpoint's.
+        first_seq = updates_total - len(applied_ids) + 1
+        self._applied: OrderedDict[str, tuple[int, int]] = OrderedDict(
+            (update_id, (snapshot.version, first_seq + i))
+            for i, update_id in enumerate(applied_ids)
+        )
         self._pending: set[str] = set()
         self._updates_total = updates_total  # updates folded into the global model, ever
         self._clients: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -202,7 +210,8 @@ class State:
                     update.update_id,
                     update.client_id,
                 )
-                return Result(self.snapshot.version, duplicate=True)
+                known = self._applied.get(update.update_id)
+                return Result(self.snapshot.version, True, known[1] if known else None)
             aggregate = self.strategy.accept(update, self._global(), now)
             # Accepted: from here on nothing raises.
             self._see_client(update)
@@ -237,7 +246,8 @@ class State:
                         _metric(update.meta.get("accuracy")),
                         self.snapshot.samples,
                     )
-            return Result(self.snapshot.version, duplicate=False)
+            known = self._applied.get(update.update_id)
+            return Result(self.snapshot.version, False, known[1] if known else None)
 
     def _global(self) -> Global:
         snap = self.snapshot
@@ -251,12 +261,12 @@ class State:
             aggregate.tensors, old.version + 1, old.samples + added, self.settings.model
         )
         self.snapshot = new
-        self._updates_total += len(aggregate.updates)
         self._changed_at = now
         stamp = _iso(self._wall())
         for u in aggregate.updates:
+            self._updates_total += 1
             self._pending.discard(u.update_id)
-            self._applied[u.update_id] = None
+            self._applied[u.update_id] = (new.version, self._updates_total)
             self._history.append(
                 {
                     "client_id": u.client_id,
@@ -429,6 +439,52 @@ class State:
                 ],  # copies: JSON is made unlocked
                 "history": list(self._history),
                 "last_checkpoint": self._last_checkpoint,
+            }
+
+    def lookup(self, update_id: str, seq: int | None = None) -> dict[str, Any]:
+        """What became of an update: `state` saved, applied, pending or unknown.
+
+        saved: folded into a version that is in a checkpoint on disk; applied: in
+        the served model, not yet checkpointed; pending: held by the strategy (an
+        open fedavg round); unknown: never received, lost in a crash, or forgotten.
+
+        Every aggregated update gets a sequence number, `updates_total` just after
+        it was folded in (returned as `seq` by POST /v1/updates and here). The ids
+        remembered are always the most recent ones, numbers `first`..`updates_total`
+        (a checkpoint saves the last SAVED_IDS of them and `updates_total`; memory
+        drops the oldest past REMEMBERED_IDS). So an unknown id asked with its `seq`
+        is `forgotten` (certainly saved: drop it) when seq < first, else lost (push
+        it again).
+
+        Why this never counts an update twice: if an update is in the current model,
+        it was numbered in the chain of states that led to this one, and numbers grow
+        along that chain; every id of that chain numbered >= first is remembered. So
+        an update in the model whose id is not remembered has seq < first and is
+        answered forgotten, never lost; a re-push of a remembered id is a duplicate.
+        The reverse mistake is possible but bounded: numbers after the newest
+        checkpoint are handed out again after a crash, so an update lost in a crash
+        reads as forgotten only once more than SAVED_IDS later updates have been
+        checkpointed (or REMEMBERED_IDS have been made) before its client asks, which
+        loses it rather than counting it twice. Without `seq`, an unknown id is never
+        forgotten; clients learn their `seq` from the push's answer, or for a fedavg
+        round from a lookup, and a fedavg re-push of an old round is refused as stale.
+        """
+        with self._lock:
+            known = self._applied.get(update_id)
+            if known is not None:
+                version, number = known
+                state = "saved" if version <= self._saved_version else "applied"
+                return {"update_id": update_id, "state": state, "version": version, "seq": number}
+            if update_id in self._pending:
+                return {"update_id": update_id, "state": "pending", "version": None, "seq": None}
+            first = (
+                next(iter(self._applied.values()))[1] if self._applied else self._updates_total + 1
+            )
+            return {
+                "update_id": update_id,
+                "state": "unknown",
+                "forgotten": seq is not None and seq < first,
+                "remembered_from": first,
             }
 
     def info(self) -> tuple[int, bool]:

@@ -30,11 +30,16 @@ class BadUpdate(Exception):
         super().__init__(detail)
 
 
+def valid_id(value: str) -> bool:
+    """Whether `value` is acceptable as a client_id or update_id."""
+    return _ID.fullmatch(value) is not None  # fullmatch: `$` would let a final newline in
+
+
 def _ident(meta: Mapping[str, str], key: str) -> str:
     value = meta.get(key)
     if value is None:
         raise BadUpdate(400, "bad_metadata", f"metadata has no {key}")
-    if not _ID.match(value):
+    if not valid_id(value):
         raise BadUpdate(
             400, "bad_metadata", f"{key} must be 1-128 characters, none of them control"
         )
