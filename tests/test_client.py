@@ -10,9 +10,9 @@ import pytest
 
 from fedsim import models
 from fedsim.client.identity import Identity
-from fedsim.client.loop import AggregatorUnreachable, Client
+from fedsim.client.loop import POLL_SECONDS, SETTLE_SLACK, AggregatorUnreachable, Client
 from fedsim.client.training import Trained, threads_for
-from fedsim.client.transport import Pulled, Pushed
+from fedsim.client.transport import Looked, Pulled, Pushed
 
 
 def mlp_weights(value: float) -> dict[str, np.ndarray]:
@@ -39,14 +39,23 @@ class FakeLearner:
 
 
 class FakeTransport:
-    """Scripted pulls and pushes; status answers from a list, repeating the last."""
+    """Scripted pulls, pushes and lookups; status answers from a list, repeating the last.
+
+    Lookups answer from `lookups` in order, then "saved".
+    """
 
     base_url = "http://fake"
 
-    def __init__(self, pulls=(), pushes=(), statuses=({"version": 0},)) -> None:
+    def __init__(self, pulls=(), pushes=(), statuses=({"version": 0},), lookups=()) -> None:
         self.pulls, self.pushes, self.statuses = list(pulls), list(pushes), list(statuses)
+        self.lookups = list(lookups)
         self.pushed: list[tuple[dict, dict]] = []
+        self.looked: list[tuple[str, int | None]] = []
         self.pull_calls = 0
+
+    def lookup(self, update_id, seq=None, *, attempts=None) -> Looked:
+        self.looked.append((update_id, seq))
+        return self.lookups.pop(0) if self.lookups else Looked("saved", 0)
 
     def health(self):
         return {"status": "ok", "version": 0}
@@ -70,8 +79,8 @@ def ok_pull(version: int, value: float) -> Pulled:
 FAILED_PULL = Pulled(1, error="ConnectionError: down")
 
 
-def accepted(version: int, retries: int = 0) -> Pushed:
-    return Pushed(True, retries, version=version, status=200)
+def accepted(version: int, retries: int = 0, seq: int | None = None) -> Pushed:
+    return Pushed(True, retries, version=version, status=200, seq=seq)
 
 
 FAILED_PUSH = Pushed(False, 1, detail="HTTP 503")
@@ -149,7 +158,7 @@ def test_a_failed_push_skips_the_next_pull_and_keeps_the_weights(make_settings):
     line = summary.line("client-2", 3.25)
     assert line == (
         "client-2 done: 3 slices trained, pushes 2 accepted 1 failed, pulls 0 failed, "
-        "1 retries, 3.2s"
+        "re-pushed 0, 1 retries, 3.2s"
     )
 
 
@@ -244,21 +253,37 @@ def test_fedavg_exits_when_the_run_is_already_finished(make_settings):
     assert learner.trained == [] and link.pull_calls == 0 and summary.slices_done == 0
 
 
-def test_fedavg_repushes_the_same_update_when_nothing_moves(make_settings):
+def test_fedavg_repushes_an_accepted_update_the_aggregator_lost(make_settings, caplog):
     clock = Clock()
     link = FakeTransport(
         pulls=[ok_pull(5, 0)],
         pushes=[accepted(5), accepted(5)],
         statuses=[{"version": 5}] * 25 + [{"version": 6, "finished": True}],
+        # Asked while the round is open: first still pending, then lost in a restart.
+        lookups=[Looked("pending", 0), Looked("unknown", 0)],
     )
-    client, _, _ = make_client(
-        make_settings, link, clock=clock, AGGREGATION="fedavg", ROUND_TIMEOUT="5"
-    )
-    summary = client.run_fedavg()
-    # 2 x ROUND_TIMEOUT = 10 s of polling every 0.5 s, then the same update again.
+    client, _, _ = make_client(make_settings, link, clock=clock, AGGREGATION="fedavg")
+    with caplog.at_level(logging.INFO, "fedsim.client"):
+        summary = client.run_fedavg()
     assert len(link.pushed) == 2
     assert link.pushed[0][1]["update_id"] == link.pushed[1][1]["update_id"]
-    assert summary.pushes_accepted == 1  # the same update, counted once
+    assert summary.pushes_accepted == 1 and summary.repushed == 1  # the same update
+    assert "client-2 re-push slice 1 (lost in an aggregator restart) -> version 5" in caplog.text
+    assert client.unconfirmed == [] and summary.unconfirmed == 0
+
+
+def test_fedavg_does_not_repush_an_update_its_round_holds(make_settings):
+    clock = Clock()
+    link = FakeTransport(
+        pulls=[ok_pull(5, 0)],
+        pushes=[accepted(5)],
+        statuses=[{"version": 5}] * 25 + [{"version": 6, "finished": True}],
+        lookups=[Looked("pending", 0)] * 10,
+    )
+    client, _, _ = make_client(make_settings, link, clock=clock, AGGREGATION="fedavg")
+    client.run_fedavg()
+    assert len(link.pushed) == 1
+    assert len(link.looked) >= 3  # asked while waiting, and once at the end
 
 
 def test_fedavg_retries_a_failed_push_while_the_round_is_open(make_settings):
@@ -272,6 +297,108 @@ def test_fedavg_retries_a_failed_push_while_the_round_is_open(make_settings):
     summary = client.run_fedavg()
     assert [m["update_id"] for _, m in link.pushed] == ["u0", "u0"]
     assert (summary.pushes_failed, summary.pushes_accepted) == (1, 1)
+
+
+# --- accepted updates until they are saved --------------------------------------------
+
+
+def test_saved_updates_are_dropped_applied_ones_kept(make_settings):
+    clock = Clock()
+    link = FakeTransport(
+        pulls=[ok_pull(0, 0), ok_pull(1, 0), ok_pull(2, 0)],
+        pushes=[accepted(1, seq=1), accepted(2, seq=2), accepted(3, seq=3)],
+        lookups=[Looked("applied", 0, version=1, seq=1)],  # then "saved"
+    )
+    client, _, _ = make_client(make_settings, link, clock=clock)
+    summary = client.run_async()
+    # Before pull 2: u0 applied, kept. Before pull 3: u0 and u1 saved. At the end: u2.
+    assert link.looked == [("u0", 1), ("u0", 1), ("u1", 2), ("u2", 3)]
+    assert client.unconfirmed == [] and summary.unconfirmed == 0 and summary.repushed == 0
+    assert len(link.pushed) == 3
+
+
+def test_a_lost_update_is_pushed_again_once_with_the_same_update_id(make_settings, caplog):
+    clock = Clock()
+    link = FakeTransport(
+        pulls=[ok_pull(0, 0), ok_pull(1, 0)],
+        pushes=[accepted(1, seq=1), accepted(1, seq=1), accepted(2, seq=2)],
+        lookups=[Looked("unknown", 0)],  # the aggregator restarted without u0
+    )
+    client, _, _ = make_client(make_settings, link, first=1, last=2, clock=clock)
+    with caplog.at_level(logging.INFO, "fedsim.client"):
+        summary = client.run_async()
+    assert [m["update_id"] for _, m in link.pushed] == ["u0", "u0", "u1"]
+    assert link.pushed[1][1] == link.pushed[0][1]  # the same metadata
+    for name, tensor in link.pushed[0][0].items():
+        np.testing.assert_array_equal(link.pushed[1][0][name], tensor)
+    assert (summary.pushes_accepted, summary.repushed, summary.unconfirmed) == (2, 1, 0)
+    assert "client-2 re-push slice 1 (lost in an aggregator restart) -> version 1" in caplog.text
+    assert "re-pushed 1, 0 retries" in summary.line("client-2", 1.0)
+
+
+def test_a_forgotten_update_is_dropped_not_pushed_again(make_settings):
+    clock = Clock()
+    link = FakeTransport(
+        pulls=[ok_pull(0, 0), ok_pull(1, 0)],
+        pushes=[accepted(1, seq=7), accepted(2, seq=8)],
+        lookups=[Looked("unknown", 0, forgotten=True)],
+    )
+    client, _, _ = make_client(make_settings, link, first=1, last=2, clock=clock)
+    summary = client.run_async()
+    assert [m["update_id"] for _, m in link.pushed] == ["u0", "u1"]
+    assert link.looked[0] == ("u0", 7)  # asked with its sequence number
+    assert summary.repushed == 0 and client.unconfirmed == []
+
+
+def test_an_unreachable_aggregator_keeps_them_and_the_client_goes_on(make_settings):
+    class Unreachable(FakeTransport):
+        def lookup(self, update_id, seq=None, *, attempts=None):
+            self.looked.append((update_id, seq))
+            return Looked("", 1, error="connection refused")
+
+    clock = Clock()
+    link = Unreachable(
+        pulls=[ok_pull(0, 0), ok_pull(1, 0)], pushes=[accepted(1, seq=1), accepted(2, seq=2)]
+    )
+    client, learner, slept = make_client(
+        make_settings, link, first=1, last=2, clock=clock, IDLE_SAVE_SECONDS=10
+    )
+    summary = client.run_async()
+    assert learner.trained == [1, 2] and link.pull_calls == 2
+    assert [item.meta["update_id"] for item in client.unconfirmed] == ["u0", "u1"]
+    assert summary.unconfirmed == 2
+    assert "2 not confirmed saved" in summary.line("client-2", 1.0)
+    # One unanswered lookup is enough to stop asking about the rest that time.
+    assert all(update_id == "u0" for update_id, _ in link.looked)
+    assert 10 < sum(slept) <= 10 + SETTLE_SLACK + POLL_SECONDS
+
+
+def test_the_end_of_run_wait_is_bounded(make_settings):
+    clock = Clock()
+    link = FakeTransport(
+        pulls=[ok_pull(0, 0)],
+        pushes=[accepted(1, seq=1)],
+        lookups=[Looked("applied", 0, version=1, seq=1)] * 1000,  # never saved
+    )
+    client, _, slept = make_client(
+        make_settings, link, first=1, last=1, clock=clock, IDLE_SAVE_SECONDS=3
+    )
+    summary = client.run_async()
+    assert summary.unconfirmed == 1
+    assert 3 < sum(slept) <= 3 + SETTLE_SLACK + POLL_SECONDS
+    assert all(s == POLL_SECONDS for s in slept)
+
+
+def test_the_end_of_run_wait_ends_once_saved(make_settings):
+    clock = Clock()
+    applied = Looked("applied", 0, version=1, seq=1)
+    link = FakeTransport(
+        pulls=[ok_pull(0, 0)], pushes=[accepted(1, seq=1)], lookups=[applied, applied, applied]
+    )
+    client, _, slept = make_client(make_settings, link, first=1, last=1, clock=clock)
+    summary = client.run_async()
+    assert summary.unconfirmed == 0 and client.unconfirmed == []
+    assert len(link.looked) == 4 and len(slept) == 3  # asked at once, then every poll
 
 
 # --- threads -----------------------------------------------------------------------

@@ -123,6 +123,38 @@ def test_pull_that_always_fails_reports_it():
     assert len(adapter.requests) == 2 and len(sleep.calls) == 1
 
 
+def test_push_returns_the_sequence_number():
+    link, _, _ = transport([(200, b'{"accepted":true,"version":5,"duplicate":false,"seq":9}')])
+    assert link.push(TENSORS, META).seq == 9
+
+
+def test_lookup_states_and_the_url_it_asks():
+    saved = b'{"update_id":"a/b c","state":"saved","version":4,"seq":9}'
+    lost = b'{"error":"unknown_update","detail":"not known","forgotten":false}'
+    old = b'{"error":"unknown_update","detail":"saved long ago","forgotten":true}'
+    link, adapter, _ = transport([(200, saved), (404, lost), (404, old)])
+    first = link.lookup("a/b c", 9)
+    assert (first.state, first.version, first.seq, first.ok) == ("saved", 4, 9, True)
+    assert adapter.requests[0].url == "http://agg:8080/v1/updates/a%2Fb%20c?seq=9"
+    second = link.lookup("u-1")
+    assert (second.state, second.forgotten) == ("unknown", False)
+    assert adapter.requests[1].url == "http://agg:8080/v1/updates/u-1"
+    assert link.lookup("u-1", 1).forgotten is True
+
+
+def test_lookup_retries_then_reports_no_answer():
+    link, adapter, sleep = transport([requests.ConnectionError("down"), 503], attempts=2)
+    looked = link.lookup("u-1", 3)
+    assert not looked.ok and looked.retries == 1 and "503" in looked.error
+    assert len(adapter.requests) == 2 and len(sleep.calls) == 1
+
+
+def test_lookup_of_a_route_that_is_not_there_is_a_bug():
+    link, _, _ = transport([(404, b'{"error":"not_found","detail":"no such route"}')])
+    with pytest.raises(ProtocolError, match="HTTP 404"):
+        link.lookup("u-1")
+
+
 def test_health_tries_once():
     link, adapter, sleep = transport([requests.ConnectionError("down")])
     assert link.health() is None

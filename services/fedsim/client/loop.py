@@ -5,6 +5,12 @@ trains on the weights it has, a failed push keeps them and skips the next pull.
 `fedavg`: one slice per round, cycling, until the aggregator says the run is
 finished; an update based on an old version is refused (409) and the client
 pulls again. Both log one line per step and return a `Summary`.
+
+An accepted update is not forgotten at once: the client keeps it (metadata and
+weights) until the aggregator says it is in a checkpoint. Before each pull, and
+at the end of the run, it asks about each one kept; one the aggregator lost in a
+hard kill is pushed again with the same update_id, which the aggregator counts
+once. At the end it waits, bounded, for them to be saved.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ log = logging.getLogger("fedsim.client")
 
 POLL_SECONDS = 0.5  # how often a fedavg client asks whether its round closed
 STARTUP_SECONDS = 120.0  # how long a client waits for the aggregator to come up
+SETTLE_SLACK = 5.0  # at the end, wait IDLE_SAVE_SECONDS plus this for the last checkpoint
 
 
 class AggregatorUnreachable(RuntimeError):
@@ -50,14 +57,27 @@ class Summary:
     pulls_failed: int = 0
     retries: int = 0
     rounds: int = 0
+    repushed: int = 0  # accepted updates the aggregator lost, pushed again
+    unconfirmed: int = 0  # accepted updates not known to be in a checkpoint at the end
     started: float = field(default_factory=time.monotonic)
 
     def line(self, client_id: str, seconds: float) -> str:
+        unconfirmed = f", {self.unconfirmed} not confirmed saved" if self.unconfirmed else ""
         return (
             f"{client_id} done: {self.slices_done} slices trained, pushes "
             f"{self.pushes_accepted} accepted {self.pushes_failed} failed, "
-            f"pulls {self.pulls_failed} failed, {self.retries} retries, {seconds:.1f}s"
+            f"pulls {self.pulls_failed} failed, re-pushed {self.repushed}{unconfirmed}, "
+            f"{self.retries} retries, {seconds:.1f}s"
         )
+
+
+@dataclass(eq=False)  # compared by identity: its tensors have no plain ==
+class Unconfirmed:
+    """An accepted update kept until the aggregator says it is in a checkpoint."""
+
+    tensors: dict[str, np.ndarray]
+    meta: dict[str, object]
+    seq: int | None  # its sequence number at the aggregator, once known
 
 
 def finished(status: dict[str, Any]) -> bool:
@@ -89,6 +109,8 @@ class Client:
         self.new_update_id = new_update_id
         self.summary = Summary(started=clock())
         self.name = identity.client_id
+        self.unconfirmed: list[Unconfirmed] = []  # a few at a time: most are saved soon
+        self.last_accepted = clock()
         # The client's own initial weights are checkpoint 0's (same MODEL and SEED),
         # so before its first pull it trains from version 0.
         self.version = 0
@@ -183,15 +205,14 @@ class Client:
                 meta[key] = f"{value:.6f}"
         return meta
 
-    def push(
-        self, tensors: dict[str, np.ndarray], meta: dict[str, object], *, again: bool = False
-    ) -> Pushed:
-        """One push (MAX_RETRY tries). `again`: a re-send of an update already accepted."""
+    def push(self, tensors: dict[str, np.ndarray], meta: dict[str, object]) -> Pushed:
+        """One push (MAX_RETRY tries); an accepted update is kept until it is saved."""
         pushed = self.transport.push(tensors, meta)
         self.summary.retries += pushed.retries
         slice_no, base = meta["slice"], meta["base_version"]
         if pushed.accepted:
-            self.summary.pushes_accepted += 0 if again else 1
+            self.summary.pushes_accepted += 1
+            self._keep(tensors, meta, pushed)
             log.info(
                 "%s push  slice %s base %s -> version %s (retries %d)%s",
                 self.name,
@@ -226,12 +247,111 @@ class Client:
             )
         return pushed
 
+    # --- accepted updates, until they are in a checkpoint ----------------------------
+
+    def _keep(
+        self, tensors: dict[str, np.ndarray], meta: dict[str, object], pushed: Pushed
+    ) -> None:
+        self.last_accepted = self.clock()
+        for item in self.unconfirmed:
+            if item.meta["update_id"] == meta["update_id"]:
+                item.seq = pushed.seq if pushed.seq is not None else item.seq
+                return
+        self.unconfirmed.append(Unconfirmed(tensors, meta, pushed.seq))
+
+    def confirm(self, *, attempts: int | None = None) -> bool:
+        """Ask the aggregator about each update kept; False if it did not answer.
+
+        saved (or forgotten as saved long ago): drop it; applied or pending: keep
+        it; lost (unknown, not forgotten): push it again with the same update_id.
+        """
+        for item in list(self.unconfirmed):
+            looked = self.transport.lookup(str(item.meta["update_id"]), item.seq, attempts=attempts)
+            self.summary.retries += looked.retries
+            if not looked.ok:
+                log.warning(
+                    "%s: could not ask about %d accepted updates (%s): keeping them",
+                    self.name,
+                    len(self.unconfirmed),
+                    looked.error,
+                )
+                return False
+            if looked.state == "saved" or (looked.state == "unknown" and looked.forgotten):
+                self.unconfirmed.remove(item)
+            elif looked.state == "unknown":
+                if not self._repush(item):
+                    return False
+            elif looked.seq is not None:
+                item.seq = looked.seq
+        return True
+
+    def _repush(self, item: Unconfirmed) -> bool:
+        """Push a lost update again; False if the aggregator did not answer."""
+        meta = item.meta
+        pushed = self.transport.push(item.tensors, meta)
+        self.summary.retries += pushed.retries
+        if pushed.accepted:
+            self.summary.repushed += 0 if pushed.duplicate else 1
+            self.last_accepted = self.clock()
+            item.seq = pushed.seq
+            log.info(
+                "%s re-push slice %s (lost in an aggregator restart) -> version %s%s",
+                self.name,
+                meta["slice"],
+                pushed.version,
+                " (already counted)" if pushed.duplicate else "",
+            )
+            return True
+        if pushed.status == 409:
+            # fedavg: its round is over or the run finished; it can no longer count.
+            self.unconfirmed.remove(item)
+            log.info(
+                "%s re-push slice %s refused: %s (version %s)",
+                self.name,
+                meta["slice"],
+                "run finished" if pushed.finished else pushed.detail or "stale",
+                pushed.version,
+            )
+            return True
+        log.warning(
+            "%s re-push slice %s failed after %d tries (%s): keeping it",
+            self.name,
+            meta["slice"],
+            pushed.retries + 1,
+            pushed.detail,
+        )
+        return False
+
+    def settle(self) -> None:
+        """At the end: wait until the updates kept are in a checkpoint, bounded.
+
+        The aggregator checkpoints at least IDLE_SAVE_SECONDS after its last change,
+        so the wait ends IDLE_SAVE_SECONDS + SETTLE_SLACK after the last accepted
+        push or re-push; what is still unconfirmed then is counted in the summary.
+        """
+        if self.unconfirmed:
+            self.confirm()
+        slack = self.settings.idle_save_seconds + SETTLE_SLACK
+        start = self.clock()
+        while self.unconfirmed and self.clock() < max(start, self.last_accepted) + slack:
+            self.sleep(POLL_SECONDS)
+            self.confirm(attempts=1)
+        self.summary.unconfirmed = len(self.unconfirmed)
+        if self.unconfirmed:
+            log.warning(
+                "%s: %d accepted updates not confirmed in a checkpoint after %.0fs",
+                self.name,
+                len(self.unconfirmed),
+                self.clock() - start,
+            )
+
     # --- async-weighted: one pass, the original loop ------------------------------
 
     def run_async(self) -> Summary:
         pull_next = True
         for slice_no in self.identity.slices:
             if pull_next:
+                self.confirm()
                 self.pull(slice_no)
             trained = self.train(slice_no)
             pushed = self.push(self.learner.get_weights(), self.metadata(trained, self.version))
@@ -240,6 +360,7 @@ class Client:
             # After a failed push the weights hold work the aggregator lacks: keep
             # training on them rather than overwrite them with the global model.
             pull_next = pushed.accepted
+        self.settle()
         return self.summary
 
     # --- fedavg: one slice per round until the run is finished --------------------
@@ -252,7 +373,9 @@ class Client:
             status = self._status_within(lost_after)
             if finished(status):
                 log.info("%s: the run is finished at version %s", self.name, status.get("version"))
+                self.settle()
                 return self.summary
+            self.confirm()
             pulled = self.pull(slice_no)
             if not pulled.ok:
                 self.sleep(POLL_SECONDS)
@@ -262,6 +385,7 @@ class Client:
             tensors, meta = self.learner.get_weights(), self.metadata(trained, base)
             if self._push_until_round_moves(tensors, meta, base, lost_after) == "finished":
                 log.info("%s: the run is finished", self.name)
+                self.settle()
                 return self.summary
             slice_no = next(slices)
 
@@ -281,12 +405,11 @@ class Client:
     ) -> str:
         """Push, then wait for the version to move past `base`: 'next' or 'finished'.
 
-        An update not yet accepted is pushed again every few seconds; an accepted
-        one again when nothing moves for 2 x ROUND_TIMEOUT (the aggregator may have
-        restarted without it; the same update_id keeps it from counting twice).
+        Every few seconds an update not yet accepted is pushed again, and the kept
+        accepted ones are asked about (`confirm`), which pushes one again if the
+        aggregator restarted without it; the same update_id keeps it from counting twice.
         """
-        stuck_after = 2 * self.settings.round_timeout
-        retry_failed_after = max(5 * POLL_SECONDS, self.settings.max_wait)
+        every = max(5 * POLL_SECONDS, self.settings.max_wait)
         accepted = False
         last_push = last_contact = self.clock()
         pushed = self.push(tensors, meta)
@@ -310,8 +433,11 @@ class Client:
                     f"the aggregator at {self.transport.base_url} did not answer "
                     f"for {lost_after:.0f}s"
                 )
-            wait = stuck_after if accepted else retry_failed_after
-            if now - last_push >= wait:
+            if now - last_push < every:
+                continue
+            last_push = now
+            if accepted:
+                self.confirm(attempts=1)
+            else:
                 log.info("%s: version still %d, pushing the same update again", self.name, base)
-                last_push = now
-                pushed = self.push(tensors, meta, again=accepted)
+                pushed = self.push(tensors, meta)

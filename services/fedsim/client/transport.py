@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import requests
@@ -73,6 +74,27 @@ class Pushed:
     status: int | None = None  # 409 when refused as stale or finished
     finished: bool = False
     detail: str = ""
+    seq: int | None = None  # the update's sequence number; None while a round holds it
+
+
+@dataclass(frozen=True)
+class Looked:
+    """What the aggregator says of an update: `state` saved, applied, pending or unknown.
+
+    `state` "" means every try failed (`error` says why). An unknown update is
+    `forgotten` when the aggregator knows it was saved long ago; else it was lost.
+    """
+
+    state: str
+    retries: int
+    version: int | None = None
+    seq: int | None = None
+    forgotten: bool = False
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.state)
 
 
 @dataclass(frozen=True)
@@ -172,6 +194,7 @@ class Transport:
                 version=answer.get("version"),
                 duplicate=bool(answer.get("duplicate", False)),
                 status=200,
+                seq=answer.get("seq"),
             )
         if response.status_code == 409:
             answer = _json_or_empty(response)
@@ -184,6 +207,28 @@ class Transport:
                 detail=str(answer.get("detail") or answer.get("error") or ""),
             )
         raise self._refuse("POST", "/v1/updates", response)
+
+    def lookup(
+        self, update_id: str, seq: int | None = None, *, attempts: int | None = None
+    ) -> Looked:
+        """What became of an accepted update; `seq` lets the aggregator tell forgotten from lost."""
+        path = "/v1/updates/" + quote(update_id, safe="")
+        params = {"seq": seq} if seq is not None else None
+        outcome = self._call("GET", path, attempts=attempts, params=params)
+        response = outcome.response
+        if response is None:
+            return Looked("", outcome.retries, error=outcome.error)
+        answer = _json_or_empty(response)
+        if response.status_code == 200 and answer.get("state"):
+            return Looked(
+                str(answer["state"]),
+                outcome.retries,
+                version=answer.get("version"),
+                seq=answer.get("seq"),
+            )
+        if response.status_code == 404 and answer.get("error") == "unknown_update":
+            return Looked("unknown", outcome.retries, forgotten=bool(answer.get("forgotten")))
+        raise self._refuse("GET", "/v1/updates/<id>", response)
 
     def close(self) -> None:
         self.session.close()
