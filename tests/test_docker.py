@@ -206,9 +206,18 @@ def project(images, tmp_path) -> Iterator[Callable[[dict[str, str]], Project]]:
 
 
 def _accepted_pushes(client_log: str) -> int:
-    match = re.search(r"done: \d+ slices trained, pushes (\d+) accepted", client_log)
+    return _summary(client_log)["accepted"]
+
+
+def _summary(client_log: str) -> dict[str, int]:
+    """The numbers of a client's summary line."""
+    match = re.search(
+        r"done: (?P<slices>\d+) slices trained, pushes (?P<accepted>\d+) accepted "
+        r"(?P<failed>\d+) failed, pulls \d+ failed, re-pushed (?P<repushed>\d+)",
+        client_log,
+    )
     assert match, f"no summary line in:\n{client_log}"
-    return int(match.group(1))
+    return {key: int(value) for key, value in match.groupdict().items()}
 
 
 # --- (a) a run, evaluation, and a second run that resumes ----------------------------
@@ -307,23 +316,27 @@ def test_aggregator_crash_mid_run(project, mnist_dir):
     before_crash = [int(v) for v in re.findall(r"-> v(\d+),", runs[1])]
     resumed = int(re.match(r"\S+: version (\d+)", runs[2]).group(1))
     assert resumed >= 1 and resumed <= max(before_crash), aggregator_log
-    lost = max(before_crash) - resumed  # accepted, but not yet in a checkpoint
+    unsaved = max(before_crash) - resumed  # accepted, but not in a checkpoint at the kill
 
-    # No update counted twice: async-weighted makes one version per aggregated
-    # update, each of 2,000 samples, and every push a client saw accepted is
-    # in the model except those lost with the unsaved state.
+    # Nothing lost, nothing counted twice: async-weighted makes one version per
+    # aggregated update, each of 2,000 samples, and every slice a client trained
+    # is in the model exactly once (the clients pushed the lost ones again).
     status = p.status()
-    pushed = sum(_accepted_pushes(p.container_logs(name)) for name in clients)
+    summaries = [_summary(p.container_logs(name)) for name in clients]
+    trained = sum(s["slices"] for s in summaries)
+    repushed = sum(s["repushed"] for s in summaries)
+    assert trained == 12 and all(s["failed"] == 0 for s in summaries), summaries
+    assert status["updates"] == trained, (status, summaries, aggregator_log)
     assert status["version"] == status["updates"], status
     assert status["samples"] == 2000 * status["updates"], status
-    assert status["updates"] == pushed - lost, (status, pushed, lost, aggregator_log)
+    assert status["unsaved_updates"] == 0, status  # the clients waited for the checkpoint
+    assert repushed <= unsaved, (summaries, unsaved)
     ids = [h["update_id"] for h in status["history"]]
     assert len(ids) == len(set(ids)), ids
-    assert status["version"] > resumed
     print(
         f"crash at v{max(before_crash)}, back by {how} from checkpoint v{resumed} "
-        f"({lost} unsaved updates lost); clients saw {pushed} pushes accepted; "
-        f"final version {status['version']}, {status['updates']} updates"
+        f"({unsaved} unsaved updates); clients re-pushed {repushed}; "
+        f"final version {status['version']}, {status['updates']} updates of {trained} slices"
     )
 
 
