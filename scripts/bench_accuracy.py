@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Test accuracy and wall time of whole local runs (scripts/simulate.sh), printed.
 
-    scripts/bench_accuracy.py                      the default run, then fedavg for 10 rounds
+    scripts/bench_accuracy.py                      every scenario: default, fedavg, fedasync, flower
     scripts/bench_accuracy.py default --set EPOCHS=10 --set BATCH_SIZE=64
                                                    one scenario with other settings
 
@@ -30,6 +30,9 @@ SCENARIOS = {
     "default": {},
     # Synchronous rounds: one slice per client per round, 10 rounds.
     "fedavg": {"AGGREGATION": "fedavg", "ROUNDS": "10"},
+    # FedAsync on the default run: one pass, each update mixed in at
+    # FEDASYNC_ALPHA * (staleness + 1) ** -FEDASYNC_STALENESS.
+    "fedasync": {"AGGREGATION": "fedasync"},
     # The workload Flower 1.42 was measured on here: 3 clients, the same MLP, one
     # epoch per 5,000-image slice, 4 FedAvg rounds (50.7 s and 3.2 GB in its
     # simulation engine, 85.8 s and 4.9 GB as separate processes).

@@ -282,7 +282,8 @@ class FedAsync(Strategy):
     once: alpha_t = alpha * (t - tau + 1) ** -a, x_t = (1 - alpha_t) x_{t-1} +
     alpha_t x_new. Every update makes a new version and none is refused; a = 0
     gives the constant rate alpha, alpha = 1 with a fresh update takes it whole.
-    Stateless beyond the version, which the global model carries.
+    Stateless beyond the version, which the global model carries. Only the
+    server's rule: clients train as usual, without the paper's proximal term rho.
     """
 
     name = "fedasync"
