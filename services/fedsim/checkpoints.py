@@ -47,7 +47,8 @@ def versions(model_dir: Path) -> list[int]:
     return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old or the new file, never a part."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
@@ -77,8 +78,8 @@ def save(
     """Write checkpoint `version`, point `latest` at it, keep the newest `keep`."""
     model_dir.mkdir(parents=True, exist_ok=True)
     path = path_for(model_dir, version)
-    _write_atomic(path, weights.encode(tensors, {**metadata, "version": version}))
-    _write_atomic(model_dir / LATEST, (path.name + "\n").encode())
+    write_atomic(path, weights.encode(tensors, {**metadata, "version": version}))
+    write_atomic(model_dir / LATEST, (path.name + "\n").encode())
     for old in versions(model_dir)[keep:]:
         path_for(model_dir, old).unlink(missing_ok=True)
     return path

@@ -65,7 +65,9 @@ def _main() -> int:
         log.info("wrote %s: initial %s weights from SEED=%d", path, settings.model, settings.seed)
 
     settings_path = settings.model_dir / "settings.json"
-    settings_path.write_text(json.dumps(settings.to_dict(), indent=2) + "\n")
+    checkpoints.write_atomic(
+        settings_path, (json.dumps(settings.to_dict(), indent=2) + "\n").encode()
+    )
     log.info("settings saved in %s", settings_path)
     return 0
 
