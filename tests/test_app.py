@@ -233,6 +233,7 @@ def st_bytes(arrays: dict[str, np.ndarray], **meta: object) -> bytes:
         (upload(update_id="bad", base_version="one"), "bad_metadata"),
         (upload(update_id="bad", client_id="line\nbreak"), "bad_metadata"),
         (upload(update_id="bad", loss="low"), "bad_metadata"),
+        (upload(update_id="bad", slice="3\n"), "bad_metadata"),
     ],
     ids=[
         "garbage",
@@ -241,6 +242,7 @@ def st_bytes(arrays: dict[str, np.ndarray], **meta: object) -> bytes:
         "text-base-version",
         "bad-client-id",
         "bad-loss",
+        "slice-newline",
     ],
 )
 def test_400_changes_nothing(client, after_one_update, body: bytes, code: str) -> None:

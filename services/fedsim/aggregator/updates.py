@@ -62,7 +62,7 @@ def _optional(meta: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("slice", "slices"):
         if key in meta:
-            if not _SLICES.match(meta[key]):
+            if not _SLICES.fullmatch(meta[key]):  # `$` alone would let a final newline in
                 raise BadUpdate(400, "bad_metadata", f"{key} must look like 3 or 1-4")
             out[key] = meta[key]
     for key in ("loss", "accuracy"):
