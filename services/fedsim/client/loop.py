@@ -21,7 +21,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -59,7 +59,6 @@ class Summary:
     rounds: int = 0
     repushed: int = 0  # accepted updates the aggregator lost, pushed again
     unconfirmed: int = 0  # accepted updates not known to be in a checkpoint at the end
-    started: float = field(default_factory=time.monotonic)
 
     def line(self, client_id: str, seconds: float) -> str:
         unconfirmed = f", {self.unconfirmed} not confirmed saved" if self.unconfirmed else ""
@@ -107,7 +106,7 @@ class Client:
         self.clock = clock
         self.sleep = sleep
         self.new_update_id = new_update_id
-        self.summary = Summary(started=clock())
+        self.summary = Summary()
         self.name = identity.client_id
         self.unconfirmed: list[Unconfirmed] = []  # a few at a time: most are saved soon
         self.last_accepted = clock()
