@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedsim.config import OPTIMIZERS
+
 if TYPE_CHECKING:
     import keras
 
     from fedsim.config import Settings
 
-OPTIMIZERS = ("sgd", "adam")
 SGD_MOMENTUM = 0.9  # heavy-ball momentum for "sgd"; see LEARNING_RATE in the README
 
 # name -> ordered (tensor name, shape); every tensor is float32.
