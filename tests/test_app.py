@@ -462,6 +462,18 @@ def test_checkpoint_every_save_model_updates(make_app) -> None:
     assert status["last_checkpoint"]["version"] == 3
 
 
+def test_save_model_counts_the_updates_of_a_fedavg_round(make_app) -> None:
+    # Prepare: rounds of 2 updates, a checkpoint every 2 updates.
+    app = make_app(AGGREGATION="fedavg", MIN_CLIENTS=2, ROUNDS=5, SAVE_MODEL=2)
+    client = app.test_client()
+    # Execute: one round, which makes one version out of two updates.
+    post(client, upload(1.0, client_id="a"))
+    post(client, upload(3.0, client_id="b"))
+    # Assert: the round's 2 updates are due for a checkpoint.
+    assert checkpoints.versions(model_dir(app)) == [1, 0]
+    assert client.get("/v1/status").get_json()["unsaved_updates"] == 0
+
+
 def test_resume_from_newest_checkpoint_keeps_dedup(make_app) -> None:
     first = make_app(SAVE_MODEL=2)
     post(first.test_client(), upload(2.0, update_id="u1", num_samples=100))

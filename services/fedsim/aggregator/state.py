@@ -344,15 +344,16 @@ class State:
     # --- checkpoints --------------------------------------------------------------
 
     def _save_reason(self, now: float, force: bool) -> str | None:
-        unsaved = self.snapshot.version - self._saved_version
-        if unsaved <= 0:
+        if self.snapshot.version <= self._saved_version:
             return None
         if force:
             return "shutdown"
         if self.strategy.finished:
             return "run finished"
-        if unsaved >= self.settings.save_model:
-            return f"{unsaved} new versions"
+        # SAVE_MODEL counts aggregated updates, not versions: a fedavg round is one
+        # version made of several updates.
+        if self._updates_total - self._saved_updates >= self.settings.save_model:
+            return f"SAVE_MODEL={self.settings.save_model}"
         if now - self._changed_at >= self.settings.idle_save_seconds:
             return "idle"
         return None
