@@ -31,6 +31,7 @@ def test_client_index_picks_the_range(make_settings):
         ("my-app_client_2", 2),  # Compose v1 style
         ("fedsim-aggregator-1", None),
         ("client-3x", None),
+        ("fedsim-client-0", None),
         ("laptop", None),
     ],
 )

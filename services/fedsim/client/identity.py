@@ -20,8 +20,9 @@ from fedsim import data
 from fedsim.config import ConfigError, Settings
 
 # Compose v2 names replicas "<project>-client-<k>", v1 "<project>_client_<k>"; the
-# reverse lookup may append ".<network>".
-_CONTAINER = re.compile(r"^.+[-_]client[-_](\d+)(?:\..*)?$")
+# reverse lookup may append ".<network>". Replicas count from 1: a 0 would pick the
+# last range through a negative index.
+_CONTAINER = re.compile(r"^.+[-_]client[-_]([1-9]\d*)(?:\..*)?$")
 
 
 @dataclass(frozen=True)
