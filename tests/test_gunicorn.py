@@ -170,3 +170,14 @@ def test_gunicorn_exits_nonzero_with_the_message_when_there_is_no_checkpoint(
     assert f"no checkpoint in {srv.model_dir}" in output
     assert "python -m fedsim.prepare" in output
     assert output.count("Booting worker") == 1  # it stopped; it did not respawn the worker
+
+
+def test_a_bad_threads_value_stops_gunicorn_with_one_line_naming_it(tmp_path: Path) -> None:
+    srv = start(tmp_path, THREADS="eight")
+    try:
+        code = srv.proc.wait(timeout=60)
+    finally:
+        srv.stop()
+    assert code != 0
+    assert "invalid setting THREADS='eight': an integer >= 1" in srv.output()
+    assert "Traceback" not in srv.output()

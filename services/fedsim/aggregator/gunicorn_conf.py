@@ -12,10 +12,20 @@ from __future__ import annotations
 
 import os
 
+from fedsim.config import ConfigError
+
+
+def _threads(raw: str) -> int:
+    """THREADS as a positive integer; gunicorn prints the error's one line and exits."""
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ConfigError("THREADS", raw, "an integer >= 1")
+    return int(raw)
+
+
 bind = os.environ.get("BIND", "127.0.0.1:8080")  # Compose sets 0.0.0.0:8080
 workers = 1  # the state is in-process; a second worker would hold a second model
 worker_class = "gthread"
-threads = int(os.environ.get("THREADS", "8"))  # 8: the bench's 8 uploaders each get a thread
+threads = _threads(os.environ.get("THREADS", "8"))  # 8: the bench's 8 uploaders each get a thread
 graceful_timeout = 8  # finish requests and checkpoint within Docker's default 10 s stop timeout
 timeout = 60  # a stuck worker is killed after this; a request takes milliseconds
 keepalive = 5  # clients reuse their connection between pull and push
