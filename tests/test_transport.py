@@ -155,6 +155,15 @@ def test_lookup_of_a_route_that_is_not_there_is_a_bug():
         link.lookup("u-1")
 
 
+@pytest.mark.parametrize("body", [b"<html>not the aggregator</html>", b"[1, 2]"])
+def test_a_200_without_a_json_object_names_the_setting(body: bytes):
+    for call in ("health", "status", "push"):
+        link, _, _ = transport([(200, body)])
+        args = (TENSORS, META) if call == "push" else ()
+        with pytest.raises(ProtocolError, match=r"HTTP 200 without a JSON object.*AGGREGATOR_URL"):
+            getattr(link, call)(*args)
+
+
 def test_health_tries_once():
     link, adapter, sleep = transport([requests.ConnectionError("down")])
     assert link.health() is None

@@ -148,12 +148,23 @@ class Transport:
             f"{method} {path} refused with HTTP {response.status_code}: {response.text[:300]}"
         )
 
+    @staticmethod
+    def _answer(method: str, path: str, response: requests.Response) -> dict[str, Any]:
+        """The JSON object of a 200 answer; anything else means AGGREGATOR_URL is wrong."""
+        answer = _json_object(response)
+        if answer is None:
+            raise ProtocolError(
+                f"{method} {path} answered HTTP 200 without a JSON object "
+                f"({response.text[:100]!r}): is AGGREGATOR_URL the aggregator?"
+            )
+        return answer
+
     def health(self) -> dict[str, Any] | None:
         """One try at /healthz: its JSON when the aggregator is up, else None."""
         outcome = self._call("GET", "/healthz", attempts=1)
         if outcome.response is None or outcome.response.status_code != 200:
             return None
-        return outcome.response.json()
+        return self._answer("GET", "/healthz", outcome.response)
 
     def status(self, *, attempts: int | None = None) -> dict[str, Any] | None:
         """/v1/status as JSON, or None when it could not be had."""
@@ -162,7 +173,7 @@ class Transport:
             return None
         if outcome.response.status_code != 200:
             raise self._refuse("GET", "/v1/status", outcome.response)
-        return outcome.response.json()
+        return self._answer("GET", "/v1/status", outcome.response)
 
     def pull(self) -> Pulled:
         """The global model with its metadata (version, samples, model)."""
@@ -187,7 +198,7 @@ class Transport:
         if response is None:
             return Pushed(False, outcome.retries, detail=outcome.error)
         if response.status_code == 200:
-            answer = response.json()
+            answer = self._answer("POST", "/v1/updates", response)
             return Pushed(
                 bool(answer.get("accepted", True)),
                 outcome.retries,
@@ -244,9 +255,13 @@ def describe(exc: requests.RequestException) -> str:
     return f"{type(exc).__name__}: {exc}"[:160]
 
 
-def _json_or_empty(response: requests.Response) -> dict[str, Any]:
+def _json_object(response: requests.Response) -> dict[str, Any] | None:
     try:
         answer = response.json()
     except ValueError:
-        return {}
-    return answer if isinstance(answer, dict) else {}
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def _json_or_empty(response: requests.Response) -> dict[str, Any]:
+    return _json_object(response) or {}
