@@ -16,20 +16,10 @@ from flask.testing import FlaskClient
 from safetensors.numpy import save as st_save
 
 from aggregator_helpers import tensors, upload, write_v0
+from conftest import FakeClock
 from fedsim import checkpoints, weights
 from fedsim.aggregator.app import create_app
 from fedsim.aggregator.state import State
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

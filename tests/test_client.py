@@ -8,6 +8,7 @@ from itertools import count
 import numpy as np
 import pytest
 
+from conftest import FakeClock
 from fedsim import models
 from fedsim.client.identity import Identity
 from fedsim.client.loop import POLL_SECONDS, SETTLE_SLACK, AggregatorUnreachable, Client
@@ -106,17 +107,6 @@ def make_client(make_settings, link, *, first=1, last=3, clock=None, **settings)
     return client, learner, slept
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 # --- async-weighted ------------------------------------------------------------------
 
 
@@ -187,7 +177,7 @@ def test_wait_ready_gives_up_with_a_clear_message(make_settings):
         def health(self):
             return None
 
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     client, _, slept = make_client(make_settings, Down(), clock=clock)
     with pytest.raises(AggregatorUnreachable, match="AGGREGATOR_URL"):
         client.wait_ready(timeout=5)
@@ -204,7 +194,7 @@ def test_wait_ready_follows_the_aggregators_strategy(make_settings):
 
 
 def test_fedavg_one_slice_per_round_until_finished(make_settings, caplog):
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     link = FakeTransport(
         pulls=[ok_pull(0, 0), ok_pull(1, 0), ok_pull(2, 0)],
         pushes=[accepted(0), accepted(1), accepted(2)],
@@ -230,7 +220,7 @@ def test_fedavg_one_slice_per_round_until_finished(make_settings, caplog):
 
 
 def test_fedavg_stale_update_pulls_again(make_settings):
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     stale = Pushed(False, 0, version=3, status=409, detail="base 2 is stale")
     finished = Pushed(False, 0, version=4, status=409, finished=True, detail="finished")
     link = FakeTransport(
@@ -254,7 +244,7 @@ def test_fedavg_exits_when_the_run_is_already_finished(make_settings):
 
 
 def test_fedavg_repushes_an_accepted_update_the_aggregator_lost(make_settings, caplog):
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     link = FakeTransport(
         pulls=[ok_pull(5, 0)],
         pushes=[accepted(5), accepted(5)],
@@ -273,7 +263,7 @@ def test_fedavg_repushes_an_accepted_update_the_aggregator_lost(make_settings, c
 
 
 def test_fedavg_does_not_repush_an_update_its_round_holds(make_settings):
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     link = FakeTransport(
         pulls=[ok_pull(5, 0)],
         pushes=[accepted(5)],
@@ -287,7 +277,7 @@ def test_fedavg_does_not_repush_an_update_its_round_holds(make_settings):
 
 
 def test_fedavg_retries_a_failed_push_while_the_round_is_open(make_settings):
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     link = FakeTransport(
         pulls=[ok_pull(1, 0)],
         pushes=[FAILED_PUSH, accepted(1)],
@@ -303,7 +293,7 @@ def test_fedavg_retries_a_failed_push_while_the_round_is_open(make_settings):
 
 
 def test_saved_updates_are_dropped_applied_ones_kept(make_settings):
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     link = FakeTransport(
         pulls=[ok_pull(0, 0), ok_pull(1, 0), ok_pull(2, 0)],
         pushes=[accepted(1, seq=1), accepted(2, seq=2), accepted(3, seq=3)],
@@ -318,7 +308,7 @@ def test_saved_updates_are_dropped_applied_ones_kept(make_settings):
 
 
 def test_a_lost_update_is_pushed_again_once_with_the_same_update_id(make_settings, caplog):
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     link = FakeTransport(
         pulls=[ok_pull(0, 0), ok_pull(1, 0)],
         pushes=[accepted(1, seq=1), accepted(1, seq=1), accepted(2, seq=2)],
@@ -337,7 +327,7 @@ def test_a_lost_update_is_pushed_again_once_with_the_same_update_id(make_setting
 
 
 def test_a_forgotten_update_is_dropped_not_pushed_again(make_settings):
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     link = FakeTransport(
         pulls=[ok_pull(0, 0), ok_pull(1, 0)],
         pushes=[accepted(1, seq=7), accepted(2, seq=8)],
@@ -356,7 +346,7 @@ def test_an_unreachable_aggregator_keeps_them_and_the_client_goes_on(make_settin
             self.looked.append((update_id, seq))
             return Looked("", 1, error="connection refused")
 
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     link = Unreachable(
         pulls=[ok_pull(0, 0), ok_pull(1, 0)], pushes=[accepted(1, seq=1), accepted(2, seq=2)]
     )
@@ -374,7 +364,7 @@ def test_an_unreachable_aggregator_keeps_them_and_the_client_goes_on(make_settin
 
 
 def test_the_end_of_run_wait_is_bounded(make_settings):
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     link = FakeTransport(
         pulls=[ok_pull(0, 0)],
         pushes=[accepted(1, seq=1)],
@@ -390,7 +380,7 @@ def test_the_end_of_run_wait_is_bounded(make_settings):
 
 
 def test_the_end_of_run_wait_ends_once_saved(make_settings):
-    clock = Clock()
+    clock = FakeClock(start=0.0)
     applied = Looked("applied", 0, version=1, seq=1)
     link = FakeTransport(
         pulls=[ok_pull(0, 0)], pushes=[accepted(1, seq=1)], lookups=[applied, applied, applied]

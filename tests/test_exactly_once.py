@@ -14,20 +14,13 @@ from flask import Flask
 from requests.adapters import BaseAdapter
 
 from aggregator_helpers import write_v0
+from conftest import FakeClock
 from fedsim import checkpoints, models
 from fedsim.aggregator.app import create_app
 from fedsim.client.identity import Identity
 from fedsim.client.loop import Client
 from fedsim.client.training import Trained
 from fedsim.client.transport import RetryPolicy, Transport
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Learner:
@@ -83,7 +76,7 @@ def test_an_update_lost_in_a_hard_kill_is_aggregated_exactly_once(make_settings)
     # when the aggregator dies after answering it.
     settings = make_settings(MODEL="mlp", SAVE_MODEL=2, IDLE_SAVE_SECONDS=5)
     write_v0(settings.model_dir)
-    clock = Clock()
+    clock = FakeClock()
 
     def make_app() -> Flask:
         config = {"FEDSIM_SETTINGS": settings, "FEDSIM_CLOCK": clock, "FEDSIM_TICKER": False}
@@ -96,7 +89,7 @@ def test_an_update_lost_in_a_hard_kill_is_aggregated_exactly_once(make_settings)
     link = Transport("http://agg:8080", policy=policy, timeout=5, session=session)
 
     def sleep(seconds: float) -> None:  # time passes; the aggregator's ticker runs
-        clock.now += seconds
+        clock.advance(seconds)
         adapter.app.extensions["fedsim"].tick()
 
     client = Client(settings, Identity(1, 1, 5, "test"), link, Learner(), clock=clock, sleep=sleep)
