@@ -22,7 +22,8 @@ def test_defaults_match_the_original_run(tmp_path: Path) -> None:
     assert s.num_slices == 12
     assert s.client_slices == ((1, 4), (5, 8), (9, 12))
     assert (s.max_retry, s.max_wait, s.save_model) == (2, 2.0, 2)
-    assert s.client_index is None
+    assert s.partition == "slices" and s.logical_clients == 3 and s.per_round == 3
+    assert s.evaluate_every == 3
     assert s.model == "mlp" and s.aggregation == "async-weighted"
     assert s.round_quorum == 3
     assert s.explicit == frozenset()
@@ -73,7 +74,12 @@ def test_compose_keys_are_allowed_in_env_file(tmp_path: Path) -> None:
         ("DATA_VERIFY", "maybe", "true or false"),
         ("AGGREGATOR_URL", "localhost:8080", "http:// or https:// URL"),
         ("MNIST_MIRRORS", "ftp://x/", "http:// or https:// URL"),
-        ("CLIENT_INDEX", "0", "an integer >= 1"),
+        ("PARTITION", "random", "one of slices, iid, shards, dirichlet"),
+        ("NUM_CLIENTS", "0", "an integer >= 1 and <= 60000"),
+        ("DIRICHLET_ALPHA", "0", "a number > 0"),
+        ("TASK_TIMEOUT", "-1", "a number > 0"),
+        ("EVAL_EVERY", "x", "an integer >= 0"),
+        ("CLIENT_INDEX", "2", "no longer a setting: workers now take their logical client"),
         ("DATA_DIR", " ", "a directory path"),
     ],
 )
@@ -96,7 +102,7 @@ def test_bad_value_names_key_value_and_what_is_allowed(
         ("0-2", "outside 1-12"),
         ("4-1", "runs backwards"),
         ("1-4,5-8", "is not a range"),
-        ("", "one range per client"),
+        (" , ", "is not a range"),
     ],
 )
 def test_bad_client_slices(tmp_path: Path, slices: str, reason: str) -> None:
@@ -112,9 +118,46 @@ def test_slices_follow_num_images_train(tmp_path: Path) -> None:
         load(tmp_path, NUM_IMAGES_TRAIN="2000", CLIENT_SLICES="1-31")
 
 
-def test_client_index_beyond_the_ranges(tmp_path: Path) -> None:
-    with pytest.raises(config.ConfigError, match="CLIENT_SLICES has only 3 ranges"):
-        load(tmp_path, CLIENT_INDEX="4")
+def test_an_empty_retired_key_is_ignored(tmp_path: Path) -> None:
+    assert load(tmp_path, "CLIENT_INDEX=\n").client_slices == ((1, 4), (5, 8), (9, 12))
+
+
+def test_empty_client_slices_means_the_default(tmp_path: Path) -> None:
+    assert load(tmp_path, CLIENT_SLICES="").client_slices == ((1, 4), (5, 8), (9, 12))
+
+
+@pytest.mark.parametrize(
+    ("environ", "key", "reason"),
+    [
+        (
+            {"PARTITION": "iid", "CLIENT_SLICES": "1-4"},
+            "CLIENT_SLICES",
+            "only for PARTITION=slices",
+        ),
+        ({"PARTITION": "shards", "NUM_CLIENTS": "7"}, "SHARDS_PER_CLIENT", "must divide"),
+        ({"PARTITION": "dirichlet", "NUM_CLIENTS": "6001"}, "NUM_CLIENTS", "at most 6000"),
+        (
+            {"PARTITION": "iid", "NUM_CLIENTS": "5", "CLIENTS_PER_ROUND": "6"},
+            "CLIENTS_PER_ROUND",
+            "more than the 5 logical clients (NUM_CLIENTS)",
+        ),
+        ({"CLIENTS_PER_ROUND": "4"}, "CLIENTS_PER_ROUND", "more than the 3 logical clients"),
+    ],
+)
+def test_impossible_combinations_stop_with_the_reason(
+    tmp_path: Path, environ: dict[str, str], key: str, reason: str
+) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        load(tmp_path, **environ)
+    assert str(info.value).startswith(f"invalid setting {key}=")
+    assert reason in str(info.value)
+
+
+def test_clients_per_round_defaults(tmp_path: Path) -> None:
+    s = load(tmp_path, PARTITION="iid")
+    assert (s.logical_clients, s.per_round, s.round_quorum, s.evaluate_every) == (100, 10, 10, 10)
+    s = load(tmp_path, PARTITION="shards", NUM_CLIENTS="20", CLIENTS_PER_ROUND="5", EVAL_EVERY="2")
+    assert (s.per_round, s.evaluate_every) == (5, 2)
 
 
 def test_fedasync_settings(tmp_path: Path) -> None:
@@ -124,6 +167,7 @@ def test_fedasync_settings(tmp_path: Path) -> None:
 
 def test_min_clients_sets_the_quorum(tmp_path: Path) -> None:
     assert load(tmp_path, MIN_CLIENTS="2").round_quorum == 2
+    assert load(tmp_path, MIN_CLIENTS="9").round_quorum == 3  # never more than are sampled
 
 
 def test_resolved_settings_are_json_friendly(tmp_path: Path) -> None:

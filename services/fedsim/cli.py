@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from fedsim.config import ConfigError
-from fedsim.data import DataError
+from fedsim.data.mnist import DataError
 from fedsim.weights import WeightsError
 
 

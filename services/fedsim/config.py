@@ -21,6 +21,15 @@ TRAIN_IMAGES = 60_000  # MNIST's training set; slices are cut from it
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adam")
 STRATEGIES = ("async-weighted", "fedavg", "fedasync")
+PARTITIONS = ("slices", "iid", "shards", "dirichlet")
+DEFAULT_SLICES = "1-4 5-8 9-12"  # CLIENT_SLICES when empty: three clients of four slices
+
+# Keys of earlier versions, with why they are gone; an empty value is ignored.
+RETIRED_KEYS = {
+    "CLIENT_INDEX": "workers now take their logical client from the aggregator; delete the line",
+}
+
+MIN_CLIENT_SAMPLES = 10  # dirichlet: the fewest images any logical client gets
 
 # Keys that Compose reads from the same .env but the Python code does not use.
 COMPOSE_KEYS = frozenset({"AGGREGATOR_PORT", "COMPOSE_PROJECT_NAME", "COMPOSE_FILE"})
@@ -109,12 +118,6 @@ def _urls(raw: str) -> tuple[str, ...]:
     return urls
 
 
-def _optional_index(raw: str) -> int | None:
-    if raw.strip() == "":
-        return None
-    return _int(1)(raw)
-
-
 def _path(raw: str) -> Path:
     if not raw.strip():
         raise ValueError("a directory path")
@@ -168,15 +171,53 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "CLIENT_SLICES",
-        "1-4 5-8 9-12",
+        "",
         str,
-        "one inclusive slice range per client replica; replica k takes the k-th",
+        f"PARTITION=slices: one inclusive slice range per logical client; empty: {DEFAULT_SLICES}",
     ),
     Setting(
-        "CLIENT_INDEX",
-        "",
-        _optional_index,
-        "which range this client takes (1-based); empty: from the container name",
+        "PARTITION",
+        "slices",
+        _choice(*PARTITIONS),
+        "how the training images are dealt to logical clients: slices (the original), iid,"
+        " shards (McMahan's non-IID), dirichlet",
+    ),
+    Setting(
+        "NUM_CLIENTS",
+        "100",
+        _int(1, TRAIN_IMAGES),
+        "iid, shards, dirichlet: logical clients; 100 as in McMahan et al. 2017",
+    ),
+    Setting(
+        "SHARDS_PER_CLIENT",
+        "2",
+        _int(1),
+        "shards: label-sorted shards per client; 2 as in McMahan et al. 2017",
+    ),
+    Setting(
+        "DIRICHLET_ALPHA",
+        "0.5",
+        _float(0, strict=True),
+        "dirichlet: concentration of each class's split; smaller is more skewed",
+    ),
+    Setting(
+        "CLIENTS_PER_ROUND",
+        "0",
+        _int(0),
+        "logical clients sampled per round (McMahan's C x K); 0: every range under slices,"
+        " else a tenth of NUM_CLIENTS",
+    ),
+    Setting(
+        "TASK_TIMEOUT",
+        "300",
+        _float(0, strict=True),
+        "seconds a worker has for a task before it is given to another worker",
+    ),
+    Setting(
+        "EVAL_EVERY",
+        "0",
+        _int(0),
+        "asynchronous rules: score the global model every this many versions; 0: CLIENTS_PER_ROUND",
     ),
     Setting(
         "MAX_RETRY",
@@ -244,15 +285,20 @@ SETTINGS: tuple[Setting, ...] = (
         "MIN_CLIENTS",
         "0",
         _int(0),
-        "fedavg: updates that close a round; 0 means one per range of CLIENT_SLICES",
+        "fedavg: updates that close a round early; 0: all the sampled clients",
     ),
     Setting(
         "ROUND_TIMEOUT",
-        "120",
+        "600",
         _float(0, strict=True),
-        "fedavg: seconds after a round's first update that close it with what arrived",
+        "fedavg: seconds after a round opens that close it with what arrived",
     ),
-    Setting("ROUNDS", "10", _int(1), "fedavg: rounds in the run"),
+    Setting(
+        "ROUNDS",
+        "10",
+        _int(1),
+        "fedavg: rounds in the run; asynchronous rules off slices: ROUNDS x CLIENTS_PER_ROUND updates",
+    ),
     Setting(
         "SAVE_MODEL", "2", _int(1), "checkpoint every this many accepted updates (original: 2)"
     ),
@@ -301,7 +347,7 @@ SETTINGS: tuple[Setting, ...] = (
         "TF_THREADS",
         "0",
         _int(0),
-        "TensorFlow threads per client; 0: the machine's cores shared among the clients",
+        "TensorFlow threads per worker; 0: the machine's cores shared among the workers",
     ),
     Setting(
         "HTTP_TIMEOUT", "30", _float(0, strict=True), "seconds a client waits for one HTTP answer"
@@ -314,7 +360,13 @@ KNOWN_KEYS = frozenset(s.key for s in SETTINGS)
 class Settings:
     num_images_train: int
     client_slices: tuple[tuple[int, int], ...]
-    client_index: int | None
+    partition: str
+    num_clients: int
+    shards_per_client: int
+    dirichlet_alpha: float
+    clients_per_round: int
+    task_timeout: float
+    eval_every: int
     max_retry: int
     max_wait: float
     epochs: int
@@ -349,9 +401,28 @@ class Settings:
         return TRAIN_IMAGES // self.num_images_train
 
     @property
+    def logical_clients(self) -> int:
+        """How many logical clients the partition makes."""
+        return len(self.client_slices) if self.partition == "slices" else self.num_clients
+
+    @property
+    def per_round(self) -> int:
+        """CLIENTS_PER_ROUND resolved: 0 means every range (slices) or C = 0.1 of the clients."""
+        if self.clients_per_round:
+            return self.clients_per_round
+        if self.partition == "slices":
+            return len(self.client_slices)
+        return max(1, self.num_clients // 10)
+
+    @property
     def round_quorum(self) -> int:
-        """Updates that close a fedavg round."""
-        return self.min_clients or len(self.client_slices)
+        """Updates that close a fedavg round: MIN_CLIENTS, else every sampled client."""
+        return min(self.min_clients, self.per_round) if self.min_clients else self.per_round
+
+    @property
+    def evaluate_every(self) -> int:
+        """EVAL_EVERY resolved: 0 means one round's worth of versions."""
+        return self.eval_every or self.per_round
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved settings, JSON-friendly, as saved beside results."""
@@ -376,6 +447,8 @@ def read_env_file(path: Path) -> dict[str, str]:
 
     values = {k: (v or "") for k, v in dotenv_values(path).items()}
     for key in values:
+        if key in RETIRED_KEYS:
+            continue  # checked in load(), with the reason
         if key not in KNOWN_KEYS and key not in COMPOSE_KEYS:
             raise ConfigError(
                 key,
@@ -393,6 +466,11 @@ def load(environ: Mapping[str, str] | None = None, env_file: Path | None = None)
     if env_file is None:
         env_file = Path(environ.get("FEDSIM_ENV_FILE", ".env"))
     file_values = read_env_file(env_file) if env_file.is_file() else {}
+
+    for key, why in RETIRED_KEYS.items():
+        raw = environ.get(key, file_values.get(key, ""))
+        if raw.strip():
+            raise ConfigError(key, raw, f"no longer a setting: {why}")
 
     values: dict[str, Any] = {}
     explicit = set()
@@ -412,15 +490,44 @@ def load(environ: Mapping[str, str] | None = None, env_file: Path | None = None)
 
     num_slices = TRAIN_IMAGES // values["num_images_train"]
     raw_slices = values["client_slices"]
+    if raw_slices.strip() and values["partition"] != "slices":
+        raise ConfigError(
+            "CLIENT_SLICES",
+            raw_slices,
+            f"only for PARTITION=slices, not {values['partition']}: "
+            "empty it (or comment it out) in .env",
+        )
     try:
-        values["client_slices"] = parse_slices(raw_slices, num_slices)
+        values["client_slices"] = parse_slices(raw_slices or DEFAULT_SLICES, num_slices)
     except ValueError as exc:
         raise ConfigError("CLIENT_SLICES", raw_slices, str(exc)) from None
-    index = values["client_index"]
-    if index is not None and index > len(values["client_slices"]):
+    settings = Settings(**values, explicit=frozenset(explicit))
+    _check_combinations(settings)
+    return settings
+
+
+def _check_combinations(s: Settings) -> None:
+    """Settings that are each valid but impossible together; the message says what to change."""
+    if s.partition == "shards":
+        shards = s.num_clients * s.shards_per_client
+        if shards > TRAIN_IMAGES or TRAIN_IMAGES % shards:
+            raise ConfigError(
+                "SHARDS_PER_CLIENT",
+                str(s.shards_per_client),
+                f"NUM_CLIENTS x SHARDS_PER_CLIENT = {shards} shards must divide the "
+                f"{TRAIN_IMAGES} training images (e.g. 100 x 2 = 200 shards of 300)",
+            )
+    if s.partition == "dirichlet" and s.num_clients * MIN_CLIENT_SAMPLES > TRAIN_IMAGES:
         raise ConfigError(
-            "CLIENT_INDEX",
-            str(index),
-            f"CLIENT_SLICES has only {len(values['client_slices'])} ranges",
+            "NUM_CLIENTS",
+            str(s.num_clients),
+            f"dirichlet gives every client at least {MIN_CLIENT_SAMPLES} images: "
+            f"at most {TRAIN_IMAGES // MIN_CLIENT_SAMPLES} clients",
         )
-    return Settings(**values, explicit=frozenset(explicit))
+    if s.clients_per_round > s.logical_clients:
+        where = "ranges in CLIENT_SLICES" if s.partition == "slices" else "NUM_CLIENTS"
+        raise ConfigError(
+            "CLIENTS_PER_ROUND",
+            str(s.clients_per_round),
+            f"more than the {s.logical_clients} logical clients ({where})",
+        )

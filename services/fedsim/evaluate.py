@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from fedsim import checkpoints, cli, config, data, models, weights
+from fedsim import checkpoints, cli, config, models, weights
 from fedsim.client.training import quiet_tensorflow
+from fedsim.data import mnist
 
 
 def model_name(checkpoint: checkpoints.Checkpoint, fallback: str) -> str:
@@ -96,7 +97,7 @@ def _main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-    images, labels = data.load_pair(settings.data_dir, "t10k", verify=settings.data_verify)
+    images, labels = mnist.load_pair(settings.data_dir, "t10k", verify=settings.data_verify)
 
     name = model_name(checkpoint, settings.model)
     quiet_tensorflow()
@@ -105,7 +106,7 @@ def _main(argv: list[str] | None = None) -> int:
     )  # no training
     weights.validate(checkpoint.tensors, models.SHAPES[name])
     models.set_weights(model, checkpoint.tensors)
-    probabilities = model.predict(data.scale(images), batch_size=1000, verbose=0)
+    probabilities = model.predict(mnist.scale(images), batch_size=1000, verbose=0)
 
     report = score(np.asarray(probabilities), labels.astype(np.int64))
     report.update(

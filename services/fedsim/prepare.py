@@ -12,8 +12,9 @@ import json
 import logging
 import sys
 
-from fedsim import checkpoints, cli, config, data, models, weights
+from fedsim import checkpoints, cli, config, models, weights
 from fedsim.client.training import quiet_tensorflow
+from fedsim.data import mnist
 
 log = logging.getLogger("fedsim.prepare")
 
@@ -24,7 +25,7 @@ def _reset_hint(settings: config.Settings) -> str:
 
 def _main() -> int:
     settings = config.load()
-    data.ensure(settings.data_dir, settings.mnist_mirrors, verify=settings.data_verify)
+    mnist.ensure(settings.data_dir, settings.mnist_mirrors, verify=settings.data_verify)
     log.info("data ok in %s", settings.data_dir)
 
     layout = models.SHAPES[settings.model]

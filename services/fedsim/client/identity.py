@@ -16,8 +16,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fedsim import data
 from fedsim.config import ConfigError, Settings
+from fedsim.data import mnist
 
 # Compose v2 names replicas "<project>-client-<k>", v1 "<project>_client_<k>"; the
 # reverse lookup may append ".<network>". Replicas count from 1: a 0 would pick the
@@ -42,8 +42,8 @@ class Identity:
 
     def describe(self, num_images_train: int) -> str:
         """E.g. 'client-2: slices 5-8 (samples 20000-39999)'."""
-        start = data.slice_range(self.first, num_images_train)[0]
-        stop = data.slice_range(self.last, num_images_train)[1]
+        start = mnist.slice_range(self.first, num_images_train)[0]
+        stop = mnist.slice_range(self.last, num_images_train)[1]
         return f"{self.client_id}: slices {self.first}-{self.last} (samples {start}-{stop - 1})"
 
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsim import data, models
+from fedsim import models
 from fedsim.config import Settings
+from fedsim.data import mnist
 
 
 def threads_for(settings: Settings, cpu_count: int | None = None) -> int:
@@ -62,11 +63,11 @@ class Trainer:
         # Seeds Keras' shuffling (and any dropout) so a rerun repeats; the offset
         # gives each client its own order.
         keras.utils.set_random_seed(settings.seed + seed_offset)
-        images, labels = data.load_pair(settings.data_dir, "train", verify=settings.data_verify)
-        start = data.slice_range(first, settings.num_images_train)[0]
-        stop = data.slice_range(last, settings.num_images_train)[1]
+        images, labels = mnist.load_pair(settings.data_dir, "train", verify=settings.data_verify)
+        start = mnist.slice_range(first, settings.num_images_train)[0]
+        stop = mnist.slice_range(last, settings.num_images_train)[1]
         self.first = first
-        self.images = data.scale(images[start:stop])
+        self.images = mnist.scale(images[start:stop])
         self.labels = np.asarray(labels[start:stop], dtype=np.int64)
         self.model = models.from_settings(settings)
 

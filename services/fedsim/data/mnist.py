@@ -1,4 +1,4 @@
-"""MNIST as IDX files: verify, download, load and slice.
+"""MNIST as IDX files: verify, download, load and scale.
 
 The four standard files may be gzipped (`*.gz`) or plain. Integrity is checked on
 the uncompressed bytes with SHA-256, so a gzipped and a plain copy of the same
