@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
 from fedsim import config
-from fedsim.aggregator import updates
+from fedsim.aggregator import uploads
 from fedsim.aggregator.state import StartupError, State
 from fedsim.aggregator.strategies import Refused
 
@@ -113,8 +113,8 @@ def post_update() -> Response:
     if len(body) > limit:
         return _refused(413, "too_large", f"body is over MAX_UPDATE_BYTES={limit}")
     try:
-        update = updates.parse(body, state.layout)
-    except updates.BadUpdate as exc:
+        update = uploads.parse(body, state.layout)
+    except uploads.BadUpdate as exc:
         return _refused(exc.status, exc.code, exc.detail)
     try:
         result = state.submit(update)
@@ -129,7 +129,7 @@ def post_update() -> Response:
 @bp.get("/v1/updates/<text:update_id>")
 def get_update(update_id: str) -> Response:
     """What became of an update (see State.lookup); `?seq=N` tells forgotten from lost."""
-    if not updates.valid_id(update_id):
+    if not uploads.valid_id(update_id):
         return error(
             400, "bad_update_id", "update_id must be 1-128 characters, none of them control"
         )
@@ -157,7 +157,7 @@ def get_update(update_id: str) -> Response:
     return jsonify(answer)
 
 
-def _refused(status: int, code: str, detail: str, update: updates.Update | None = None) -> Response:
+def _refused(status: int, code: str, detail: str, update: uploads.Update | None = None) -> Response:
     state = _state()
     who = f"client {update.client_id} update {update.update_id}" if update else request.remote_addr
     log.warning("refused update from %s: %d %s: %s", who, status, code, detail)
