@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from fedsim import checkpoints, evaluate, models, prepare
+from fedsim.data import partition
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,6 +72,93 @@ def test_prepare_without_data_or_network_names_the_files(env, tmp_path, capsys):
         assert name in err
     assert "t10k-labels-idx1-ubyte" in err and str(tmp_path / "empty") in err
     assert not checkpoints.versions(tmp_path / "models")
+
+
+def test_prepare_writes_partitions_json_then_leaves_it(env, tmp_path, caplog):
+    caplog.set_level("INFO")
+    model_dir = tmp_path / "models"
+    env.setenv("PARTITION", "shards")
+    env.setenv("NUM_CLIENTS", "50")
+    assert prepare._main() == 0
+    content = partition.read(model_dir)
+    assert content["settings"] == {
+        "PARTITION": "shards",
+        "SEED": 42,
+        "NUM_CLIENTS": 50,
+        "SHARDS_PER_CLIENT": 2,
+    }
+    assert [c["samples"] for c in content["clients"]] == [1200] * 50
+    assert "plan: shards (2 per client), 50 clients of 1200 samples, " in caplog.text
+    written = (model_dir / "partitions.json").read_bytes()
+
+    caplog.clear()
+    assert prepare._main() == 0
+    assert "partitions.json matches the settings: left as it is" in caplog.text
+    assert (model_dir / "partitions.json").read_bytes() == written
+
+
+def test_prepare_default_plan_is_the_three_slice_ranges(env, tmp_path):
+    assert prepare._main() == 0
+    content = partition.read(tmp_path / "models")
+    assert [(c["id"], c["slices"], c["samples"]) for c in content["clients"]] == [
+        ("client-1", [1, 4], 20_000),
+        ("client-2", [5, 8], 20_000),
+        ("client-3", [9, 12], 20_000),
+    ]
+
+
+def test_prepare_refuses_settings_that_differ_from_partitions_json(env, tmp_path, capsys):
+    model_dir = tmp_path / "models"
+    assert prepare._main() == 0
+    written = (model_dir / "partitions.json").read_bytes()
+    capsys.readouterr()
+    env.setenv("PARTITION", "iid")
+    assert prepare.cli.run("prepare", prepare._main) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "PARTITION is iid here, slices in partitions.json" in err
+    assert f"{model_dir / 'partitions.json'} was made with" in err
+    assert "docker compose down -v" in err and "change it back" in err
+    assert (model_dir / "partitions.json").read_bytes() == written
+
+
+def test_prepare_refuses_a_corrupt_partitions_json(env, tmp_path, capsys):
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    (model_dir / "partitions.json").write_text("{")
+    assert prepare.cli.run("prepare", prepare._main) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "partitions.json: not JSON" in err and "docker compose down -v" in err
+    assert not checkpoints.versions(model_dir)
+
+
+def test_prepare_imports_no_tensorflow(tmp_path, mnist_dir):
+    code = (
+        "import sys; from fedsim import prepare; code = prepare.cli.run('prepare', prepare._main);"
+        " loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'));"
+        " print('loaded:', loaded); sys.exit(code)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "DATA_DIR": str(mnist_dir),
+            "MODEL_DIR": str(tmp_path / "models"),
+            "FEDSIM_ENV_FILE": str(tmp_path / "no.env"),
+            "MODEL": "cnn",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "loaded: []" in result.stdout
+    checkpoint = checkpoints.load_newest(tmp_path / "models")
+    assert checkpoint.metadata["model"] == "cnn"
+    for name, value in models.initial_weights("cnn", 42).items():
+        assert (checkpoint.tensors[name] == value).all()
 
 
 def test_evaluate_without_a_checkpoint_says_what_to_run(env, capsys):

@@ -49,6 +49,29 @@ def parameter_count(name: str) -> int:
     return sum(int(np.prod(shape)) for _, shape in SHAPES[name])
 
 
+def initial_weights(name: str, seed: int) -> dict[str, np.ndarray]:
+    """Seeded initial weights without TensorFlow: Glorot-uniform kernels, zero biases.
+
+    Glorot and Bengio 2010: each kernel entry is uniform in [-l, l] with
+    l = sqrt(6 / (fan_in + fan_out)); a dense kernel (in, out) has fan_in = in and
+    fan_out = out, a conv kernel (kh, kw, cin, cout) fan_in = kh kw cin and
+    fan_out = kh kw cout, as Keras' GlorotUniform. Tensor i draws from
+    default_rng([seed, i]), so the weights depend only on `seed`.
+    """
+    if name not in SHAPES:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(SHAPES)}")
+    tensors: dict[str, np.ndarray] = {}
+    for i, (tensor, shape) in enumerate(SHAPES[name]):
+        if tensor.endswith("/bias"):
+            tensors[tensor] = np.zeros(shape, np.float32)
+            continue
+        receptive = int(np.prod(shape[:-2]))  # kh * kw for a conv kernel, 1 for a dense one
+        limit = np.sqrt(6 / (receptive * (shape[-2] + shape[-1])))
+        rng = np.random.default_rng([seed, i])
+        tensors[tensor] = rng.uniform(-limit, limit, shape).astype(np.float32)
+    return tensors
+
+
 def from_settings(settings: Settings) -> keras.Model:
     """The model, optimizer and seed that MODEL, OPTIMIZER, LEARNING_RATE and SEED name."""
     return build(

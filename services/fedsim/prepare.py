@@ -1,9 +1,11 @@
 """`python -m fedsim.prepare`: make the data and the first checkpoint ready.
 
-Verifies (or downloads) the four MNIST files in DATA_DIR, and when MODEL_DIR
-holds no checkpoint writes version 0: the seeded initial weights of MODEL, so
-every run with the same SEED starts from the same model. The resolved settings
-are saved beside the checkpoints as settings.json.
+Verifies (or downloads) the four MNIST files in DATA_DIR; writes the partition
+plan to MODEL_DIR/partitions.json when there is none (and refuses settings that
+differ from an existing one); and when MODEL_DIR holds no checkpoint writes
+version 0: the seeded initial weights of MODEL, so every run with the same SEED
+starts from the same model. The resolved settings are saved beside the
+checkpoints as settings.json. It imports no TensorFlow, so it starts in a moment.
 """
 
 from __future__ import annotations
@@ -13,20 +15,46 @@ import logging
 import sys
 
 from fedsim import checkpoints, cli, config, models, weights
-from fedsim.client.training import quiet_tensorflow
-from fedsim.data import mnist
+from fedsim.data import mnist, partition
 
 log = logging.getLogger("fedsim.prepare")
 
 
 def _reset_hint(settings: config.Settings) -> str:
-    return f"reset with 'docker compose down -v', or delete {settings.model_dir} for a local run"
+    return f"reset with `docker compose down -v` (local runs: delete {settings.model_dir})"
+
+
+def _ensure_partitions(settings: config.Settings) -> None:
+    """Write partitions.json when absent; refuse settings that differ from an existing one."""
+    path = settings.model_dir / partition.FILE
+    plan = partition.plan_settings(settings)
+    if path.exists():
+        try:
+            content = partition.read(settings.model_dir)
+        except partition.PartitionError as exc:
+            raise partition.PartitionError(f"{exc}; {_reset_hint(settings)}") from None
+        diffs = partition.differences(content, settings)
+        if diffs:
+            key = next(k for k in plan if content["settings"].get(k) != plan[k])
+            raise config.ConfigError(
+                key,
+                str(plan[key]),
+                f"{path} was made with other settings ({'; '.join(diffs)}); "
+                f"{_reset_hint(settings)} or change it back",
+            )
+        log.info("%s matches the settings: left as it is", partition.FILE)
+    else:
+        labels = mnist.load_file(settings.data_dir, "train-labels", verify=settings.data_verify)
+        content = partition.manifest(plan, partition.make(plan, labels), labels)
+        log.info("wrote %s", partition.write(settings.model_dir, content))
+    log.info("%s", partition.summary(content))
 
 
 def _main() -> int:
     settings = config.load()
     mnist.ensure(settings.data_dir, settings.mnist_mirrors, verify=settings.data_verify)
     log.info("data ok in %s", settings.data_dir)
+    _ensure_partitions(settings)
 
     layout = models.SHAPES[settings.model]
     existing = checkpoints.versions(settings.model_dir)
@@ -48,12 +76,10 @@ def _main() -> int:
             )
         log.info("checkpoint %s (version %d) exists: left as it is", newest.path, newest.version)
     else:
-        quiet_tensorflow()
-        model = models.from_settings(settings)
         path = checkpoints.save(
             settings.model_dir,
             0,
-            models.get_weights(model),
+            models.initial_weights(settings.model, settings.seed),
             {
                 "version": 0,
                 "samples": 0,
