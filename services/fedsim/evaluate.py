@@ -1,7 +1,12 @@
-"""`python -m fedsim.evaluate [--checkpoint PATH] [--json FILE]`: score a checkpoint.
+"""`python -m fedsim.evaluate [--checkpoint PATH] [--json FILE] [--plots DIR]`: score a checkpoint.
 
 Scores the newest checkpoint in MODEL_DIR (or the one given) on MNIST's 10,000
-test images: accuracy, loss, per-class accuracy and the confusion matrix.
+test images: accuracy, loss, per-class accuracy and the confusion matrix; adds
+the run's history (test accuracy per evaluated round or version, from the
+checkpoint's folder) with its best and last entries. With `--json FILE` the
+report goes to FILE and PNGs beside it (`<stem>-learning-curve.png`,
+`<stem>-confusion.png`, `<stem>-clients.png`); `--plots DIR` puts the PNGs in
+DIR instead. matplotlib is imported only when plots are written.
 """
 
 from __future__ import annotations
@@ -9,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedsim import checkpoints, cli, config, models, weights
+from fedsim.aggregator import history
 from fedsim.client.training import quiet_tensorflow
 from fedsim.data import mnist
 
@@ -52,12 +59,34 @@ def score(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _when(entry: Mapping[str, Any]) -> str:
+    if isinstance(entry.get("round"), int):
+        return f"round {entry['round']} (version {entry['version']})"
+    return f"version {entry['version']}"
+
+
+def history_line(entries: list[dict[str, Any]], model_dir: Path) -> str:
+    """One line: how many evaluations, the best and the last accuracy with their round."""
+    if not entries:
+        return f"history: none yet (no evaluated version in {history.path_in(model_dir)})"
+    best, last = history.best_and_last(entries)
+    count = f"{len(entries)} evaluation{'' if len(entries) == 1 else 's'}"
+    return (
+        f"history: {count}; best accuracy {best['accuracy']:.4f} at {_when(best)}; "
+        f"last {last['accuracy']:.4f} at {_when(last)}"
+    )
+
+
 def render(report: dict[str, Any]) -> str:
     lines = [
         f"checkpoint: {report['checkpoint']} (version {report['version']}, "
         f"{report['samples']} samples aggregated, {report['model']})",
         f"accuracy: {report['accuracy']:.4f}",
         f"loss: {report['loss']:.4f}",
+    ]
+    if "history" in report:
+        lines.append(history_line(report["history"], Path(report["checkpoint"]).parent))
+    lines += [
         "per-class accuracy:",
         "  " + "  ".join(f"{d}: {a:.4f}" for d, a in list(report["per_class"].items())[:5]),
         "  " + "  ".join(f"{d}: {a:.4f}" for d, a in list(report["per_class"].items())[5:]),
@@ -75,7 +104,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         description="Score a checkpoint on MNIST's 10,000 test images.",
     )
     parser.add_argument("--checkpoint", type=Path, help="a checkpoint file (default: the newest)")
-    parser.add_argument("--json", type=Path, help="also write the report to this JSON file")
+    parser.add_argument(
+        "--json", type=Path, help="also write the report to this JSON file, and PNGs beside it"
+    )
+    parser.add_argument(
+        "--plots", type=Path, metavar="DIR", help="write the PNGs to this folder instead"
+    )
     return parser.parse_args(argv)
 
 
@@ -118,12 +152,86 @@ def _main(argv: list[str] | None = None) -> int:
     saved = checkpoint.path.parent / "settings.json"
     if saved.is_file():
         report["settings"] = json.loads(saved.read_text())
+    report["history"] = history.read(checkpoint.path.parent)
     print(render(report), flush=True)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"report: {args.json}", flush=True)
+    if args.plots is not None or args.json is not None:
+        folder = args.plots if args.plots is not None else args.json.parent
+        stem = args.json.stem if args.json is not None else f"evaluation-v{checkpoint.version}"
+        write_plots(report, checkpoint.path.parent, folder, stem)
     return 0
+
+
+def _setting_list(settings: Mapping[str, Any], names: tuple[str, ...]) -> str:
+    return ", ".join(f"{n}={settings[n]}" for n in names if settings.get(n) not in (None, ""))
+
+
+def _partition_names(settings: Mapping[str, Any]) -> tuple[str, ...]:
+    extra = {
+        "slices": ("CLIENT_SLICES", "NUM_IMAGES_TRAIN"),
+        "iid": ("NUM_CLIENTS",),
+        "shards": ("SHARDS_PER_CLIENT",),
+        "dirichlet": ("DIRICHLET_ALPHA",),
+    }
+    return ("PARTITION", *extra.get(str(settings.get("PARTITION")), ()), "SEED")
+
+
+def _clients_title(manifest: object) -> str:
+    manifest = manifest if isinstance(manifest, dict) else {}
+    clients, plan = manifest.get("clients"), manifest.get("settings")
+    plan = plan if isinstance(plan, dict) else {}
+    count = len(clients) if isinstance(clients, list) else 0
+    return f"Label distribution of {count} logical clients: " + _setting_list(
+        plan, _partition_names(plan)
+    )
+
+
+def write_plots(report: dict[str, Any], model_dir: Path, folder: Path, stem: str) -> list[Path]:
+    """The report's PNGs in `folder`, one line printed per file; returns the files written.
+
+    The learning curve needs a history entry and the clients' label
+    distribution needs `partitions.json` in `model_dir`; each is skipped with a
+    line saying why when its input is missing.
+    """
+    from fedsim import plots  # matplotlib loads only when plots are asked for
+
+    written: list[Path] = []
+
+    def done(path: Path) -> None:
+        written.append(path)
+        print(f"plot: {path}", flush=True)
+
+    if report["history"]:
+        run = {**(report.get("settings") or {}), "MODEL": report["model"]}
+        title = "Learning curve: " + _setting_list(run, ("MODEL", "AGGREGATION", "PARTITION"))
+        done(plots.learning_curve(report["history"], folder / f"{stem}-learning-curve.png", title))
+    else:
+        print("plot skipped: learning curve (no history yet)", flush=True)
+
+    title = (
+        f"Confusion matrix: version {report['version']} ({report['model']}), "
+        f"accuracy {report['accuracy']:.4f}"
+    )
+    done(plots.confusion_heatmap(report["confusion"], folder / f"{stem}-confusion.png", title))
+
+    manifest_path = model_dir / "partitions.json"
+    if not manifest_path.is_file():
+        print(f"plot skipped: clients (no partitions.json in {model_dir})", flush=True)
+        return written
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        path = folder / f"{stem}-clients.png"
+        done(plots.label_distribution(manifest, path, _clients_title(manifest)))
+    except (OSError, ValueError) as exc:  # a bad plan spoils only its own plot
+        print(
+            f"fedsim evaluate: warning: clients plot skipped: {manifest_path}: {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:
