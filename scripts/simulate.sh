@@ -2,10 +2,11 @@
 # The whole system as local processes, without Docker:
 #   scripts/simulate.sh [--clients N]
 # runs prepare, the aggregator under gunicorn on 127.0.0.1 (port of AGGREGATOR_URL),
-# then N clients (CLIENT_INDEX 1..N; default: one per range of CLIENT_SLICES) with
-# the same settings, each output line prefixed with its process's name. When the
-# clients are done it stops the aggregator with SIGTERM, which writes the final
-# checkpoint, and exits non-zero if any client failed.
+# then N worker processes (default: one per range of CLIENT_SLICES under
+# PARTITION=slices, else one per core) with the same settings, each output line
+# prefixed with its process's name. When the workers are done it stops the
+# aggregator with SIGTERM, which writes the final checkpoint, and exits non-zero
+# if any worker failed.
 # Settings come from the environment and ./.env as for every fedsim command.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -52,12 +53,14 @@ if [ "$status" -ne 0 ]; then
 fi
 
 # The resolved address and plan, from the same settings the processes read.
-read -r port ranges model_dir < <("$python" -c '
+read -r port workers model_dir < <("$python" -c '
+import os
 from urllib.parse import urlparse
 from fedsim import config
 s = config.load()
-print(urlparse(s.aggregator_url).port or 80, len(s.client_slices), s.model_dir)')
-clients=${clients:-$ranges}
+workers = len(s.client_slices) if s.partition == "slices" else min(os.cpu_count() or 1, s.per_round)
+print(urlparse(s.aggregator_url).port or 80, workers, s.model_dir)')
+clients=${clients:-$workers}
 export AGGREGATOR_URL="http://127.0.0.1:$port" BIND="127.0.0.1:$port"
 
 pids=()
@@ -87,10 +90,10 @@ until "$python" -c "import urllib.request as u; u.urlopen('$AGGREGATOR_URL/healt
   fi
   sleep 0.3
 done
-echo "simulate.sh: aggregator up on $AGGREGATOR_URL; starting $clients clients"
+echo "simulate.sh: aggregator up on $AGGREGATOR_URL; starting $clients workers"
 
 for i in $(seq 1 "$clients"); do
-  CLIENT_INDEX=$i "$python" -m fedsim.client < /dev/null > >(prefix "client-$i") 2>&1 &
+  "$python" -m fedsim.client < /dev/null > >(prefix "worker-$i") 2>&1 &
   pids+=($!)
 done
 
@@ -98,7 +101,7 @@ failed=()
 for i in "${!pids[@]}"; do
   wait "${pids[$i]}"
   code=$?
-  [ "$code" -ne 0 ] && failed+=("client-$((i + 1)) (exit $code)")
+  [ "$code" -ne 0 ] && failed+=("worker-$((i + 1)) (exit $code)")
 done
 pids=()
 

@@ -6,10 +6,16 @@ once per version and never changed. A new version swaps the reference under
 wait on uploads and never see a half-written model. Checkpoints are written
 outside `_lock` (under `_save_lock`, which only serializes disk writes), from a
 consistent view captured under it.
+
+Work is handed out by the task queue (tasks.py); an update that answers a task
+counts once whatever happens (its task id is deterministic and remembered in
+checkpoints). A hand-started client's update (no task) is deduplicated by its
+update_id, as before tasks existed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -24,26 +30,31 @@ from typing import Any
 import numpy as np
 
 from fedsim import checkpoints, weights
-from fedsim.aggregator import strategies
-from fedsim.aggregator.strategies import Aggregate, Global, Update
+from fedsim.aggregator import history, persistence, strategies, tasks
+from fedsim.aggregator.persistence import StartupError
+from fedsim.aggregator.strategies import Global, Refused, Update
 from fedsim.config import Settings
 from fedsim.models import SHAPES
 
 log = logging.getLogger("fedsim.aggregator")
 
+__all__ = ["Result", "Snapshot", "StartupError", "State"]
+
 REMEMBERED_IDS = 100_000  # applied update ids kept in memory for dedup (~15 MB at most)
 SAVED_IDS = 256  # the most recent of them saved in a checkpoint, for dedup after a restart
-SAVED_IDS_BYTES = 32_000  # and at most this much JSON: a checkpoint header must stay < 64 kB
+SAVED_IDS_BYTES = 24_000  # and at most this much JSON: a checkpoint header must stay < 64 kB
 HISTORY = 20  # recent aggregated updates shown by /v1/status
-MAX_CLIENTS_SHOWN = 1000  # clients remembered for /v1/status, least recently seen dropped
-
-
-class StartupError(RuntimeError):
-    """The aggregator cannot start from what is in MODEL_DIR."""
+EVENTS = 50  # recent events shown by /v1/status and the dashboard
+MAX_CLIENTS_SHOWN = 1000  # hand-started clients remembered for /v1/status
+MAX_WEIGHT = 1e6  # a global weight beyond this is an exploding model, never published
 
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _metric(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 @dataclass(frozen=True)
@@ -54,10 +65,7 @@ class Snapshot:
     samples: int
     tensors: Mapping[str, np.ndarray]
     body: bytes
-
-    @property
-    def etag(self) -> str:
-        return str(self.version)
+    etag: str  # the version and a digest of the bytes: a restart that re-makes N differs
 
     @classmethod
     def of(cls, tensors: Mapping[str, np.ndarray], version: int, samples: int, model: str):
@@ -67,7 +75,8 @@ class Snapshot:
             tensor.flags.writeable = False  # shared by readers: nobody may change it in place
             frozen[name] = tensor
         body = weights.encode(frozen, {"version": version, "samples": samples, "model": model})
-        return cls(version, samples, frozen, body)
+        etag = f"{version}-{hashlib.sha256(body).hexdigest()[:16]}"
+        return cls(version, samples, frozen, body, etag)
 
 
 @dataclass(frozen=True)
@@ -84,46 +93,117 @@ class _SaveView:
     updates_total: int
 
 
+def _queue(settings: Settings, clients: list[tasks.Client], mode: str, **kw: Any) -> tasks.Queue:
+    common = {
+        "seed": settings.seed,
+        "per_round": settings.per_round,
+        "rounds": settings.rounds,
+        "task_timeout": settings.task_timeout,
+        "training": {
+            "model": settings.model,
+            "epochs": settings.epochs,
+            "batch_size": settings.batch_size,
+            "learning_rate": settings.learning_rate,
+            "optimizer": settings.optimizer,
+        },
+        **kw,
+    }
+    if mode == "rounds":
+        return tasks.RoundQueue(
+            clients, quorum=settings.round_quorum, round_timeout=settings.round_timeout, **common
+        )
+    if settings.partition == "slices":
+        return tasks.SliceQueue(clients, **common)
+    return tasks.SampledQueue(clients, **common)
+
+
 class State:
-    """Global model, strategy, dedup ids, clients seen, history and checkpoint schedule."""
+    """Global model, rule, task queue, dedup ids, clients, workers, history and checkpoints."""
 
     def __init__(
         self,
         settings: Settings,
+        start: persistence.Start,
         *,
-        snapshot: Snapshot,
-        strategy: strategies.Strategy,
-        applied_ids: list[str],
-        updates_total: int,
-        last_checkpoint: dict[str, Any] | None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.layout = SHAPES[settings.model]
-        self.strategy = strategy
-        self.snapshot = snapshot  # swapped, never mutated
+        self.strategy = strategies.build(settings)
+        if start.strategy_state:
+            try:
+                self.strategy.load_state_dict(start.strategy_state)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise StartupError(f"checkpoint has a bad strategy state: {exc}") from None
+        ckpt = start.checkpoint
+        self.snapshot = Snapshot.of(ckpt.tensors, ckpt.version, start.samples, settings.model)
         self._clock, self._wall = clock, wall
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
+        self.manifest = start.manifest
+        self.queue = _queue(
+            settings,
+            start.clients,
+            self.strategy.mode,
+            partition=self.manifest["settings"],
+            clock=clock,
+            wall=wall,
+        )
+        try:
+            self.queue.load_state_dict(start.tasks_state)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StartupError(f"checkpoint has a bad task state: {exc}") from None
         # Applied update id -> (version that included it, its sequence number). The
         # ids restored from a checkpoint are its most recent ones, in order, so the
-        # last of them is number `updates_total`; their version is the checkpoint's.
-        first_seq = updates_total - len(applied_ids) + 1
+        # last of them is number `updates`; their version is the checkpoint's.
+        first_seq = start.updates - len(start.applied_ids) + 1
         self._applied: OrderedDict[str, tuple[int, int]] = OrderedDict(
-            (update_id, (snapshot.version, first_seq + i))
-            for i, update_id in enumerate(applied_ids)
+            (update_id, (ckpt.version, first_seq + i))
+            for i, update_id in enumerate(start.applied_ids)
         )
-        self._pending: set[str] = set()
-        self._updates_total = updates_total  # updates folded into the global model, ever
-        self._clients: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
-        self._saved_version = snapshot.version
-        self._saved_updates = updates_total
-        self._last_checkpoint = last_checkpoint
+        self._updates_total = start.updates
+        # Versions waiting for their evaluation, and what their history entry will say.
+        self._kept: dict[int, Snapshot] = {}
+        self._round_of: dict[int, int] = {}
+        self._updates_at: dict[int, int] = {}
+        self._clients_at: dict[int, list[str]] = {}
+        self._history = list(start.history)
+        self._recent: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self._events: deque[dict[str, Any]] = deque(maxlen=EVENTS)
+        self._since_eval: list[str] = []  # clients in the versions since the last evaluated one
+        self._clients = {c.id: self._client_record(c, i) for i, c in enumerate(start.clients)}
+        self._others: OrderedDict[str, dict[str, Any]] = OrderedDict()  # hand-started clients
+        self._saved_version = ckpt.version
+        self._saved_updates = start.updates
+        self._last_checkpoint = {"version": ckpt.version, "time": _iso(ckpt.path.stat().st_mtime)}
         self._changed_at = clock()
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
+        self.metrics_hook: Callable[[str, dict[str, Any]], None] | None = None
+        self._event(
+            "restart",
+            f"started from checkpoint v{ckpt.version} ({self.strategy.name}, "
+            f"{settings.partition}, {len(start.clients)} logical clients)",
+        )
+        if not any(e["version"] == ckpt.version for e in self._history):
+            self._want_evaluation(self.snapshot)
+        if self.queue.training_done and self._history and not self.queue.evals:
+            log.info("the run is finished: nothing left to train or score")
+
+    def _client_record(self, client: tasks.Client, index: int) -> dict[str, Any]:
+        labels = self.manifest["clients"][index].get("labels")
+        return {
+            "id": client.id,
+            "samples": client.samples,
+            "labels": labels,
+            "slices": f"{client.slices[0]}-{client.slices[1]}" if client.slices else None,
+            "updates": 0,
+            "last_seen": None,
+            "staleness": None,
+            "loss": None,
+            "accuracy": None,
+        }
 
     # --- start --------------------------------------------------------------------
 
@@ -136,185 +216,346 @@ class State:
         wall: Callable[[], float] = time.time,
     ) -> State:
         """Start from the newest checkpoint that reads back whole. Raises StartupError."""
-        model_dir = settings.model_dir
-        ckpt = checkpoints.load_newest(model_dir)
-        if ckpt is None:
-            raise StartupError(
-                f"no checkpoint in {model_dir}: run `python -m fedsim.prepare` "
-                "(or `docker compose up`, which runs the prepare service) first"
-            )
-        meta = ckpt.metadata
-        if meta.get("model", settings.model) != settings.model:
-            raise StartupError(
-                f"checkpoint {ckpt.path} holds model {meta['model']!r} but MODEL={settings.model};"
-                f" set MODEL={meta['model']} or use an empty MODEL_DIR"
-            )
-        try:
-            weights.validate(ckpt.tensors, SHAPES[settings.model])
-        except weights.WeightsError as exc:
-            raise StartupError(
-                f"checkpoint {ckpt.path} does not fit MODEL={settings.model}: {exc.reason}"
-            ) from None
-        samples = _int_meta(meta, "samples")
-        strategy = strategies.build(settings)
-        if meta.get("strategy") == strategy.name:
-            try:
-                strategy.load_state_dict(json.loads(meta.get("strategy_state", "{}")))
-            except (ValueError, AttributeError) as exc:
-                raise StartupError(
-                    f"checkpoint {ckpt.path} has bad strategy_state: {exc}"
-                ) from None
-        elif "strategy" in meta:
-            log.info(
-                "checkpoint was made by %s; %s starts fresh from its weights",
-                meta["strategy"],
-                strategy.name,
-            )
-        try:
-            applied = [str(i) for i in json.loads(meta.get("applied_ids", "[]"))]
-        except (ValueError, TypeError):
-            log.warning("checkpoint %s has unreadable applied_ids; dedup starts empty", ckpt.path)
-            applied = []
-        snapshot = Snapshot.of(ckpt.tensors, ckpt.version, samples, settings.model)
-        mtime = ckpt.path.stat().st_mtime
+        start = persistence.load(settings, settings.aggregation)
+        state = cls(settings, start, clock=clock, wall=wall)
         log.info(
-            "resumed from %s: version %d, %d samples, model %s, strategy %s%s",
-            ckpt.path,
-            ckpt.version,
-            samples,
+            "resumed from %s: version %d, %d samples, model %s, strategy %s, partition %s "
+            "(%d logical clients)%s",
+            start.checkpoint.path,
+            state.snapshot.version,
+            state.snapshot.samples,
             settings.model,
-            strategy.name,
-            " (finished)" if strategy.finished else "",
+            state.strategy.name,
+            settings.partition,
+            len(start.clients),
+            " (finished)" if state.queue.finished else "",
         )
-        return cls(
-            settings,
-            snapshot=snapshot,
-            strategy=strategy,
-            applied_ids=applied,
-            updates_total=_int_meta(meta, "updates"),
-            last_checkpoint={"version": ckpt.version, "path": str(ckpt.path), "time": _iso(mtime)},
-            clock=clock,
-            wall=wall,
-        )
+        return state
+
+    # --- events and metrics -------------------------------------------------------
+
+    def _event(self, kind: str, text: str) -> None:
+        self._events.append({"time": _iso(self._wall()), "kind": kind, "text": text})
+
+    def _measure(self, what: str, **values: Any) -> None:
+        if self.metrics_hook is not None:
+            try:
+                self.metrics_hook(what, values)
+            except Exception:  # metrics never break the service
+                log.exception("metrics hook failed for %s", what)
+
+    def note_refusal(self, who: str, code: str, detail: str) -> None:
+        with self._lock:
+            self._event("refused", f"{who}: {code}: {detail}")
+        self._measure("refused", reason=code)
+
+    # --- tasks --------------------------------------------------------------------
+
+    def hello(self, uid: str) -> dict[str, Any]:
+        with self._lock:
+            now = self._clock()
+            worker = self.queue.worker(uid, now)
+            return {"worker": worker.name, "workers": self.queue.live_workers(now)}
+
+    def ask(self, uid: str, retries: int = 0) -> tuple[tasks.Offer, str]:
+        """A task for worker `uid`, or why there is none; also the worker's short name."""
+        with self._lock:
+            self._tick_locked(self._clock())
+            offer, worker = self.queue.ask(uid, self.snapshot.version, retries)
+            if offer.task is not None:
+                task = offer.task
+                if task["kind"] == "train":
+                    log.info(
+                        "task %s (%s) to %s, base v%d",
+                        task["id"],
+                        task["client"],
+                        worker.name,
+                        task["base_version"],
+                    )
+                self._measure("task", kind=task["kind"])
+            return offer, worker.name
+
+    def snapshot_of(self, version: int) -> Snapshot | None:
+        """The current snapshot, or a past one kept for its evaluation."""
+        snap = self.snapshot
+        return snap if snap.version == version else self._kept.get(version)
+
+    def record_evaluation(
+        self, task_id: str, lease: str, accuracy: float, loss: float, worker: str
+    ) -> dict[str, Any]:
+        """Append an evaluation to the history. Raises Refused when it is not wanted."""
+        with self._lock:
+            version = self.queue.check_evaluation(task_id, lease)
+            record = self.queue.workers.get(worker)
+            worker = record.name if record is not None else worker
+            entry = {
+                "version": version,
+                "round": self._round_of.get(version),
+                "time": _iso(self._wall()),
+                "accuracy": round(float(accuracy), 6),
+                "loss": round(float(loss), 6),
+                "samples": self._kept[version].samples if version in self._kept else None,
+                "updates": self._updates_at.get(version),
+                "clients": self._clients_at.pop(version, []),
+            }
+            history.append(self.settings.model_dir, entry)
+            self._history = [e for e in self._history if e["version"] != version] + [entry]
+            self._history.sort(key=lambda e: e["version"])
+            self.queue.record_evaluation(task_id, lease, version)
+            self._kept.pop(version, None)
+            where = f"round {entry['round']} (v{version})" if entry["round"] else f"v{version}"
+            log.info(
+                "evaluation of %s by %s: test accuracy %.4f, loss %.4f",
+                where,
+                worker,
+                accuracy,
+                loss,
+            )
+            self._event("evaluation", f"{where}: test accuracy {accuracy:.4f}, loss {loss:.4f}")
+            self._round_of.pop(version, None)
+            self._updates_at.pop(version, None)
+            if self.queue.finished:
+                log.info("the run is finished at version %d", self.snapshot.version)
+                self._event("finished", f"run finished at version {self.snapshot.version}")
+            self._measure("evaluation", accuracy=accuracy, loss=loss)
+            return entry
+
+    def _want_evaluation(self, snap: Snapshot, round_no: int | None = None) -> None:
+        """Queue a score of `snap` (caller holds _lock, or is the constructor)."""
+        self._kept[snap.version] = snap
+        if round_no is not None:
+            self._round_of[snap.version] = round_no
+        self._updates_at[snap.version] = self._updates_total
+        self._clients_at[snap.version] = sorted(set(self._since_eval))
+        self._since_eval = []
+        self.queue.want_evaluation(snap.version)
 
     # --- updates ------------------------------------------------------------------
 
     def submit(self, update: Update) -> Result:
-        """Aggregate a validated update once. Raises strategies.Refused (nothing changes then)."""
+        """Aggregate a validated update once. Raises Refused (nothing changes then)."""
         with self._lock:
             now = self._clock()
             self._tick_locked(now)
-            if update.update_id in self._applied or update.update_id in self._pending:
-                log.info(
-                    "duplicate update %s from client %s acknowledged, not aggregated again",
-                    update.update_id,
+            version = self.snapshot.version
+            if update.task_id is not None:
+                fresh = self.queue.check_update(
+                    update.task_id,
+                    update.lease,
                     update.client_id,
+                    update.base_version,
+                    version,
+                    update.num_samples,
                 )
                 known = self._applied.get(update.update_id)
-                return Result(self.snapshot.version, True, known[1] if known else None)
-            aggregate = self.strategy.accept(update, self._global(), now)
-            # Accepted: from here on nothing raises.
-            self._see_client(update)
-            if aggregate is None:
-                self._pending.add(update.update_id)
-                info = self.strategy.status(self._global(), now) or {}
+                if not fresh:
+                    log.info(
+                        "duplicate update for task %s from %s acknowledged, not aggregated again",
+                        update.task_id,
+                        update.client_id,
+                    )
+                    return Result(version, True, known[1] if known else None)
+            else:
+                if self.strategy.mode != "async":
+                    raise Refused(
+                        "no_task",
+                        f"{self.strategy.name} runs rounds of sampled clients: only updates for "
+                        "tasks count; start a worker instead of a client with its own range",
+                    )
+                known = self._applied.get(update.update_id)
+                if known is not None:
+                    log.info(
+                        "duplicate update %s from client %s acknowledged, not aggregated again",
+                        update.update_id,
+                        update.client_id,
+                    )
+                    return Result(version, True, known[1])
+            if self.strategy.mode == "async":
+                tensors = self.strategy.accept(update, self._global())
+                self._check_aggregate(tensors, [update])
+                self._apply(tensors, [update], now)
+                if update.task_id is not None:
+                    self.queue.record_update(update.task_id, update.lease)
+                self._log_accepted(update)
+                self._after_version(None)
+            else:
+                assert isinstance(self.queue, tasks.RoundQueue) and update.task_id is not None
+                self.queue.add_update(update.task_id, update, now)
+                self.queue.record_update(update.task_id, update.lease)
+                r = self.queue.round
+                assert r is not None
                 log.info(
-                    "accepted update from client %s slice %s: base v%d -> round %s (%d/%d), "
+                    "accepted update from %s (task %s): base v%d -> round %d (%d/%d), "
                     "%d samples, loss %s, accuracy %s",
                     update.client_id,
-                    update.meta.get("slice", "-"),
+                    update.task_id,
                     update.base_version,
-                    info.get("number", "?"),
-                    info.get("pending", 0),
-                    info.get("quorum", 0),
+                    r.number,
+                    len(r.updates),
+                    len(r.sampled),
                     update.num_samples,
                     _metric(update.meta.get("loss")),
                     _metric(update.meta.get("accuracy")),
                 )
-            else:
-                self._apply(aggregate, now)
-                if aggregate.updates == (update,):
-                    log.info(
-                        "accepted update from client %s slice %s: base v%d -> v%d, %d samples, "
-                        "loss %s, accuracy %s, total %d samples",
-                        update.client_id,
-                        update.meta.get("slice", "-"),
-                        update.base_version,
-                        self.snapshot.version,
-                        update.num_samples,
-                        _metric(update.meta.get("loss")),
-                        _metric(update.meta.get("accuracy")),
-                        self.snapshot.samples,
-                    )
+                self._see_client(update, staleness=version - update.base_version)
+                self._close_round_if_due(now)
             known = self._applied.get(update.update_id)
             return Result(self.snapshot.version, False, known[1] if known else None)
+
+    def _log_accepted(self, update: Update) -> None:
+        where = f" slice {update.meta['slice']}" if "slice" in update.meta else ""
+        task = f" (task {update.task_id})" if update.task_id else ""
+        log.info(
+            "accepted update from client %s%s%s: base v%d -> v%d, %d samples, "
+            "loss %s, accuracy %s, total %d samples",
+            update.client_id,
+            where,
+            task,
+            update.base_version,
+            self.snapshot.version,
+            update.num_samples,
+            _metric(update.meta.get("loss")),
+            _metric(update.meta.get("accuracy")),
+            self.snapshot.samples,
+        )
 
     def _global(self) -> Global:
         snap = self.snapshot
         return Global(snap.tensors, snap.version, snap.samples)
 
-    def _apply(self, aggregate: Aggregate, now: float) -> None:
-        """Make `aggregate` the next version. Caller holds _lock."""
+    def _check_aggregate(self, tensors: Mapping[str, np.ndarray], updates: list[Update]) -> None:
+        """Refuse new global weights that are not finite or explode (nothing is published)."""
+        for name, tensor in tensors.items():
+            if not np.isfinite(tensor).all() or np.abs(tensor).max(initial=0) > MAX_WEIGHT:
+                who = ", ".join(f"{u.client_id} ({u.update_id})" for u in updates)
+                log.error(
+                    "refused aggregate: tensor %s would be non-finite or beyond %g; updates: %s",
+                    name,
+                    MAX_WEIGHT,
+                    who,
+                )
+                raise Refused(
+                    "bad_aggregate",
+                    f"aggregating this update would make tensor {name} non-finite or larger "
+                    f"than {MAX_WEIGHT:g}; the model stays at version {self.snapshot.version}",
+                )
+
+    def _apply(self, tensors: Mapping[str, np.ndarray], updates: list[Update], now: float) -> None:
+        """Make `tensors` the next version. Caller holds _lock."""
         old = self.snapshot
-        added = sum(u.num_samples for u in aggregate.updates)
-        new = Snapshot.of(
-            aggregate.tensors, old.version + 1, old.samples + added, self.settings.model
+        added = sum(u.num_samples for u in updates)
+        self.snapshot = Snapshot.of(
+            tensors, old.version + 1, old.samples + added, self.settings.model
         )
-        self.snapshot = new
         self._changed_at = now
         stamp = _iso(self._wall())
-        for u in aggregate.updates:
+        for u in updates:
             self._updates_total += 1
-            self._pending.discard(u.update_id)
-            self._applied[u.update_id] = (new.version, self._updates_total)
-            self._history.append(
+            self._applied[u.update_id] = (self.snapshot.version, self._updates_total)
+            self._since_eval.append(u.client_id)
+            if self.strategy.mode == "async":
+                self._see_client(u, staleness=old.version - u.base_version)
+            self._recent.append(
                 {
                     "client_id": u.client_id,
                     "update_id": u.update_id,
+                    "task": u.task_id,
                     "slice": u.meta.get("slice"),
                     "base_version": u.base_version,
-                    "version": new.version,
+                    "version": self.snapshot.version,
                     "samples": u.num_samples,
                     "time": stamp,
                 }
             )
+            self._measure("accepted", staleness=max(0, old.version - u.base_version))
         while len(self._applied) > REMEMBERED_IDS:
             self._applied.popitem(last=False)
-        if aggregate.reason != "update":
+        self._measure("version", version=self.snapshot.version)
+
+    def _after_version(self, round_no: int | None) -> None:
+        """Queue the evaluations a new version calls for. Caller holds _lock."""
+        snap = self.snapshot
+        if round_no is not None or snap.version % self.settings.evaluate_every == 0:
+            self._want_evaluation(snap, round_no)
+        elif self.queue.training_done:
+            self._want_evaluation(snap, round_no)  # the final model is always scored
+        if self.queue.training_done:
             log.info(
-                "%s: %d updates, %d samples -> v%d, total %d samples%s",
-                aggregate.reason,
-                len(aggregate.updates),
-                added,
-                new.version,
-                new.samples,
-                "; run finished" if self.strategy.finished else "",
+                "all training tasks are done at version %d; scoring the final model", snap.version
             )
 
-    def _see_client(self, update: Update) -> None:
-        record = self._clients.pop(update.client_id, None) or {"id": update.client_id, "updates": 0}
+    def _close_round_if_due(self, now: float) -> None:
+        queue = self.queue
+        if not isinstance(queue, tasks.RoundQueue):
+            return
+        why = queue.due(now)
+        if why is None:
+            return
+        r = queue.close()
+        updates = [r.updates[n] for n in r.sampled if n in r.updates]
+        started = time.perf_counter()
+        tensors = self.strategy.aggregate(self._global(), updates)
+        try:
+            self._check_aggregate(tensors, updates)
+        except Refused as exc:
+            log.error("round %d produced no new version: %s", r.number, exc.reason)
+            self._event("round", f"round {r.number} refused: {exc.reason}")
+            return
+        self._apply(tensors, updates, now)
+        self._measure("aggregation", seconds=time.perf_counter() - started)
+        added = sum(u.num_samples for u in updates)
+        log.info(
+            "round %d closed (%s): %d of %d sampled clients, %d samples -> v%d, total %d samples%s",
+            r.number,
+            why,
+            len(updates),
+            len(r.sampled),
+            added,
+            self.snapshot.version,
+            self.snapshot.samples,
+            "; all rounds done" if queue.training_done else "",
+        )
+        self._event(
+            "round",
+            f"round {r.number} closed ({why}): {len(updates)}/{len(r.sampled)} clients -> "
+            f"v{self.snapshot.version}",
+        )
+        self._measure("round", number=r.number)
+        self._want_evaluation(self.snapshot, r.number)
+
+    def _see_client(self, update: Update, staleness: int) -> None:
+        record = self._clients.get(update.client_id)
+        if record is None:  # a hand-started client, outside the plan
+            record = self._others.pop(update.client_id, None) or {
+                "id": update.client_id,
+                "samples": None,
+                "labels": None,
+                "slices": None,
+                "updates": 0,
+            }
+            self._others[update.client_id] = record
+            while len(self._others) > MAX_CLIENTS_SHOWN:
+                self._others.popitem(last=False)
         record["updates"] += 1
         record["last_seen"] = _iso(self._wall())
         record["base_version"] = update.base_version
+        record["staleness"] = max(0, staleness)
         for key in ("slices", "slice", "loss", "accuracy", "retries"):
             if key in update.meta:
                 record[key] = update.meta[key]
-        self._clients[update.client_id] = record
-        while len(self._clients) > MAX_CLIENTS_SHOWN:
-            self._clients.popitem(last=False)
 
     # --- time ---------------------------------------------------------------------
 
     def _tick_locked(self, now: float) -> None:
-        aggregate = self.strategy.tick(self._global(), now)
-        if aggregate is not None:
-            self._apply(aggregate, now)
+        self._close_round_if_due(now)
 
     def poll(self) -> Snapshot:
         """The current snapshot, closing a timed-out round first (lock taken only then)."""
-        deadline = self.strategy.deadline()
-        if deadline is not None and self._clock() >= deadline:
-            self.tick()
+        queue = self.queue
+        if isinstance(queue, tasks.RoundQueue):
+            deadline = queue.deadline()
+            if deadline is not None and self._clock() >= deadline:
+                self.tick()
         return self.snapshot
 
     def tick(self) -> None:
@@ -348,10 +589,10 @@ class State:
             return None
         if force:
             return "shutdown"
-        if self.strategy.finished:
+        if self.queue.training_done:
             return "run finished"
-        # SAVE_MODEL counts aggregated updates, not versions: a fedavg round is one
-        # version made of several updates.
+        # SAVE_MODEL counts aggregated updates, not versions: a round is one version
+        # made of several updates.
         if self._updates_total - self._saved_updates >= self.settings.save_model:
             return f"SAVE_MODEL={self.settings.save_model}"
         if now - self._changed_at >= self.settings.idle_save_seconds:
@@ -369,6 +610,7 @@ class State:
                     return None
                 view = self._save_view()
             snap = view.snapshot
+            started = time.perf_counter()
             path = checkpoints.save(
                 self.settings.model_dir,
                 snap.version,
@@ -379,11 +621,9 @@ class State:
             with self._lock:
                 unsaved = view.updates_total - self._saved_updates
                 self._saved_version, self._saved_updates = snap.version, view.updates_total
-                self._last_checkpoint = {
-                    "version": snap.version,
-                    "path": str(path),
-                    "time": view.metadata["time"],
-                }
+                self._last_checkpoint = {"version": snap.version, "time": view.metadata["time"]}
+                self._event("checkpoint", f"checkpoint v{snap.version} ({reason})")
+            self._measure("checkpoint", seconds=time.perf_counter() - started)
             log.info(
                 "checkpoint v%d written to %s (%s; %d samples, %d updates since the last)",
                 snap.version,
@@ -412,6 +652,7 @@ class State:
             "model": self.settings.model,
             "strategy": self.strategy.name,
             "strategy_state": json.dumps(self.strategy.state_dict()),
+            "tasks_state": json.dumps(self.queue.state_dict()),
             "updates": self._updates_total,
             "applied_ids": json.dumps(recent),
             "time": _iso(self._wall()),
@@ -425,50 +666,77 @@ class State:
             now = self._clock()
             self._tick_locked(now)
             snap = self.snapshot
+            queue_status = self.queue.status()
+            s = self.settings
             return {
                 "version": snap.version,
                 "samples": snap.samples,
-                "model": self.settings.model,
+                "model": s.model,
                 "strategy": self.strategy.name,
-                "finished": self.strategy.finished,
-                "round": self.strategy.status(self._global(), now),
+                "mode": self.strategy.mode,
+                "partition": dict(self.manifest["settings"]),
+                "finished": self.queue.finished,
+                "round": queue_status.pop("round", None),
+                "run": {
+                    "rounds": s.rounds,
+                    "clients_per_round": s.per_round,
+                    "logical_clients": len(self._clients),
+                    "eval_every": s.evaluate_every,
+                    "task_timeout": s.task_timeout,
+                },
                 "updates": self._updates_total,
-                "pending_updates": self.strategy.pending(),
+                "pending_updates": (
+                    len(self.queue.round.updates)
+                    if isinstance(self.queue, tasks.RoundQueue) and self.queue.round
+                    else 0
+                ),
                 "unsaved_updates": self._updates_total - self._saved_updates,
-                "clients": [
-                    dict(c) for c in self._clients.values()
-                ],  # copies: JSON is made unlocked
-                "history": list(self._history),
-                "last_checkpoint": self._last_checkpoint,
+                # copies: JSON is made unlocked
+                "clients": [dict(c) for c in self._clients.values()]
+                + [dict(c) for c in self._others.values()],
+                "workers": queue_status["workers"],
+                "evaluations_pending": queue_status["evaluations_pending"],
+                "history": list(self._recent),
+                "events": list(self._events),
+                "last_checkpoint": dict(self._last_checkpoint),
+            }
+
+    def history(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(e) for e in self._history]
+
+    def summary(self) -> dict[str, Any]:
+        """The essentials the dashboard renders without JavaScript."""
+        with self._lock:
+            last = self._history[-1] if self._history else None
+            return {
+                "version": self.snapshot.version,
+                "strategy": self.strategy.name,
+                "model": self.settings.model,
+                "partition": self.settings.partition,
+                "last_accuracy": last["accuracy"] if last else None,
+                "last_round": last["round"] if last else None,
+                "finished": self.queue.finished,
             }
 
     def lookup(self, update_id: str, seq: int | None = None) -> dict[str, Any]:
         """What became of an update: `state` saved, applied, pending or unknown.
 
         saved: folded into a version that is in a checkpoint on disk; applied: in
-        the served model, not yet checkpointed; pending: held by the strategy (an
-        open fedavg round); unknown: never received, lost in a crash, or forgotten.
+        the served model, not yet checkpointed; pending: in an open round;
+        unknown: never received, lost in a crash, or forgotten.
 
-        Every aggregated update gets a sequence number, `updates_total` just after
-        it was folded in (returned as `seq` by POST /v1/updates and here). The ids
-        remembered are always the most recent ones, numbers `first`..`updates_total`
-        (a checkpoint saves the last SAVED_IDS of them and `updates_total`; memory
-        drops the oldest past REMEMBERED_IDS). So an unknown id asked with its `seq`
-        is `forgotten` (certainly saved: drop it) when seq < first, else lost (push
-        it again).
-
-        Why this never counts an update twice: if an update is in the current model,
-        it was numbered in the chain of states that led to this one, and numbers grow
-        along that chain; every id of that chain numbered >= first is remembered. So
-        an update in the model whose id is not remembered has seq < first and is
-        answered forgotten, never lost; a re-push of a remembered id is a duplicate.
-        The reverse mistake is possible but bounded: numbers after the newest
-        checkpoint are handed out again after a crash, so an update lost in a crash
-        reads as forgotten only once more than SAVED_IDS later updates have been
-        checkpointed (or REMEMBERED_IDS have been made) before its client asks, which
-        loses it rather than counting it twice. Without `seq`, an unknown id is never
-        forgotten; clients learn their `seq` from the push's answer, or for a fedavg
-        round from a lookup, and a fedavg re-push of an old round is refused as stale.
+        A task's update id is its task id, and the task queue knows for every task
+        of the run whether it is done, across restarts: a done task whose id is
+        not remembered here was saved before the last restart. A hand-started
+        client's update carries its own id; every aggregated update gets a
+        sequence number (`seq`, returned by POST /v1/updates), and the ids
+        remembered are the most recent ones, numbers `first`..`updates_total`
+        (a checkpoint saves the last SAVED_IDS of them). So an unknown id asked
+        with its `seq` is `forgotten` (certainly saved: drop it) when seq < first,
+        else lost (push it again); this never counts an update twice, and an
+        update lost in a crash reads as forgotten only once more than SAVED_IDS
+        later updates have been checkpointed before its client asks.
         """
         with self._lock:
             known = self._applied.get(update_id)
@@ -476,8 +744,16 @@ class State:
                 version, number = known
                 state = "saved" if version <= self._saved_version else "applied"
                 return {"update_id": update_id, "state": state, "version": version, "seq": number}
-            if update_id in self._pending:
+            queue = self.queue
+            if isinstance(queue, tasks.RoundQueue) and queue.is_done(update_id):
                 return {"update_id": update_id, "state": "pending", "version": None, "seq": None}
+            if queue.is_done(update_id):
+                return {
+                    "update_id": update_id,
+                    "state": "saved",
+                    "version": self._saved_version,
+                    "seq": None,
+                }
             first = (
                 next(iter(self._applied.values()))[1] if self._applied else self._updates_total + 1
             )
@@ -490,15 +766,4 @@ class State:
 
     def info(self) -> tuple[int, bool]:
         """(version, finished), for error bodies."""
-        return self.snapshot.version, self.strategy.finished
-
-
-def _int_meta(meta: Mapping[str, str], key: str) -> int:
-    try:
-        return max(0, int(meta.get(key, "0")))
-    except ValueError:
-        raise StartupError(f"checkpoint metadata {key}={meta[key]!r} is not an integer") from None
-
-
-def _metric(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+        return self.snapshot.version, self.queue.finished

@@ -11,9 +11,10 @@
   with its staleness: alpha_t = alpha * s(t - tau), x_t = (1 - alpha_t) x_{t-1}
   + alpha_t x_new, with the polynomial s(t - tau) = (t - tau + 1) ** -a.
 
-A strategy sees the current global model and one update at a time and returns
-the next global weights, or None while it waits for more. It never touches
-HTTP, checkpoints or validation, so a new rule is one more class here. The math
+An asynchronous rule sees the current global model and one update and returns
+the next global weights; a round rule sees the round's updates at once. Neither
+touches HTTP, checkpoints, validation or the choice of clients (tasks.py), so a
+new rule is one more class here. The math
 lives in small pure numpy functions, tested on hand-worked arrays.
 """
 
@@ -99,10 +100,12 @@ def fedasync_mix(global_w: Tensors, client_w: Tensors, *, alpha_t: float) -> dic
 
 
 class Refused(Exception):
-    """An update the strategy cannot take now (HTTP 409). `code` is a short machine word."""
+    """An update that cannot count now (HTTP 409, or `status`). `code` is a short machine word."""
 
-    def __init__(self, code: str, reason: str, *, finished: bool = False) -> None:
-        self.code, self.reason, self.finished = code, reason, finished
+    def __init__(
+        self, code: str, reason: str, *, finished: bool = False, status: int = 409
+    ) -> None:
+        self.code, self.reason, self.finished, self.status = code, reason, finished, status
         super().__init__(reason)
 
 
@@ -116,6 +119,8 @@ class Update:
     num_samples: int
     tensors: Tensors
     meta: Mapping[str, Any] = field(default_factory=dict)  # slice, loss, accuracy, ...
+    task_id: str | None = None  # the task it answers; None for a hand-started client's update
+    lease: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,42 +132,17 @@ class Global:
     samples: int  # samples aggregated into `tensors` so far
 
 
-@dataclass(frozen=True)
-class Aggregate:
-    """Next global weights and the updates folded into them."""
-
-    tensors: dict[str, np.ndarray]
-    updates: tuple[Update, ...]
-    reason: str  # "update", or what closed a round, e.g. "round 3 closed by quorum"
-
-
 class Strategy:
-    """Turns accepted updates into new global weights. Subclasses override `accept`."""
+    """Turns accepted updates into new global weights.
+
+    `mode` says how the aggregator runs it, and what it advertises to workers:
+    "async" rules take one update at a time (`accept`); "rounds" rules take the
+    updates of a round at once (`aggregate`), the round itself (sampling, quorum,
+    timeout) being the task queue's (tasks.py).
+    """
 
     name: ClassVar[str]
-
-    def accept(self, update: Update, current: Global, now: float) -> Aggregate | None:
-        """Take `update`, or raise Refused. Return the next weights when they are due."""
-        raise NotImplementedError
-
-    def tick(self, current: Global, now: float) -> Aggregate | None:
-        """Close whatever is due at time `now` (seconds, monotonic)."""
-        return None
-
-    def deadline(self) -> float | None:
-        """When `tick` will next have work, so callers can skip the lock until then."""
-        return None
-
-    @property
-    def finished(self) -> bool:
-        return False
-
-    def pending(self) -> int:
-        """Updates accepted but not yet in the global model."""
-        return 0
-
-    def status(self, current: Global, now: float) -> dict[str, Any] | None:
-        return None
+    mode: ClassVar[str]
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-friendly state saved in checkpoints (e.g. a server optimizer's moments)."""
@@ -172,7 +152,25 @@ class Strategy:
         """Resume from `state_dict()` output of the same strategy."""
 
 
-class AsyncWeighted(Strategy):
+class AsyncRule(Strategy):
+    """A rule that makes a new version from each update as it arrives."""
+
+    mode = "async"
+
+    def accept(self, update: Update, current: Global) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class RoundRule(Strategy):
+    """A rule that makes a new version from the updates of a round."""
+
+    mode = "rounds"
+
+    def aggregate(self, current: Global, updates: Sequence[Update]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class AsyncWeighted(AsyncRule):
     """The original rule: every update moves the global model by its share of the samples.
 
     w <- (a * w + b * w_k) / (a + b), a <- a + b, where a is the samples aggregated
@@ -181,101 +179,27 @@ class AsyncWeighted(Strategy):
 
     name = "async-weighted"
 
-    def accept(self, update: Update, current: Global, now: float) -> Aggregate:
-        merged = weighted_merge(
+    def accept(self, update: Update, current: Global) -> dict[str, np.ndarray]:
+        return weighted_merge(
             current.tensors, update.tensors, a=current.samples, b=update.num_samples
         )
-        return Aggregate(merged, (update,), "update")
 
 
-class FedAvg(Strategy):
-    """Synchronous FedAvg rounds (McMahan et al. 2017, arXiv:1602.05629, Algorithm 1).
+class FedAvg(RoundRule):
+    """Federated Averaging (McMahan et al. 2017, arXiv:1602.05629, Algorithm 1).
 
-    A round collects updates based on the current version, one per client, and
-    closes when `quorum` have arrived (the paper's m = max(C * K, 1) clients) or
-    `timeout` seconds after its first update; then w_{t+1} = sum_k (n_k / n) w_k.
-    After `rounds` rounds the run is finished and further updates are refused.
+    Each round t, C sampled clients train from w_t; the new model is the mean of
+    their models weighted by their sample counts: w_{t+1} = sum_k (n_k / n) w_k,
+    n = sum_k n_k.
     """
 
     name = "fedavg"
 
-    def __init__(self, *, quorum: int, timeout: float, rounds: int) -> None:
-        if quorum < 1 or timeout <= 0 or rounds < 1:
-            raise ValueError(f"bad fedavg settings: {quorum=}, {timeout=}, {rounds=}")
-        self.quorum, self.timeout, self.rounds = quorum, timeout, rounds
-        self.rounds_done = 0
-        self._round: list[Update] = []
-        self._opened_at: float | None = None  # monotonic time of the round's first update
-
-    @property
-    def finished(self) -> bool:
-        return self.rounds_done >= self.rounds
-
-    def pending(self) -> int:
-        return len(self._round)
-
-    def deadline(self) -> float | None:
-        return None if self._opened_at is None else self._opened_at + self.timeout
-
-    def accept(self, update: Update, current: Global, now: float) -> Aggregate | None:
-        if self.finished:
-            raise Refused("finished", f"the run finished after {self.rounds} rounds", finished=True)
-        if update.base_version != current.version:
-            raise Refused(
-                "stale",
-                f"update is based on version {update.base_version}, round {self.rounds_done + 1}"
-                f" collects updates to version {current.version}; pull the model again",
-            )
-        if any(u.client_id == update.client_id for u in self._round):
-            raise Refused(
-                "duplicate_client",
-                f"client {update.client_id} already sent an update in round {self.rounds_done + 1}",
-            )
-        self._round.append(update)
-        if self._opened_at is None:
-            self._opened_at = now
-        if len(self._round) >= self.quorum:
-            return self._close("quorum")
-        return None
-
-    def tick(self, current: Global, now: float) -> Aggregate | None:
-        deadline = self.deadline()
-        if deadline is None or now < deadline:
-            return None
-        return self._close("timeout")
-
-    def _close(self, why: str) -> Aggregate:
-        updates = tuple(self._round)
-        merged = weighted_mean([u.tensors for u in updates], [u.num_samples for u in updates])
-        self._round, self._opened_at = [], None
-        self.rounds_done += 1
-        return Aggregate(merged, updates, f"round {self.rounds_done} closed by {why}")
-
-    def status(self, current: Global, now: float) -> dict[str, Any]:
-        deadline = self.deadline()
-        return {
-            "number": min(self.rounds_done + 1, self.rounds),
-            "rounds_done": self.rounds_done,
-            "rounds": self.rounds,
-            "pending": len(self._round),
-            "quorum": self.quorum,
-            "clients": [u.client_id for u in self._round],
-            "closes_in": None if deadline is None else round(max(0.0, deadline - now), 3),
-            "finished": self.finished,
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        # Pending updates are not saved: clients re-send them with the same update_id.
-        return {"rounds_done": self.rounds_done}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        rounds_done = state.get("rounds_done", 0)
-        if not isinstance(rounds_done, int) or rounds_done < 0:
-            raise ValueError(f"fedavg state has a bad rounds_done: {rounds_done!r}")
-        self.rounds_done = rounds_done
+    def aggregate(self, current: Global, updates: Sequence[Update]) -> dict[str, np.ndarray]:
+        return weighted_mean([u.tensors for u in updates], [u.num_samples for u in updates])
 
 
-class FedAsync(Strategy):
+class FedAsync(AsyncRule):
     """FedAsync (Xie, Koyejo, Gupta 2019, arXiv:1903.03934, Algorithm 1, polynomial s).
 
     An update trained from version tau and arriving at version t is mixed in at
@@ -293,11 +217,10 @@ class FedAsync(Strategy):
             raise ValueError(f"bad fedasync settings: {alpha=}, {a=}")
         self.alpha, self.a = alpha, a
 
-    def accept(self, update: Update, current: Global, now: float) -> Aggregate:
+    def accept(self, update: Update, current: Global) -> dict[str, np.ndarray]:
         # t: the current version; tau: the version the client trained from.
         alpha_t = self.alpha * polynomial_staleness(current.version, update.base_version, a=self.a)
-        mixed = fedasync_mix(current.tensors, update.tensors, alpha_t=alpha_t)
-        return Aggregate(mixed, (update,), "update")
+        return fedasync_mix(current.tensors, update.tensors, alpha_t=alpha_t)
 
 
 def build(settings: Settings) -> Strategy:
@@ -305,9 +228,7 @@ def build(settings: Settings) -> Strategy:
     if settings.aggregation == AsyncWeighted.name:
         return AsyncWeighted()
     if settings.aggregation == FedAvg.name:
-        return FedAvg(
-            quorum=settings.round_quorum, timeout=settings.round_timeout, rounds=settings.rounds
-        )
+        return FedAvg()
     if settings.aggregation == FedAsync.name:
         return FedAsync(alpha=settings.fedasync_alpha, a=settings.fedasync_staleness)
     raise ValueError(f"unknown strategy {settings.aggregation!r}")

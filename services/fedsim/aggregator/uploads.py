@@ -1,7 +1,8 @@
 """Reading one client upload: safetensors bytes -> a validated `Update`, or a precise refusal.
 
 Metadata (all strings in the safetensors header): `client_id`, `update_id`,
-`base_version`, `num_samples`, and optionally `slice`, `slices`, `loss`,
+`base_version`, `num_samples`, and optionally `task` and `lease` (a worker's
+answer to a task; its update_id is the task id), `slice`, `slices`, `loss`,
 `accuracy`, `retries`. The checks run outside the state lock, so a slow or bad
 upload never holds up the others.
 """
@@ -15,10 +16,16 @@ from typing import Any
 
 from fedsim import weights
 from fedsim.aggregator.strategies import Update
+from fedsim.config import TRAIN_IMAGES
 
-# Ids are echoed in logs and saved in checkpoint metadata: short, no control characters
-# (a client id typed by hand may hold spaces).
-_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+# Ids are echoed in logs and saved in checkpoint metadata: short, and without control
+# characters (C0, C1), line or paragraph separators or bidirectional overrides, which
+# could forge or reorder log lines. A client id typed by hand may hold spaces.
+_ID = re.compile(
+    r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]{1,128}$"
+)
+_LEASE = re.compile(r"^[0-9a-f]{1,64}$")
+_DIGITS = 18  # integers in metadata: enough for any count, far below Python's 4,300-digit limit
 _SLICES = re.compile(r"^[0-9 ,-]{1,64}$")
 
 
@@ -46,14 +53,18 @@ def _ident(meta: Mapping[str, str], key: str) -> str:
     return value
 
 
-def _integer(meta: Mapping[str, str], key: str, *, lo: int, status: int, code: str) -> int:
+def _integer(
+    meta: Mapping[str, str], key: str, *, lo: int, status: int, code: str, hi: int | None = None
+) -> int:
     raw = meta.get(key)
     try:
-        value = int(raw) if raw is not None else None
+        value = int(raw) if raw is not None and len(raw) <= _DIGITS else None
     except ValueError:
         value = None
-    if value is None or value < lo:
-        raise BadUpdate(status, code, f"{key} must be an integer >= {lo}, got {raw!r}")
+    if value is None or value < lo or (hi is not None and value > hi):
+        shown = raw if raw is None or len(raw) <= 40 else raw[:40] + "..."
+        bound = f" and <= {hi}" if hi is not None else ""
+        raise BadUpdate(status, code, f"{key} must be an integer >= {lo}{bound}, got {shown!r}")
     return value
 
 
@@ -89,9 +100,21 @@ def parse(body: bytes, layout: weights.Layout) -> Update:
     update_id = _ident(meta, "update_id")
     base_version = _integer(meta, "base_version", lo=0, status=400, code="bad_metadata")
     extra = _optional(meta)
-    num_samples = _integer(meta, "num_samples", lo=1, status=422, code="bad_num_samples")
+    num_samples = _integer(
+        meta, "num_samples", lo=1, hi=TRAIN_IMAGES, status=422, code="bad_num_samples"
+    )
+    task_id, lease = None, ""
+    if "task" in meta:
+        task_id = _ident(meta, "task")
+        lease = meta.get("lease", "")
+        if not _LEASE.fullmatch(lease):
+            raise BadUpdate(400, "bad_metadata", "lease must be the task's lease (1-64 hex digits)")
+        if update_id != task_id:
+            raise BadUpdate(
+                400, "bad_metadata", "update_id must be the task id for a task's update"
+            )
     try:
         weights.validate(tensors, layout)
     except weights.WeightsError as exc:
         raise BadUpdate(422, "invalid_weights", exc.reason) from None
-    return Update(client_id, update_id, base_version, num_samples, tensors, extra)
+    return Update(client_id, update_id, base_version, num_samples, tensors, extra, task_id, lease)

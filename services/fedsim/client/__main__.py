@@ -1,4 +1,8 @@
-"""`python -m fedsim.client`: resolve this client's range, then run its loop."""
+"""`python -m fedsim.client`: a worker that takes tasks from the aggregator.
+
+Started by hand in a terminal it first asks for a Client Id, as the original
+client did (see handstart.py); Enter alone makes it a worker.
+"""
 
 from __future__ import annotations
 
@@ -14,40 +18,49 @@ log = logging.getLogger("fedsim.client")
 def _main() -> int:
     settings = config.load()
     # Imported here so that a bad setting is reported before TensorFlow loads.
-    from fedsim.client import identity, loop, training, transport
+    from fedsim import tfruntime
+    from fedsim.client import handstart, outbox, transport, worker
 
-    me = identity.resolve(settings)
-    log.info("%s", me.describe(settings.num_images_train))
-    threads = training.threads_for(settings)
-    training.configure_tensorflow(threads)
-    started = time.monotonic()
-    learner = training.Trainer(settings, me.first, me.last, seed_offset=me.index)
-    log.info(
-        "%s: %s, %d epochs, batch %d, %s learning rate %g, TensorFlow threads %d; range from %s",
-        me.client_id,
-        settings.model,
-        settings.epochs,
-        settings.batch_size,
-        settings.optimizer,
-        settings.learning_rate,
-        threads,
-        me.source,
-    )
+    typed = handstart.ask(settings, input, print) if sys.stdin.isatty() else None
     policy = transport.RetryPolicy(settings.max_retry, settings.max_wait)
     link = transport.Transport(
         settings.aggregator_url, policy=policy, timeout=settings.http_timeout
     )
-    client = loop.Client(settings, me, link, learner)
+    started = time.monotonic()
+
+    def make_learner(workers: int) -> worker.Learner:
+        threads = tfruntime.threads_for(settings.tf_threads, workers)
+        tfruntime.configure(threads)
+        from fedsim.client.training import Trainer
+
+        log.info("TensorFlow threads %d (%d workers live)", threads, workers)
+        return Trainer(
+            settings.data_dir, verify=settings.data_verify, model=settings.model, seed=settings.seed
+        )
+
     try:
-        strategy = client.wait_ready()
-        # fedavg runs in rounds; async-weighted and fedasync take one pass.
-        summary = client.run_fedavg() if strategy == "fedavg" else client.run_async()
-    except (loop.AggregatorUnreachable, transport.ProtocolError) as exc:
-        print(f"fedsim client: error: {me.client_id}: {exc}", file=sys.stderr, flush=True)
+        if typed is not None:
+            name = typed.client_id
+            learner = make_learner(1)
+            box = outbox.Outbox(
+                name,
+                link,
+                outbox.Counts(),
+                clock=time.monotonic,
+                sleep=time.sleep,
+                idle_save_seconds=settings.idle_save_seconds,
+            )
+            summary = handstart.run(settings, typed, link, learner, box)
+        else:
+            me = worker.Worker(settings, link, make_learner)
+            summary = me.run()
+            name = me.name
+    except (worker.AggregatorUnreachable, transport.ProtocolError) as exc:
+        print(f"fedsim client: error: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
         link.close()
-    log.info("%s", summary.line(me.client_id, time.monotonic() - started))
+    log.info("%s", summary.line(name, time.monotonic() - started))
     return 0
 
 

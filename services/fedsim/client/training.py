@@ -1,52 +1,32 @@
-"""Local training: one Keras model per process, trained on one slice at a time.
+"""Training and scoring for a worker: one Keras model, any number of logical clients.
 
-`configure_tensorflow` must run before TensorFlow is first imported: thread pools
-and the C++ log level are fixed when its runtime starts.
+A worker trains logical clients one after another on one TensorFlow runtime
+(virtual clients): the model is built once, each task's weights are swapped in,
+each client's images are taken from the arrays loaded once (kept as uint8 and
+scaled per task, so memory is the model plus the data set, not per client), and
+each task starts from a fresh optimizer state, as a real client's would.
+`fedsim.tfruntime.configure` must run before the first Trainer is made.
 """
 
 from __future__ import annotations
 
-import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fedsim import models
-from fedsim.config import Settings
 from fedsim.data import mnist
+from fedsim.tfruntime import quiet as quiet_tensorflow
 
-
-def threads_for(settings: Settings, cpu_count: int | None = None) -> int:
-    """Intra-op threads: TF_THREADS, or with 0 the cores shared among the clients."""
-    if settings.tf_threads:
-        return settings.tf_threads
-    # Every client on one machine would otherwise claim all cores and they would
-    # fight over them; one share each keeps the machine busy without thrashing.
-    return max(1, (cpu_count or os.cpu_count() or 1) // len(settings.client_slices))
-
-
-def quiet_tensorflow() -> None:
-    """Keep TensorFlow's C++ info lines out of the logs; call before importing it."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # oneDNN announces itself on stderr before any log level applies; for these
-    # small models it is no faster here (5 epochs of 5,000 images: 1.4 s either
-    # way), and without it results repeat bit for bit.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-
-def configure_tensorflow(intra_op: int) -> None:
-    """Quiet TensorFlow and size its thread pools; call before importing it."""
-    quiet_tensorflow()
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(intra_op)
-    tf.config.threading.set_inter_op_parallelism_threads(1)  # one small graph at a time
+__all__ = ["Trained", "Trainer", "quiet_tensorflow"]
 
 
 @dataclass(frozen=True)
 class Trained:
-    slice: int
     samples: int
     loss: float
     accuracy: float
@@ -54,46 +34,77 @@ class Trained:
 
 
 class Trainer:
-    """Holds the model (built once) and this client's images, already scaled."""
+    """The model (built once per optimizer kind) and MNIST, loaded once."""
 
-    def __init__(self, settings: Settings, first: int, last: int, *, seed_offset: int = 0) -> None:
+    def __init__(self, data_dir: Path, *, verify: bool, model: str, seed: int) -> None:
+        self.data_dir, self.verify, self.model_name, self.seed = data_dir, verify, model, seed
+        self.images, self.labels = mnist.load_pair(data_dir, "train", verify=verify)
+        self._test: tuple[np.ndarray, np.ndarray] | None = None
+        self._models: dict[str, Any] = {}
+
+    def _model(self, optimizer: str, learning_rate: float) -> Any:
+        model = self._models.get(optimizer)
+        if model is None:
+            model = models.build(
+                self.model_name, seed=self.seed, learning_rate=learning_rate, optimizer=optimizer
+            )
+            self._models[optimizer] = model
+        return model
+
+    def train(
+        self,
+        tensors: Mapping[str, np.ndarray],
+        indices: np.ndarray,
+        settings: Mapping[str, Any],
+        seed: int,
+    ) -> tuple[dict[str, np.ndarray], Trained]:
+        """Train from `tensors` on the images at `indices`; the new weights and the metrics.
+
+        `settings`: epochs, batch_size, learning_rate, optimizer (the task's).
+        """
         import keras
 
-        self.settings = settings
-        # Seeds Keras' shuffling (and any dropout) so a rerun repeats; the offset
-        # gives each client its own order.
-        keras.utils.set_random_seed(settings.seed + seed_offset)
-        images, labels = mnist.load_pair(settings.data_dir, "train", verify=settings.data_verify)
-        start = mnist.slice_range(first, settings.num_images_train)[0]
-        stop = mnist.slice_range(last, settings.num_images_train)[1]
-        self.first = first
-        self.images = mnist.scale(images[start:stop])
-        self.labels = np.asarray(labels[start:stop], dtype=np.int64)
-        self.model = models.from_settings(settings)
-
-    def get_weights(self) -> dict[str, np.ndarray]:
-        return models.get_weights(self.model)
-
-    def set_weights(self, tensors: dict[str, np.ndarray]) -> None:
-        models.set_weights(self.model, tensors)
-
-    def train(self, slice_no: int) -> Trained:
-        size = self.settings.num_images_train
-        lo = (slice_no - self.first) * size
-        x, y = self.images[lo : lo + size], self.labels[lo : lo + size]
+        model = self._model(str(settings["optimizer"]), float(settings["learning_rate"]))
+        models.set_weights(model, dict(tensors))
+        fresh_optimizer(model.optimizer, float(settings["learning_rate"]))
+        keras.utils.set_random_seed(seed)  # the task's shuffling, whichever worker runs it
+        x = mnist.scale(self.images[indices])
+        y = np.asarray(self.labels[indices], dtype=np.int64)
         started = time.monotonic()
-        history = self.model.fit(
+        history = model.fit(
             x,
             y,
-            epochs=self.settings.epochs,
-            batch_size=self.settings.batch_size,
+            epochs=int(settings["epochs"]),
+            batch_size=int(settings["batch_size"]),
             shuffle=True,
             verbose=0,
         )
-        return Trained(
-            slice_no,
+        trained = Trained(
             len(x),
             float(history.history["loss"][-1]),
             float(history.history["accuracy"][-1]),
             time.monotonic() - started,
         )
+        return models.get_weights(model), trained
+
+    def evaluate(self, tensors: Mapping[str, np.ndarray]) -> tuple[float, float, float]:
+        """(accuracy, loss, seconds) of `tensors` on the 10,000 test images."""
+        if self._test is None:
+            images, labels = mnist.load_pair(self.data_dir, "t10k", verify=self.verify)
+            self._test = (mnist.scale(images), np.asarray(labels, dtype=np.int64))
+        model = next(iter(self._models.values()), None) or self._model("sgd", 0.01)
+        models.set_weights(model, dict(tensors))
+        started = time.monotonic()
+        loss, accuracy = model.evaluate(*self._test, batch_size=1000, verbose=0)
+        return float(accuracy), float(loss), time.monotonic() - started
+
+
+def fresh_optimizer(optimizer: Any, learning_rate: float) -> None:
+    """Zero the optimizer's state (step count, momentum, moments) and set its step size.
+
+    Cheaper than a new optimizer, and it keeps the compiled training step, so a
+    worker's memory does not grow with the number of tasks.
+    """
+    for variable in optimizer.variables:
+        variable.assign(np.zeros(variable.shape, dtype=variable.dtype))
+    optimizer.learning_rate = learning_rate

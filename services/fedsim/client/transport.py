@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_MODEL_BYTES = 64 * 1024 * 1024  # far above the cnn's 6.7 MB: a bound, not a limit in use
 
 
 class ProtocolError(RuntimeError):
@@ -47,20 +48,38 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Pulled:
-    """The outcome of a pull. `tensors` None: every try failed, `error` says why."""
+    """The outcome of a pull. `tensors` None: every try failed (`error` says why), or
+    `not_modified`: the copy named by the ETag sent is still current."""
 
     retries: int
     tensors: Tensors | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     error: str = ""
+    etag: str = ""
+    not_modified: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.tensors is not None
+        return self.tensors is not None or self.not_modified
 
     @property
     def version(self) -> int | None:
         return int(self.metadata["version"]) if "version" in self.metadata else None
+
+
+@dataclass(frozen=True)
+class Offer:
+    """The aggregator's answer to a request for work. `reachable` False: every try failed."""
+
+    reachable: bool
+    task: dict[str, Any] | None = None
+    worker: str = ""
+    finished: bool = False
+    surplus: bool = False
+    reason: str = ""
+    retry_after: float = 0.5
+    retries: int = 0
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -175,15 +194,68 @@ class Transport:
             raise self._refuse("GET", "/v1/status", outcome.response)
         return self._answer("GET", "/v1/status", outcome.response)
 
-    def pull(self) -> Pulled:
-        """The global model with its metadata (version, samples, model)."""
-        outcome = self._call("GET", "/v1/model")
-        if outcome.response is None:
+    def pull(self, *, etag: str = "", version: int | None = None) -> Pulled:
+        """The global model with its metadata (version, samples, model).
+
+        With `etag` (of the copy held) a 304 answers that it is still current;
+        with `version` a past version kept for its evaluation (404 when it is not).
+        """
+        headers = {"If-None-Match": f'"{etag}"'} if etag else {}
+        params = {"version": version} if version is not None else None
+        outcome = self._call("GET", "/v1/model", headers=headers, params=params)
+        response = outcome.response
+        if response is None:
             return Pulled(outcome.retries, error=outcome.error)
+        served = (response.headers.get("ETag") or "").strip('"')
+        if response.status_code == 304:
+            return Pulled(outcome.retries, etag=served, not_modified=True)
+        if response.status_code == 404 and version is not None:
+            return Pulled(outcome.retries, error=f"version {version} is no longer served")
+        if response.status_code != 200:
+            raise self._refuse("GET", "/v1/model", response)
+        if len(response.content) > MAX_MODEL_BYTES:
+            raise ProtocolError(f"GET /v1/model answered {len(response.content)} bytes: too large")
+        tensors, metadata = weights.decode(response.content)
+        return Pulled(outcome.retries, tensors, metadata, etag=served)
+
+    def hello(self, worker: str) -> dict[str, Any] | None:
+        """Introduce this worker: its short name and how many workers are live, or None."""
+        outcome = self._call("POST", "/v1/workers", json={"worker": worker})
+        if outcome.response is None:
+            return None
         if outcome.response.status_code != 200:
-            raise self._refuse("GET", "/v1/model", outcome.response)
-        tensors, metadata = weights.decode(outcome.response.content)
-        return Pulled(outcome.retries, tensors, metadata)
+            raise self._refuse("POST", "/v1/workers", outcome.response)
+        return self._answer("POST", "/v1/workers", outcome.response)
+
+    def ask(self, worker: str, retries: int = 0) -> Offer:
+        """Ask for a task (MAX_RETRY tries)."""
+        outcome = self._call("POST", "/v1/tasks", json={"worker": worker, "retries": retries})
+        if outcome.response is None:
+            return Offer(False, retries=outcome.retries, error=outcome.error)
+        if outcome.response.status_code != 200:
+            raise self._refuse("POST", "/v1/tasks", outcome.response)
+        answer = self._answer("POST", "/v1/tasks", outcome.response)
+        task = answer.get("task")
+        return Offer(
+            True,
+            task=task if isinstance(task, dict) else None,
+            worker=str(answer.get("worker") or ""),
+            finished=bool(answer.get("finished")),
+            surplus=bool(answer.get("surplus")),
+            reason=str(answer.get("reason") or ""),
+            retry_after=float(answer.get("retry_after") or 0.5),
+            retries=outcome.retries,
+        )
+
+    def report(self, body: Mapping[str, Any]) -> tuple[int | None, dict[str, Any], int]:
+        """POST an evaluation: (status or None when unreachable, answer, retries)."""
+        outcome = self._call("POST", "/v1/evaluations", json=dict(body))
+        if outcome.response is None:
+            return None, {"detail": outcome.error}, outcome.retries
+        status = outcome.response.status_code
+        if status not in (200, 409):
+            raise self._refuse("POST", "/v1/evaluations", outcome.response)
+        return status, _json_or_empty(outcome.response), outcome.retries
 
     def push(self, tensors: Tensors, metadata: Mapping[str, object]) -> Pushed:
         """Upload an update. The body, and so its update_id, is the same on every try."""

@@ -1,0 +1,266 @@
+"""The aggregator's HTTP API (see the README's API table).
+
+Every refusal is JSON `{"error": <code>, "detail": <sentence>}` with a 4xx
+status, and changes nothing that is served or saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
+
+from fedsim.aggregator import history, uploads
+from fedsim.aggregator.state import State
+from fedsim.aggregator.strategies import Refused
+
+log = logging.getLogger("fedsim.aggregator")
+
+bp = Blueprint("api", __name__)
+
+MAX_JSON_BYTES = 4096  # task requests and evaluation reports are a few hundred bytes
+MAX_WAIT_HINT = 2.0  # longest retry_after the aggregator suggests to an idle worker
+
+
+class AnyTextConverter(PathConverter):
+    """Like `path`, but also matches control characters, so a bad id gets our 400."""
+
+    regex = "[^/][\\s\\S]*?"
+
+
+def init_app(app: Flask) -> None:
+    app.url_map.converters["text"] = AnyTextConverter
+    app.register_blueprint(bp)
+    app.register_error_handler(HTTPException, _http_error)
+
+
+def _state() -> State:
+    return current_app.extensions["fedsim"]
+
+
+def error(status: int, code: str, detail: str, **extra: Any) -> Response:
+    response = jsonify(error=code, detail=detail, **extra)
+    response.status_code = status
+    return response
+
+
+def _http_error(exc: HTTPException) -> Response:
+    """Werkzeug's errors (404, 405, 413 from the read cap...) as JSON like ours."""
+    code = "too_large" if exc.code == 413 else (exc.name or "error").lower().replace(" ", "_")
+    return error(exc.code or 500, code, exc.description or exc.name)
+
+
+class _BadRequest(Exception):
+    def __init__(self, code: str, detail: str) -> None:
+        self.code, self.detail = code, detail
+
+
+def _json_body() -> dict[str, Any]:
+    """A small JSON object body, or _BadRequest."""
+    if request.content_length is not None and request.content_length > MAX_JSON_BYTES:
+        raise _BadRequest("too_large", f"body is over {MAX_JSON_BYTES} bytes")
+    raw = request.get_data(cache=False)
+    if len(raw) > MAX_JSON_BYTES:
+        raise _BadRequest("too_large", f"body is over {MAX_JSON_BYTES} bytes")
+    try:
+        body = request.json_module.loads(raw or b"{}")
+    except (ValueError, RecursionError):
+        raise _BadRequest("bad_json", "body is not JSON") from None
+    if not isinstance(body, dict):
+        raise _BadRequest("bad_json", "body is not a JSON object")
+    return body
+
+
+def _worker_id(body: dict[str, Any]) -> str:
+    uid = body.get("worker")
+    if not isinstance(uid, str) or not uploads.valid_id(uid):
+        raise _BadRequest("bad_worker", "worker must be a string of 1-128 printable characters")
+    return uid
+
+
+def _bad(exc: _BadRequest) -> Response:
+    return error(413 if exc.code == "too_large" else 400, exc.code, exc.detail)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return jsonify(status="ok", version=_state().snapshot.version)
+
+
+@bp.get("/v1/model")
+def model() -> Response:
+    """The global model; `?version=N` a past version kept for its evaluation."""
+    state = _state()
+    snap = state.poll()
+    raw = request.args.get("version")
+    if raw is not None:
+        wanted = int(raw) if raw.isdigit() and len(raw) <= 18 else -1
+        if wanted < 0:
+            return error(400, "bad_version", f"version must be an integer >= 0, got {raw[:40]!r}")
+        kept = state.snapshot_of(wanted)
+        if kept is None:
+            return error(
+                404, "unknown_version", f"version {wanted} is not served (current: {snap.version})"
+            )
+        snap = kept
+    if request.if_none_match.contains(snap.etag):
+        response = Response(status=304)
+    else:
+        response = Response(snap.body, mimetype="application/octet-stream")
+    response.set_etag(snap.etag)
+    response.headers["X-Fedsim-Version"] = str(snap.version)
+    response.headers["Cache-Control"] = "no-cache"  # revalidate: the model changes
+    return response
+
+
+@bp.post("/v1/workers")
+def hello() -> Response:
+    """A worker introduces itself: its short name, and how many workers are live."""
+    try:
+        uid = _worker_id(_json_body())
+    except _BadRequest as exc:
+        return _bad(exc)
+    return jsonify(_state().hello(uid))
+
+
+@bp.post("/v1/tasks")
+def ask() -> Response:
+    """A task for the worker, or `task: null` with why and when to ask again."""
+    try:
+        body = _json_body()
+        uid = _worker_id(body)
+    except _BadRequest as exc:
+        return _bad(exc)
+    retries = body.get("retries", 0)
+    retries = retries if isinstance(retries, int) and 0 <= retries < 10**9 else 0
+    offer, name = _state().ask(uid, retries)
+    return jsonify(
+        task=offer.task,
+        worker=name,
+        finished=offer.finished,
+        surplus=offer.surplus,
+        reason=offer.reason,
+        retry_after=min(offer.retry_after, MAX_WAIT_HINT),
+    )
+
+
+@bp.post("/v1/evaluations")
+def evaluation() -> Response:
+    """A worker's score of a version: {task, lease, worker, accuracy, loss}."""
+    state = _state()
+    try:
+        body = _json_body()
+        uid = _worker_id(body)
+        task, lease = body.get("task"), body.get("lease")
+        if not isinstance(task, str) or not uploads.valid_id(task):
+            raise _BadRequest("bad_task", "task must be the evaluation task's id")
+        if not isinstance(lease, str) or not lease.isalnum() or len(lease) > 64:
+            raise _BadRequest("bad_task", "lease must be the task's lease")
+        scores = {}
+        for key, hi in (("accuracy", 1.0), ("loss", 1e9)):
+            value = body.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise _BadRequest("bad_metrics", f"{key} must be a number")
+            if not math.isfinite(value) or not 0 <= value <= hi:
+                raise _BadRequest("bad_metrics", f"{key} must be a number from 0 to {hi:g}")
+            scores[key] = float(value)
+    except _BadRequest as exc:
+        return _bad(exc)
+    try:
+        entry = state.record_evaluation(task, lease, scores["accuracy"], scores["loss"], uid)
+    except Refused as exc:
+        state.note_refusal(f"evaluation {task}", exc.code, exc.reason)
+        version, finished = state.info()
+        return error(exc.status, exc.code, exc.reason, version=version, finished=finished)
+    return jsonify(recorded=True, entry=entry)
+
+
+@bp.post("/v1/updates")
+def post_update() -> Response:
+    state = _state()
+    limit = state.settings.max_update_bytes
+    # Refuse by the declared size before reading a byte of the body.
+    if request.content_length is not None and request.content_length > limit:
+        return _refused(
+            413,
+            "too_large",
+            f"body of {request.content_length} bytes is over MAX_UPDATE_BYTES={limit}",
+        )
+    body = request.get_data(cache=False)
+    if len(body) > limit:
+        return _refused(413, "too_large", f"body is over MAX_UPDATE_BYTES={limit}")
+    try:
+        update = uploads.parse(body, state.layout)
+    except uploads.BadUpdate as exc:
+        return _refused(exc.status, exc.code, exc.detail)
+    try:
+        result = state.submit(update)
+    except Refused as exc:
+        return _refused(exc.status, exc.code, exc.reason, update=update)
+    state.save_if_due(wait=False)
+    return jsonify(
+        accepted=True, version=result.version, duplicate=result.duplicate, seq=result.seq
+    )
+
+
+@bp.get("/v1/updates/<text:update_id>")
+def get_update(update_id: str) -> Response:
+    """What became of an update (see State.lookup); `?seq=N` tells forgotten from lost."""
+    if not uploads.valid_id(update_id):
+        return error(
+            400, "bad_update_id", "update_id must be 1-128 characters, none of them control"
+        )
+    raw = request.args.get("seq")
+    try:
+        seq = int(raw) if raw is not None and len(raw) <= 18 else (None if raw is None else -1)
+    except ValueError:
+        seq = -1
+    if seq is not None and seq < 1:
+        return error(400, "bad_seq", f"seq must be an integer >= 1, got {raw[:40]!r}")
+    answer = _state().lookup(update_id, seq)
+    if answer["state"] == "unknown":
+        detail = (
+            f"update {update_id} is older than the updates remembered and was saved"
+            if answer["forgotten"]
+            else f"update {update_id} is not known here: never received, or lost in a restart"
+        )
+        return error(
+            404,
+            "unknown_update",
+            detail,
+            forgotten=answer["forgotten"],
+            remembered_from=answer["remembered_from"],
+        )
+    return jsonify(answer)
+
+
+def _refused(status: int, code: str, detail: str, update: uploads.Update | None = None) -> Response:
+    state = _state()
+    who = f"client {update.client_id} update {update.update_id}" if update else request.remote_addr
+    log.warning("refused update from %s: %d %s: %s", who, status, code, detail)
+    state.note_refusal(str(who), code, detail)
+    if status == 409:
+        version, finished = state.info()
+        return error(status, code, detail, version=version, finished=finished)
+    return error(status, code, detail)
+
+
+@bp.get("/v1/history")
+def get_history() -> Response:
+    """The test accuracy and loss per evaluated version; `?format=csv` as CSV."""
+    entries = _state().history()
+    fmt = request.args.get("format", "json")
+    if fmt == "csv":
+        return Response(history.to_csv(entries), mimetype="text/csv")
+    if fmt != "json":
+        return error(400, "bad_format", f"format must be json or csv, got {fmt[:20]!r}")
+    return jsonify(history=entries)
+
+
+@bp.get("/v1/status")
+def status() -> Response:
+    return jsonify(_state().status())

@@ -1,0 +1,152 @@
+"""What the aggregator starts from: the newest good checkpoint, the partition plan, the history.
+
+`load` reads MODEL_DIR once at start and says precisely what is wrong when it
+cannot start (`StartupError`, one line): no checkpoint, another model, a
+partition plan made with other settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsim import checkpoints, weights
+from fedsim.aggregator import history
+from fedsim.aggregator.tasks import Client
+from fedsim.config import Settings
+from fedsim.data import partition
+from fedsim.models import SHAPES
+
+log = logging.getLogger("fedsim.aggregator")
+
+
+class StartupError(RuntimeError):
+    """The aggregator cannot start from what is in MODEL_DIR."""
+
+
+@dataclass(frozen=True)
+class Start:
+    checkpoint: checkpoints.Checkpoint
+    samples: int
+    updates: int
+    applied_ids: list[str]
+    strategy_state: dict[str, Any] | None  # None: made by another rule, start it fresh
+    tasks_state: dict[str, Any]
+    manifest: dict[str, Any]
+    clients: list[Client]
+    history: list[dict[str, Any]]
+
+
+def _reset_hint(settings: Settings) -> str:
+    return (
+        f"reset with `docker compose down -v` (local runs: delete {settings.model_dir}) "
+        "or change it back"
+    )
+
+
+def _int_meta(meta: Mapping[str, str], key: str) -> int:
+    try:
+        return max(0, int(meta.get(key, "0")))
+    except ValueError:
+        raise StartupError(f"checkpoint metadata {key}={meta[key]!r} is not an integer") from None
+
+
+def _json_meta(meta: Mapping[str, str], key: str, default: Any) -> Any:
+    try:
+        return json.loads(meta[key]) if key in meta else default
+    except ValueError:
+        log.warning("checkpoint metadata %s is not JSON: starting it fresh", key)
+        return default
+
+
+def load_plan(settings: Settings) -> tuple[dict[str, Any], list[Client]]:
+    """The partition manifest, checked against the settings, and its logical clients."""
+    try:
+        manifest = partition.read(settings.model_dir)
+    except partition.PartitionError as exc:
+        raise StartupError(
+            f"{exc}: run `python -m fedsim.prepare` (or `docker compose up`, which runs "
+            "the prepare service) first"
+        ) from None
+    diffs = partition.differences(manifest, settings)
+    if diffs:
+        raise StartupError(
+            f"{settings.model_dir / partition.FILE} does not match the settings: "
+            f"{'; '.join(diffs)}; {_reset_hint(settings)}"
+        )
+    clients = [
+        Client(
+            number=i,
+            samples=int(c["samples"]),
+            sha256=str(c["sha256"]),
+            slices=tuple(c["slices"]) if c.get("slices") else None,
+        )
+        for i, c in enumerate(manifest["clients"], 1)
+    ]
+    return manifest, clients
+
+
+def load(settings: Settings, rule: str) -> Start:
+    """Everything the aggregator resumes from. Raises StartupError."""
+    model_dir = settings.model_dir
+    for path in checkpoints.remove_temporaries(model_dir):
+        log.info("removed %s, left by an interrupted write", path.name)
+    ckpt = checkpoints.load_newest(model_dir)
+    if ckpt is None:
+        raise StartupError(
+            f"no checkpoint in {model_dir}: run `python -m fedsim.prepare` "
+            "(or `docker compose up`, which runs the prepare service) first"
+        )
+    meta = ckpt.metadata
+    if meta.get("model", settings.model) != settings.model:
+        raise StartupError(
+            f"checkpoint {ckpt.path} holds model {meta['model']!r} but MODEL={settings.model};"
+            f" set MODEL={meta['model']}, or {_reset_hint(settings)}"
+        )
+    try:
+        weights.validate(ckpt.tensors, SHAPES[settings.model])
+    except weights.WeightsError as exc:
+        raise StartupError(
+            f"checkpoint {ckpt.path} does not fit MODEL={settings.model}: {exc.reason}"
+        ) from None
+    manifest, clients = load_plan(settings)
+    strategy_state = None
+    if meta.get("strategy") == rule:
+        strategy_state = _json_meta(meta, "strategy_state", {})
+    elif "strategy" in meta and ckpt.version > 0:
+        log.info(
+            "checkpoint was made by %s; %s starts fresh from its weights", meta["strategy"], rule
+        )
+    tasks_state = _json_meta(meta, "tasks_state", {}) if meta.get("strategy") == rule else {}
+    applied = _json_meta(meta, "applied_ids", [])
+    if not isinstance(applied, list):
+        applied = []
+    # Versions above the checkpoint's were lost with the process that made them; their
+    # numbers will be made again from other weights, so their scores no longer apply.
+    entries = history.read(model_dir)
+    kept = [e for e in entries if e["version"] <= ckpt.version]
+    if len(kept) != len(entries):
+        history.rewrite(model_dir, kept)
+        log.info(
+            "history: dropped %d entries of versions lost in a restart", len(entries) - len(kept)
+        )
+    return Start(
+        checkpoint=ckpt,
+        samples=_int_meta(meta, "samples"),
+        updates=_int_meta(meta, "updates"),
+        applied_ids=[str(i) for i in applied],
+        strategy_state=strategy_state if isinstance(strategy_state, dict) else {},
+        tasks_state=tasks_state if isinstance(tasks_state, dict) else {},
+        manifest=manifest,
+        clients=clients,
+        history=kept,
+    )
+
+
+def checkpoint_path_name(path: Path) -> str:
+    """What /v1/status shows of a checkpoint path: its name, not the server's folders."""
+    return path.name

@@ -1,0 +1,383 @@
+"""A worker: ask the aggregator for a task, do it, report, until the run is finished.
+
+A task is either "train logical client c (its samples, from base version v, with
+these settings)" or "score version v on the test set". The worker downloads the
+model only when its copy is stale (ETag), trains on the client's samples,
+checked against the partition plan's SHA-256, and pushes the weights with the
+task's id, so a retried push counts once. Accepted updates stay in the outbox
+until they are in a checkpoint. With nothing to do yet it waits as the
+aggregator suggests; when the run is finished, or all the work is held by other
+workers, it exits with its summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedsim import models, weights
+from fedsim.client.outbox import Counts, Outbox, describe
+from fedsim.client.training import Trained
+from fedsim.client.transport import ProtocolError, Transport
+from fedsim.config import Settings
+from fedsim.data import partition
+
+log = logging.getLogger("fedsim.client")
+
+STARTUP_SECONDS = 120.0  # how long a worker waits for the aggregator to come up
+LOST_SECONDS = 120.0  # how long it goes on asking when the aggregator stops answering
+IDLE_WAIT_MAX = 2.0  # longest pause between two requests for work
+
+
+class AggregatorUnreachable(RuntimeError):
+    """The aggregator did not answer for longer than the worker waits."""
+
+
+class Learner(Protocol):
+    labels: np.ndarray
+
+    def train(
+        self,
+        tensors: Mapping[str, np.ndarray],
+        indices: np.ndarray,
+        settings: Mapping[str, Any],
+        seed: int,
+    ) -> tuple[dict[str, np.ndarray], Trained]: ...
+
+    def evaluate(self, tensors: Mapping[str, np.ndarray]) -> tuple[float, float, float]: ...
+
+
+@dataclass
+class Summary:
+    trained: int = 0
+    evaluations: int = 0
+    pulls_failed: int = 0
+    clients: list[str] = field(default_factory=list)
+    counts: Counts = field(default_factory=Counts)
+
+    def line(self, name: str, seconds: float) -> str:
+        c = self.counts
+        shown = ", ".join(self.clients[:5]) + (", ..." if len(self.clients) > 5 else "")
+        unconfirmed = f", {c.unconfirmed} not confirmed saved" if c.unconfirmed else ""
+        return (
+            f"{name} done: {self.trained} updates trained"
+            f"{f' ({shown})' if shown else ''}, {self.evaluations} evaluation"
+            f"{'' if self.evaluations == 1 else 's'}, pushes "
+            f"{c.pushes_accepted} accepted {c.pushes_failed} failed {c.pushes_refused} refused, "
+            f"pulls {self.pulls_failed} failed, re-pushed {c.repushed}{unconfirmed}, "
+            f"{c.retries} retries, {seconds:.1f}s"
+        )
+
+
+def new_worker_id() -> str:
+    """Unique per process, readable in the aggregator's records: host, pid, random."""
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+@dataclass
+class _Model:
+    """The worker's copy of a global model version."""
+
+    version: int = -1
+    etag: str = ""
+    tensors: dict[str, np.ndarray] | None = None
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        transport: Transport,
+        make_learner: Callable[[int], Learner],
+        *,
+        uid: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.transport = transport
+        self.make_learner = make_learner  # called once with the number of live workers
+        self.uid = uid or new_worker_id()
+        self.clock, self.sleep = clock, sleep
+        self.summary = Summary()
+        self.name = "worker"
+        self.learner: Learner | None = None
+        self.model = _Model()
+        self.outbox = Outbox(
+            self.name,
+            transport,
+            self.summary.counts,
+            clock=clock,
+            sleep=sleep,
+            idle_save_seconds=settings.idle_save_seconds,
+        )
+        self._plans: dict[str, tuple[partition.Part, ...]] = {}
+        self._seen_clients: set[str] = set()
+        self._announced = False
+
+    # --- start --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Wait for the aggregator, introduce this worker, then load TensorFlow and the data."""
+        deadline = self.clock() + STARTUP_SECONDS
+        while (hello := self.transport.hello(self.uid)) is None:
+            if self.clock() >= deadline:
+                raise AggregatorUnreachable(
+                    f"no answer from the aggregator at {self.transport.base_url} "
+                    f"for {STARTUP_SECONDS:.0f}s: is it running, and is AGGREGATOR_URL right?"
+                )
+            self.sleep(1.0)
+        self._rename(str(hello.get("worker") or self.name))
+        # Other workers started with this one have said hello by now (TensorFlow's
+        # import takes seconds), so the count sizes the thread pools fairly.
+        self.learner = self.make_learner(int(hello.get("workers") or 1))
+        again = self.transport.hello(self.uid)
+        if again is not None:
+            self._rename(str(again.get("worker") or self.name))
+
+    def _rename(self, name: str) -> None:
+        self.name = self.outbox.name = name
+
+    # --- the loop -----------------------------------------------------------------
+
+    def run(self) -> Summary:
+        if self.learner is None:
+            self.start()
+        wait = 0.2
+        unanswered_since: float | None = None
+        while True:
+            if self.outbox.kept and not self.outbox.confirm():
+                unanswered_since = self._unanswered(unanswered_since)
+                continue
+            offer = self.transport.ask(self.uid, self.summary.counts.retries)
+            self.summary.counts.retries += offer.retries
+            if not offer.reachable:
+                log.warning("%s: no answer to a request for work (%s)", self.name, offer.error)
+                unanswered_since = self._unanswered(unanswered_since)
+                continue
+            unanswered_since = None
+            if offer.worker:
+                self._rename(offer.worker)
+            if offer.task is not None:
+                wait = 0.2
+                self._do(offer.task)
+                continue
+            if offer.finished:
+                log.info("%s: the run is finished", self.name)
+                break
+            if offer.surplus:
+                log.info("%s: no work for this worker: %s", self.name, offer.reason)
+                break
+            # Nothing yet (a round closing, a client's next slice held elsewhere): wait,
+            # longer each time, never longer than the aggregator or IDLE_WAIT_MAX says.
+            self.sleep(min(wait, offer.retry_after, IDLE_WAIT_MAX))
+            wait = min(wait * 2, IDLE_WAIT_MAX)
+        self.outbox.settle()
+        return self.summary
+
+    def _unanswered(self, since: float | None) -> float:
+        now = self.clock()
+        since = now if since is None else since
+        if now - since >= LOST_SECONDS:
+            raise AggregatorUnreachable(
+                f"the aggregator at {self.transport.base_url} did not answer for "
+                f"{LOST_SECONDS:.0f}s"
+            )
+        self.sleep(1.0)
+        return since
+
+    def _do(self, task: dict[str, Any]) -> None:
+        kind = task.get("kind")
+        if kind == "train":
+            self._train(task)
+        elif kind == "evaluate":
+            self._evaluate(task)
+        else:
+            raise ProtocolError(f"the aggregator sent a task of unknown kind {kind!r}")
+
+    # --- training -----------------------------------------------------------------
+
+    def _indices(self, task: dict[str, Any]) -> np.ndarray:
+        """The samples of the task's client, checked against the plan's SHA-256."""
+        plan = task["partition"]
+        key = json.dumps(plan, sort_keys=True)
+        if key not in self._plans:
+            assert self.learner is not None
+            self._plans = {key: partition.make(plan, self.learner.labels)}
+        parts = self._plans[key]
+        number = int(str(task["client"]).rsplit("-", 1)[1])
+        if not 1 <= number <= len(parts):
+            raise ProtocolError(f"task {task['id']} names {task['client']}, not in the plan")
+        part = parts[number - 1]
+        if part.sha256 != task["sha256"]:
+            raise ProtocolError(
+                f"the samples of {part.id} here do not match the aggregator's plan (SHA-256 "
+                f"{part.sha256[:12]} here, {str(task['sha256'])[:12]} there): this worker's "
+                "MNIST files or fedsim version differ from those that made partitions.json"
+            )
+        if task.get("slice") is not None:
+            return partition.slice_indices(part, int(task["slice"]), self.settings.num_images_train)
+        return part.indices
+
+    def _announce(self, task: dict[str, Any], indices: np.ndarray) -> None:
+        client = str(task["client"])
+        if client not in self._seen_clients:
+            self._seen_clients.add(client)
+            self.summary.clients.append(client)
+            if task.get("slices"):
+                parts = self._plans[next(iter(self._plans))]
+                whole = parts[int(client.rsplit("-", 1)[1]) - 1].indices
+                log.info(
+                    "%s %s: slices %s (samples %d-%d)",
+                    self.name,
+                    client,
+                    task["slices"],
+                    int(whole.min()),
+                    int(whole.max()),
+                )
+        if not self._announced:
+            self._announced = True
+            t = task["train"]
+            log.info(
+                "%s: %s, %d epochs, batch %d, %s learning rate %g",
+                self.name,
+                t["model"],
+                t["epochs"],
+                t["batch_size"],
+                t["optimizer"],
+                t["learning_rate"],
+            )
+
+    def _ensure_model(self, version: int, what: str) -> None:
+        """Make the worker's copy `version` (or the newest), downloading only when stale."""
+        if self.model.version == version and self.model.tensors is not None:
+            return
+        pulled = self.transport.pull(etag=self.model.etag)
+        self.summary.counts.retries += pulled.retries
+        if not pulled.ok:
+            self.summary.pulls_failed += 1
+            log.warning(
+                "%s %s pull  failed after %d tries (%s): training on version %d it has",
+                self.name,
+                what,
+                pulled.retries + 1,
+                pulled.error,
+                self.model.version,
+            )
+            if self.model.tensors is None:
+                raise AggregatorUnreachable("could not download the model even once")
+            return
+        if pulled.not_modified:
+            return
+        assert pulled.tensors is not None
+        self._check_layout(pulled.tensors)
+        self.model = _Model(pulled.version or 0, pulled.etag, pulled.tensors)
+        log.info(
+            "%s %s pull  version %d (retries %d)", self.name, what, self.model.version, pulled.retries
+        )
+
+    def _check_layout(self, tensors: dict[str, np.ndarray]) -> None:
+        try:
+            weights.validate(tensors, models.SHAPES[self.settings.model])
+        except weights.WeightsError as exc:
+            raise weights.WeightsError(
+                exc.status,
+                f"the aggregator serves a model that is not MODEL={self.settings.model} "
+                f"({exc.reason}); give both the same MODEL",
+            ) from None
+
+    def _train(self, task: dict[str, Any]) -> None:
+        assert self.learner is not None
+        indices = self._indices(task)
+        self._announce(task, indices)
+        meta: dict[str, Any] = {"client_id": task["client"]}
+        for key in ("slice", "round"):
+            if task.get(key) is not None:
+                meta[key] = task[key]
+        what = describe(meta)
+        self._ensure_model(int(task["base_version"]), what)
+        assert self.model.tensors is not None
+        base = self.model.version
+        tensors, trained = self.learner.train(
+            self.model.tensors, indices, task["train"], int(task["seed"])
+        )
+        self.summary.trained += 1
+        log.info(
+            "%s %s train samples %d loss %.4f acc %.4f (%.1fs)",
+            self.name,
+            what,
+            trained.samples,
+            trained.loss,
+            trained.accuracy,
+            trained.seconds,
+        )
+        meta.update(
+            update_id=task["id"],
+            task=task["id"],
+            lease=task["lease"],
+            base_version=base,
+            num_samples=trained.samples,
+            retries=self.summary.counts.retries,
+        )
+        if task.get("slices"):
+            meta["slices"] = task["slices"]
+        # Metrics are optional; a diverged loss is left out rather than sent as NaN.
+        for key, value in (("loss", trained.loss), ("accuracy", trained.accuracy)):
+            if math.isfinite(value):
+                meta[key] = f"{value:.6f}"
+        self.outbox.push(tensors, meta)
+
+    # --- evaluation ---------------------------------------------------------------
+
+    def _evaluate(self, task: dict[str, Any]) -> None:
+        assert self.learner is not None
+        version = int(task["version"])
+        if self.model.version == version and self.model.tensors is not None:
+            tensors = self.model.tensors
+        else:
+            pulled = self.transport.pull(version=version)
+            self.summary.counts.retries += pulled.retries
+            if pulled.tensors is None:
+                log.warning(
+                    "%s evaluate version %d: could not get it (%s)", self.name, version, pulled.error
+                )
+                return
+            self._check_layout(pulled.tensors)
+            tensors = pulled.tensors
+        accuracy, loss, seconds = self.learner.evaluate(tensors)
+        self.summary.evaluations += 1
+        log.info(
+            "%s evaluate version %d: test accuracy %.4f loss %.4f (%.1fs)",
+            self.name,
+            version,
+            accuracy,
+            loss,
+            seconds,
+        )
+        status, answer, retries = self.transport.report(
+            {
+                "worker": self.uid,
+                "task": task["id"],
+                "lease": task["lease"],
+                "accuracy": accuracy,
+                "loss": loss,
+            }
+        )
+        self.summary.counts.retries += retries
+        if status != 200:
+            log.info(
+                "%s evaluate version %d: not recorded (%s)",
+                self.name,
+                version,
+                answer.get("detail") or "no answer",
+            )
