@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from aggregator_helpers import write_v0
 from fedsim import checkpoints, evaluate, models, prepare
+from fedsim.aggregator import history
 from fedsim.data import partition
+from test_plots import png_size
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -216,3 +219,106 @@ def test_evaluate_sh_local_without_a_checkpoint(tmp_path, mnist_dir):
     )
     assert result.returncode == 1
     assert "no checkpoint in" in result.stderr and "docker compose up" in result.stderr
+
+
+def _history_entries(model_dir: Path) -> list[dict]:
+    """Three evaluated rounds written as the aggregator writes them; round 2 is the best."""
+    entries = [
+        {
+            "version": 2 * n,
+            "round": n,
+            "time": f"2026-01-01T00:0{n}:00+00:00",
+            "accuracy": accuracy,
+            "loss": loss,
+            "samples": 3000 * n,
+            "updates": 5 * n,
+            "clients": [f"client-{n}", f"client-{n + 5}"],
+        }
+        for n, accuracy, loss in ((1, 0.8, 0.7), (2, 0.93, 0.25), (3, 0.91, 0.3))
+    ]
+    for entry in entries:
+        history.append(model_dir, entry)
+    return entries
+
+
+def test_evaluate_reports_the_history_and_writes_plots(env, tmp_path, capsys):
+    model_dir = tmp_path / "models"
+    write_v0(model_dir)
+    entries = _history_entries(model_dir)
+    plan = {
+        "format": 1,
+        "settings": {"PARTITION": "shards", "SEED": 42, "NUM_CLIENTS": 20},
+        "train_images": 60000,
+        "clients": [
+            {"id": f"client-{i}", "samples": 600, "labels": labels, "sha256": "0" * 64}
+            for i in range(1, 21)
+            for labels in ([300 if d in (i % 10, (i + 3) % 10) else 0 for d in range(10)],)
+        ],
+    }
+    (model_dir / "partitions.json").write_text(json.dumps(plan))
+    report_path = tmp_path / "reports" / "eval.json"
+
+    assert evaluate._main(["--json", str(report_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    report = json.loads(report_path.read_text())
+    at = out.index(f"loss: {report['loss']:.4f}")
+    assert out[at - 1] == f"accuracy: {report['accuracy']:.4f}"
+    assert out[at + 1] == (
+        "history: 3 evaluations; best accuracy 0.9300 at round 2 (version 4); "
+        "last 0.9100 at round 3 (version 6)"
+    )
+    assert report["history"] == entries
+    sizes = {"learning-curve": (1000, 500), "confusion": (700, 600), "clients": (1200, 500)}
+    for name, size in sizes.items():
+        path = tmp_path / "reports" / f"eval-{name}.png"
+        assert png_size(path) == size
+        assert f"plot: {path}" in out
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == sorted(
+        ["eval.json", *(f"eval-{name}.png" for name in sizes)]
+    )
+
+
+def test_evaluate_plots_without_history_or_partition_plan(env, tmp_path, capsys):
+    model_dir, folder = tmp_path / "models", tmp_path / "pngs"
+    write_v0(model_dir)
+    assert evaluate._main(["--plots", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"history: none yet (no evaluated version in {model_dir / 'history.jsonl'})" in out
+    assert "plot skipped: learning curve (no history yet)" in out
+    assert f"plot skipped: clients (no partitions.json in {model_dir})" in out
+    assert [p.name for p in folder.iterdir()] == ["evaluation-v0-confusion.png"]
+    assert png_size(folder / "evaluation-v0-confusion.png") == (700, 600)
+    assert not (tmp_path / "reports").exists()
+
+
+def test_history_line_names_versions_when_there_are_no_rounds(tmp_path):
+    entries = [
+        {"version": 4, "round": None, "accuracy": 0.9, "loss": 0.3},
+        {"version": 8, "round": None, "accuracy": 0.85, "loss": 0.4},
+    ]
+    assert evaluate.history_line(entries, tmp_path) == (
+        "history: 2 evaluations; best accuracy 0.9000 at version 4; last 0.8500 at version 8"
+    )
+    assert evaluate.history_line(entries[:1], tmp_path) == (
+        "history: 1 evaluation; best accuracy 0.9000 at version 4; last 0.9000 at version 4"
+    )
+
+
+def test_a_bad_partition_plan_skips_only_its_plot(tmp_path, capsys):
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    (model_dir / "partitions.json").write_text('{"clients": [{"id": "client-1", "labels": [1]}]}')
+    report = {
+        "version": 7,
+        "model": "mlp",
+        "accuracy": 0.5,
+        "confusion": [[10 if t == p else 1 for p in range(10)] for t in range(10)],
+        "history": _history_entries(model_dir),
+    }
+    written = evaluate.write_plots(report, model_dir, tmp_path / "out", "r")
+    assert [p.name for p in written] == ["r-learning-curve.png", "r-confusion.png"]
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        f"fedsim evaluate: warning: clients plot skipped: {model_dir / 'partitions.json'}: "
+        "partition manifest client 1 has no label histogram of 10 non-negative counts"
+    )
