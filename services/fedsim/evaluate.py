@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from fedsim import checkpoints, cli, config, models, weights
+from fedsim import checkpoints, cli, config, models, tfruntime, weights
 from fedsim.aggregator import history
-from fedsim.client.training import quiet_tensorflow
 from fedsim.data import mnist
 
 
@@ -134,7 +133,7 @@ def _main(argv: list[str] | None = None) -> int:
     images, labels = mnist.load_pair(settings.data_dir, "t10k", verify=settings.data_verify)
 
     name = model_name(checkpoint, settings.model)
-    quiet_tensorflow()
+    tfruntime.quiet()
     model = models.build(
         name, seed=settings.seed, learning_rate=settings.learning_rate
     )  # no training
