@@ -1,0 +1,175 @@
+"""The dashboard in headless Chromium (Debian's package, driven by Selenium).
+
+A stand-in aggregator (tests/dashboard_helpers.py) serves the real blueprint
+and a status and history the test moves on: the page must follow by itself,
+chart points, every client, a refusal in the events, the attacker column, a
+restart of the aggregator and the end of the run. A screenshot goes to
+reports/dashboard.png.
+
+Without chromium the test skips with the reason; with CI=true it fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dashboard_helpers import FakeRun, Server, chromium, chromium_missing, fake_app
+from fedsim.aggregator import dashboard
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[2]
+IN_CI = os.environ.get("CI", "").lower() == "true"
+WAIT = 20  # seconds for the page to catch up; it polls every 2 s
+
+
+@pytest.fixture
+def browser():
+    missing = chromium_missing() or (
+        None
+        if dashboard.CHART_JS.is_file()
+        else f"{dashboard.CHART_JS} absent: apt-get install libjs-chart.js"
+    )
+    if missing:
+        if IN_CI:
+            pytest.fail(missing + "; CI=true requires it")
+        pytest.skip(missing)
+    with chromium() as driver:
+        yield driver
+
+
+def wait_for(driver, condition, what: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, WAIT, poll_frequency=0.2).until(
+        lambda d: condition(d), message=f"the page did not show {what} within {WAIT} s"
+    )
+
+
+def text(driver, element_id: str) -> str:
+    return driver.find_element("id", element_id).text
+
+
+def chart_points(driver) -> int:
+    return int(driver.find_element("id", "chart").get_attribute("data-points"))
+
+
+def severe_console_errors(driver) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_the_dashboard_follows_a_run(browser):
+    run = FakeRun(num_clients=12, quorum=4, rounds=3)
+    server = Server(fake_app(run))
+    server.start()
+    try:
+        browser.get(server.url)
+        # Before training: the state, and an empty chart.
+        wait_for(browser, lambda d: text(d, "state") == "waiting for the first update", "waiting")
+        wait_for(
+            browser,
+            lambda d: len(d.find_elements("css selector", "#clients tbody tr")) == 12,
+            "clients",
+        )
+        assert chart_points(browser) == 0
+
+        # Version 0 is evaluated, then a round closes and is evaluated: two points.
+        run.evaluate(accuracy=0.098, loss=2.30)
+        wait_for(browser, lambda d: chart_points(d) == 1, "the first chart point")
+        run.close_round()
+        run.evaluate(accuracy=0.912, loss=0.31)
+        wait_for(browser, lambda d: chart_points(d) == 2, "a second chart point")
+        assert browser.execute_script("return window.fedsimDashboard.chartShownMs") is not None
+        drawn = browser.execute_script(
+            "return Chart.getChart('chart').data.datasets.map(d => d.data.map(p => [p.x, p.y]))"
+        )
+        assert drawn == [[[0, 0.098], [1, 0.912]], [[0, 2.3], [1, 0.31]]]
+        assert text(browser, "state") == "training"
+        assert text(browser, "version") == "1"
+        assert text(browser, "accuracy") == "91.20%"
+
+        # Every logical client has its row, in order, with its sample count.
+        rows = browser.find_elements("css selector", "#clients tbody tr")
+        assert [r.get_attribute("data-client") for r in rows] == [c["id"] for c in run.clients]
+        first = rows[0].find_elements("tag name", "td")
+        assert first[1].text == str(run.clients[0]["samples"])
+        assert len(rows[0].find_elements("css selector", ".mix span")) == sum(
+            1 for n in run.clients[0]["labels"] if n
+        )
+        workers = browser.find_elements("css selector", "#workers tbody tr")
+        assert [w.get_attribute("data-worker") for w in workers] == ["w1", "w2"]
+        # No attacker yet: no attacker column.
+        assert not browser.find_element("css selector", "#clients th.attacker-col").is_displayed()
+
+        # A refused update shows in the events, newest first.
+        run.refuse("client-3", "stale")
+        wait_for(
+            browser,
+            lambda d: (
+                "update from client-3 refused: stale"
+                in d.find_element("css selector", "#events li:first-child").text
+            ),
+            "the refusal",
+        )
+        assert (
+            browser.find_element("css selector", "#events li:first-child").get_attribute("class")
+            == "kind-refused"
+        )
+
+        run.mark_attacker("client-5")
+        wait_for(
+            browser,
+            lambda d: d.find_element("css selector", "#clients th.attacker-col").is_displayed(),
+            "the attacker column",
+        )
+        assert (
+            browser.find_element("css selector", "tr[data-client='client-5']").get_attribute(
+                "class"
+            )
+            == "attacker"
+        )
+
+        # The aggregator goes away and comes back on the same port.
+        server.stop()
+        wait_for(browser, lambda d: d.find_element("id", "conn").is_displayed(), "unreachable")
+        assert text(browser, "conn") == "aggregator unreachable, retrying"
+        run.close_round()
+        run.evaluate(accuracy=0.95, loss=0.17)
+        server.start()
+        wait_for(browser, lambda d: not d.find_element("id", "conn").is_displayed(), "recovery")
+        wait_for(browser, lambda d: chart_points(d) == 3, "a third chart point after the restart")
+
+        run.close_round()
+        run.evaluate(accuracy=0.9712, loss=0.094)
+        run.finish()
+        wait_for(browser, lambda d: text(d, "state") == "run finished at version 3", "the end")
+        wait_for(browser, lambda d: chart_points(d) == 4, "the last chart point")
+
+        reports = ROOT / "reports"
+        reports.mkdir(exist_ok=True)
+        assert browser.save_screenshot(str(reports / "dashboard.png"))
+        # Fetch errors while the server was down are expected; nothing else went wrong.
+        errors = [e for e in severe_console_errors(browser) if "Failed to fetch" not in e
+                  and "ERR_CONNECTION_REFUSED" not in e]  # fmt: skip
+        assert errors == []
+    finally:
+        server.stop()
+
+
+def test_the_page_says_when_the_chart_library_is_missing(browser, tmp_path):
+    run = FakeRun(num_clients=3)
+    run.evaluate(accuracy=0.5, loss=1.0)
+    with Server(fake_app(run, chart_js=tmp_path / "absent.js")) as server:
+        browser.get(server.url)
+        wait_for(browser, lambda d: d.find_element("id", "chart-note").is_displayed(), "the note")
+        assert "libjs-chart.js" in text(browser, "chart-note")
+        # The rest of the page still follows the run.
+        wait_for(browser, lambda d: text(d, "accuracy") == "50.00%", "the accuracy")
+        wait_for(
+            browser,
+            lambda d: len(d.find_elements("css selector", "#clients tbody tr")) == 3,
+            "clients",
+        )
