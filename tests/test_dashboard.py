@@ -162,6 +162,7 @@ def test_describe_partition():
         == "dirichlet (DIRICHLET_ALPHA=0.5)"
     )
     assert dashboard.describe_partition({}) == "-"
+    assert dashboard.describe_partition("shards") == "shards"
 
 
 def test_page_files_are_small():

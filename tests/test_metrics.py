@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedsim.aggregator.metrics import STALENESS_BUCKETS, Metrics
+from fedsim.aggregator.metrics import HOOKS, STALENESS_BUCKETS, Metrics
 
 
 class Clock:
@@ -219,3 +219,58 @@ def test_bad_values_are_refused_with_a_precise_message(metrics, call, message):
 def fedsim_lines(metrics: Metrics) -> list[str]:
     """The exposition without the process metrics, which change by themselves."""
     return [line for line in metrics.render()[0].decode().splitlines() if "process_" not in line]
+
+
+def test_hook_dispatches_by_name(metrics, clock):
+    metrics.hook("accepted", {"staleness": 2})
+    metrics.hook("refused", {"reason": "stale"})
+    metrics.hook("task", {"kind": "train"})
+    metrics.hook("task_finished", {"kind": "train"})
+    metrics.hook("evaluation", {"accuracy": 0.9, "loss": 0.3})
+    metrics.hook("version", {"version": 4})
+    metrics.hook("round", {"number": 2})
+    metrics.hook("aggregation", {"seconds": 0.01})
+    metrics.hook("checkpoint", {"seconds": 0.02})
+    metrics.hook("finished", {"finished": True})
+    metrics.hook("received", {"n": 100})
+
+    assert value(metrics, "fedsim_updates_accepted_total") == 1
+    assert value(metrics, "fedsim_update_staleness_sum") == 2
+    assert value(metrics, "fedsim_updates_refused_total", reason="stale") == 1
+    assert value(metrics, "fedsim_tasks_handed_out_total", kind="train") == 1
+    assert value(metrics, "fedsim_tasks_finished_total", kind="train") == 1
+    assert value(metrics, "fedsim_test_accuracy_ratio") == pytest.approx(0.9)
+    assert value(metrics, "fedsim_model_version") == 4
+    assert value(metrics, "fedsim_round") == 2
+    assert value(metrics, "fedsim_aggregation_seconds_count") == 1
+    assert value(metrics, "fedsim_checkpoint_seconds_count") == 1
+    assert value(metrics, "fedsim_run_finished") == 1
+    assert value(metrics, "fedsim_received_bytes_total") == 100
+
+
+def test_every_hook_names_a_method_and_its_arguments():
+    import inspect
+
+    for what, (method, keys) in HOOKS.items():
+        params = inspect.signature(getattr(Metrics, method)).parameters
+        assert set(keys) == set(params) - {"self"}, what
+
+
+@pytest.mark.parametrize(
+    ("what", "values", "message"),
+    [
+        (
+            "acepted",
+            {"staleness": 1},
+            "unknown measurement 'acepted'; known: accepted, aggregation",
+        ),
+        ("refused", {"why": "stale"}, "refused takes reason, not why"),
+        ("duplicate", {"n": 1}, "duplicate takes no values, not n"),
+        ("refused", {}, "missing 1 required"),
+    ],
+)
+def test_hook_refuses_unknown_names_and_values(metrics, what, values, message):
+    before = fedsim_lines(metrics)
+    with pytest.raises((ValueError, TypeError), match=message):
+        metrics.hook(what, values)
+    assert fedsim_lines(metrics) == before

@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -262,8 +263,47 @@ class Metrics:
     def checkpoint_failed(self) -> None:
         self._checkpoint_failures.inc()
 
+    # One entry point for the state ------------------------------------------
+
+    def hook(self, what: str, values: Mapping[str, Any]) -> None:
+        """`state.metrics_hook = metrics.hook`: one measurement by name, e.g.
+        `hook("refused", {"reason": "stale"})`. The names are those of `HOOKS`."""
+        try:
+            method, keys = HOOKS[what]
+        except KeyError:
+            raise ValueError(
+                f"metrics: unknown measurement {what!r}; known: {', '.join(sorted(HOOKS))}"
+            ) from None
+        unknown = set(values) - set(keys)
+        if unknown:
+            raise ValueError(
+                f"metrics: {what} takes {', '.join(keys) or 'no values'}, not {', '.join(sorted(unknown))}"
+            )
+        getattr(self, method)(**values)
+
     # Exposition ------------------------------------------------------------
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format: (body, Content-Type header value)."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# hook() names: measurement -> (method, the values it takes).
+HOOKS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "accepted": ("update_accepted", ("staleness", "seconds_aggregating")),
+    "refused": ("update_refused", ("reason",)),
+    "duplicate": ("update_duplicate", ()),
+    "aggregation": ("aggregation_seconds", ("seconds",)),
+    "received": ("bytes_received", ("n",)),
+    "sent": ("bytes_sent", ("n",)),
+    "task": ("task_handed_out", ("kind",)),
+    "task_finished": ("task_finished", ("kind",)),
+    "task_expired": ("task_expired", ("kind",)),
+    "workers": ("workers_seen", ("n",)),
+    "version": ("set_version", ("version",)),
+    "round": ("set_round", ("number",)),
+    "finished": ("set_finished", ("finished",)),
+    "evaluation": ("evaluation", ("accuracy", "loss", "version")),
+    "checkpoint": ("checkpoint_written", ("seconds",)),
+    "checkpoint_failed": ("checkpoint_failed", ()),
+}

@@ -44,7 +44,7 @@ class Summary(TypedDict):
     version: int  # the served model's version
     strategy: str  # the AGGREGATION rule, e.g. "fedavg"
     model: str  # "mlp" or "cnn"
-    partition: Mapping[str, Any]  # the partition settings, as in /v1/status: {"PARTITION": ...}
+    partition: str | Mapping[str, Any]  # "shards", or the settings as in /v1/status
     last_accuracy: float | None  # test accuracy (0-1) of the newest evaluated version
     last_round: int | None  # rounds done under round rules; None for asynchronous rules
     finished: bool  # the run has done all its rounds
@@ -82,10 +82,12 @@ def _summary() -> Summary:
     return got  # type: ignore[return-value]
 
 
-def describe_partition(partition: Mapping[str, Any] | None) -> str:
-    """`{"PARTITION": "shards", "NUM_CLIENTS": 20}` -> `shards (NUM_CLIENTS=20)`."""
+def describe_partition(partition: str | Mapping[str, Any] | None) -> str:
+    """`{"PARTITION": "shards", "NUM_CLIENTS": 20}` -> `shards (NUM_CLIENTS=20)`; a name as is."""
     if not partition:
         return "-"
+    if isinstance(partition, str):
+        return partition
     rest = ", ".join(f"{k}={v}" for k, v in partition.items() if k != "PARTITION")
     name = str(partition.get("PARTITION", "?"))
     return f"{name} ({rest})" if rest else name

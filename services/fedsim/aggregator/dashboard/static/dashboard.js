@@ -41,6 +41,7 @@ function clock(iso) {
 
 function partitionText(p) {
   if (!p) return "-";
+  if (typeof p !== "object") return String(p);
   const rest = Object.entries(p).filter(([k]) => k !== "PARTITION").map(([k, v]) => k + "=" + v);
   return dash(p.PARTITION) + (rest.length ? " (" + rest.join(", ") + ")" : "");
 }
@@ -94,7 +95,7 @@ function renderCards(st) {
   $("updates").textContent = st.updates;
   $("updates-detail").textContent =
     st.pending_updates + " pending · " + st.unsaved_updates + " unsaved";
-  const ck = st.last_checkpoint;
+  const ck = st.last_checkpoint && st.last_checkpoint.version != null ? st.last_checkpoint : null;
   $("checkpoint").textContent = ck ? "v" + ck.version : "-";
   $("checkpoint-detail").textContent = ck ? clock(ck.time) : "none yet";
   $("set-model").textContent = dash(st.model);
