@@ -64,7 +64,7 @@ def versions(model_dir: Path) -> list[int]:
 
 
 def checksum(tensors: Mapping[str, np.ndarray]) -> str:
-    """ "sha256:" + the hex SHA-256 of the tensors as a checkpoint stores them.
+    """The checkpoint's `checksum`: "sha256:" and the hex SHA-256 of the tensors as stored.
 
     The hash runs over each tensor in order of name (Python's string order, i.e. by code
     point), and for each over, in this order:
