@@ -15,19 +15,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MNIST_DIR = Path(os.environ.get("FEDSIM_TEST_MNIST", ROOT.parent / "shared" / "mnist"))
 
 
-class FakeClock:
-    """A monotonic clock that moves only when a test says, so no test really waits."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     if not all(

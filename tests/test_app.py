@@ -15,11 +15,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 from safetensors.numpy import save as st_save
 
-from aggregator_helpers import tensors, upload, write_v0
-from conftest import FakeClock
 from fedsim import checkpoints, weights
 from fedsim.aggregator.app import create_app
 from fedsim.aggregator.state import State
+from helpers import FakeClock, tensors, upload, write_plan, write_v0
 
 
 @pytest.fixture
@@ -35,6 +34,8 @@ def make_app(make_settings, clock) -> Callable[..., Flask]:
         settings = make_settings(**{"MODEL": "mlp", **overrides})
         if write and not checkpoints.versions(settings.model_dir):
             write_v0(settings.model_dir)
+        if write and not (settings.model_dir / "partitions.json").exists():
+            write_plan(settings)
         return create_app(
             {
                 "TESTING": True,
@@ -89,7 +90,8 @@ def test_model_is_safetensors_with_version_samples_model_and_etag(client: FlaskC
     response = client.get("/v1/model")
     assert response.status_code == 200
     assert response.content_type == "application/octet-stream"
-    assert response.headers["ETag"] == '"0"'
+    assert response.headers["ETag"].startswith('"0-')  # the version and a digest of the bytes
+    assert response.headers["X-Fedsim-Version"] == "0"
     got, meta = weights.decode(response.data)
     assert meta == {"version": "0", "samples": "0", "model": "mlp"}
     np.testing.assert_array_equal(got["hidden1/kernel"], tensors("mlp")["hidden1/kernel"])
@@ -103,7 +105,22 @@ def test_if_none_match_gives_304_until_the_model_changes(client: FlaskClient) ->
     assert post(client, upload(1.0)).status_code == 200
     changed = client.get("/v1/model", headers={"If-None-Match": etag})
     assert changed.status_code == 200
-    assert changed.headers["ETag"] == '"1"'
+    assert changed.headers["ETag"].startswith('"1-')
+
+
+def test_etag_differs_when_a_restart_remakes_a_version_from_other_weights(make_app) -> None:
+    # Prepare: version 1 made from one update, then lost in a crash (never saved).
+    app = make_app()
+    client = app.test_client()
+    assert post(client, upload(1.0)).status_code == 200
+    first = client.get("/v1/model").headers["ETag"]
+    # Execute: a restart re-makes version 1 from another update.
+    client = make_app().test_client()
+    assert post(client, upload(2.0)).status_code == 200
+    # Assert: a worker holding the first version 1 downloads the new one.
+    again = client.get("/v1/model", headers={"If-None-Match": first})
+    assert again.status_code == 200
+    assert again.headers["X-Fedsim-Version"] == "1"
 
 
 def test_model_is_encoded_once_per_version_not_per_request(client, monkeypatch) -> None:
@@ -279,7 +296,7 @@ def _no_update_id() -> bytes:
         (
             st_bytes({k: v.astype(np.float64) for k, v in tensors("mlp").items()}),
             "invalid_weights",
-            "float64",
+            "F64, expected F32",
         ),
         (
             upload(
@@ -326,107 +343,7 @@ def test_413_without_content_length_caps_the_read(make_app) -> None:
     assert served(client) == before
 
 
-def test_409_stale_under_fedavg_changes_nothing(make_app) -> None:
-    client = make_app(AGGREGATION="fedavg", MIN_CLIENTS=1, ROUNDS=5).test_client()
-    post(client, upload(2.0, num_samples=100))  # round 1 closes: version 1
-    before = served(client)
-    response = post(client, upload(9.0, update_id="bad", base_version=0))
-    assert response.status_code == 409
-    assert response.get_json() == {
-        "error": "stale",
-        "detail": response.get_json()["detail"],
-        "version": 1,
-        "finished": False,
-    }
-    assert "pull the model again" in response.get_json()["detail"]
-    assert_error_changed_nothing(client, before, "bad")
-
-
-def test_409_when_the_run_is_finished(make_app) -> None:
-    app = make_app(AGGREGATION="fedavg", MIN_CLIENTS=1, ROUNDS=1, SAVE_MODEL=5)
-    client = app.test_client()
-    assert post(client, upload(2.0)).get_json()["version"] == 1
-    before = served(client)
-    response = post(client, upload(3.0, update_id="late", base_version=1))
-    assert response.status_code == 409
-    assert response.get_json()["error"] == "finished"
-    assert response.get_json()["finished"] is True
-    assert response.get_json()["version"] == 1
-    assert served(client) == before
-    assert client.get("/v1/status").get_json()["finished"] is True
-    # The finished run is checkpointed at once, whatever SAVE_MODEL says.
-    assert checkpoints.versions(model_dir(app))[0] == 1
-
-
 # --- fedavg through the API -----------------------------------------------------------
-
-
-def test_fedavg_round_quorum_duplicate_client_and_pending_duplicate(make_app) -> None:
-    client = make_app(AGGREGATION="fedavg", CLIENT_SLICES="1-2 3-4", ROUNDS=3).test_client()
-    a = upload(0.0, client_id="a", update_id="a1", num_samples=1)
-    assert post(client, a).get_json() == {
-        "accepted": True,
-        "version": 0,
-        "duplicate": False,
-        "seq": None,
-    }
-    # The same update again while pending: acknowledged, not counted twice.
-    assert post(client, a).get_json()["duplicate"] is True
-    # Another update from the same client in this round: 409.
-    again = post(client, upload(1.0, client_id="a", update_id="a2"))
-    assert again.status_code == 409
-    assert again.get_json()["error"] == "duplicate_client"
-    status = client.get("/v1/status").get_json()
-    assert status["round"]["pending"] == 1 and status["round"]["quorum"] == 2
-    # The second client completes the quorum: (1*0 + 3*4) / 4 = 3.
-    b = upload(4.0, client_id="b", update_id="b1", num_samples=3)
-    assert post(client, b).get_json()["version"] == 1
-    got, meta = weights.decode(client.get("/v1/model").data)
-    assert meta["samples"] == "4"
-    np.testing.assert_allclose(got["output/bias"], 3.0, rtol=1e-7)
-    status = client.get("/v1/status").get_json()
-    assert status["round"]["number"] == 2 and status["round"]["rounds_done"] == 1
-    assert [h["version"] for h in status["history"]] == [1, 1]
-
-
-def test_fedavg_round_closes_on_timeout_lazily_and_by_tick(make_app, clock) -> None:
-    app = make_app(AGGREGATION="fedavg", MIN_CLIENTS=3, ROUND_TIMEOUT=30, ROUNDS=3)
-    client = app.test_client()
-    post(client, upload(2.0, client_id="a"))
-    clock.advance(29)
-    assert client.get("/healthz").get_json()["version"] == 0
-    clock.advance(1)
-    # A model download notices the deadline and closes the round first.
-    assert client.get("/v1/model").headers["ETag"] == '"1"'
-    # The next round closes from the background tick.
-    post(client, upload(4.0, client_id="a", base_version=1))
-    clock.advance(30)
-    state_of(app).tick()
-    assert client.get("/healthz").get_json()["version"] == 2
-
-
-def test_fedavg_pending_update_lost_in_a_hard_kill_is_accepted_again(make_app) -> None:
-    # A round's pending updates are not checkpointed; after a restart the client's
-    # re-push with the same update_id must count.
-    first = make_app(AGGREGATION="fedavg", MIN_CLIENTS=2, ROUNDS=3)
-    body = upload(2.0, client_id="a", update_id="a1")
-    assert post(first.test_client(), body).get_json()["duplicate"] is False
-    again = make_app(AGGREGATION="fedavg", MIN_CLIENTS=2, ROUNDS=3).test_client()
-    assert post(again, body).get_json() == {
-        "accepted": True,
-        "version": 0,
-        "duplicate": False,
-        "seq": None,
-    }
-    assert again.get("/v1/status").get_json()["round"]["pending"] == 1
-
-
-def test_fedavg_resumes_its_round_count(make_app) -> None:
-    app = make_app(AGGREGATION="fedavg", MIN_CLIENTS=1, ROUNDS=3, SAVE_MODEL=1)
-    post(app.test_client(), upload(2.0))
-    again = make_app(AGGREGATION="fedavg", MIN_CLIENTS=1, ROUNDS=3, SAVE_MODEL=1)
-    round_ = again.test_client().get("/v1/status").get_json()["round"]
-    assert round_["rounds_done"] == 1 and round_["number"] == 2
 
 
 # --- checkpoints and resume -----------------------------------------------------------
@@ -450,18 +367,6 @@ def test_checkpoint_every_save_model_updates(make_app) -> None:
     status = client.get("/v1/status").get_json()
     assert status["unsaved_updates"] == 0
     assert status["last_checkpoint"]["version"] == 3
-
-
-def test_save_model_counts_the_updates_of_a_fedavg_round(make_app) -> None:
-    # Prepare: rounds of 2 updates, a checkpoint every 2 updates.
-    app = make_app(AGGREGATION="fedavg", MIN_CLIENTS=2, ROUNDS=5, SAVE_MODEL=2)
-    client = app.test_client()
-    # Execute: one round, which makes one version out of two updates.
-    post(client, upload(1.0, client_id="a"))
-    post(client, upload(3.0, client_id="b"))
-    # Assert: the round's 2 updates are due for a checkpoint.
-    assert checkpoints.versions(model_dir(app)) == [1, 0]
-    assert client.get("/v1/status").get_json()["unsaved_updates"] == 0
 
 
 def test_resume_from_newest_checkpoint_keeps_dedup(make_app) -> None:
@@ -583,6 +488,9 @@ def test_status_contents(make_app) -> None:
     assert clients["a"]["slices"] == "1-4" and clients["a"]["loss"] == 0.125
     assert clients["a"]["retries"] == 1 and "last_seen" in clients["a"]
     assert clients["b"]["updates"] == 1 and clients["b"]["slices"] == "5-8"
+    # The plan's logical clients are listed too, with their samples and label mix.
+    assert clients["client-1"]["samples"] == 20000 and len(clients["client-1"]["labels"]) == 10
+    assert status["mode"] == "async" and status["partition"]["PARTITION"] == "slices"
     history = status["history"]
     assert [(h["client_id"], h["version"], h["samples"]) for h in history] == [
         ("a", 1, 100),
@@ -590,7 +498,7 @@ def test_status_contents(make_app) -> None:
         ("a", 3, 100),
     ]
     assert status["last_checkpoint"]["version"] == 2
-    assert status["last_checkpoint"]["path"].endswith("ckpt-2.safetensors")
+    assert "path" not in status["last_checkpoint"]  # no server folders in a public answer
     assert status["unsaved_updates"] == 1 and status["updates"] == 3
 
 
@@ -607,7 +515,7 @@ def test_readers_see_whole_consistent_snapshots_under_concurrent_updates(client)
         for _ in range(20):
             response = client.get("/v1/model")
             got, meta = weights.decode(response.data)
-            if response.headers["ETag"] != f'"{meta["version"]}"':
+            if not response.headers["ETag"].startswith(f'"{meta["version"]}-'):
                 errors.append(f"ETag {response.headers['ETag']} for version {meta['version']}")
             weights.validate(got, state_of(client.application).layout)
 
@@ -654,25 +562,6 @@ def test_update_saved_after_an_idle_save(make_app, clock) -> None:
     clock.advance(5)
     state_of(app).tick()
     assert lookup(client, "idle").get_json()["state"] == "saved"
-
-
-def test_update_pending_in_a_fedavg_round_then_applied(make_app) -> None:
-    client = make_app(AGGREGATION="fedavg", MIN_CLIENTS=2, ROUNDS=3, SAVE_MODEL=5).test_client()
-    post(client, upload(1.0, client_id="a", update_id="a1"))
-    assert lookup(client, "a1").get_json() == {
-        "update_id": "a1",
-        "state": "pending",
-        "version": None,
-        "seq": None,
-    }
-    post(client, upload(1.0, client_id="b", update_id="b1"))  # the round closes: version 1
-    assert lookup(client, "a1").get_json() == {
-        "update_id": "a1",
-        "state": "applied",
-        "version": 1,
-        "seq": 1,
-    }
-    assert lookup(client, "b1").get_json()["seq"] == 2
 
 
 def test_unknown_update_is_404_and_not_forgotten(client: FlaskClient) -> None:
@@ -734,3 +623,272 @@ def test_forgotten_after_a_restart_versus_lost_in_it(make_app, monkeypatch) -> N
     assert lost.status_code == 404 and lost.get_json()["forgotten"] is False
     # Without its seq an unknown id is never called forgotten.
     assert lookup(client, "u1").get_json()["forgotten"] is False
+
+
+# --- tasks and rounds through the API ------------------------------------------------
+
+
+def ask(client: FlaskClient, worker: str = "wk-1") -> dict:
+    response = client.post("/v1/tasks", json={"worker": worker})
+    assert response.status_code == 200
+    return response.get_json()
+
+
+def answer(task: dict, fill: float, num_samples: int | None = None, **extra: object) -> bytes:
+    """The upload a worker makes for `task`."""
+    return upload(
+        fill,
+        client_id=task["client"],
+        update_id=task["id"],
+        task=task["id"],
+        lease=task["lease"],
+        base_version=task["base_version"],
+        num_samples=num_samples or task["samples"],
+        slice=None,
+        slices=None,
+        **extra,
+    )
+
+
+ROUNDS = {"AGGREGATION": "fedavg", "PARTITION": "iid", "NUM_CLIENTS": 10, "CLIENTS_PER_ROUND": 2}
+
+
+def test_a_round_hands_out_its_sampled_clients_then_closes_with_their_mean(make_app) -> None:
+    client = make_app(**ROUNDS, ROUNDS=3).test_client()
+    evaluation = ask(client)["task"]
+    assert evaluation["kind"] == "evaluate" and evaluation["version"] == 0  # scored first
+    a, b = ask(client)["task"], ask(client, "wk-2")["task"]
+    assert a["kind"] == b["kind"] == "train" and a["round"] == b["round"] == 1
+    assert a["id"] == f"r1.c{a['client'].split('-')[1]}" and a["client"] != b["client"]
+    assert a["train"]["epochs"] == 5 and a["partition"]["PARTITION"] == "iid"
+    idle = ask(client, "wk-3")
+    assert idle["task"] is None and not idle["finished"] and "round 1" in idle["reason"]
+    # The first update waits in the round; a retry of it is acknowledged, not counted.
+    first = post(client, answer(a, 1.0, num_samples=100))
+    assert first.get_json() == {"accepted": True, "version": 0, "duplicate": False, "seq": None}
+    assert post(client, answer(a, 1.0, num_samples=100)).get_json()["duplicate"] is True
+    assert client.get(f"/v1/updates/{a['id']}").get_json()["state"] == "pending"
+    # The second closes it: (100 * 1 + 300 * 5) / 400 = 4.
+    assert post(client, answer(b, 5.0, num_samples=300)).get_json()["version"] == 1
+    got, meta = weights.decode(client.get("/v1/model").data)
+    np.testing.assert_allclose(got["output/bias"], 4.0, rtol=1e-6)
+    status = client.get("/v1/status").get_json()
+    assert status["round"]["rounds_done"] == 1 and status["round"]["number"] == 2
+    assert status["mode"] == "rounds"
+    assert any("round 1 closed" in e["text"] for e in status["events"])
+    # Round 1's model is scored next, before round 2's tasks.
+    assert ask(client)["task"]["id"] == "eval.v1"
+
+
+def test_the_same_seed_samples_the_same_clients_whatever_the_workers(make_app) -> None:
+    def clients_of_round_one(workers: int) -> list[str]:
+        client = make_app(
+            **ROUNDS, ROUNDS=2, MODEL_DIR=f"/tmp/fedsim-test-{workers}-{id(make_app)}"
+        ).test_client()
+        got = []
+        for i in range(4):
+            task = ask(client, f"wk-{i % workers}")["task"]
+            if task and task["kind"] == "train":
+                got.append(task["client"])
+        return sorted(got)
+
+    assert clients_of_round_one(1) == clients_of_round_one(3)
+
+
+def test_stale_and_finished_updates_are_409_and_change_nothing(make_app) -> None:
+    client = make_app(**ROUNDS, ROUNDS=1, SAVE_MODEL=5).test_client()
+    v0 = ask(client)["task"]  # the evaluation of version 0
+    a, b = ask(client)["task"], ask(client)["task"]
+    post(client, answer(a, 1.0))
+    post(client, answer(b, 1.0))  # round 1 closes: version 1, the last round
+    before = served(client)
+    late = post(
+        client, upload(2.0, client_id=a["client"], update_id="r1.cx", task="r1.cx", lease="ab")
+    )
+    assert late.status_code == 409 and late.get_json()["error"] == "unknown_task"
+    again = post(client, answer(a, 3.0))  # already counted: acknowledged
+    assert again.status_code == 200 and again.get_json()["duplicate"] is True
+    assert served(client) == before
+    status = client.get("/v1/status").get_json()
+    assert status["finished"] is False  # version 1 is not scored yet
+    evaluation = ask(client)["task"]
+    assert evaluation["id"] == "eval.v1"
+    for task in (evaluation, v0):
+        done = client.post(
+            "/v1/evaluations",
+            json={
+                "worker": "wk-1",
+                "task": task["id"],
+                "lease": task["lease"],
+                "accuracy": 0.9,
+                "loss": 0.3,
+            },
+        )
+        assert done.status_code == 200
+    assert ask(client)["finished"] is True
+    assert client.get("/v1/status").get_json()["finished"] is True
+
+
+def test_a_round_closes_on_its_timeout_with_what_arrived(make_app, clock) -> None:
+    app = make_app(**ROUNDS, ROUND_TIMEOUT=30, ROUNDS=3)
+    client = app.test_client()
+    ask(client)
+    a = ask(client)["task"]
+    ask(client)  # b is handed out and never answered
+    post(client, answer(a, 2.0))
+    clock.advance(29)
+    assert client.get("/healthz").get_json()["version"] == 0
+    clock.advance(1)
+    # A model download notices the deadline and closes the round first.
+    assert client.get("/v1/model").headers["X-Fedsim-Version"] == "1"
+    assert "timeout" in client.get("/v1/status").get_json()["events"][-1]["text"]
+
+
+def test_an_expired_lease_goes_to_another_worker_and_the_late_result_is_refused(
+    make_app, clock
+) -> None:
+    app = make_app(**ROUNDS, TASK_TIMEOUT=60, ROUNDS=3)
+    client = app.test_client()
+    ask(client)
+    slow = ask(client, "slow")["task"]
+    clock.advance(61)
+    # Another worker asks: the expired task is handed out again, under a new lease.
+    retaken = None
+    for _ in range(3):
+        task = ask(client, "fast")["task"]
+        if task and task["id"] == slow["id"]:
+            retaken = task
+            break
+    assert retaken is not None and retaken["lease"] != slow["lease"]
+    before = served(client)
+    late = post(client, answer(slow, 9.0))
+    assert late.status_code == 409 and late.get_json()["error"] == "reassigned"
+    assert "not counted" in late.get_json()["detail"]
+    assert served(client) == before
+    assert client.get("/v1/status").get_json()["pending_updates"] == 0
+    assert post(client, answer(retaken, 1.0)).status_code == 200
+
+
+def test_a_pending_update_lost_in_a_hard_kill_is_accepted_again(make_app) -> None:
+    first = make_app(**ROUNDS, ROUNDS=3)
+    client = first.test_client()
+    ask(client)
+    a = ask(client)["task"]
+    assert post(client, answer(a, 2.0)).get_json()["duplicate"] is False
+    # The restart forgets the open round; the same task's update counts once more.
+    again = make_app(**ROUNDS, ROUNDS=3).test_client()
+    assert again.get(f"/v1/updates/{a['id']}").status_code == 404
+    assert post(again, answer(a, 2.0)).get_json()["duplicate"] is False
+    assert again.get("/v1/status").get_json()["round"]["pending"] == 1
+
+
+def test_rounds_and_slices_progress_survive_a_restart(make_app) -> None:
+    app = make_app(**ROUNDS, ROUNDS=3, SAVE_MODEL=1)
+    client = app.test_client()
+    ask(client)
+    a, b = ask(client)["task"], ask(client)["task"]
+    post(client, answer(a, 1.0))
+    post(client, answer(b, 1.0))
+    again = make_app(**ROUNDS, ROUNDS=3, SAVE_MODEL=1).test_client()
+    assert again.get("/v1/status").get_json()["round"]["rounds_done"] == 1
+    assert again.get(f"/v1/updates/{a['id']}").get_json()["state"] == "saved"
+    # Slices: a client's next slice after a restart is the one after its last saved one.
+    app = make_app(SAVE_MODEL=1, MODEL_DIR=str(model_dir(app).parent / "slices"))
+    client = app.test_client()
+    ask(client)  # evaluation of v0
+    task = ask(client)["task"]
+    assert (task["id"], task["slice"], task["slices"]) == ("c1.s1", 1, "1-4")
+    post(client, answer(task, 1.0))
+    again = make_app(SAVE_MODEL=1, MODEL_DIR=str(model_dir(app))).test_client()
+    assert ask(again)["task"]["id"] == "eval.v1"  # the restored version is scored first
+    assert ask(again)["task"]["id"] == "c1.s2"
+
+
+def test_a_task_update_is_checked_against_its_task(make_app) -> None:
+    client = make_app(**ROUNDS, ROUNDS=3).test_client()
+    ask(client)
+    a = ask(client)["task"]
+    before = served(client)
+    too_many = post(client, answer(a, 1.0, num_samples=a["samples"] + 1))
+    assert too_many.status_code == 422 and too_many.get_json()["error"] == "bad_num_samples"
+    other = upload(1.0, client_id="client-99", update_id=a["id"], task=a["id"], lease=a["lease"])
+    assert post(client, other).get_json()["error"] == "wrong_client"
+    mismatch = upload(1.0, client_id=a["client"], update_id="x", task=a["id"], lease=a["lease"])
+    assert post(client, mismatch).status_code == 400
+    free = post(client, upload(1.0, client_id="typed"))
+    assert free.status_code == 409 and free.get_json()["error"] == "no_task"
+    assert served(client) == before
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code"),
+    [
+        ("/v1/tasks", b"not json", 400, "bad_json"),
+        ("/v1/tasks", b"[1]", 400, "bad_json"),
+        ("/v1/tasks", b'{"worker": ""}', 400, "bad_worker"),
+        ("/v1/tasks", '{"worker": "a\u2028b"}'.encode(), 400, "bad_worker"),
+        ("/v1/tasks", b"[" * 5000, 413, "too_large"),
+        ("/v1/workers", b"{}", 400, "bad_worker"),
+        (
+            "/v1/evaluations",
+            b'{"worker": "w", "task": "eval.v0", "lease": "ab"}',
+            400,
+            "bad_metrics",
+        ),
+        (
+            "/v1/evaluations",
+            b'{"worker": "w", "task": "eval.v0", "lease": "ab", "accuracy": 2, "loss": 1}',
+            400,
+            "bad_metrics",
+        ),
+        (
+            "/v1/evaluations",
+            b'{"worker": "w", "task": "eval.v0", "lease": "ab", "accuracy": 0.5, "loss": 1}',
+            409,
+            "reassigned",
+        ),
+        (
+            "/v1/evaluations",
+            b'{"worker": "w", "task": "eval.v7", "lease": "ab", "accuracy": 0.5, "loss": 1}',
+            409,
+            "task_done",
+        ),
+    ],
+)
+def test_bad_task_requests_are_4xx(client, path: str, body: bytes, status: int, code: str) -> None:
+    ask(client)  # leases eval.v0 to wk-1
+    response = client.post(path, data=body, content_type="application/json")
+    assert response.status_code == status
+    assert response.get_json()["error"] == code
+    assert client.get("/v1/history").get_json() == {"history": []}
+
+
+def test_history_json_and_csv(make_app) -> None:
+    client = make_app().test_client()
+    task = ask(client)["task"]
+    body = {
+        "worker": "wk-1",
+        "task": task["id"],
+        "lease": task["lease"],
+        "accuracy": 0.1,
+        "loss": 2.3,
+    }
+    assert client.post("/v1/evaluations", json=body).get_json()["recorded"] is True
+    again = client.post("/v1/evaluations", json=body)
+    assert again.status_code == 409  # scored once
+    entries = client.get("/v1/history").get_json()["history"]
+    assert [(e["version"], e["accuracy"], e["round"]) for e in entries] == [(0, 0.1, None)]
+    csv = client.get("/v1/history?format=csv").get_data(as_text=True).splitlines()
+    assert csv[0] == "version,round,time,accuracy,loss,samples,updates,clients"
+    assert csv[1].startswith("0,,") and ",0.1,2.3,0,0," in csv[1]
+    assert client.get("/v1/history?format=xml").status_code == 400
+
+
+def test_past_versions_are_served_for_their_evaluation(make_app) -> None:
+    client = make_app(EVAL_EVERY=1).test_client()
+    ask(client)  # eval.v0 leased, not answered
+    post(client, upload(3.0))  # version 1 (wants eval.v1 too)
+    old = client.get("/v1/model?version=0")
+    assert old.status_code == 200 and old.headers["X-Fedsim-Version"] == "0"
+    assert client.get("/v1/model?version=5").status_code == 404
+    assert client.get("/v1/model?version=x").status_code == 400

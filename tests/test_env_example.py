@@ -104,7 +104,8 @@ def test_compose_takes_values_from_env(compose):
 
 def test_compose_publishes_the_aggregator_port(compose):
     aggregator = compose["services"]["aggregator"]
-    assert aggregator["ports"] == ["${AGGREGATOR_PORT:-8080}:8080"]
+    # On the host's loopback unless AGGREGATOR_HOST opens it.
+    assert aggregator["ports"] == ["${AGGREGATOR_HOST:-127.0.0.1}:${AGGREGATOR_PORT:-8080}:8080"]
     assert aggregator["healthcheck"]["test"][-1].count("/healthz") == 1
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from aggregator_helpers import upload, write_v0
-from fedsim import checkpoints
+from fedsim import checkpoints, config
+from helpers import upload, write_plan, write_v0
 
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 APP = "fedsim.aggregator.app:create_app()"
@@ -85,6 +85,9 @@ def wait_healthy(server: Server) -> None:
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
     write_v0(tmp_path / "models")
+    write_plan(
+        config.load(environ={"MODEL_DIR": str(tmp_path / "models")}, env_file=tmp_path / "no.env")
+    )
     srv = start(tmp_path, SAVE_MODEL=100, IDLE_SAVE_SECONDS=3600, MAX_UPDATE_BYTES=900_000)
     try:
         wait_healthy(srv)
@@ -135,7 +138,7 @@ def test_real_bad_requests_change_nothing(server: Server) -> None:
 
 def test_model_etag_and_304_over_http(server: Server) -> None:
     first = requests.get(server.url + "/v1/model", timeout=10)
-    assert first.headers["ETag"] == '"0"'
+    assert first.headers["ETag"].startswith('"0-')
     assert first.headers["Content-Type"] == "application/octet-stream"
     again = requests.get(
         server.url + "/v1/model", headers={"If-None-Match": first.headers["ETag"]}, timeout=10

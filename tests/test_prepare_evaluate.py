@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from aggregator_helpers import write_v0
 from fedsim import checkpoints, evaluate, models, prepare
 from fedsim.aggregator import history
 from fedsim.data import partition
+from helpers import write_v0
 from test_plots import png_size
 
 ROOT = Path(__file__).resolve().parent.parent

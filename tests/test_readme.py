@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-from conftest import ROOT
 from fedsim import config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def settings_table() -> dict[str, str]:

@@ -11,7 +11,6 @@ from fedsim.aggregator.strategies import (
     FedAsync,
     FedAvg,
     Global,
-    Refused,
     Update,
     fedasync_mix,
     polynomial_staleness,
@@ -104,17 +103,12 @@ def test_fedasync_mix_rejects_a_rate_outside_0_1(alpha_t: float) -> None:
 
 
 def test_async_weighted_every_update_is_a_version_and_base_is_never_refused() -> None:
-    # Prepare
     rule = AsyncWeighted()
     current = Global(w(1, 2), version=7, samples=2)
-    # Execute: an update based on an old version is still taken.
-    agg = rule.accept(update("c1", (4, 8), n=1, base=0), current, now=0.0)
-    # Assert
-    assert agg is not None
-    np.testing.assert_allclose(agg.tensors["x"], [2.0, 4.0], rtol=1e-6)
-    assert [u.client_id for u in agg.updates] == ["c1"]
-    assert not rule.finished
-    assert rule.tick(current, now=1e9) is None
+    # An update based on an old version is still taken.
+    out = rule.accept(update("c1", (4, 8), n=1, base=0), current)
+    np.testing.assert_allclose(out["x"], [2.0, 4.0], rtol=1e-6)
+    assert rule.mode == "async"
 
 
 def test_async_weighted_sequence_matches_the_running_mean() -> None:
@@ -122,9 +116,8 @@ def test_async_weighted_sequence_matches_the_running_mean() -> None:
     rule = AsyncWeighted()
     current = Global(w(0), version=0, samples=0)
     for values, n in (((3.0,), 1), ((6.0,), 2), ((1.0,), 3)):
-        agg = rule.accept(update("c", values, n), current, now=0.0)
-        assert agg is not None
-        current = Global(agg.tensors, current.version + 1, current.samples + n)
+        out = rule.accept(update("c", values, n), current)
+        current = Global(out, current.version + 1, current.samples + n)
     # (1*3 + 2*6 + 3*1) / 6 = 3
     np.testing.assert_allclose(current.tensors["x"], [3.0], rtol=1e-6)
 
@@ -132,82 +125,19 @@ def test_async_weighted_sequence_matches_the_running_mean() -> None:
 # --- fedavg -------------------------------------------------------------------------
 
 
-def test_fedavg_round_closes_at_quorum_with_the_weighted_mean() -> None:
-    # Prepare
-    rule = FedAvg(quorum=2, timeout=60, rounds=3)
+def test_fedavg_is_the_sample_weighted_mean_of_the_round() -> None:
+    rule = FedAvg()
     current = Global(w(9, 9), version=0, samples=0)
-    # Execute
-    first = rule.accept(update("a", (0, 3), n=1), current, now=0.0)
-    second = rule.accept(update("b", (4, 7), n=3), current, now=1.0)
-    # Assert
-    assert first is None
-    assert rule.pending() == 0
-    assert second is not None
-    np.testing.assert_allclose(second.tensors["x"], [3.0, 6.0], rtol=1e-7)
-    assert [u.client_id for u in second.updates] == ["a", "b"]
-    assert second.reason == "round 1 closed by quorum"
-    assert rule.rounds_done == 1
+    out = rule.aggregate(current, [update("a", (0, 3), n=1), update("b", (4, 7), n=3)])
+    # (1*[0, 3] + 3*[4, 7]) / 4 = [3, 6]; the current model does not enter.
+    np.testing.assert_allclose(out["x"], [3.0, 6.0], rtol=1e-7)
+    assert rule.mode == "rounds"
 
 
-def test_fedavg_refuses_stale_base_version() -> None:
-    rule = FedAvg(quorum=2, timeout=60, rounds=3)
-    current = Global(w(0), version=4, samples=10)
-    with pytest.raises(Refused) as info:
-        rule.accept(update("a", (1,), n=1, base=3), current, now=0.0)
-    assert info.value.code == "stale"
-    assert not info.value.finished
-    assert rule.pending() == 0
-
-
-def test_fedavg_refuses_a_second_update_from_the_same_client_in_a_round() -> None:
-    rule = FedAvg(quorum=3, timeout=60, rounds=3)
-    current = Global(w(0), version=0, samples=0)
-    assert rule.accept(update("a", (1,), n=1), current, now=0.0) is None
-    with pytest.raises(Refused) as info:
-        rule.accept(update("a", (2,), n=5), current, now=0.5)
-    assert info.value.code == "duplicate_client"
-    assert rule.pending() == 1
-
-
-def test_fedavg_timeout_closes_a_round_with_what_arrived() -> None:
-    # Prepare: quorum 3, one update at t=10; timeout 5 s.
-    rule = FedAvg(quorum=3, timeout=5, rounds=3)
-    current = Global(w(0), version=0, samples=0)
-    rule.accept(update("a", (2,), n=4), current, now=10.0)
-    # Execute / Assert: not yet at t=14.9, closed at t=15.
-    assert rule.tick(current, now=14.9) is None
-    assert rule.deadline() == 15.0
-    agg = rule.tick(current, now=15.0)
-    assert agg is not None
-    np.testing.assert_array_equal(agg.tensors["x"], [2.0])
-    assert agg.reason == "round 1 closed by timeout"
-    assert rule.deadline() is None
-    # An empty round never closes.
-    assert rule.tick(current, now=1e9) is None
-
-
-def test_fedavg_finishes_after_rounds() -> None:
-    rule = FedAvg(quorum=1, timeout=5, rounds=2)
-    current = Global(w(0), version=0, samples=0)
-    for version in range(2):
-        current = Global(current.tensors, version, current.samples)
-        assert rule.accept(update("a", (1,), n=1, base=version), current, now=0.0) is not None
-    assert rule.finished
-    current = Global(current.tensors, 2, current.samples)
-    with pytest.raises(Refused) as info:
-        rule.accept(update("a", (1,), n=1, base=2), current, now=0.0)
-    assert info.value.code == "finished"
-    assert info.value.finished
-
-
-def test_fedavg_state_dict_round_trip() -> None:
-    rule = FedAvg(quorum=1, timeout=5, rounds=10)
-    rule.accept(update("a", (1,), n=1), Global(w(0), 0, 0), now=0.0)
-    fresh = FedAvg(quorum=1, timeout=5, rounds=10)
-    fresh.load_state_dict(rule.state_dict())
-    assert fresh.rounds_done == 1
-    with pytest.raises(ValueError):
-        fresh.load_state_dict({"rounds_done": -1})
+def test_fedavg_of_identical_updates_is_that_update() -> None:
+    same = [update(c, (0.5, -2.0), n=n) for c, n in (("a", 1), ("b", 7), ("c", 600))]
+    out = FedAvg().aggregate(Global(w(0, 0), 0, 0), same)
+    np.testing.assert_allclose(out["x"], [0.5, -2.0], rtol=1e-7)
 
 
 # --- fedasync -----------------------------------------------------------------------
@@ -217,47 +147,41 @@ def test_fedasync_fresh_update_mixes_at_alpha() -> None:
     # Prepare: global [0, 4] at version 2; a client trained from version 2 sends [8, 0].
     rule = FedAsync(alpha=0.5, a=0.5)
     current = Global(w(0, 4), version=2, samples=10)
-    # Execute
-    agg = rule.accept(update("c1", (8, 0), n=5, base=2), current, now=0.0)
-    # Assert: s(0) = 1, alpha_t = 0.5: [0.5*0 + 0.5*8, 0.5*4 + 0.5*0] = [4, 2].
-    np.testing.assert_allclose(agg.tensors["x"], [4.0, 2.0], rtol=1e-6)
-    assert [u.client_id for u in agg.updates] == ["c1"]
-    assert agg.reason == "update"
+    out = rule.accept(update("c1", (8, 0), n=5, base=2), current)
+    # s(0) = 1, alpha_t = 0.5: [0.5*0 + 0.5*8, 0.5*4 + 0.5*0] = [4, 2].
+    np.testing.assert_allclose(out["x"], [4.0, 2.0], rtol=1e-6)
 
 
 def test_fedasync_stale_update_mixes_at_alpha_over_two() -> None:
     # Prepare: t - tau = 7 - 4 = 3, a = 0.5: s = 4 ** -0.5 = 1/2, alpha_t = 0.8/2 = 0.4.
     rule = FedAsync(alpha=0.8, a=0.5)
     current = Global(w(0, 10), version=7, samples=10)
-    # Execute: an old base is never refused.
-    agg = rule.accept(update("c1", (5, 0), n=5, base=4), current, now=0.0)
-    # Assert: [0.6*0 + 0.4*5, 0.6*10 + 0.4*0] = [2, 6].
-    np.testing.assert_allclose(agg.tensors["x"], [2.0, 6.0], rtol=1e-6)
+    # An old base is never refused: [0.6*0 + 0.4*5, 0.6*10 + 0.4*0] = [2, 6].
+    out = rule.accept(update("c1", (5, 0), n=5, base=4), current)
+    np.testing.assert_allclose(out["x"], [2.0, 6.0], rtol=1e-6)
 
 
 def test_fedasync_a_zero_is_a_constant_rate_whatever_the_staleness() -> None:
     rule = FedAsync(alpha=0.25, a=0.0)
     current = Global(w(4), version=50, samples=10)
-    fresh = rule.accept(update("c1", (8,), n=1, base=50), current, now=0.0)
-    stale = rule.accept(update("c2", (8,), n=1, base=0), current, now=0.0)
+    fresh = rule.accept(update("c1", (8,), n=1, base=50), current)
+    stale = rule.accept(update("c2", (8,), n=1, base=0), current)
     # 0.75*4 + 0.25*8 = 5 both times.
-    np.testing.assert_allclose(fresh.tensors["x"], [5.0], rtol=1e-6)
-    np.testing.assert_allclose(stale.tensors["x"], [5.0], rtol=1e-6)
+    np.testing.assert_allclose(fresh["x"], [5.0], rtol=1e-6)
+    np.testing.assert_allclose(stale["x"], [5.0], rtol=1e-6)
 
 
 def test_fedasync_alpha_one_replaces_the_model_with_a_fresh_update() -> None:
     rule = FedAsync(alpha=1.0, a=0.5)
     current = Global(w(9, 9), version=3, samples=10)
-    agg = rule.accept(update("c1", (0.25, -3), n=1, base=3), current, now=0.0)
-    np.testing.assert_array_equal(agg.tensors["x"], [0.25, -3.0])
+    out = rule.accept(update("c1", (0.25, -3), n=1, base=3), current)
+    np.testing.assert_array_equal(out["x"], [0.25, -3.0])
 
 
 def test_fedasync_is_stateless_beyond_the_version() -> None:
     rule = FedAsync(alpha=0.5, a=0.5)
-    rule.accept(update("c1", (1,), n=1), Global(w(0), 0, 0), now=0.0)
+    rule.accept(update("c1", (1,), n=1), Global(w(0), 0, 0))
     assert rule.state_dict() == {}
-    assert not rule.finished and rule.pending() == 0
-    assert rule.tick(Global(w(0), 1, 1), now=1e9) is None
 
 
 @pytest.mark.parametrize(("alpha", "a"), [(0.0, 0.5), (1.5, 0.5), (0.5, -1.0)])
@@ -268,11 +192,7 @@ def test_fedasync_rejects_bad_settings(alpha: float, a: float) -> None:
 
 def test_build_picks_the_configured_strategy(make_settings) -> None:
     assert isinstance(strategies.build(make_settings(AGGREGATION="async-weighted")), AsyncWeighted)
-    fedavg = strategies.build(
-        make_settings(AGGREGATION="fedavg", CLIENT_SLICES="1-2 3-4 5-6", ROUNDS=4)
-    )
-    assert isinstance(fedavg, FedAvg)
-    assert (fedavg.quorum, fedavg.rounds) == (3, 4)
+    assert isinstance(strategies.build(make_settings(AGGREGATION="fedavg")), FedAvg)
     fedasync = strategies.build(
         make_settings(AGGREGATION="fedasync", FEDASYNC_ALPHA=0.6, FEDASYNC_STALENESS=1)
     )

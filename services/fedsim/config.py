@@ -32,7 +32,15 @@ RETIRED_KEYS = {
 MIN_CLIENT_SAMPLES = 10  # dirichlet: the fewest images any logical client gets
 
 # Keys that Compose reads from the same .env but the Python code does not use.
-COMPOSE_KEYS = frozenset({"AGGREGATOR_PORT", "COMPOSE_PROJECT_NAME", "COMPOSE_FILE"})
+COMPOSE_KEYS = frozenset(
+    {
+        "AGGREGATOR_PORT",
+        "AGGREGATOR_HOST",
+        "PROMETHEUS_PORT",
+        "COMPOSE_PROJECT_NAME",
+        "COMPOSE_FILE",
+    }
+)
 
 
 class ConfigError(ValueError):

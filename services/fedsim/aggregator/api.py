@@ -111,6 +111,7 @@ def model() -> Response:
         response = Response(status=304)
     else:
         response = Response(snap.body, mimetype="application/octet-stream")
+        state.measure("sent", n=len(snap.body))
     response.set_etag(snap.etag)
     response.headers["X-Fedsim-Version"] = str(snap.version)
     response.headers["Cache-Control"] = "no-cache"  # revalidate: the model changes
@@ -191,6 +192,7 @@ def post_update() -> Response:
             f"body of {request.content_length} bytes is over MAX_UPDATE_BYTES={limit}",
         )
     body = request.get_data(cache=False)
+    state.measure("received", n=len(body))
     if len(body) > limit:
         return _refused(413, "too_large", f"body is over MAX_UPDATE_BYTES={limit}")
     try:
@@ -264,3 +266,14 @@ def get_history() -> Response:
 @bp.get("/v1/status")
 def status() -> Response:
     return jsonify(_state().status())
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus' text format (see metrics.py for the names)."""
+    registry = current_app.extensions["fedsim_metrics"]
+    state = _state()
+    registry.set_finished(state.info()[1])
+    registry.workers_seen(state.live_workers())
+    body, content_type = registry.render()
+    return Response(body, content_type=content_type)

@@ -13,7 +13,8 @@ from typing import Any
 from flask import Flask
 
 from fedsim import config
-from fedsim.aggregator import api
+from fedsim.aggregator import api, dashboard
+from fedsim.aggregator.metrics import Metrics
 from fedsim.aggregator.state import StartupError, State
 
 log = logging.getLogger("fedsim.aggregator")
@@ -24,7 +25,7 @@ WORKER_BOOT_ERROR = 3
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app. Settings come from the environment, or FEDSIM_SETTINGS in `test_config`."""
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the dashboard serves /static
     app.config.from_mapping(
         FEDSIM_SETTINGS=None,  # a config.Settings; None: read the environment
         FEDSIM_CLOCK=None,  # monotonic clock for leases, round timeouts, idle saves (tests swap it)
@@ -43,7 +44,13 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     # limit so that a body it cut short is still seen to be too large.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_update_bytes + 1
     app.extensions["fedsim"] = state
+    metrics = Metrics()
+    app.extensions["fedsim_metrics"] = metrics
+    state.metrics_hook = metrics.hook
+    metrics.set_version(state.snapshot.version)
+    metrics.set_finished(state.queue.finished)
     api.init_app(app)
+    dashboard.init_app(app, summary=state.summary)
     if app.config["FEDSIM_TICKER"]:
         # Often enough to close a timed-out round or save when idle without much delay.
         state.start_ticker(

@@ -68,10 +68,7 @@ def load_plan(settings: Settings) -> tuple[dict[str, Any], list[Client]]:
     try:
         manifest = partition.read(settings.model_dir)
     except partition.PartitionError as exc:
-        raise StartupError(
-            f"{exc}: run `python -m fedsim.prepare` (or `docker compose up`, which runs "
-            "the prepare service) first"
-        ) from None
+        raise StartupError(str(exc)) from None
     diffs = partition.differences(manifest, settings)
     if diffs:
         raise StartupError(
@@ -95,7 +92,14 @@ def load(settings: Settings, rule: str) -> Start:
     model_dir = settings.model_dir
     for path in checkpoints.remove_temporaries(model_dir):
         log.info("removed %s, left by an interrupted write", path.name)
-    ckpt = checkpoints.load_newest(model_dir)
+    layout = SHAPES[settings.model]
+
+    def fits(candidate: checkpoints.Checkpoint) -> None:
+        """Skip a checkpoint of the right model whose tensors do not fit it."""
+        if candidate.metadata.get("model", settings.model) == settings.model:
+            weights.validate(candidate.tensors, layout)
+
+    ckpt = checkpoints.load_newest(model_dir, check=fits)
     if ckpt is None:
         raise StartupError(
             f"no checkpoint in {model_dir}: run `python -m fedsim.prepare` "

@@ -141,6 +141,7 @@ class State:
         self._clock, self._wall = clock, wall
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
+        self._save_wanted = False
         self.manifest = start.manifest
         self.queue = _queue(
             settings,
@@ -237,6 +238,28 @@ class State:
     def _event(self, kind: str, text: str) -> None:
         self._events.append({"time": _iso(self._wall()), "kind": kind, "text": text})
 
+    def measure(self, what: str, **values: Any) -> None:
+        """Count something in the metrics (bytes sent and received, from the routes)."""
+        self._measure(what, **values)
+
+    def live_workers(self) -> int:
+        with self._lock:
+            return self.queue.live_workers(self._clock())
+
+    def _drain_expired(self) -> None:
+        """Log and count the leases that ran out since the last call. Caller holds _lock."""
+        for task_id, worker in self.queue.drain_expired():
+            log.warning(
+                "task %s of %s ran out after TASK_TIMEOUT=%gs: it goes to the next worker",
+                task_id,
+                worker,
+                self.settings.task_timeout,
+            )
+            self._event("task", f"task {task_id} of {worker} expired")
+            self._measure(
+                "task_expired", kind="evaluate" if task_id.startswith("eval.") else "train"
+            )
+
     def _measure(self, what: str, **values: Any) -> None:
         if self.metrics_hook is not None:
             try:
@@ -262,6 +285,7 @@ class State:
         with self._lock:
             self._tick_locked(self._clock())
             offer, worker = self.queue.ask(uid, self.snapshot.version, retries)
+            self._drain_expired()
             if offer.task is not None:
                 task = offer.task
                 if task["kind"] == "train":
@@ -302,6 +326,7 @@ class State:
             self._history = [e for e in self._history if e["version"] != version] + [entry]
             self._history.sort(key=lambda e: e["version"])
             self.queue.record_evaluation(task_id, lease, version)
+            self._measure("task_finished", kind="evaluate")
             self._kept.pop(version, None)
             where = f"round {entry['round']} (v{version})" if entry["round"] else f"v{version}"
             log.info(
@@ -317,7 +342,8 @@ class State:
             if self.queue.finished:
                 log.info("the run is finished at version %d", self.snapshot.version)
                 self._event("finished", f"run finished at version {self.snapshot.version}")
-            self._measure("evaluation", accuracy=accuracy, loss=loss)
+                self._measure("finished", finished=True)
+            self._measure("evaluation", accuracy=accuracy, loss=loss, version=version)
             return entry
 
     def _want_evaluation(self, snap: Snapshot, round_no: int | None = None) -> None:
@@ -338,6 +364,15 @@ class State:
             now = self._clock()
             self._tick_locked(now)
             version = self.snapshot.version
+            known = self._applied.get(update.update_id)
+            if update.task_id is not None and known is not None:
+                self._measure("duplicate")
+                log.info(
+                    "duplicate update for task %s from %s acknowledged, not aggregated again",
+                    update.task_id,
+                    update.client_id,
+                )
+                return Result(version, True, known[1])
             if update.task_id is not None:
                 fresh = self.queue.check_update(
                     update.task_id,
@@ -348,7 +383,9 @@ class State:
                     update.num_samples,
                 )
                 known = self._applied.get(update.update_id)
+                self._drain_expired()
                 if not fresh:
+                    self._measure("duplicate")
                     log.info(
                         "duplicate update for task %s from %s acknowledged, not aggregated again",
                         update.task_id,
@@ -364,6 +401,7 @@ class State:
                     )
                 known = self._applied.get(update.update_id)
                 if known is not None:
+                    self._measure("duplicate")
                     log.info(
                         "duplicate update %s from client %s acknowledged, not aggregated again",
                         update.update_id,
@@ -376,12 +414,14 @@ class State:
                 self._apply(tensors, [update], now)
                 if update.task_id is not None:
                     self.queue.record_update(update.task_id, update.lease)
+                    self._measure("task_finished", kind="train")
                 self._log_accepted(update)
                 self._after_version(None)
             else:
                 assert isinstance(self.queue, tasks.RoundQueue) and update.task_id is not None
                 self.queue.add_update(update.task_id, update, now)
                 self.queue.record_update(update.task_id, update.lease)
+                self._measure("task_finished", kind="train")
                 r = self.queue.round
                 assert r is not None
                 log.info(
@@ -520,7 +560,7 @@ class State:
             f"round {r.number} closed ({why}): {len(updates)}/{len(r.sampled)} clients -> "
             f"v{self.snapshot.version}",
         )
-        self._measure("round", number=r.number)
+        self._measure("round", number=min(queue.rounds_done + 1, queue.rounds))
         self._want_evaluation(self.snapshot, r.number)
 
     def _see_client(self, update: Update, staleness: int) -> None:
@@ -600,41 +640,56 @@ class State:
         return None
 
     def save_if_due(self, *, force: bool = False, wait: bool = True) -> Path | None:
-        """Write a checkpoint when one is due; with wait=False skip if a write is running."""
-        if not self._save_lock.acquire(blocking=wait):
-            return None
-        try:
-            with self._lock:
-                reason = self._save_reason(self._clock(), force)
-                if reason is None:
-                    return None
-                view = self._save_view()
-            snap = view.snapshot
-            started = time.perf_counter()
-            path = checkpoints.save(
-                self.settings.model_dir,
-                snap.version,
-                snap.tensors,
-                view.metadata,
-                keep=self.settings.keep_checkpoints,
-            )
-            with self._lock:
-                unsaved = view.updates_total - self._saved_updates
-                self._saved_version, self._saved_updates = snap.version, view.updates_total
-                self._last_checkpoint = {"version": snap.version, "time": view.metadata["time"]}
-                self._event("checkpoint", f"checkpoint v{snap.version} ({reason})")
-            self._measure("checkpoint", seconds=time.perf_counter() - started)
-            log.info(
-                "checkpoint v%d written to %s (%s; %d samples, %d updates since the last)",
-                snap.version,
-                path,
-                reason,
-                snap.samples,
-                unsaved,
-            )
-            return path
-        finally:
-            self._save_lock.release()
+        """Write a checkpoint when one is due; with wait=False leave it to a write running.
+
+        A caller that finds a write running sets `_save_wanted` and returns; the
+        writer looks again once it is done, so no due checkpoint is skipped (an
+        update applied during a write is saved right after it, not at the next one).
+        """
+        path = None
+        while True:
+            self._save_wanted = True
+            if not self._save_lock.acquire(blocking=wait):
+                return path
+            try:
+                self._save_wanted = False
+                path = self._save_once(force) or path
+            finally:
+                self._save_lock.release()
+            if not self._save_wanted:
+                return path
+
+    def _save_once(self, force: bool) -> Path | None:
+        """One checkpoint if due. Caller holds _save_lock."""
+        with self._lock:
+            reason = self._save_reason(self._clock(), force)
+            if reason is None:
+                return None
+            view = self._save_view()
+        snap = view.snapshot
+        started = time.perf_counter()
+        path = checkpoints.save(
+            self.settings.model_dir,
+            snap.version,
+            snap.tensors,
+            view.metadata,
+            keep=self.settings.keep_checkpoints,
+        )
+        with self._lock:
+            unsaved = view.updates_total - self._saved_updates
+            self._saved_version, self._saved_updates = snap.version, view.updates_total
+            self._last_checkpoint = {"version": snap.version, "time": view.metadata["time"]}
+            self._event("checkpoint", f"checkpoint v{snap.version} ({reason})")
+        self._measure("checkpoint", seconds=time.perf_counter() - started)
+        log.info(
+            "checkpoint v%d written to %s (%s; %d samples, %d updates since the last)",
+            snap.version,
+            path,
+            reason,
+            snap.samples,
+            unsaved,
+        )
+        return path
 
     def _save_view(self) -> _SaveView:
         """What a checkpoint of the current version holds. Caller holds _lock."""

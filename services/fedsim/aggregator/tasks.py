@@ -153,7 +153,7 @@ class Queue:
         self.workers: dict[str, Worker] = {}  # by the id the worker sent
         self._names = 0
         self.evals: list[int] = []  # versions waiting to be scored, oldest first
-        self.expired = 0  # leases that ran out
+        self._expired: list[tuple[str, str]] = []  # (task, worker) of leases that ran out
 
     # --- workers --------------------------------------------------------------------
 
@@ -176,9 +176,13 @@ class Queue:
     def _expire(self, now: float) -> list[str]:
         gone = [task for task, lease in self.leases.items() if lease.expires <= now]
         for task in gone:
-            del self.leases[task]
-            self.expired += 1
+            self._expired.append((task, self.leases.pop(task).worker))
         return gone
+
+    def drain_expired(self) -> list[tuple[str, str]]:
+        """(task, worker) of the leases that ran out since the last call."""
+        out, self._expired = self._expired, []
+        return out
 
     def _lease(self, task_id: str, worker: Worker, now: float) -> str:
         token = secrets.token_hex(8)
@@ -445,6 +449,7 @@ class SliceQueue(Queue):
             version,
             slice=slice_no,
             slices=f"{pick.slices[0]}-{pick.slices[1]}",
+            samples=pick.samples // len(pick.slice_numbers),
             round=None,
         )
         return Offer(task)
@@ -652,6 +657,7 @@ class RoundQueue(Queue):
                 count = len(client.slice_numbers)
                 extra["slice"] = client.slices[0] + (r.number - 1) % count
                 extra["slices"] = f"{client.slices[0]}-{client.slices[1]}"
+                extra["samples"] = client.samples // count
             return Offer(self._train_task(task_id, client, worker, now, r.base_version, **extra))
         return Offer(None, reason=f"waiting for round {r.number} to close")
 

@@ -95,7 +95,8 @@ def parse(body: bytes, layout: weights.Layout) -> Update:
     try:
         tensors, meta = weights.decode(body)
     except weights.WeightsError as exc:
-        raise BadUpdate(400, "unreadable", exc.reason) from None
+        code = "unreadable" if exc.status == 400 else "invalid_weights"
+        raise BadUpdate(exc.status, code, exc.reason) from None
     client_id = _ident(meta, "client_id")
     update_id = _ident(meta, "update_id")
     base_version = _integer(meta, "base_version", lo=0, status=400, code="bad_metadata")

@@ -33,9 +33,7 @@ class Typed:
     last: int
 
 
-def ask(
-    settings: Settings, ask: Callable[[str], str], say: Callable[[str], None]
-) -> Typed | None:
+def ask(settings: Settings, ask: Callable[[str], str], say: Callable[[str], None]) -> Typed | None:
     """The original prompts; None when the Client Id is left empty (be a worker)."""
     n = settings.num_slices
     while True:

@@ -114,7 +114,9 @@ class Outbox:
             )
         return pushed
 
-    def _keep(self, tensors: dict[str, np.ndarray], meta: dict[str, object], pushed: Pushed) -> None:
+    def _keep(
+        self, tensors: dict[str, np.ndarray], meta: dict[str, object], pushed: Pushed
+    ) -> None:
         self.last_accepted = self.clock()
         for item in self.kept:
             if item.meta["update_id"] == meta["update_id"]:

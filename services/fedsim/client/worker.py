@@ -283,7 +283,11 @@ class Worker:
         self._check_layout(pulled.tensors)
         self.model = _Model(pulled.version or 0, pulled.etag, pulled.tensors)
         log.info(
-            "%s %s pull  version %d (retries %d)", self.name, what, self.model.version, pulled.retries
+            "%s %s pull  version %d (retries %d)",
+            self.name,
+            what,
+            self.model.version,
+            pulled.retries,
         )
 
     def _check_layout(self, tensors: dict[str, np.ndarray]) -> None:
@@ -349,7 +353,10 @@ class Worker:
             self.summary.counts.retries += pulled.retries
             if pulled.tensors is None:
                 log.warning(
-                    "%s evaluate version %d: could not get it (%s)", self.name, version, pulled.error
+                    "%s evaluate version %d: could not get it (%s)",
+                    self.name,
+                    version,
+                    pulled.error,
                 )
                 return
             self._check_layout(pulled.tensors)

@@ -1,0 +1,182 @@
+"""Workers against the real aggregator app in this process: task by task, crash by crash.
+
+Real Worker, Outbox, Transport and Flask app; the learner is a fake (no TensorFlow)
+whose weights say which task made them. Several workers run in threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+from flask import Flask
+
+from fedsim import checkpoints, tfruntime
+from fedsim.aggregator import history, tasks
+from fedsim.aggregator.app import create_app
+from fedsim.client.transport import ProtocolError
+from fedsim.client.worker import Worker
+from helpers import FakeLearner, InProcess, in_process_transport, write_plan, write_v0
+
+
+def quick_sleep(seconds: float) -> None:
+    time.sleep(min(seconds, 0.005))
+
+
+def setup(make_settings, **overrides: object):
+    settings = make_settings(MODEL="mlp", IDLE_SAVE_SECONDS=0.2, **overrides)
+    write_v0(settings.model_dir)
+    write_plan(settings)
+
+    def make_app() -> Flask:
+        config = {"FEDSIM_SETTINGS": settings, "FEDSIM_TICKER": False}
+        return create_app({"TESTING": True, **config})
+
+    return settings, InProcess(make_app)
+
+
+def run_workers(settings, adapter: InProcess, count: int) -> list[Worker]:
+    workers = [
+        Worker(
+            settings,
+            in_process_transport(adapter),
+            lambda n: FakeLearner(),
+            uid=f"test-worker-{i}",
+            sleep=quick_sleep,
+        )
+        for i in range(count)
+    ]
+    threads = [threading.Thread(target=w.run) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a worker did not finish"
+    return workers
+
+
+def status(adapter: InProcess) -> dict:
+    return adapter.app.test_client().get("/v1/status").get_json()
+
+
+def test_the_default_run_one_client_per_worker_every_slice_once(make_settings, caplog):
+    settings, adapter = setup(make_settings)
+    with caplog.at_level(logging.INFO):
+        workers = run_workers(settings, adapter, 3)
+    # Every worker kept one logical client for the whole run, as the original replicas.
+    assert sorted(w.summary.clients[0] for w in workers) == ["client-1", "client-2", "client-3"]
+    assert all(len(w.summary.clients) == 1 and w.summary.trained == 4 for w in workers)
+    s = status(adapter)
+    assert (s["version"], s["updates"], s["samples"], s["finished"]) == (12, 12, 60000, True)
+    assert "client-2: slices 5-8 (samples 20000-39999)" in caplog.text
+    # Scored at versions 0, 3, 6, 9, 12 (EVAL_EVERY: one round's worth, 3 clients).
+    assert [e["version"] for e in history.read(settings.model_dir)] == [0, 3, 6, 9, 12]
+    assert checkpoints.load_newest(settings.model_dir).version == 12
+    assert all(w.summary.counts.unconfirmed == 0 for w in workers)
+
+
+def test_a_worker_beyond_the_work_exits_saying_so(make_settings, caplog):
+    settings, adapter = setup(make_settings, CLIENT_SLICES="1-2 3-4")
+    with caplog.at_level(logging.INFO):
+        workers = run_workers(settings, adapter, 3)
+    assert sum(w.summary.trained for w in workers) == 4
+    assert (
+        "no work for this worker: all 2 logical clients are trained by other workers" in caplog.text
+    )
+    assert status(adapter)["finished"] is True
+
+
+def test_rounds_of_sampled_shards_clients_with_two_workers(make_settings):
+    settings, adapter = setup(
+        make_settings,
+        AGGREGATION="fedavg",
+        PARTITION="shards",
+        NUM_CLIENTS=20,
+        CLIENTS_PER_ROUND=5,
+        ROUNDS=3,
+    )
+    workers = run_workers(settings, adapter, 2)
+    s = status(adapter)
+    assert (s["version"], s["updates"], s["finished"]) == (3, 15, True)
+    # One history entry per round, besides version 0, with the round's sampled clients.
+    entries = history.read(settings.model_dir)
+    assert [(e["version"], e["round"]) for e in entries] == [(0, None), (1, 1), (2, 2), (3, 3)]
+    for entry in entries[1:]:
+        expected = [f"client-{n}" for n in tasks.sample(42, entry["round"], 5, 20)]
+        assert sorted(entry["clients"]) == sorted(expected)
+    assert sum(w.summary.trained for w in workers) == 15
+    assert sum(w.summary.evaluations for w in workers) == 4
+
+
+def test_asynchronous_rules_off_slices_make_rounds_times_c_updates(make_settings):
+    settings, adapter = setup(
+        make_settings, AGGREGATION="fedasync", PARTITION="iid", NUM_CLIENTS=10, ROUNDS=4
+    )
+    run_workers(settings, adapter, 2)
+    s = status(adapter)
+    assert (s["updates"], s["version"], s["finished"]) == (4, 4, True)  # ROUNDS x C = 4 x 1
+    assert [e["version"] for e in history.read(settings.model_dir)] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("rule", ["async-weighted", "fedavg"])
+def test_every_update_counts_once_across_hard_kills(make_settings, rule):
+    # Prepare: SAVE_MODEL=2, and the aggregator dies (unsaved state lost) after its 4th
+    # and 9th POST, so accepted updates and an open round are lost.
+    extra = {"AGGREGATION": rule, "SAVE_MODEL": 2}
+    if rule == "fedavg":
+        extra.update(PARTITION="iid", NUM_CLIENTS=6, CLIENTS_PER_ROUND=3, ROUNDS=3)
+    settings, adapter = setup(make_settings, **extra)
+
+    def crash(adapter: InProcess, path: str) -> None:
+        if adapter.posts in (4, 9):
+            adapter.crash()
+
+    adapter.after_post = crash
+    # Execute: one worker, so the run is repeatable.
+    (worker,) = run_workers(settings, adapter, 1)
+    # Assert: every task's update is in the final model exactly once.
+    s = status(adapter)
+    expected = 12 if rule == "async-weighted" else 9
+    assert s["updates"] == expected and s["finished"] is True
+    assert worker.summary.counts.unconfirmed == 0
+    final = checkpoints.load_newest(settings.model_dir)
+    assert int(final.metadata["updates"]) == expected
+    if rule == "async-weighted":
+        # Running mean of the 12 slices, each marked by its first image index + 1.
+        marks = [5000 * k + 1 for k in range(12)]
+        np.testing.assert_allclose(final.tensors["output/bias"], np.mean(marks), rtol=1e-5)
+
+
+def test_samples_that_differ_from_the_plan_stop_the_worker(make_settings):
+    # A shards plan depends on the labels: a worker with other data makes other clients.
+    settings, adapter = setup(make_settings, PARTITION="shards", NUM_CLIENTS=10)
+    learner = FakeLearner(labels=np.zeros(60000, np.uint8))
+    worker = Worker(
+        settings, in_process_transport(adapter), lambda n: learner, uid="odd", sleep=quick_sleep
+    )
+    with pytest.raises(ProtocolError, match="do not match the aggregator's plan"):
+        worker.run()
+
+
+def test_the_aggregator_gone_for_good_stops_the_worker_with_a_message(make_settings, monkeypatch):
+    import fedsim.client.worker as worker_module
+
+    settings, adapter = setup(make_settings)
+    monkeypatch.setattr(worker_module, "STARTUP_SECONDS", 0.05)
+    transport = in_process_transport(adapter)
+    transport.base_url = "http://nowhere.invalid"
+    transport.session = __import__("requests").Session()
+    worker = Worker(settings, transport, lambda n: FakeLearner(), uid="x", sleep=quick_sleep)
+    with pytest.raises(worker_module.AggregatorUnreachable, match="is it running"):
+        worker.run()
+
+
+@pytest.mark.parametrize(
+    ("tf_threads", "workers", "cpus", "expected"),
+    [(0, 3, 2, 1), (0, 1, 2, 2), (0, 2, 8, 4), (3, 2, 8, 3), (0, 0, 4, 4)],
+)
+def test_threads_share_the_cores_among_workers(tf_threads, workers, cpus, expected):
+    assert tfruntime.threads_for(tf_threads, workers, cpu_count=cpus) == expected
