@@ -205,19 +205,22 @@ def project(images, tmp_path) -> Iterator[Callable[[dict[str, str]], Project]]:
         p.down()
 
 
-def _accepted_pushes(client_log: str) -> int:
-    return _summary(client_log)["accepted"]
-
-
-def _summary(client_log: str) -> dict[str, int]:
-    """The numbers of a client's summary line."""
+def _summary(worker_log: str) -> dict[str, int]:
+    """The numbers of a worker's summary line."""
     match = re.search(
-        r"done: (?P<slices>\d+) slices trained, pushes (?P<accepted>\d+) accepted "
-        r"(?P<failed>\d+) failed, pulls \d+ failed, re-pushed (?P<repushed>\d+)",
-        client_log,
+        r"done: (?P<trained>\d+) updates trained.*?, (?P<evaluations>\d+) evaluations?, pushes "
+        r"(?P<accepted>\d+) accepted (?P<failed>\d+) failed (?P<refused>\d+) refused, "
+        r"pulls \d+ failed, re-pushed (?P<repushed>\d+)",
+        worker_log,
     )
-    assert match, f"no summary line in:\n{client_log}"
+    assert match, f"no summary line in:\n{worker_log}"
     return {key: int(value) for key, value in match.groupdict().items()}
+
+
+def _get(p: Project, path: str, port: int | None = None) -> tuple[int, bytes]:
+    url = f"http://127.0.0.1:{port or p.port}{path}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, response.read()
 
 
 # --- (a) a run, evaluation, and a second run that resumes ----------------------------
@@ -231,16 +234,25 @@ def test_compose_run_trains_evaluates_and_resumes(project, mnist_dir):
     clients = p.wait_exited("client", 3)
     assert [c["ExitCode"] for c in clients] == [0, 0, 0], p.logs()
 
-    # Replica k took the k-th range, found from its container name.
+    # Each worker kept one logical client for the whole run, as the original replicas.
+    logs = "".join(p.container_logs(c["Name"]) for c in clients)
     for k, (first, last) in enumerate([(1, 2), (3, 4), (5, 6)], start=1):
-        log = p.container_logs(f"{p.name}-client-{k}")
         samples = f"samples {(first - 1) * 2000}-{last * 2000 - 1}"
-        assert f"client-{k}: slices {first}-{last} ({samples})" in log, log
-        assert _accepted_pushes(log) == 2, log
+        assert f"client-{k}: slices {first}-{last} ({samples})" in logs, logs
+    for c in clients:
+        summary = _summary(p.container_logs(c["Name"]))
+        assert summary["trained"] == 2 and summary["accepted"] == 2, summary
 
-    status = p.status()  # the aggregator keeps serving after the clients are done
+    status = p.status()  # the aggregator keeps serving after the workers are done
     assert status["version"] == 6 and status["samples"] == 12_000, status
-    assert status["strategy"] == "async-weighted"
+    assert status["strategy"] == "async-weighted" and status["finished"] is True
+    # Scored at versions 0, 3 and 6 (EVAL_EVERY: one round's worth of 3 clients).
+    history = json.loads(_get(p, "/v1/history")[1])["history"]
+    assert [e["version"] for e in history] == [0, 3, 6], history
+    # The dashboard and the metrics are served beside the API.
+    code, page = _get(p, "/")
+    assert code == 200 and b"fedsim" in page
+    assert b"fedsim_model_version 6.0" in _get(p, "/metrics")[1]
     assert p.containers("aggregator")[0]["State"] == "running"
     aggregator_log = p.logs("aggregator")
     # SAVE_MODEL=2: a checkpoint every two accepted updates.
@@ -252,15 +264,20 @@ def test_compose_run_trains_evaluates_and_resumes(project, mnist_dir):
     assert accuracy >= 0.90, evaluation.stdout
     reports = list((p.folder / "reports").glob("evaluation-*.json"))
     assert len(reports) == 1, evaluation.stdout
-    assert abs(json.loads(reports[0].read_text())["accuracy"] - accuracy) < 1e-4
+    report = json.loads(reports[0].read_text())
+    assert abs(report["accuracy"] - accuracy) < 1e-4
+    assert [e["version"] for e in report["history"]] == [0, 3, 6]
+    pngs = sorted(f.name.split("Z-")[-1] for f in (p.folder / "reports").glob("*.png"))
+    assert pngs == ["clients.png", "confusion.png", "learning-curve.png"], evaluation.stdout
 
-    # `down` keeps the models volume; `up` again resumes and the version keeps counting.
+    # `down` keeps the models volume; `up` again resumes the finished run: the
+    # workers find nothing to do and leave, and nothing is trained twice.
     p.compose("down", "--timeout", "20")
     p.compose("up", "-d", "--scale", "client=3")
     clients = p.wait_exited("client", 3)
     assert [c["ExitCode"] for c in clients] == [0, 0, 0], p.logs()
     assert re.search(r"resumed from /models/ckpt-6\.safetensors: version 6\b", p.logs("aggregator"))
-    assert p.status()["version"] == 12
+    assert p.status()["version"] == 6 and p.status()["updates"] == 6
 
 
 # --- (b) the aggregator crashes in the middle of a run ----------------------------------
@@ -289,7 +306,7 @@ def test_aggregator_crash_mid_run(project, mnist_dir):
     settings = {**SMALL, "CLIENT_SLICES": "1-4 5-8 9-12", "MAX_RETRY": "30", "MAX_WAIT": "1"}
     p = project(settings)
     p.add_mnist(mnist_dir)
-    # One replica more than there are ranges: it must fail on its own, visibly.
+    # One worker more than there are logical clients: it leaves, saying so.
     p.compose("up", "-d", "--scale", "client=4")
 
     # Crash just after version 3: v2 is in a checkpoint, v3 (usually) not yet.
@@ -301,13 +318,9 @@ def test_aggregator_crash_mid_run(project, mnist_dir):
     p.wait_healthy()
 
     clients = {c["Name"]: c for c in p.wait_exited("client", 4)}
-    extra = clients.pop(f"{p.name}-client-4")
-    assert extra["ExitCode"] != 0
-    extra_log = p.container_logs(f"{p.name}-client-4")
-    assert 'replica 4 has no range in CLIENT_SLICES "1-4 5-8 9-12"' in extra_log, extra_log
-    restarts = p.run("docker", "inspect", "-f", "{{.RestartCount}}", extra["Name"]).stdout
-    assert int(restarts) == 3, "on-failure:3 retries a failing replica three times, then stops"
-    assert [c["ExitCode"] for c in clients.values()] == [0, 0, 0], p.logs()
+    assert [c["ExitCode"] for c in clients.values()] == [0, 0, 0, 0], p.logs()
+    logs = {name: p.container_logs(name) for name in clients}
+    assert any("no work for this worker" in log for log in logs.values()), logs
 
     # The aggregator came back from its newest checkpoint, not from version 0.
     aggregator_log = p.logs("aggregator")
@@ -322,14 +335,14 @@ def test_aggregator_crash_mid_run(project, mnist_dir):
     # aggregated update, each of 2,000 samples, and every slice a client trained
     # is in the model exactly once (the clients pushed the lost ones again).
     status = p.status()
-    summaries = [_summary(p.container_logs(name)) for name in clients]
-    trained = sum(s["slices"] for s in summaries)
+    summaries = [_summary(log) for log in logs.values()]
+    trained = sum(s["trained"] for s in summaries)
     repushed = sum(s["repushed"] for s in summaries)
     assert trained == 12 and all(s["failed"] == 0 for s in summaries), summaries
     assert status["updates"] == trained, (status, summaries, aggregator_log)
     assert status["version"] == status["updates"], status
     assert status["samples"] == 2000 * status["updates"], status
-    assert status["unsaved_updates"] == 0, status  # the clients waited for the checkpoint
+    assert status["unsaved_updates"] == 0, status  # the workers waited for the checkpoint
     assert repushed <= unsaved, (summaries, unsaved)
     ids = [h["update_id"] for h in status["history"]]
     assert len(ids) == len(set(ids)), ids
@@ -340,7 +353,46 @@ def test_aggregator_crash_mid_run(project, mnist_dir):
     )
 
 
-# --- (c) bad settings and missing data stop `docker compose up` with the message -------
+# --- (c) logical clients on a pool of workers, rounds, and the monitoring profile ------
+
+
+def test_iid_clients_in_rounds_on_two_workers_with_prometheus(project, mnist_dir):
+    settings = {
+        "PARTITION": "iid",
+        "NUM_CLIENTS": "10",
+        "CLIENTS_PER_ROUND": "5",
+        "AGGREGATION": "fedavg",
+        "ROUNDS": "3",
+        "EPOCHS": "1",
+        "PROMETHEUS_PORT": str(_free_port()),
+    }
+    p = project(settings)
+    p.add_mnist(mnist_dir)
+    p.compose("--profile", "monitoring", "up", "-d", "--build", "--scale", "client=2")
+    clients = p.wait_exited("client", 2)
+    assert [c["ExitCode"] for c in clients] == [0, 0], p.logs()
+    summaries = [_summary(p.container_logs(c["Name"])) for c in clients]
+    assert sum(s["trained"] for s in summaries) == 15, summaries  # 3 rounds x 5 clients
+    status = p.status()
+    assert (status["version"], status["updates"], status["finished"]) == (3, 15, True), status
+    history = json.loads(_get(p, "/v1/history")[1])["history"]
+    assert [(e["version"], e["round"]) for e in history] == [(0, None), (1, 1), (2, 2), (3, 3)]
+    assert history[-1]["accuracy"] > 0.8, history
+    # Prometheus scrapes the aggregator: its target is up.
+    port = int(settings["PROMETHEUS_PORT"])
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            targets = json.loads(_get(p, "/api/v1/targets", port)[1])["data"]["activeTargets"]
+        except OSError:
+            targets = []
+        if any(t["health"] == "up" for t in targets):
+            break
+        assert time.monotonic() < deadline, (targets, p.logs("prometheus"))
+        time.sleep(2)
+
+
+# --- (d) bad settings and missing data stop `docker compose up` with the message -------
 
 
 def test_bad_env_value_stops_compose_up(project):

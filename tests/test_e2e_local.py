@@ -1,4 +1,4 @@
-"""End to end without Docker: scripts/simulate.sh with 3 clients, then scripts/evaluate.sh."""
+"""End to end without Docker: scripts/simulate.sh with real workers, then scripts/evaluate.sh."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedsim import checkpoints
+from fedsim.aggregator import history
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,8 +23,60 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def environment(tmp_path: Path, mnist_dir: Path, **settings: str) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "FEDSIM_ENV_FILE": str(tmp_path / "no.env"),
+        "DATA_DIR": str(mnist_dir),
+        "MODEL_DIR": str(tmp_path / "models"),
+        "AGGREGATOR_URL": f"http://127.0.0.1:{free_port()}",
+        "MODEL": "mlp",
+        "MAX_WAIT": "0.5",
+        **settings,
+    }
+
+
+def simulate(env: dict[str, str], workers: int) -> str:
+    run = subprocess.run(
+        [str(ROOT / "scripts" / "simulate.sh"), "--clients", str(workers)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+    return run.stdout
+
+
 @pytest.mark.slow
-def test_three_clients_train_a_model_above_90_percent(tmp_path, mnist_dir):
+def test_two_workers_train_sampled_shards_clients_in_rounds(tmp_path, mnist_dir):
+    # McMahan's non-IID partition on 20 clients, 5 sampled per round, on 2 workers.
+    env = environment(
+        tmp_path,
+        mnist_dir,
+        PARTITION="shards",
+        NUM_CLIENTS="20",
+        CLIENTS_PER_ROUND="5",
+        AGGREGATION="fedavg",
+        ROUNDS="3",
+        EPOCHS="1",
+    )
+    out = simulate(env, 2)
+    summaries = re.findall(r"^(worker-\d) +\| .* done: (\d+) updates trained", out, re.M)
+    assert sorted(name for name, _ in summaries) == ["worker-1", "worker-2"]
+    assert sum(int(n) for _, n in summaries) == 15
+    assert re.search(r"round 3 closed \(all sampled clients\): 5 of 5 sampled clients", out)
+    entries = history.read(tmp_path / "models")
+    assert [(e["version"], e["round"]) for e in entries] == [(0, None), (1, 1), (2, 2), (3, 3)]
+    assert all(len(e["clients"]) == 5 for e in entries[1:])
+    assert entries[-1]["accuracy"] > entries[0]["accuracy"]
+
+
+@pytest.mark.slow
+def test_three_workers_train_a_model_above_90_percent(tmp_path, mnist_dir):
     model_dir = tmp_path / "models"
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -39,24 +92,14 @@ def test_three_clients_train_a_model_above_90_percent(tmp_path, mnist_dir):
         "EPOCHS": "2",
         "MAX_WAIT": "0.5",
     }
-    run = subprocess.run(
-        [str(ROOT / "scripts" / "simulate.sh"), "--clients", "3"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    out = run.stdout
-    assert run.returncode == 0, out + run.stderr
-    assert "Traceback" not in out + run.stderr
+    out = simulate(env, 3)
 
-    # Every process's lines carry its name; every client finished with a summary.
+    # Every process's lines carry its name; every worker finished with a summary.
     summaries = re.findall(
-        r"^(client-\d) +\| .* done: .*pushes (\d+) accepted (\d+) failed", out, re.M
+        r"^(worker-\d) +\| .* done: .*pushes (\d+) accepted (\d+) failed", out, re.M
     )
-    assert sorted(name for name, _, _ in summaries) == ["client-1", "client-2", "client-3"]
-    assert re.search(r"^client-2 +\| .*client-2: slices 3-4 \(samples 6000-11999\)$", out, re.M)
+    assert sorted(name for name, _, _ in summaries) == ["worker-1", "worker-2", "worker-3"]
+    assert re.search(r"^worker-\d +\| .* client-2: slices 3-4 \(samples 6000-11999\)$", out, re.M)
     assert re.search(r"^aggregator +\| ", out, re.M)
     accepted = sum(int(a) for _, a, _ in summaries)
     assert accepted == 6 and all(f == "0" for _, _, f in summaries)
