@@ -34,7 +34,7 @@ pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
 # What a project copy needs: the build inputs, compose.yaml and evaluate.sh.
-PROJECT_FILES = ("compose.yaml", ".dockerignore", "pyproject.toml", "services", "scripts")
+PROJECT_FILES = ("compose.yaml", ".dockerignore", "pyproject.toml", "services", "scripts", "deploy")
 MNIST_FILES = (
     "train-images-idx3-ubyte.gz",
     "train-labels-idx1-ubyte.gz",

@@ -231,7 +231,7 @@ SETTINGS: tuple[Setting, ...] = (
         "MAX_RETRY",
         "2",
         _int(1),
-        "tries per pull or push before the client goes on without it (original: 2)",
+        "tries per HTTP request; a push that fails them all is kept and pushed again (original: 2)",
     ),
     Setting(
         "MAX_WAIT",
@@ -243,7 +243,7 @@ SETTINGS: tuple[Setting, ...] = (
         "EPOCHS",
         "5",
         _int(1),
-        "local epochs per slice; 10 or 20 gain at most 0.1 point in the default run at 2-4x the time",
+        "local epochs per task; 10 or 20 gain at most 0.1 point in the default run at 2-4x the time",
     ),
     Setting(
         "BATCH_SIZE",
@@ -255,7 +255,7 @@ SETTINGS: tuple[Setting, ...] = (
         "OPTIMIZER",
         "sgd",
         _choice(*OPTIMIZERS),
-        "client optimizer; sgd (momentum 0.9) scored 0.5 point over adam in the default run",
+        "the workers' optimizer, fresh per task; sgd (momentum 0.9) scored 0.5 point over adam in the default run",
     ),
     Setting(
         "LEARNING_RATE",
@@ -327,7 +327,7 @@ SETTINGS: tuple[Setting, ...] = (
         "AGGREGATOR_URL",
         "http://127.0.0.1:8080",
         _url,
-        "where clients find the aggregator (Compose sets http://aggregator:8080)",
+        "where workers find the aggregator (Compose sets http://aggregator:8080)",
     ),
     Setting(
         "DATA_DIR", "data", _path, "folder of the four MNIST files (Compose mounts ./data at /data)"
@@ -336,7 +336,7 @@ SETTINGS: tuple[Setting, ...] = (
         "MODEL_DIR",
         "models",
         _path,
-        "folder of the checkpoints (Compose uses the models volume at /models)",
+        "checkpoints, partitions.json and the history (Compose: the models volume at /models)",
     ),
     Setting(
         "DATA_VERIFY",
@@ -358,7 +358,7 @@ SETTINGS: tuple[Setting, ...] = (
         "TensorFlow threads per worker; 0: the machine's cores shared among the workers",
     ),
     Setting(
-        "HTTP_TIMEOUT", "30", _float(0, strict=True), "seconds a client waits for one HTTP answer"
+        "HTTP_TIMEOUT", "30", _float(0, strict=True), "seconds a worker waits for one HTTP answer"
     ),
 )
 KNOWN_KEYS = frozenset(s.key for s in SETTINGS)
