@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -36,10 +38,14 @@ def test_one_worker_trains_twenty_clients_in_constant_memory(trainer):
     for i, part in enumerate(parts[:20]):
         tensors, trained = trainer.train(tensors, part.indices, SETTINGS, seed=i)
         assert trained.samples == 600 and np.isfinite(trained.loss)
+        gc.collect()
         after.append(rss_mb())
     growth = after[19] - after[1]
     print(f"memory after client 2: {after[1]:.1f} MB, after client 20: {after[19]:.1f} MB")
-    assert growth < 8, f"memory grew by {growth:.1f} MB from the 2nd to the 20th client"
+    # A few MB of warm-up (allocator pools) come first; a leak of even one model per
+    # client (0.8 MB) would show as 8 MB more between the 10th and the 20th.
+    assert growth < 10, f"memory grew by {growth:.1f} MB from the 2nd to the 20th client"
+    assert after[19] - after[9] < 4, f"memory grew from the 10th to the 20th client: {after}"
     # Twenty clients of a partition, one after another, did learn.
     accuracy, loss, _ = trainer.evaluate(tensors)
     assert accuracy > 0.85 and loss < 0.6

@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Turn `docker compose config --format json` into what a Docker Swarm stack needs.
+
+    stackfile.py CONFIG stack        the stack file for `docker stack deploy` (JSON)
+    stackfile.py CONFIG run SERVICE  `docker run` arguments of a one-shot service,
+                                     NUL-separated (prepare, evaluate)
+    stackfile.py CONFIG get KEY      stack, registry, port, volume, images
+
+CONFIG is the JSON of `docker compose -f compose.yaml -f deploy/swarm/stack.yaml
+--profile tools config --format json` ("-" reads it from stdin). Compose has
+already resolved `.env`, the defaults and the anchors, so nothing here repeats a
+setting, an image or a volume of compose.yaml; see stack.yaml for why the stack
+file is generated. Python's standard library only: the host needs python3, not
+PyYAML (JSON is YAML, so `docker stack deploy` reads the output as it is).
+
+What changes on the way to Swarm:
+- dropped: the one-shot services named in `x-swarm.jobs` and every service
+  under a profile; keys Swarm does not read (`build`, `pull_policy`, `restart`,
+  `depends_on`: deploy.restart_policy replaces `restart`, and the workers wait
+  for the aggregator themselves). Any other key outside SERVICE_KEYS is dropped
+  with a note on stderr, so nothing is lost silently;
+- ports: published in `host` mode on the aggregator's node, without `host_ip`
+  (Swarm publishes on every address of the node);
+- names: the network, volumes and services get the stack's prefix from
+  `docker stack deploy`, so compose.yaml's `name:` fields are dropped;
+- images: `REGISTRY/<image>` when `x-swarm.registry` is set;
+- workers: `x-swarm.workers`, when set, is the client service's replicas.
+
+Errors are one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Any
+
+# Service keys `docker stack deploy` reads and fedsim may use; others are dropped.
+SERVICE_KEYS = frozenset(
+    {
+        "cap_add",
+        "cap_drop",
+        "command",
+        "configs",
+        "deploy",
+        "dns",
+        "entrypoint",
+        "environment",
+        "extra_hosts",
+        "healthcheck",
+        "hostname",
+        "image",
+        "init",
+        "labels",
+        "logging",
+        "networks",
+        "ports",
+        "read_only",
+        "secrets",
+        "stop_grace_period",
+        "stop_signal",
+        "sysctls",
+        "tmpfs",
+        "ulimits",
+        "user",
+        "volumes",
+        "working_dir",
+    }
+)
+# Compose-only keys that the stack replaces on purpose: dropped without a note.
+REPLACED_KEYS = frozenset({"build", "pull_policy", "restart", "depends_on"})
+STACK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+REGISTRY = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]+)?(/[a-z0-9._/-]+)?$")
+KEYS = ("stack", "registry", "port", "volume", "images")
+
+
+class StackError(Exception):
+    """A setting or a config that cannot make a stack; the message is one line."""
+
+
+def swarm_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """`x-swarm` from stack.yaml, checked: stack, workers (int or None), registry, jobs."""
+    raw = config.get("x-swarm")
+    if not isinstance(raw, dict):
+        raise StackError("no x-swarm in the config: merge deploy/swarm/stack.yaml over compose.yaml")
+    stack = str(raw.get("stack") or "")
+    if not STACK_NAME.match(stack):
+        raise StackError(
+            f"invalid setting STACK={stack!r}: lowercase letters, digits, '-' and '_', "
+            "starting with a letter or digit, at most 40 characters"
+        )
+    workers_raw = str(raw.get("workers") or "").strip()
+    workers = None
+    if workers_raw:
+        if not workers_raw.isdigit() or int(workers_raw) < 1:
+            raise StackError(f"invalid setting WORKERS={workers_raw!r}: an integer >= 1")
+        workers = int(workers_raw)
+    registry = str(raw.get("registry") or "").strip().rstrip("/")
+    if registry and not REGISTRY.match(registry):
+        raise StackError(
+            f"invalid setting REGISTRY={registry!r}: host[:port][/path], e.g. 10.0.0.5:5000"
+        )
+    jobs = raw.get("jobs") or []
+    return {"stack": stack, "workers": workers, "registry": registry, "jobs": list(jobs)}
+
+
+def image_name(image: str, registry: str) -> str:
+    """The image as the nodes pull it: unchanged without a registry."""
+    return f"{registry}/{image}" if registry else image
+
+
+def _deployed(config: dict[str, Any], jobs: list[str]) -> dict[str, dict[str, Any]]:
+    return {
+        name: service
+        for name, service in config.get("services", {}).items()
+        if name not in jobs and not service.get("profiles")
+    }
+
+
+def _port(port: dict[str, Any]) -> dict[str, Any]:
+    """Compose's long port syntax as Swarm takes it: no host_ip, host mode, integers."""
+    out = {"target": int(port["target"]), "protocol": port.get("protocol", "tcp"), "mode": "host"}
+    if port.get("published") not in (None, ""):
+        out["published"] = int(port["published"])
+    return out
+
+
+def _volume(volume: dict[str, Any]) -> dict[str, Any]:
+    """Compose's long volume syntax without create_host_path, which Swarm does not know."""
+    out = {k: v for k, v in volume.items() if k != "bind"}
+    bind = {k: v for k, v in (volume.get("bind") or {}).items() if k != "create_host_path"}
+    if bind:
+        out["bind"] = bind
+    return out
+
+
+def stack_file(config: dict[str, Any], warn=lambda line: None) -> dict[str, Any]:
+    """The stack file: compose.yaml's long-running services, as Swarm reads them."""
+    swarm = swarm_settings(config)
+    services: dict[str, Any] = {}
+    for name, service in _deployed(config, swarm["jobs"]).items():
+        out: dict[str, Any] = {}
+        for key, value in service.items():
+            if value is None or key in REPLACED_KEYS:
+                continue
+            if key not in SERVICE_KEYS:
+                warn(f"{name}.{key} is not used by docker stack deploy: left out")
+                continue
+            out[key] = value
+        if "image" not in out:
+            raise StackError(f"service {name} has no image: name one in compose.yaml")
+        out["image"] = image_name(out["image"], swarm["registry"])
+        out["ports"] = [_port(p) for p in out.get("ports", [])] or None
+        out["volumes"] = [_volume(v) for v in out.get("volumes", [])] or None
+        if name == "client" and swarm["workers"] is not None:
+            out.setdefault("deploy", {})["replicas"] = swarm["workers"]
+        services[name] = {k: v for k, v in out.items() if v is not None}
+    if "aggregator" not in services:
+        raise StackError("no aggregator service in the config")
+    networks = {
+        name: {k: v for k, v in (net or {}).items() if k not in ("name", "ipam")}
+        | {"driver": "overlay"}
+        for name, net in config.get("networks", {}).items()
+    }
+    volumes = {
+        name: {k: v for k, v in (vol or {}).items() if k != "name"}
+        for name, vol in config.get("volumes", {}).items()
+    }
+    return {"services": services, "networks": networks, "volumes": volumes}
+
+
+def _unescape(value: str) -> str:
+    """Compose's config output writes a literal $ as $$ (for a later interpolation)."""
+    return value.replace("$$", "$")
+
+
+def run_args(config: dict[str, Any], name: str) -> list[str]:
+    """`docker run` arguments (after `run`) for one-shot service `name` on this node.
+
+    Named volumes become the stack's (<stack>_<volume>), so `prepare` fills the
+    volume the aggregator mounts; bind mounts keep their absolute host paths.
+    """
+    swarm = swarm_settings(config)
+    service = config.get("services", {}).get(name)
+    if service is None:
+        raise StackError(f"no {name} service in the config (is --profile tools given?)")
+    stack = swarm["stack"]
+    args = ["--rm", "--label", f"com.docker.stack.namespace={stack}"]
+    if service.get("user"):
+        args += ["--user", str(service["user"])]
+    if service.get("init"):
+        args.append("--init")
+    for key, value in sorted((service.get("environment") or {}).items()):
+        args += ["--env", f"{key}={_unescape('' if value is None else str(value))}"]
+    for volume in service.get("volumes") or []:
+        source = volume.get("source", "")
+        if volume.get("type") == "volume":
+            source = f"{stack}_{source}"
+        mount = f"type={volume['type']},source={source},target={volume['target']}"
+        args += ["--mount", mount + (",readonly" if volume.get("read_only") else "")]
+    entrypoint = service.get("entrypoint") or []
+    if isinstance(entrypoint, str):
+        entrypoint = [entrypoint]
+    if entrypoint:
+        args += ["--entrypoint", entrypoint[0]]
+    if "image" not in service:
+        raise StackError(f"service {name} has no image")
+    args.append(image_name(service["image"], swarm["registry"]))
+    args += [_unescape(a) for a in entrypoint[1:]]
+    command = service.get("command") or []
+    args += [_unescape(a) for a in ([command] if isinstance(command, str) else command)]
+    return args
+
+
+def get(config: dict[str, Any], key: str) -> str:
+    """One value for the shell script."""
+    swarm = swarm_settings(config)
+    if key == "stack":
+        return swarm["stack"]
+    if key == "registry":
+        return swarm["registry"]
+    if key == "volume":
+        return f"{swarm['stack']}_models"
+    if key == "port":
+        ports = config.get("services", {}).get("aggregator", {}).get("ports") or []
+        published = [p.get("published") for p in ports if int(p.get("target", 0)) == 8080]
+        if not published or not str(published[0]).isdigit():
+            raise StackError("the aggregator publishes no port: set AGGREGATOR_PORT")
+        return str(published[0])
+    if key == "images":  # the images to push: local name, then the name the nodes pull
+        names = sorted(
+            {s["image"] for s in config.get("services", {}).values() if s.get("image")}
+        )
+        return "\n".join(f"{n} {image_name(n, swarm['registry'])}" for n in names)
+    raise StackError(f"unknown key {key!r}: one of {', '.join(KEYS)}")
+
+
+def main(argv: list[str]) -> int:
+    usage = "usage: stackfile.py CONFIG.json (stack | run SERVICE | get KEY)"
+    if len(argv) < 2 or argv[1] not in ("stack", "run", "get"):
+        print(usage, file=sys.stderr)
+        return 2
+    try:
+        if argv[0] == "-":
+            config = json.load(sys.stdin)
+        else:
+            with open(argv[0], encoding="utf-8") as f:
+                config = json.load(f)
+    except (OSError, ValueError) as exc:
+        print(f"stackfile.py: cannot read the Compose config {argv[0]}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if argv[1] == "stack":
+            stack = stack_file(config, warn=lambda line: print(f"swarm: {line}", file=sys.stderr))
+            json.dump(stack, sys.stdout, indent=2)
+            print()
+        elif argv[1] == "run" and len(argv) == 3:
+            sys.stdout.write("".join(a + "\0" for a in run_args(config, argv[2])))
+        elif argv[1] == "get" and len(argv) == 3:
+            print(get(config, argv[2]))
+        else:
+            print(usage, file=sys.stderr)
+            return 2
+    except StackError as exc:
+        print(f"swarm: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

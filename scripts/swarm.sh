@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# fedsim on Docker Swarm: the services of compose.yaml as a stack.
+#   scripts/swarm.sh up [--no-build]   build the images (push them when REGISTRY is set), run
+#                                      prepare on this node, deploy the stack, wait until the
+#                                      aggregator is healthy
+#   scripts/swarm.sh status            services, tasks and the aggregator's progress
+#   scripts/swarm.sh evaluate [ARGS]   score the newest checkpoint, like scripts/evaluate.sh
+#   scripts/swarm.sh down [--volumes]  remove the stack (and its checkpoints with --volumes)
+#   scripts/swarm.sh config            print the stack file that `up` deploys
+# Settings come from `.env` and the shell as for Compose, plus STACK (fedsim), WORKERS
+# (compose.yaml's replicas) and REGISTRY (none). Run it on a swarm manager: `up` pins the
+# aggregator and its checkpoints to the node it runs on. See deploy/swarm/README.md.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+UP_TIMEOUT=${SWARM_UP_TIMEOUT:-180}   # seconds `up` waits for a healthy aggregator
+DOWN_TIMEOUT=120                      # seconds `down` waits for the containers to go
+
+die() {
+  echo "swarm.sh: $*" >&2
+  exit 1
+}
+
+usage() {
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+command -v docker > /dev/null || die "docker is not installed (https://docs.docker.com/engine/install/)"
+command -v python3 > /dev/null || die "python3 is needed (it turns the Compose config into a stack file)"
+
+# This engine's place in the swarm: "state manager node-id".
+swarm_node() {
+  local info
+  info=$(docker info --format '{{.Swarm.LocalNodeState}} {{.Swarm.ControlAvailable}} {{.Swarm.NodeID}}' 2>&1) \
+    || die "no Docker engine answers: $(tail -n 1 <<< "$info")"
+  read -r state manager node <<< "$info"
+  if [ "$state" != "active" ]; then
+    die "this Docker engine is not in a swarm (state: $state): run \`docker swarm init --advertise-addr <this machine's IP>\` first, or join one"
+  fi
+  if [ "$manager" != "true" ]; then
+    die "this node is a swarm worker: run swarm.sh on a manager (\`docker node ls\` there lists them)"
+  fi
+  export SWARM_NODE_ID=$node
+}
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# The merged Compose config (compose.yaml + deploy/swarm/stack.yaml, `.env` resolved).
+load_config() {
+  if ! docker compose -f compose.yaml -f deploy/swarm/stack.yaml --profile tools \
+      config --format json > "$work/config.json" 2> "$work/config.err"; then
+    die "docker compose config failed: $(grep -v '^\s*$' "$work/config.err" | tail -n 1)"
+  fi
+  stackfile() { python3 deploy/swarm/stackfile.py "$work/config.json" "$@"; }
+  stack=$(stackfile get stack) || exit 2
+  registry=$(stackfile get registry)
+  port=$(stackfile get port)
+  volume=$(stackfile get volume)
+}
+
+healthz() {  # 0 when the aggregator answers /healthz with 200
+  python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/healthz', timeout=2)" 2> /dev/null
+}
+
+last_task_error() {  # the newest error Swarm gives for one of the stack's services
+  docker service ps --no-trunc --format '{{.Error}}' "${stack}_$1" 2> /dev/null | grep -m 1 . || true
+}
+
+cmd_up() {
+  local build=1
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --no-build) build=0 ;;
+      *) die "up: unknown argument '$1' (use --no-build)" ;;
+    esac
+    shift
+  done
+  swarm_node
+  load_config
+  # A Compose project of the same name owns a local network of the same name.
+  if [ "$(docker network inspect -f '{{.Scope}}' "${stack}_default" 2> /dev/null)" = "local" ]; then
+    die "a Docker Compose project named '$stack' is up: stop it (docker compose down) or set STACK to another name"
+  fi
+
+  if [ "$build" = 1 ]; then
+    echo "swarm.sh: building the images (docker compose build)"
+    docker compose build --quiet || die "docker compose build failed (see above)"
+  fi
+  if [ -n "$registry" ] && [ "$build" = 1 ]; then
+    while read -r local remote; do
+      echo "swarm.sh: pushing $remote"
+      docker tag "$local" "$remote"
+      docker push --quiet "$remote" > /dev/null || die "cannot push $remote: is the registry $registry running and reachable from here?"
+    done < <(stackfile get images)
+  fi
+
+  # prepare, once per stack, on this node: MNIST in ./data, then the plan and
+  # checkpoint 0 in the stack's volume (the aggregator's node is this one).
+  mkdir -p data
+  docker volume create --label "com.docker.stack.namespace=$stack" "$volume" > /dev/null
+  local -a args
+  mapfile -d '' args < <(stackfile run prepare)
+  echo "swarm.sh: prepare (MNIST in ./data, the plan and checkpoint 0 in volume $volume)"
+  docker run "${args[@]}" || die "prepare failed (its message is above); nothing was deployed"
+
+  stackfile stack > "$work/stack.json"
+  local resolve=never
+  [ -n "$registry" ] && resolve=always
+  echo "swarm.sh: deploying stack $stack"
+  docker stack deploy --detach=true --resolve-image "$resolve" ${registry:+--with-registry-auth} \
+    -c "$work/stack.json" "$stack" || die "docker stack deploy failed (see above)"
+
+  local deadline=$((SECONDS + UP_TIMEOUT)) error=""
+  until healthz; do
+    error=$(last_task_error aggregator)
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      die "the aggregator did not answer http://127.0.0.1:$port/healthz within ${UP_TIMEOUT}s${error:+ (task error: $error)}; see docker service logs ${stack}_aggregator"
+    fi
+    sleep 1
+  done
+  local workers
+  workers=$(docker service inspect -f '{{.Spec.Mode.Replicated.Replicas}}' "${stack}_client")
+  echo "swarm.sh: stack $stack up: aggregator healthy at http://127.0.0.1:$port/ (dashboard), $workers workers"
+  echo "swarm.sh: follow it with scripts/swarm.sh status; add workers with docker service scale ${stack}_client=N"
+}
+
+cmd_status() {
+  [ $# -eq 0 ] || die "status: takes no arguments"
+  swarm_node
+  load_config
+  docker stack services "$stack" 2> /dev/null | grep -q . || die "no stack named $stack (scripts/swarm.sh up starts it)"
+  docker stack services "$stack"
+  echo
+  docker stack ps "$stack" --format 'table {{.Name}}\t{{.Node}}\t{{.CurrentState}}\t{{.Error}}'
+  echo
+  python3 - "$port" << 'EOF' || echo "aggregator: no answer on http://127.0.0.1:$port/v1/status"
+import json, sys, urllib.request
+with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/v1/status", timeout=5) as r:
+    s = json.load(r)
+workers = s.get("workers")
+if isinstance(workers, (list, dict)):
+    workers = len(workers)
+line = f"aggregator: version {s['version']}, updates {s['updates']}, finished {str(s['finished']).lower()}"
+line += f", {s.get('strategy')}"
+if isinstance(s.get("round"), dict) and s["round"].get("number") is not None:
+    line += f", round {s['round']['number']}"
+if workers is not None:
+    line += f", live workers {workers}"
+print(line)
+EOF
+}
+
+cmd_evaluate() {
+  swarm_node
+  load_config
+  docker volume inspect "$volume" > /dev/null 2>&1 \
+    || die "no volume $volume on this node: run evaluate on the node where \`scripts/swarm.sh up\` ran"
+  mkdir -p reports
+  local -a args
+  mapfile -d '' args < <(stackfile run evaluate)
+  for arg in "$@"; do
+    if [ "$arg" = "--json" ]; then  # the caller chose the report's place
+      docker run "${args[@]}" "$@"
+      return
+    fi
+  done
+  local name
+  name="evaluation-$(date -u +%Y%m%dT%H%M%SZ).json"
+  docker run "${args[@]}" --json "/reports/$name" "$@"
+  echo "swarm.sh: report written to reports/$name"
+}
+
+cmd_down() {
+  local volumes=0
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --volumes | -v) volumes=1 ;;
+      *) die "down: unknown argument '$1' (use --volumes)" ;;
+    esac
+    shift
+  done
+  swarm_node
+  load_config
+  if docker stack services "$stack" 2> /dev/null | grep -q .; then
+    docker stack rm "$stack"
+  fi
+  # `docker stack rm` returns at once; the containers (the aggregator writes its
+  # final checkpoint on SIGTERM) and the network go afterwards.
+  local deadline=$((SECONDS + DOWN_TIMEOUT))
+  while docker ps -aq --filter "label=com.docker.stack.namespace=$stack" | grep -q . \
+      || docker network inspect "${stack}_default" > /dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] || die "stack $stack still has containers or its network after ${DOWN_TIMEOUT}s (docker stack ps $stack)"
+    sleep 1
+  done
+  if [ "$volumes" = 1 ] && docker volume inspect "$volume" > /dev/null 2>&1; then
+    docker volume rm "$volume" > /dev/null || die "cannot remove volume $volume (docker volume inspect $volume)"
+    echo "swarm.sh: stack $stack removed, with its volume $volume"
+  else
+    echo "swarm.sh: stack $stack removed; checkpoints kept in volume $volume (down --volumes deletes them)"
+  fi
+}
+
+cmd_config() {
+  [ $# -eq 0 ] || die "config: takes no arguments"
+  swarm_node
+  load_config
+  stackfile stack
+}
+
+case "${1:-}" in
+  up | status | evaluate | down | config)
+    what=$1
+    shift
+    "cmd_$what" "$@"
+    ;;
+  -h | --help | help) usage ;;
+  "") usage >&2; exit 2 ;;
+  *) echo "swarm.sh: unknown command '$1' (up, status, evaluate, down, config)" >&2; exit 2 ;;
+esac
