@@ -896,3 +896,37 @@ def test_past_versions_are_served_for_their_evaluation(make_app) -> None:
     assert old.status_code == 200 and old.headers["X-Fedsim-Version"] == "0"
     assert client.get("/v1/model?version=5").status_code == 404
     assert client.get("/v1/model?version=x").status_code == 400
+
+
+# --- disk faults ----------------------------------------------------------------------
+
+
+def test_a_failing_disk_refuses_new_updates_with_503_and_recovers(make_app, monkeypatch) -> None:
+    import errno
+
+    app = make_app(SAVE_MODEL=1)
+    client = app.test_client()
+    real_save = checkpoints.save
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # Prepare: the disk fills up; an update is accepted but its checkpoint fails.
+    monkeypatch.setattr(checkpoints, "save", full_disk)
+    assert post(client, upload(1.0, update_id="kept")).status_code == 200
+    health = client.get("/healthz").get_json()
+    assert health["status"] == "degraded" and "No space left" in health["detail"]
+    # Execute: the next update is refused with 503 and changes nothing.
+    before = served(client)
+    refused = post(client, upload(5.0, update_id="later"))
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+    assert refused.get_json()["error"] == "unavailable"
+    assert served(client) == before
+    assert any("failed" in e["text"] for e in client.get("/v1/status").get_json()["events"])
+    # The disk works again: the next tick saves the acknowledged update, and updates flow.
+    monkeypatch.setattr(checkpoints, "save", real_save)
+    state_of(app).tick()
+    assert client.get("/healthz").get_json()["status"] == "ok"
+    assert checkpoints.load_newest(model_dir(app)).version == 1
+    assert lookup(client, "kept").get_json()["state"] == "saved"
+    assert post(client, upload(5.0, update_id="later")).status_code == 200

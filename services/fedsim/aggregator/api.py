@@ -88,7 +88,12 @@ def _bad(exc: _BadRequest) -> Response:
 
 @bp.get("/healthz")
 def healthz() -> Response:
-    return jsonify(status="ok", version=_state().snapshot.version)
+    """200 while the model is served; "degraded" (still 200, so a probe does not restart
+    an aggregator that holds unsaved updates) while checkpoints cannot be written."""
+    state = _state()
+    if state.disk_error is not None:
+        return jsonify(status="degraded", version=state.snapshot.version, detail=state.disk_error)
+    return jsonify(status="ok", version=state.snapshot.version)
 
 
 @bp.get("/v1/model")
@@ -202,7 +207,10 @@ def post_update() -> Response:
     try:
         result = state.submit(update)
     except Refused as exc:
-        return _refused(exc.status, exc.code, exc.reason, update=update)
+        response = _refused(exc.status, exc.code, exc.reason, update=update)
+        if exc.status == 503:
+            response.headers["Retry-After"] = "5"
+        return response
     state.save_if_due(wait=False)
     return jsonify(
         accepted=True, version=result.version, duplicate=result.duplicate, seq=result.seq

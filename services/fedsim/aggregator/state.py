@@ -142,6 +142,7 @@ class State:
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
         self._save_wanted = False
+        self.disk_error: str | None = None  # why the last checkpoint write failed, until one works
         self.manifest = start.manifest
         self.queue = _queue(
             settings,
@@ -361,6 +362,14 @@ class State:
     def submit(self, update: Update) -> Result:
         """Aggregate a validated update once. Raises Refused (nothing changes then)."""
         with self._lock:
+            if self.disk_error is not None:
+                # Acknowledging an update that cannot be saved could lose it: refuse it
+                # until a checkpoint is written again (the ticker keeps trying).
+                raise Refused(
+                    "unavailable",
+                    f"checkpoints cannot be written ({self.disk_error}); try again later",
+                    status=503,
+                )
             now = self._clock()
             self._tick_locked(now)
             version = self.snapshot.version
@@ -629,6 +638,8 @@ class State:
             return None
         if force:
             return "shutdown"
+        if self.disk_error is not None:
+            return "retry after a failed write"
         if self.queue.training_done:
             return "run finished"
         # SAVE_MODEL counts aggregated updates, not versions: a round is one version
@@ -668,14 +679,36 @@ class State:
             view = self._save_view()
         snap = view.snapshot
         started = time.perf_counter()
-        path = checkpoints.save(
-            self.settings.model_dir,
-            snap.version,
-            snap.tensors,
-            view.metadata,
-            keep=self.settings.keep_checkpoints,
-        )
+        try:
+            path = checkpoints.save(
+                self.settings.model_dir,
+                snap.version,
+                snap.tensors,
+                view.metadata,
+                keep=self.settings.keep_checkpoints,
+            )
+        except OSError as exc:
+            reason_text = exc.strerror or str(exc)
+            with self._lock:
+                first = self.disk_error is None
+                self.disk_error = reason_text
+                if first:
+                    self._event("checkpoint", f"checkpoint v{snap.version} failed: {reason_text}")
+            if first:
+                log.error(
+                    "checkpoint v%d could not be written to %s (%s): new updates get 503 "
+                    "until a write succeeds; retrying",
+                    snap.version,
+                    self.settings.model_dir,
+                    reason_text,
+                )
+            self._measure("checkpoint_failed")
+            return None
         with self._lock:
+            if self.disk_error is not None:
+                log.info("checkpoints can be written again: taking updates")
+                self._event("checkpoint", "checkpoints can be written again")
+            self.disk_error = None
             unsaved = view.updates_total - self._saved_updates
             self._saved_version, self._saved_updates = snap.version, view.updates_total
             self._last_checkpoint = {"version": snap.version, "time": view.metadata["time"]}
