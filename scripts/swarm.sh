@@ -64,6 +64,10 @@ healthz() {  # 0 when the aggregator answers /healthz with 200
   python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/healthz', timeout=2)" 2> /dev/null
 }
 
+update_state() {  # a service's rolling update: updating, completed, ... (empty: none)
+  docker service inspect -f '{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}' "${stack}_$1" 2> /dev/null || true
+}
+
 last_task_error() {  # the newest error Swarm gives for one of the stack's services
   docker service ps --no-trunc --format '{{.Error}}' "${stack}_$1" 2> /dev/null | grep -m 1 . || true
 }
@@ -112,8 +116,9 @@ cmd_up() {
   docker stack deploy --detach=true --resolve-image "$resolve" ${registry:+--with-registry-auth} \
     -c "$work/stack.json" "$stack" || die "docker stack deploy failed (see above)"
 
+  # Healthy, and not still the old aggregator of a stack being updated.
   local deadline=$((SECONDS + UP_TIMEOUT)) error=""
-  until healthz; do
+  until [ "$(update_state aggregator)" != updating ] && healthz; do
     error=$(last_task_error aggregator)
     if [ "$SECONDS" -ge "$deadline" ]; then
       die "the aggregator did not answer http://127.0.0.1:$port/healthz within ${UP_TIMEOUT}s${error:+ (task error: $error)}; see docker service logs ${stack}_aggregator"

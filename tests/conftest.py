@@ -39,7 +39,11 @@ def make_settings(tmp_path: Path) -> Callable[..., config.Settings]:
     """
 
     def make(**overrides: object) -> config.Settings:
-        environ = {"MODEL_DIR": str(tmp_path / "models"), "DATA_DIR": str(MNIST_DIR)}
+        environ = {
+            "MODEL_DIR": str(tmp_path / "models"),
+            "DATA_DIR": str(MNIST_DIR),
+            "TOKENS_FILE": str(tmp_path / "secrets" / "tokens.json"),
+        }
         environ.update({k: str(v) for k, v in overrides.items()})
         return config.load(environ=environ, env_file=tmp_path / "no.env")
 

@@ -12,9 +12,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import requests
+from flask.testing import FlaskClient
 from requests.adapters import BaseAdapter
 
-from fedsim import checkpoints, config, weights
+from fedsim import checkpoints, config, tokens, weights
 from fedsim.client.training import Trained
 from fedsim.client.transport import RetryPolicy, Transport
 from fedsim.data import partition
@@ -23,6 +24,32 @@ from fedsim.models import SHAPES
 # Stand-in training labels: digit i % 10 for image i. Plans made from them are real plans
 # (the real partition code), without reading MNIST.
 LABELS = (np.arange(config.TRAIN_IMAGES) % 10).astype(np.uint8)
+
+
+# The workers' token the tests write, and one of a hand-started client "typed".
+WORKERS_TOKEN = "ab" * 32
+TYPED_TOKEN = "cd" * 32
+
+
+def write_tokens(settings: config.Settings) -> None:
+    """TOKENS_FILE with the tests' workers' token and one for a client named "typed"."""
+    path = settings.tokens_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        '{"format": 1, "tokens": ['
+        f'{{"name": "workers", "token": "{WORKERS_TOKEN}", "clients": ["*"]}},'
+        f'{{"name": "typed", "token": "{TYPED_TOKEN}", "clients": ["typed"]}}]}}'
+    )
+    tokens.read(path)  # the file is valid
+
+
+class AuthClient(FlaskClient):
+    """Flask's test client sending the workers' token unless a test sends its own."""
+
+    def open(self, *args: Any, **kwargs: Any):
+        headers = dict(kwargs.pop("headers", None) or {})
+        headers.setdefault("Authorization", f"Bearer {WORKERS_TOKEN}")
+        return super().open(*args, headers=headers, **kwargs)
 
 
 class FakeClock:
@@ -167,4 +194,6 @@ def in_process_transport(adapter: InProcess, attempts: int = 2) -> Transport:
     session = requests.Session()
     session.mount("http://fedsim/", adapter)
     policy = RetryPolicy(attempts, 0.0, sleep=lambda s: None)
-    return Transport("http://fedsim", policy=policy, timeout=5, session=session)
+    return Transport(
+        "http://fedsim", policy=policy, timeout=5, session=session, token=WORKERS_TOKEN
+    )

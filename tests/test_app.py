@@ -18,7 +18,16 @@ from safetensors.numpy import save as st_save
 from fedsim import checkpoints, weights
 from fedsim.aggregator.app import create_app
 from fedsim.aggregator.state import State
-from helpers import FakeClock, tensors, upload, write_plan, write_v0
+from helpers import (
+    TYPED_TOKEN,
+    AuthClient,
+    FakeClock,
+    tensors,
+    upload,
+    write_plan,
+    write_tokens,
+    write_v0,
+)
 
 
 @pytest.fixture
@@ -36,7 +45,9 @@ def make_app(make_settings, clock) -> Callable[..., Flask]:
             write_v0(settings.model_dir)
         if write and not (settings.model_dir / "partitions.json").exists():
             write_plan(settings)
-        return create_app(
+        if not settings.tokens_file.exists():
+            write_tokens(settings)
+        app = create_app(
             {
                 "TESTING": True,
                 "FEDSIM_SETTINGS": settings,
@@ -44,6 +55,8 @@ def make_app(make_settings, clock) -> Callable[..., Flask]:
                 "FEDSIM_TICKER": ticker,
             }
         )
+        app.test_client_class = AuthClient
+        return app
 
     return make
 
@@ -930,3 +943,65 @@ def test_a_failing_disk_refuses_new_updates_with_503_and_recovers(make_app, monk
     assert checkpoints.load_newest(model_dir(app)).version == 1
     assert lookup(client, "kept").get_json()["state"] == "saved"
     assert post(client, upload(5.0, update_id="later")).status_code == 200
+
+
+# --- tokens ---------------------------------------------------------------------------
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "code"),
+    [
+        ({"Authorization": ""}, 401, "unauthorized"),
+        ({"Authorization": "Basic abc"}, 401, "unauthorized"),
+        (bearer("ef" * 32), 403, "forbidden"),
+    ],
+)
+def test_requests_that_change_state_need_a_known_token(client, headers, status, code) -> None:
+    before = served(client)
+    for response in (
+        post(client, upload(3.0), headers=headers),
+        client.post("/v1/tasks", json={"worker": "w"}, headers=headers),
+        client.post("/v1/workers", json={"worker": "w"}, headers=headers),
+        client.post("/v1/evaluations", json={"worker": "w"}, headers=headers),
+    ):
+        assert response.status_code == status, response.get_json()
+        assert response.get_json()["error"] == code
+    assert served(client) == before
+    assert client.get("/v1/status").get_json()["workers"] == []
+
+
+def test_a_token_speaks_only_for_its_clients(client) -> None:
+    before = served(client)
+    as_other = post(client, upload(3.0, client_id="client-1"), headers=bearer(TYPED_TOKEN))
+    assert as_other.status_code == 403
+    assert "may not speak for client client-1" in as_other.get_json()["detail"]
+    tasks = client.post("/v1/tasks", json={"worker": "w"}, headers=bearer(TYPED_TOKEN))
+    assert tasks.status_code == 403 and "not a workers' token" in tasks.get_json()["detail"]
+    assert served(client) == before
+    own = post(client, upload(3.0, client_id="typed"), headers=bearer(TYPED_TOKEN))
+    assert own.status_code == 200
+
+
+def test_reads_are_open_unless_auth_reads(make_app) -> None:
+    open_client = make_app().test_client()
+    assert open_client.get("/v1/status", headers={"Authorization": ""}).status_code == 200
+    guarded = make_app(AUTH_READS="true", MODEL_DIR="/tmp/fedsim-auth-reads").test_client()
+    for path in ("/v1/status", "/v1/model", "/v1/history", "/metrics", "/"):
+        assert guarded.get(path, headers={"Authorization": ""}).status_code == 401, path
+    assert guarded.get("/healthz", headers={"Authorization": ""}).status_code == 200
+    assert guarded.get("/v1/status").status_code == 200  # with the workers' token
+    page = guarded.get("/?access_token=" + "ab" * 32, headers={"Authorization": ""})
+    assert page.status_code == 200
+
+
+def test_the_aggregator_refuses_to_start_without_tokens(make_app, make_settings, caplog) -> None:
+    settings = make_settings()
+    write_v0(settings.model_dir)
+    write_plan(settings)
+    with pytest.raises(SystemExit):
+        create_app({"TESTING": True, "FEDSIM_SETTINGS": settings, "FEDSIM_TICKER": False})
+    assert "no tokens file at" in caplog.text and "fedsim.prepare" in caplog.text

@@ -30,6 +30,7 @@ def environment(tmp_path: Path, mnist_dir: Path, **settings: str) -> dict[str, s
         "FEDSIM_ENV_FILE": str(tmp_path / "no.env"),
         "DATA_DIR": str(mnist_dir),
         "MODEL_DIR": str(tmp_path / "models"),
+        "TOKENS_FILE": str(tmp_path / "secrets" / "tokens.json"),
         "AGGREGATOR_URL": f"http://127.0.0.1:{free_port()}",
         "MODEL": "mlp",
         "MAX_WAIT": "0.5",
@@ -78,20 +79,14 @@ def test_two_workers_train_sampled_shards_clients_in_rounds(tmp_path, mnist_dir)
 @pytest.mark.slow
 def test_three_workers_train_a_model_above_90_percent(tmp_path, mnist_dir):
     model_dir = tmp_path / "models"
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "FEDSIM_ENV_FILE": str(tmp_path / "no.env"),
-        "DATA_DIR": str(mnist_dir),
-        "MODEL_DIR": str(model_dir),
-        "AGGREGATOR_URL": f"http://127.0.0.1:{free_port()}",
-        "MODEL": "mlp",
-        # 3 x 2 slices of 3,000 images: 18,000 training images in all.
-        "NUM_IMAGES_TRAIN": "3000",
-        "CLIENT_SLICES": "1-2 3-4 5-6",
-        "EPOCHS": "2",
-        "MAX_WAIT": "0.5",
-    }
+    # 3 x 2 slices of 3,000 images: 18,000 training images in all.
+    env = environment(
+        tmp_path,
+        mnist_dir,
+        NUM_IMAGES_TRAIN="3000",
+        CLIENT_SLICES="1-2 3-4 5-6",
+        EPOCHS="2",
+    )
     out = simulate(env, 3)
 
     # Every process's lines carry its name; every worker finished with a summary.

@@ -25,6 +25,7 @@ CONTAINER_VALUES = {
     "AGGREGATOR_URL": "http://aggregator:8080",
     "DATA_DIR": "/data",
     "MODEL_DIR": "/models",
+    "TOKENS_FILE": "/run/secrets/fedsim/tokens.json",
 }
 FEDSIM_SERVICES = ("prepare", "aggregator", "client", "evaluate")
 _DEFAULTED = re.compile(r"^\$\{(?P<key>[A-Z_][A-Z0-9_]*):-(?P<default>.*)\}$")
@@ -113,5 +114,5 @@ def test_compose_clients_scale(compose):
     client = compose["services"]["client"]
     # A fixed name or a published port would stop `--scale client=N` at the second replica.
     assert "container_name" not in client and "ports" not in client
-    assert client["volumes"] == ["./data:/data:ro"]
+    assert client["volumes"] == ["./data:/data:ro", "./secrets:/run/secrets/fedsim:ro"]
     assert client["restart"].startswith("on-failure")

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from fedsim import checkpoints, config
-from helpers import upload, write_plan, write_v0
+from helpers import WORKERS_TOKEN, upload, write_plan, write_tokens, write_v0
 
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 APP = "fedsim.aggregator.app:create_app()"
@@ -53,6 +53,7 @@ def start(tmp_path: Path, **env: object) -> Server:
     environ = {
         **os.environ,
         "MODEL_DIR": str(model_dir),
+        "TOKENS_FILE": str(tmp_path / "secrets" / "tokens.json"),
         "MODEL": "mlp",
         "FEDSIM_ENV_FILE": str(tmp_path / "no.env"),  # never the developer's .env
         "BIND": f"127.0.0.1:{port}",
@@ -84,10 +85,16 @@ def wait_healthy(server: Server) -> None:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    write_v0(tmp_path / "models")
-    write_plan(
-        config.load(environ={"MODEL_DIR": str(tmp_path / "models")}, env_file=tmp_path / "no.env")
+    settings = config.load(
+        environ={
+            "MODEL_DIR": str(tmp_path / "models"),
+            "TOKENS_FILE": str(tmp_path / "secrets" / "tokens.json"),
+        },
+        env_file=tmp_path / "no.env",
     )
+    write_v0(settings.model_dir)
+    write_plan(settings)
+    write_tokens(settings)
     srv = start(tmp_path, SAVE_MODEL=100, IDLE_SAVE_SECONDS=3600, MAX_UPDATE_BYTES=900_000)
     try:
         wait_healthy(srv)
@@ -104,6 +111,7 @@ def model_state(server: Server) -> tuple[bytes, int, int]:
 
 def test_real_bad_requests_change_nothing(server: Server) -> None:
     session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {WORKERS_TOKEN}"
     url = server.url + "/v1/updates"
     assert session.post(url, data=upload(1.0, update_id="ok"), timeout=10).status_code == 200
     before = model_state(server)
@@ -126,8 +134,13 @@ def test_real_bad_requests_change_nothing(server: Server) -> None:
         for _ in range(20):
             yield b"\x00" * 50_000
 
-    chunked = requests.post(url, data=chunks(), timeout=10)
-    assert chunked.status_code == 413
+    headers = {"Authorization": f"Bearer {WORKERS_TOKEN}"}
+    try:
+        chunked = requests.post(url, data=chunks(), headers=headers, timeout=10)
+    except requests.ConnectionError:
+        pass  # the server answered 413 and closed while the sender was still sending
+    else:
+        assert chunked.status_code == 413
 
     assert model_state(server) == before
     # The connection still works after the refusals, and the refused id was not remembered.
@@ -149,7 +162,8 @@ def test_model_etag_and_304_over_http(server: Server) -> None:
 def test_sigterm_leaves_a_final_checkpoint_with_unsaved_updates(server: Server) -> None:
     for i in range(3):
         body = upload(float(i), update_id=f"u{i}", num_samples=10)
-        assert requests.post(server.url + "/v1/updates", data=body, timeout=10).ok
+        headers = {"Authorization": f"Bearer {WORKERS_TOKEN}"}
+        assert requests.post(server.url + "/v1/updates", data=body, headers=headers, timeout=10).ok
     assert checkpoints.versions(server.model_dir) == [0]  # SAVE_MODEL=100: nothing saved yet
     assert server.stop() == 0
     ckpt = checkpoints.load_newest(server.model_dir)

@@ -45,7 +45,13 @@ MANIFESTS = sorted(p.name for p in KUBE.glob("*.yaml") if p.name != "kustomizati
 
 # Settings the manifests fix instead of the ConfigMap: the Service's address, the
 # two mount points, and TensorFlow's threads from the worker's CPU limit.
-FIXED = {"AGGREGATOR_URL": "http://aggregator:8080", "DATA_DIR": "/data", "MODEL_DIR": "/models"}
+FIXED = {
+    "AGGREGATOR_URL": "http://aggregator:8080",
+    "DATA_DIR": "/data",
+    "MODEL_DIR": "/models",
+    "TOKENS_FILE": "/run/secrets/fedsim-tokens",
+}
+SECRET = "CLIENT_TOKEN"  # the workers read their token from the Secret, not the ConfigMap
 FROM_CPU_LIMIT = "TF_THREADS"
 SETTINGS_MAP = "fedsim-settings"
 WAIT_CONTAINER = "wait-for-aggregator"
@@ -198,7 +204,7 @@ def test_configmap_holds_exactly_the_settings_users_set(docs):
     data = find(docs, "ConfigMap", SETTINGS_MAP)["data"]
     unknown = sorted(set(data) - config.KNOWN_KEYS)
     assert not unknown, f"not settings: {unknown}"
-    missing = sorted(config.KNOWN_KEYS - set(FIXED) - {FROM_CPU_LIMIT} - set(data))
+    missing = sorted(config.KNOWN_KEYS - set(FIXED) - {FROM_CPU_LIMIT, SECRET} - set(data))
     assert not missing, f"{SETTINGS_MAP} lacks {missing}"
     fixed_here = sorted((set(FIXED) | {FROM_CPU_LIMIT}) & set(data))
     assert not fixed_here, f"fixed by the manifests, not the ConfigMap: {fixed_here}"
@@ -383,13 +389,13 @@ def test_every_container_requests_and_limits_cpu_and_memory(docs):
             assert 0 < request <= limit, f"{workload}/{c['name']} {kind}: {request} > {limit}"
 
 
-def test_tokens_secret_is_optional_and_mounted_where_docker_puts_secrets(docs):
+def test_tokens_secret_is_required_and_mounted_where_tokens_file_says(docs):
     assert not [d for d in docs if d["kind"] == "Secret"], "apply must never replace the tokens"
     for name, kind in (("aggregator", "Deployment"), ("client", "Job")):
         spec = pod_spec(find(docs, kind, name))
         c = one(spec["containers"], name)
         secret = volume_for(spec, c, "/run/secrets")["secret"]
-        assert secret["secretName"] == "fedsim-tokens" and secret["optional"] is True
+        assert secret["secretName"] == "fedsim-tokens" and secret["optional"] is False
         assert secret["items"] == [{"key": "tokens", "path": "fedsim-tokens"}]
         assert mounts(c)["/run/secrets"]["readOnly"] is True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 
 import numpy as np
@@ -14,7 +15,13 @@ SETTINGS = {"epochs": 1, "batch_size": 50, "learning_rate": 0.05, "optimizer": "
 
 
 def rss_mb() -> float:
-    """This process's resident memory now, in MB (Linux)."""
+    """This process's resident memory now, in MB (Linux), after a collection.
+
+    glibc's malloc_trim first hands freed pages back, so a reading is not lowered
+    now and then by the allocator shrinking its pools on its own.
+    """
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     import os
@@ -30,15 +37,17 @@ def trainer(mnist_dir):
     return Trainer(mnist_dir, verify=True, model="mlp", seed=42)
 
 
-def test_one_worker_trains_twenty_clients_in_constant_memory(trainer):
+@pytest.mark.parametrize("mu", [0, 0.01], ids=["plain", "fedprox"])
+def test_one_worker_trains_twenty_clients_in_constant_memory(trainer, mu):
+    """Plain training, then FedProx's: neither builds or traces anything per task."""
     plan = {"PARTITION": "iid", "SEED": 42, "NUM_CLIENTS": 100}
     parts = partition.make(plan, trainer.labels)
     tensors = models.initial_weights("mlp", 42)
     after = []
     for i, part in enumerate(parts[:20]):
-        tensors, trained = trainer.train(tensors, part.indices, SETTINGS, seed=i)
+        settings = {**SETTINGS, "proximal_mu": mu}
+        tensors, trained = trainer.train(tensors, part.indices, settings, seed=i)
         assert trained.samples == 600 and np.isfinite(trained.loss)
-        gc.collect()
         after.append(rss_mb())
     growth = after[19] - after[1]
     print(f"memory after client 2: {after[1]:.1f} MB, after client 20: {after[19]:.1f} MB")
@@ -66,3 +75,167 @@ def test_each_task_starts_from_a_fresh_optimizer_and_repeats_with_its_seed(train
 def test_evaluate_scores_an_untrained_model_near_chance(trainer):
     accuracy, loss, seconds = trainer.evaluate(models.initial_weights("mlp", 1))
     assert 0.0 < accuracy < 0.3 and loss > 1.5 and seconds >= 0
+
+
+# --- FedProx's proximal term ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def probe(trainer):
+    """A second model for computing data gradients and losses by hand."""
+    return models.build("mlp", seed=0, learning_rate=0.1)
+
+
+def data_gradient(model, tensors, x, y):
+    """F(w) and ∇F(w), the mean cross-entropy alone, at `tensors`, by GradientTape."""
+    import keras
+    import tensorflow as tf
+
+    models.set_weights(model, tensors)
+    with tf.GradientTape() as tape:
+        loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, model(x)))
+    gradients = tape.gradient(loss, model.trainable_weights)
+    # The mlp's weights are all trainable, so get_weights names them in the same order.
+    return float(loss), {
+        name: g.numpy() for name, g in zip(models.get_weights(model), gradients, strict=True)
+    }
+
+
+def images(trainer, indices):
+    from fedsim.data import mnist
+
+    return mnist.scale(trainer.images[indices]), trainer.labels[indices].astype(np.int64)
+
+
+def distance(a, b):
+    return float(np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in a)))
+
+
+def test_one_proximal_step_is_minus_the_rate_times_data_plus_mu_gradient(trainer, probe):
+    """Plain SGD, one full batch: w' = w - η(∇F(w) + μ(w - w_t)) with w ≠ w_t."""
+    import keras
+
+    from fedsim.client.training import proximal_model
+
+    eta, mu = 0.1, 0.5
+    inner = models.build("mlp", seed=0, learning_rate=eta)
+    inner.compile(
+        optimizer=keras.optimizers.SGD(eta),  # no momentum: one step is exactly -η g
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    model = proximal_model(inner)
+    w_t, w = models.initial_weights("mlp", 1), models.initial_weights("mlp", 2)
+    rng = np.random.default_rng(0)
+    for name in ("hidden1/bias", "hidden2/bias", "output/bias"):  # biases away from w_t's zeros
+        w[name] += rng.normal(0, 0.1, w[name].shape).astype(np.float32)
+    x, y = images(trainer, np.arange(64))
+    models.set_weights(inner, w_t)
+    model.start(mu)  # w_t held
+    models.set_weights(inner, w)
+    model.fit(x, y, epochs=1, batch_size=len(x), shuffle=False, verbose=0)
+    after = models.get_weights(inner)
+
+    _, grad = data_gradient(probe, w, x, y)
+    for name in w:
+        expected = w[name] - eta * (grad[name] + mu * (w[name] - w_t[name]))
+        plain = w[name] - eta * grad[name]
+        np.testing.assert_allclose(after[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+        # The proximal term did move every tensor: the test would see it missing.
+        assert np.abs(expected - plain).max() > 1e-4, name
+
+
+def test_proximal_step_with_mu_zero_takes_the_plain_steps_bit_for_bit(trainer):
+    import keras
+
+    from fedsim.client.training import fresh_optimizer, proximal_model
+
+    inner = models.build("mlp", seed=0, learning_rate=0.05)  # momentum SGD, as the workers'
+    model = proximal_model(inner)
+    start = models.initial_weights("mlp", 3)
+    x, y = images(trainer, np.arange(600))
+    results = []
+    for fitted in (inner, model, inner):
+        models.set_weights(inner, start)
+        fresh_optimizer(inner.optimizer, 0.05)
+        model.start(0.0)
+        keras.utils.set_random_seed(11)
+        history = fitted.fit(x, y, epochs=1, batch_size=10, shuffle=True, verbose=0)
+        results.append((models.get_weights(inner), history.history))
+    for name in start:
+        np.testing.assert_array_equal(results[0][0][name], results[1][0][name], err_msg=name)
+        np.testing.assert_array_equal(results[0][0][name], results[2][0][name], err_msg=name)
+    assert results[0][1] == results[1][1]  # the same loss and accuracy reported
+
+
+def test_trainer_anchors_each_task_at_its_own_start_with_momentum(trainer, probe):
+    """Two full-batch steps of momentum SGD (β = 0.9), by hand:
+    w1 = w0 - η ∇F(w0);  w2 = w1 + β(-η ∇F(w0)) - η(∇F(w1) + μ(w1 - w0)).
+    The reported loss is the data loss F(w1) of the last epoch, without the term."""
+    eta, mu, beta = 0.1, 0.5, models.SGD_MOMENTUM
+    settings = {**SETTINGS, "learning_rate": eta, "proximal_mu": mu, "epochs": 2, "batch_size": 64}
+    indices = np.arange(5000, 5064)
+    w0 = models.initial_weights("mlp", 5)
+    # Another task first, from other weights: its anchor must not stay behind.
+    trainer.train(models.initial_weights("mlp", 6), np.arange(64), settings, seed=1)
+    after, trained = trainer.train(w0, indices, settings, seed=2)
+
+    x, y = images(trainer, indices)
+    _, g0 = data_gradient(probe, w0, x, y)
+    w1 = {k: w0[k] - eta * g0[k] for k in w0}
+    loss1, g1 = data_gradient(probe, w1, x, y)
+    for name in w0:
+        expected = w1[name] - beta * eta * g0[name] - eta * (g1[name] + mu * (w1[name] - w0[name]))
+        np.testing.assert_allclose(after[name], expected, rtol=1e-4, atol=2e-6, err_msg=name)
+    term = mu / 2 * distance(w1, w0) ** 2
+    assert term > 1e-3  # large enough to tell the data loss from the objective
+    assert trained.loss == pytest.approx(loss1, rel=1e-5)
+
+
+def test_a_large_mu_keeps_the_weights_near_the_start(trainer):
+    start = models.initial_weights("mlp", 8)
+    indices = np.arange(2000, 2600)
+    free, _ = trainer.train(start, indices, SETTINGS, seed=9)
+    again, _ = trainer.train(start, indices, {**SETTINGS, "proximal_mu": 0}, seed=9)
+    held, trained = trainer.train(start, indices, {**SETTINGS, "proximal_mu": 10.0}, seed=9)
+    for name in start:
+        np.testing.assert_array_equal(free[name], again[name])  # μ = 0 is plain training
+    print(f"‖w - w_t‖: μ=0 {distance(free, start):.3f}, μ=10 {distance(held, start):.3f}")
+    assert distance(held, start) < 0.5 * distance(free, start)
+    assert np.isfinite(trained.loss) and trained.samples == 600
+
+
+@pytest.mark.parametrize("mu", [-0.1, float("nan"), float("inf"), "much", [1]])
+def test_a_bad_proximal_mu_is_refused_in_one_line(trainer, mu):
+    with pytest.raises(ValueError, match=r"^proximal_mu must be a (finite )?number >= 0, got"):
+        trainer.train(
+            models.initial_weights("mlp", 1), np.arange(10), {**SETTINGS, "proximal_mu": mu}, 0
+        )
+
+
+# --- labels in place of the data set's ----------------------------------------------
+
+
+def test_train_uses_the_labels_it_is_given_for_the_indices(trainer):
+    start, indices = models.initial_weights("mlp", 4), np.arange(300, 400)
+    own, _ = trainer.train(start, indices, SETTINGS, seed=1)
+    same, _ = trainer.train(start, indices, SETTINGS, seed=1, labels=trainer.labels[indices])
+    other, _ = trainer.train(
+        start, indices, SETTINGS, seed=1, labels=(trainer.labels[indices] + 1) % 10
+    )
+    np.testing.assert_array_equal(own["output/bias"], same["output/bias"])
+    assert not np.allclose(own["output/bias"], other["output/bias"])
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.zeros(9, np.int64), r"^labels must be one per index: shape \(9,\), 10 indices$"),
+        (np.full(10, 10), r"^labels must be integers 0-9"),
+        (np.full(10, -1), r"^labels must be integers 0-9"),
+        (np.zeros(10, np.float32), r"^labels must be integers 0-9, got float32$"),
+    ],
+)
+def test_bad_labels_are_refused_in_one_line(trainer, labels, message):
+    with pytest.raises(ValueError, match=message):
+        trainer.train(models.initial_weights("mlp", 1), np.arange(10), SETTINGS, 0, labels=labels)

@@ -19,7 +19,14 @@ from fedsim.aggregator import history, tasks
 from fedsim.aggregator.app import create_app
 from fedsim.client.transport import ProtocolError
 from fedsim.client.worker import Worker
-from helpers import FakeLearner, InProcess, in_process_transport, write_plan, write_v0
+from helpers import (
+    FakeLearner,
+    InProcess,
+    in_process_transport,
+    write_plan,
+    write_tokens,
+    write_v0,
+)
 
 
 def quick_sleep(seconds: float) -> None:
@@ -30,6 +37,7 @@ def setup(make_settings, **overrides: object):
     settings = make_settings(MODEL="mlp", IDLE_SAVE_SECONDS=0.2, **overrides)
     write_v0(settings.model_dir)
     write_plan(settings)
+    write_tokens(settings)
 
     def make_app() -> Flask:
         config = {"FEDSIM_SETTINGS": settings, "FEDSIM_TICKER": False}

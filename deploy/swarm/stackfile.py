@@ -19,6 +19,11 @@ What changes on the way to Swarm:
   `depends_on`: deploy.restart_policy replaces `restart`, and the workers wait
   for the aggregator themselves). Any other key outside SERVICE_KEYS is dropped
   with a note on stderr, so nothing is lost silently;
+- secrets: a read-only bind mount into /run/secrets/ (compose.yaml's
+  ./secrets, written by prepare) becomes one Swarm secret per file, mounted at
+  the same path, so workers on other nodes need no copy of the folder. A
+  secret's name ends with a hash of its content: Swarm secrets cannot change,
+  so new content makes a new secret and the services are updated to it;
 - ports: published in `host` mode on the aggregator's node, without `host_ip`
   (Swarm publishes on every address of the node);
 - names: the network, volumes and services get the stack's prefix from
@@ -31,9 +36,12 @@ Errors are one line on stderr with exit status 2.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 # Service keys `docker stack deploy` reads and fedsim may use; others are dropped.
@@ -73,6 +81,8 @@ REPLACED_KEYS = frozenset({"build", "pull_policy", "restart", "depends_on"})
 STACK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 REGISTRY = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]+)?(/[a-z0-9._/-]+)?$")
 KEYS = ("stack", "registry", "port", "volume", "images")
+SECRETS_DIR = "/run/secrets/"
+SECRET_MODE = 0o444  # read by the image's non-root user, as the read-only bind mount was
 
 
 class StackError(Exception):
@@ -83,7 +93,9 @@ def swarm_settings(config: dict[str, Any]) -> dict[str, Any]:
     """`x-swarm` from stack.yaml, checked: stack, workers (int or None), registry, jobs."""
     raw = config.get("x-swarm")
     if not isinstance(raw, dict):
-        raise StackError("no x-swarm in the config: merge deploy/swarm/stack.yaml over compose.yaml")
+        raise StackError(
+            "no x-swarm in the config: merge deploy/swarm/stack.yaml over compose.yaml"
+        )
     stack = str(raw.get("stack") or "")
     if not STACK_NAME.match(stack):
         raise StackError(
@@ -135,10 +147,38 @@ def _volume(volume: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _is_secret_mount(volume: dict[str, Any]) -> bool:
+    target = str(volume.get("target", ""))
+    return (
+        volume.get("type") == "bind"
+        and bool(volume.get("read_only"))
+        and (target + "/").startswith(SECRETS_DIR)
+    )
+
+
+def _secret_files(volume: dict[str, Any], secrets: dict[str, Any]) -> list[dict[str, Any]]:
+    """One Swarm secret per file of a secrets folder; adds them to `secrets` (top level)."""
+    folder = Path(volume["source"])
+    if not folder.is_dir():
+        raise StackError(
+            f"{folder} (mounted at {volume['target']}) does not exist: "
+            "prepare writes it (scripts/swarm.sh up runs prepare first)"
+        )
+    mounts = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        key = re.sub(r"[^A-Za-z0-9_-]", "-", path.name) + "-" + digest
+        secrets[key] = {"file": str(path)}
+        target = f"{str(volume['target']).rstrip('/')}/{path.name}"
+        mounts.append({"source": key, "target": target, "mode": SECRET_MODE})
+    return mounts
+
+
 def stack_file(config: dict[str, Any], warn=lambda line: None) -> dict[str, Any]:
     """The stack file: compose.yaml's long-running services, as Swarm reads them."""
     swarm = swarm_settings(config)
     services: dict[str, Any] = {}
+    secrets: dict[str, Any] = {}
     for name, service in _deployed(config, swarm["jobs"]).items():
         out: dict[str, Any] = {}
         for key, value in service.items():
@@ -152,7 +192,10 @@ def stack_file(config: dict[str, Any], warn=lambda line: None) -> dict[str, Any]
             raise StackError(f"service {name} has no image: name one in compose.yaml")
         out["image"] = image_name(out["image"], swarm["registry"])
         out["ports"] = [_port(p) for p in out.get("ports", [])] or None
-        out["volumes"] = [_volume(v) for v in out.get("volumes", [])] or None
+        volumes = out.get("volumes", [])
+        for volume in filter(_is_secret_mount, volumes):
+            out["secrets"] = out.get("secrets", []) + _secret_files(volume, secrets)
+        out["volumes"] = [_volume(v) for v in volumes if not _is_secret_mount(v)] or None
         if name == "client" and swarm["workers"] is not None:
             out.setdefault("deploy", {})["replicas"] = swarm["workers"]
         services[name] = {k: v for k, v in out.items() if v is not None}
@@ -167,7 +210,10 @@ def stack_file(config: dict[str, Any], warn=lambda line: None) -> dict[str, Any]
         name: {k: v for k, v in (vol or {}).items() if k != "name"}
         for name, vol in config.get("volumes", {}).items()
     }
-    return {"services": services, "networks": networks, "volumes": volumes}
+    stack = {"services": services, "networks": networks, "volumes": volumes}
+    if secrets:
+        stack["secrets"] = secrets
+    return stack
 
 
 def _unescape(value: str) -> str:
@@ -179,7 +225,9 @@ def run_args(config: dict[str, Any], name: str) -> list[str]:
     """`docker run` arguments (after `run`) for one-shot service `name` on this node.
 
     Named volumes become the stack's (<stack>_<volume>), so `prepare` fills the
-    volume the aggregator mounts; bind mounts keep their absolute host paths.
+    volume the aggregator mounts; bind mounts keep their absolute host paths, and
+    a missing bind folder that Compose would create is created here, owned by
+    the caller (not by root, as the engine would make it).
     """
     swarm = swarm_settings(config)
     service = config.get("services", {}).get(name)
@@ -197,6 +245,8 @@ def run_args(config: dict[str, Any], name: str) -> list[str]:
         source = volume.get("source", "")
         if volume.get("type") == "volume":
             source = f"{stack}_{source}"
+        elif volume.get("type") == "bind" and (volume.get("bind") or {}).get("create_host_path"):
+            os.makedirs(source, exist_ok=True)
         mount = f"type={volume['type']},source={source},target={volume['target']}"
         args += ["--mount", mount + (",readonly" if volume.get("read_only") else "")]
     entrypoint = service.get("entrypoint") or []
@@ -229,9 +279,7 @@ def get(config: dict[str, Any], key: str) -> str:
             raise StackError("the aggregator publishes no port: set AGGREGATOR_PORT")
         return str(published[0])
     if key == "images":  # the images to push: local name, then the name the nodes pull
-        names = sorted(
-            {s["image"] for s in config.get("services", {}).values() if s.get("image")}
-        )
+        names = sorted({s["image"] for s in config.get("services", {}).values() if s.get("image")})
         return "\n".join(f"{n} {image_name(n, swarm['registry'])}" for n in names)
     raise StackError(f"unknown key {key!r}: one of {', '.join(KEYS)}")
 

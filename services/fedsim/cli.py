@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from fedsim.config import ConfigError
 from fedsim.data.mnist import DataError
+from fedsim.tokens import TokenError
 from fedsim.weights import WeightsError
 
 
@@ -28,6 +29,6 @@ def run(command: str, main: Callable[[], int | None]) -> int:
     except ConfigError as exc:
         print(f"fedsim {command}: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except (DataError, WeightsError) as exc:
+    except (DataError, WeightsError, TokenError) as exc:
         print(f"fedsim {command}: error: {exc}", file=sys.stderr, flush=True)
         return 1

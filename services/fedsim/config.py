@@ -126,6 +126,13 @@ def _urls(raw: str) -> tuple[str, ...]:
     return urls
 
 
+def _secret(raw: str) -> str:
+    value = raw.strip()
+    if value and not re.fullmatch(r"[0-9a-f]{32,128}", value):
+        raise ValueError("32-128 lowercase hex digits, as `python -m fedsim.tokens add` prints")
+    return value
+
+
 def _path(raw: str) -> Path:
     if not raw.strip():
         raise ValueError("a directory path")
@@ -360,7 +367,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "HTTP_TIMEOUT", "30", _float(0, strict=True), "seconds a worker waits for one HTTP answer"
     ),
+    Setting(
+        "TOKENS_FILE",
+        "secrets/tokens.json",
+        _path,
+        "who may change the aggregator's state (prepare creates it; Compose: ./secrets)",
+    ),
+    Setting(
+        "CLIENT_TOKEN",
+        "",
+        _secret,
+        "the token this worker or client sends; empty: the workers' token from TOKENS_FILE",
+    ),
+    Setting(
+        "AUTH_READS",
+        "false",
+        _bool,
+        "also require a token to read the model, status, history and metrics",
+    ),
 )
+SECRET_KEYS = frozenset({"CLIENT_TOKEN"})  # never written to settings.json or reports
 KNOWN_KEYS = frozenset(s.key for s in SETTINGS)
 
 
@@ -400,6 +426,9 @@ class Settings:
     mnist_mirrors: tuple[str, ...]
     tf_threads: int
     http_timeout: float
+    tokens_file: Path
+    client_token: str
+    auth_reads: bool
     # Keys that were set explicitly (not defaulted); the client asks for its
     # range interactively only when CLIENT_SLICES was not given.
     explicit: frozenset[str] = frozenset()
@@ -436,7 +465,7 @@ class Settings:
         """The resolved settings, JSON-friendly, as saved beside results."""
         out: dict[str, Any] = {}
         for field in dataclasses.fields(self):
-            if field.name == "explicit":
+            if field.name == "explicit" or field.name.upper() in SECRET_KEYS:
                 continue
             value = getattr(self, field.name)
             if isinstance(value, Path):
@@ -494,7 +523,8 @@ def load(environ: Mapping[str, str] | None = None, env_file: Path | None = None)
         try:
             values[setting.key.lower()] = setting.parse(raw)
         except ValueError as exc:
-            raise ConfigError(setting.key, raw, str(exc)) from None
+            shown = "(hidden)" if setting.key in SECRET_KEYS else raw
+            raise ConfigError(setting.key, shown, str(exc)) from None
 
     num_slices = TRAIN_IMAGES // values["num_images_train"]
     raw_slices = values["client_slices"]

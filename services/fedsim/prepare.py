@@ -5,7 +5,8 @@ plan to MODEL_DIR/partitions.json when there is none (and refuses settings that
 differ from an existing one); and when MODEL_DIR holds no checkpoint writes
 version 0: the seeded initial weights of MODEL, so every run with the same SEED
 starts from the same model. The resolved settings are saved beside the
-checkpoints as settings.json. It imports no TensorFlow, so it starts in a moment.
+checkpoints as settings.json, and TOKENS_FILE is created with a workers' token
+when there is none. It imports no TensorFlow, so it starts in a moment.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import sys
 
-from fedsim import checkpoints, cli, config, models, weights
+from fedsim import checkpoints, cli, config, models, tokens, weights
 from fedsim.data import mnist, partition
 
 log = logging.getLogger("fedsim.prepare")
@@ -90,6 +91,11 @@ def _main() -> int:
             keep=settings.keep_checkpoints,
         )
         log.info("wrote %s: initial %s weights from SEED=%d", path, settings.model, settings.seed)
+
+    if tokens.ensure(settings.tokens_file):
+        log.info("wrote %s with a token for the workers", settings.tokens_file)
+    else:
+        log.info("tokens in %s: left as they are", settings.tokens_file)
 
     settings_path = settings.model_dir / "settings.json"
     checkpoints.write_atomic(

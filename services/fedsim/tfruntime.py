@@ -32,5 +32,8 @@ def configure(intra_op: int) -> None:
     quiet()
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(intra_op)
-    tf.config.threading.set_inter_op_parallelism_threads(1)  # one small graph at a time
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        tf.config.threading.set_inter_op_parallelism_threads(1)  # one small graph at a time
+    except RuntimeError:
+        pass  # the runtime has started in this process already: its pools stay as they are

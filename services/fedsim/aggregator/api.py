@@ -10,10 +10,11 @@ import logging
 import math
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
+from fedsim import tokens
 from fedsim.aggregator import history, uploads
 from fedsim.aggregator.state import State
 from fedsim.aggregator.strategies import Refused
@@ -36,6 +37,44 @@ def init_app(app: Flask) -> None:
     app.url_map.converters["text"] = AnyTextConverter
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _http_error)
+    app.before_request(_authenticate)
+
+
+# --- tokens -----------------------------------------------------------------------------
+
+OPEN_PATHS = frozenset({"/healthz"})  # probes never need a token
+
+
+def _authenticate() -> Response | None:
+    """401 without a token, 403 with an unknown one, for every request that changes
+    state (and every read too under AUTH_READS). The token found is `g.token`."""
+    g.token = None
+    reading = request.method in ("GET", "HEAD")
+    if request.path in OPEN_PATHS or (reading and not _state().settings.auth_reads):
+        return None
+    header = request.headers.get("Authorization", "")
+    presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    presented = presented or request.args.get("access_token", "")  # RFC 6750, for the page
+    if not presented:
+        return error(
+            401,
+            "unauthorized",
+            "this request needs a token: send `Authorization: Bearer <token>` (see TOKENS_FILE)",
+        )
+    token = tokens.find(current_app.extensions["fedsim_tokens"], presented)
+    if token is None:
+        return error(403, "forbidden", "the token is not one of this aggregator's")
+    g.token = token
+    return None
+
+
+def _workers_only() -> Response | None:
+    """Tasks name any logical client: only a token for all clients ("*") may take them."""
+    token = g.get("token")
+    if token is None or not token.for_workers:
+        name = token.name if token is not None else "none"
+        return error(403, "forbidden", f'token {name!r} is not a workers\' token ("*")')
+    return None
 
 
 def _state() -> State:
@@ -126,6 +165,8 @@ def model() -> Response:
 @bp.post("/v1/workers")
 def hello() -> Response:
     """A worker introduces itself: its short name, and how many workers are live."""
+    if (refused := _workers_only()) is not None:
+        return refused
     try:
         uid = _worker_id(_json_body())
     except _BadRequest as exc:
@@ -136,6 +177,8 @@ def hello() -> Response:
 @bp.post("/v1/tasks")
 def ask() -> Response:
     """A task for the worker, or `task: null` with why and when to ask again."""
+    if (refused := _workers_only()) is not None:
+        return refused
     try:
         body = _json_body()
         uid = _worker_id(body)
@@ -158,6 +201,8 @@ def ask() -> Response:
 def evaluation() -> Response:
     """A worker's score of a version: {task, lease, worker, accuracy, loss}."""
     state = _state()
+    if (refused := _workers_only()) is not None:
+        return refused
     try:
         body = _json_body()
         uid = _worker_id(body)
@@ -204,6 +249,12 @@ def post_update() -> Response:
         update = uploads.parse(body, state.layout)
     except uploads.BadUpdate as exc:
         return _refused(exc.status, exc.code, exc.detail)
+    token = g.get("token")
+    if token is None or not token.speaks_for(update.client_id):
+        name = token.name if token is not None else "none"
+        return _refused(
+            403, "forbidden", f"token {name!r} may not speak for client {update.client_id}", update
+        )
     try:
         result = state.submit(update)
     except Refused as exc:

@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import Flask
 
-from fedsim import config
+from fedsim import config, tokens
 from fedsim.aggregator import api, dashboard
 from fedsim.aggregator.metrics import Metrics
 from fedsim.aggregator.state import StartupError, State
@@ -37,13 +37,15 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         settings = app.config["FEDSIM_SETTINGS"] or config.load()
         clock = app.config["FEDSIM_CLOCK"]
         state = State.resume(settings, **({"clock": clock} if clock else {}))
-    except (config.ConfigError, StartupError) as exc:
+        known = tokens.read(settings.tokens_file)
+    except (config.ConfigError, StartupError, tokens.TokenError) as exc:
         log.error("fedsim aggregator: error: %s", exc)
         raise SystemExit(WORKER_BOOT_ERROR) from exc
     # Werkzeug caps the body it reads, also without a Content-Length; one byte over the
     # limit so that a body it cut short is still seen to be too large.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_update_bytes + 1
     app.extensions["fedsim"] = state
+    app.extensions["fedsim_tokens"] = known
     metrics = Metrics()
     app.extensions["fedsim_metrics"] = metrics
     state.metrics_hook = metrics.hook

@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-from fedsim import cli, config
+from fedsim import cli, config, tokens
 
 log = logging.getLogger("fedsim.client")
 
@@ -23,8 +23,9 @@ def _main() -> int:
 
     typed = handstart.ask(settings, input, print) if sys.stdin.isatty() else None
     policy = transport.RetryPolicy(settings.max_retry, settings.max_wait)
+    token = settings.client_token or tokens.workers_secret(settings.tokens_file)
     link = transport.Transport(
-        settings.aggregator_url, policy=policy, timeout=settings.http_timeout
+        settings.aggregator_url, policy=policy, timeout=settings.http_timeout, token=token
     )
     started = time.monotonic()
 

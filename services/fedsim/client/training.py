@@ -5,13 +5,23 @@ A worker trains logical clients one after another on one TensorFlow runtime
 each client's images are taken from the arrays loaded once (kept as uint8 and
 scaled per task, so memory is the model plus the data set, not per client), and
 each task starts from a fresh optimizer state, as a real client's would.
+
+FedProx (Li et al., MLSys 2020, arXiv:1812.06127): with `proximal_mu` = μ > 0 in
+the task's settings the client minimises F_k(w) + (μ/2)‖w - w_t‖², w_t being the
+weights the task started from. The gradient of the term, μ(w - w_t), is added to
+each weight's data gradient in the training step of `Proximal`, a model that
+wraps the built one; w_t and μ live in variables assigned per task, so nothing is
+traced or built again per task. μ absent or 0 trains the plain model, as before.
+
 `fedsim.tfruntime.configure` must run before the first Trainer is made.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +32,17 @@ from fedsim import models
 from fedsim.data import mnist
 from fedsim.tfruntime import quiet as quiet_tensorflow
 
-__all__ = ["Trained", "Trainer", "quiet_tensorflow"]
+__all__ = ["Trained", "Trainer", "fresh_optimizer", "proximal_model", "quiet_tensorflow"]
+
+NUM_CLASSES = 10
 
 
 @dataclass(frozen=True)
 class Trained:
+    """One task's result. `loss` and `accuracy` are the last epoch's means on the task's
+    training data (the labels it trained on) and `loss` is the data loss alone: without
+    FedProx's (μ/2)‖w - w_t‖², so it compares across rules and with the test loss."""
+
     samples: int
     loss: float
     accuracy: float
@@ -41,6 +57,7 @@ class Trainer:
         self.images, self.labels = mnist.load_pair(data_dir, "train", verify=verify)
         self._test: tuple[np.ndarray, np.ndarray] | None = None
         self._models: dict[str, Any] = {}
+        self._proximal: dict[str, Any] = {}  # optimizer kind -> Proximal around _models[kind]
 
     def _model(self, optimizer: str, learning_rate: float) -> Any:
         model = self._models.get(optimizer)
@@ -51,25 +68,42 @@ class Trainer:
             self._models[optimizer] = model
         return model
 
+    def _proximal_model(self, optimizer: str, learning_rate: float) -> Any:
+        wrapper = self._proximal.get(optimizer)
+        if wrapper is None:
+            wrapper = proximal_model(self._model(optimizer, learning_rate))
+            self._proximal[optimizer] = wrapper
+        return wrapper
+
     def train(
         self,
         tensors: Mapping[str, np.ndarray],
-        indices: np.ndarray,
+        indices: np.ndarray | Sequence[int],
         settings: Mapping[str, Any],
         seed: int,
+        *,
+        labels: np.ndarray | None = None,
     ) -> tuple[dict[str, np.ndarray], Trained]:
         """Train from `tensors` on the images at `indices`; the new weights and the metrics.
 
-        `settings`: epochs, batch_size, learning_rate, optimizer (the task's).
+        `settings`: epochs, batch_size, learning_rate, optimizer (the task's), and
+        optionally proximal_mu (FedProx's μ; absent or 0 for plain training).
+        `labels`: the labels to train on, one per index, in place of the data set's
+        (label-flipping attackers); the images are still those at `indices`.
         """
         import keras
 
-        model = self._model(str(settings["optimizer"]), float(settings["learning_rate"]))
+        mu = proximal_mu(settings)
+        y = self._labels(indices, labels)
+        optimizer, learning_rate = str(settings["optimizer"]), float(settings["learning_rate"])
+        model = self._model(optimizer, learning_rate)
         models.set_weights(model, dict(tensors))
-        fresh_optimizer(model.optimizer, float(settings["learning_rate"]))
+        fresh_optimizer(model.optimizer, learning_rate)
+        if mu > 0:
+            model = self._proximal_model(optimizer, learning_rate)
+            model.start(mu)  # w_t: the weights just set
         keras.utils.set_random_seed(seed)  # the task's shuffling, whichever worker runs it
         x = mnist.scale(self.images[indices])
-        y = np.asarray(self.labels[indices], dtype=np.int64)
         started = time.monotonic()
         history = model.fit(
             x,
@@ -85,7 +119,24 @@ class Trainer:
             float(history.history["accuracy"][-1]),
             time.monotonic() - started,
         )
-        return models.get_weights(model), trained
+        return models.get_weights(self._models[optimizer]), trained
+
+    def _labels(self, indices: np.ndarray | Sequence[int], labels: np.ndarray | None) -> np.ndarray:
+        """The training labels for `indices`: the data set's, or `labels` once checked."""
+        if labels is None:
+            return np.asarray(self.labels[indices], dtype=np.int64)
+        labels = np.asarray(labels)
+        if labels.shape != (len(indices),):
+            raise ValueError(
+                f"labels must be one per index: shape {labels.shape}, {len(indices)} indices"
+            )
+        if labels.size and (
+            not np.issubdtype(labels.dtype, np.integer)
+            or labels.min() < 0
+            or labels.max() >= NUM_CLASSES
+        ):
+            raise ValueError(f"labels must be integers 0-{NUM_CLASSES - 1}, got {labels.dtype}")
+        return labels.astype(np.int64)
 
     def evaluate(self, tensors: Mapping[str, np.ndarray]) -> tuple[float, float, float]:
         """(accuracy, loss, seconds) of `tensors` on the 10,000 test images."""
@@ -99,6 +150,18 @@ class Trainer:
         return float(accuracy), float(loss), time.monotonic() - started
 
 
+def proximal_mu(settings: Mapping[str, Any]) -> float:
+    """FedProx's μ from a task's settings: 0 when absent; a finite number >= 0."""
+    value = settings.get("proximal_mu", 0) or 0
+    try:
+        mu = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"proximal_mu must be a number >= 0, got {value!r}") from None
+    if not math.isfinite(mu) or mu < 0:
+        raise ValueError(f"proximal_mu must be a finite number >= 0, got {value!r}")
+    return mu
+
+
 def fresh_optimizer(optimizer: Any, learning_rate: float) -> None:
     """Zero the optimizer's state (step count, momentum, moments) and set its step size.
 
@@ -108,3 +171,72 @@ def fresh_optimizer(optimizer: Any, learning_rate: float) -> None:
     for variable in optimizer.variables:
         variable.assign(np.zeros(variable.shape, dtype=variable.dtype))
     optimizer.learning_rate = learning_rate
+
+
+def proximal_model(model: Any) -> Any:
+    """`model` (built and compiled) wrapped for FedProx; it shares the weights and optimizer.
+
+    Call `start(mu)` after setting the task's weights, then `fit` as usual.
+    """
+    return _proximal_class()(model)
+
+
+@functools.cache
+def _proximal_class() -> type:
+    # Defined on first use: importing Keras at module level would start TensorFlow
+    # before `fedsim.tfruntime.configure` in every process that imports this module.
+    import keras
+    import tensorflow as tf
+
+    class Proximal(keras.Model):
+        """Trains `inner` on F(w) + (μ/2)‖w - w_t‖² (FedProx, Li et al. 2020, eq. 2).
+
+        The training step is Keras' own (TensorFlow backend) with one change: the
+        term's gradient μ(w - w_t) is added to each data gradient before the
+        optimizer applies it. With μ = 0 it takes exactly the plain model's steps.
+        The loss it reports is the data loss. w_t (one non-trainable variable per
+        trainable weight) and μ are assigned by `start`, so the compiled step is
+        reused from task to task.
+        """
+
+        def __init__(self, inner: keras.Model) -> None:
+            super().__init__(name=f"{inner.name}_proximal")
+            self.inner = inner
+            self.mu = keras.Variable(0.0, dtype="float32", trainable=False, name="mu")
+            self.anchors = [
+                keras.Variable(np.zeros(w.shape, np.float32), trainable=False, name=f"anchor_{i}")
+                for i, w in enumerate(inner.trainable_weights)
+            ]
+            self.compile(
+                optimizer=inner.optimizer,  # shared: its state is the task's, fresh per task
+                loss=inner.loss,
+                metrics=["accuracy"],
+            )
+
+        def start(self, mu: float) -> None:
+            """Hold the inner model's current weights as w_t, and μ, for the next fit."""
+            self.mu.assign(mu)
+            for anchor, weight in zip(self.anchors, self.inner.trainable_weights, strict=True):
+                anchor.assign(weight)
+
+        def call(self, x: Any, training: bool = False) -> Any:
+            return self.inner(x, training=training)
+
+        def train_step(self, data: Any) -> dict[str, Any]:
+            x, y = data
+            with tf.GradientTape() as tape:
+                y_pred = self(x, training=True)
+                loss = self.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+            weights = self.trainable_weights
+            gradients = tape.gradient(loss, weights)
+            gradients = [  # d/dw (μ/2)‖w - w_t‖² = μ(w - w_t)
+                g + self.mu * (w - a)
+                for g, w, a in zip(gradients, weights, self.anchors, strict=True)
+            ]
+            self.optimizer.apply(gradients, weights)
+            for metric in self.metrics:
+                if metric.name == "loss":  # the data loss, weighted by batch size as Keras does
+                    metric.update_state(loss, sample_weight=tf.shape(x)[0])
+            return self.compute_metrics(x, y, y_pred)
+
+    return Proximal

@@ -133,11 +133,14 @@ class Transport:
         policy: RetryPolicy,
         timeout: float,
         session: requests.Session | None = None,
+        token: str = "",
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.policy = policy
         self.timeout = timeout
         self.session = session or requests.Session()
+        if token:  # every request carries it; the aggregator checks it on those that change state
+            self.session.headers["Authorization"] = f"Bearer {token}"
 
     def _call(
         self, method: str, path: str, *, attempts: int | None = None, **kwargs: Any

@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""Measure fedsim on a single-node Docker Swarm beside Docker Compose, same images.
+
+    scripts/bench_swarm.py [--workers 3] [--data DIR]
+
+Builds the images first (not timed). Then, with the code's default settings (a
+copy of the project without `.env`, MNIST from --data), a free host port and a
+fresh checkpoint volume, it times:
+  - Compose: `docker compose up -d --scale client=N` (project fedsim-bench-compose),
+  - Swarm: `scripts/swarm.sh up --no-build` with WORKERS=N (stack fedsim-bench-swarm),
+each from the start of the command to the first aggregated update (version 1),
+to the end of the run (/v1/status says finished) and to the last worker's exit.
+During each run it samples `docker stats --no-stream` and reports the largest
+memory seen per service (for a worker: the largest of the replicas). Removes
+what it started, volumes included. Needs a swarm manager (`docker swarm init`).
+Prints numbers; it is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT_FILES = ("compose.yaml", ".dockerignore", "pyproject.toml", "services", "scripts", "deploy")
+MNIST_NAMES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+RUN_TIMEOUT = 1800.0
+UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without fedsim, Compose or swarm settings."""
+    example = (ROOT / ".env.example").read_text()
+    drop = set(re.findall(r"^([A-Z][A-Z0-9_]*)=", example, re.M))
+    drop |= {"COMPOSE_FILE", "COMPOSE_PROJECT_NAME", "STACK", "WORKERS", "REGISTRY"}
+    return {k: v for k, v in os.environ.items() if k not in drop} | extra
+
+
+def status(port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status", timeout=2) as r:
+            return json.load(r)
+    except OSError:
+        return None
+
+
+def mem_bytes(usage: str) -> float:
+    """'123.4MiB / 23.5GiB' -> bytes of the first figure."""
+    match = re.match(r"\s*([\d.]+)\s*([A-Za-z]+)", usage)
+    return float(match.group(1)) * UNITS.get(match.group(2), 1) if match else 0.0
+
+
+class MemorySampler(threading.Thread):
+    """Largest memory per service, from `docker stats --no-stream`, until stopped."""
+
+    def __init__(self, label: str, service_of: Callable[[dict[str, str]], str]) -> None:
+        super().__init__(daemon=True)
+        self.label, self.service_of = label, service_of
+        self.peak: dict[str, float] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            ps = subprocess.run(
+                ["docker", "ps", "-q", "--filter", f"label={self.label}"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.split()
+            if ps:
+                out = subprocess.run(
+                    ["docker", "stats", "--no-stream", "--format", "{{json .}}", *ps],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                ).stdout
+                labels = self._labels(ps)
+                for line in out.splitlines():
+                    row = json.loads(line)
+                    service = self.service_of(labels.get(row["ID"][:12], {}))
+                    if service:
+                        used = mem_bytes(row["MemUsage"])
+                        self.peak[service] = max(self.peak.get(service, 0.0), used)
+            self.stop.wait(1.0)
+
+    @staticmethod
+    def _labels(ids: list[str]) -> dict[str, dict[str, str]]:
+        out = subprocess.run(
+            ["docker", "inspect", "-f", "{{json .Config.Labels}}", *ids],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.splitlines()
+        return {i[:12]: json.loads(line) for i, line in zip(ids, out, strict=False)}
+
+
+def timed_run(
+    start: Callable[[], subprocess.Popen],
+    port: int,
+    workers_left: Callable[[], int],
+    sampler: MemorySampler,
+) -> dict[str, float]:
+    """Seconds from start() to the command's return, to version 1, to finished, and
+    to no worker left running."""
+    t0 = time.monotonic()
+    sampler.start()
+    proc = start()
+    marks: dict[str, float] = {}
+    try:
+        while "exited" not in marks:
+            now = time.monotonic() - t0
+            if now > RUN_TIMEOUT:
+                raise SystemExit(f"bench_swarm: the run did not end in {RUN_TIMEOUT:.0f} s")
+            if proc.poll() is not None and "command" not in marks:
+                if proc.returncode != 0:
+                    raise SystemExit(f"bench_swarm: {proc.args} failed:\n{proc.stdout.read()}")
+                marks["command"] = now
+            s = status(port)
+            if s is not None:
+                if s["version"] >= 1:
+                    marks.setdefault("first", now)
+                if s["finished"]:
+                    marks.setdefault("finished", now)
+            if "finished" in marks and "command" in marks and workers_left() == 0:
+                marks["exited"] = now
+            time.sleep(0.25)
+    finally:
+        sampler.stop.set()
+        sampler.join()
+    return marks
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=ROOT / "data", help="the MNIST files")
+    args = parser.parse_args()
+
+    found = {n: next(iter(sorted(args.data.glob(n + "*"))), None) for n in MNIST_NAMES}
+    if not all(found.values()):
+        missing = [n for n, p in found.items() if p is None]
+        print(f"bench_swarm: put the MNIST files {missing} in {args.data} first", file=sys.stderr)
+        return 1
+    node = subprocess.run(
+        ["docker", "info", "-f", "{{.Swarm.ControlAvailable}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if node != "true":
+        print("bench_swarm: not a swarm manager: run `docker swarm init` first", file=sys.stderr)
+        return 1
+
+    with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as tmp:
+        project = Path(tmp)
+        for name in PROJECT_FILES:
+            source = ROOT / name
+            if source.is_dir():
+                shutil.copytree(
+                    source, project / name, ignore=shutil.ignore_patterns("__pycache__")
+                )
+            else:
+                shutil.copy2(source, project / name)
+        (project / "data").mkdir()
+        for path in found.values():
+            shutil.copyfile(path, project / "data" / path.name)
+
+        print("building the images (not timed) ...", flush=True)
+        subprocess.run(["docker", "compose", "build", "--quiet"], cwd=project, check=True)
+        results: dict[str, dict] = {}
+
+        # --- Compose ---------------------------------------------------------------
+        port = free_port()
+        env = clean_env(AGGREGATOR_PORT=str(port))
+        base = ["docker", "compose", "-p", "fedsim-bench-compose"]
+
+        def compose_workers_left() -> int:
+            out = subprocess.run(
+                [*base, "ps", "-q", "--status", "running", "client"],
+                cwd=project,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+            return len(out.split())
+
+        print(f"compose: up -d --scale client={args.workers} ...", flush=True)
+        compose_sampler = MemorySampler(
+            "com.docker.compose.project=fedsim-bench-compose",
+            lambda labels: labels.get("com.docker.compose.service", ""),
+        )
+        try:
+            marks = timed_run(
+                lambda: subprocess.Popen(
+                    [*base, "up", "-d", "--scale", f"client={args.workers}"],
+                    cwd=project,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                ),
+                port,
+                compose_workers_left,
+                compose_sampler,
+            )
+            results["compose"] = {
+                "marks": marks,
+                "status": status(port),
+                "memory": compose_sampler.peak,
+            }
+        finally:
+            subprocess.run(
+                [*base, "down", "-v", "--timeout", "30"],
+                cwd=project,
+                env=env,
+                capture_output=True,
+                check=False,
+            )
+
+        # --- Swarm -----------------------------------------------------------------
+        port = free_port()
+        stack = "fedsim-bench-swarm"
+        env = clean_env(AGGREGATOR_PORT=str(port), STACK=stack, WORKERS=str(args.workers))
+
+        def swarm_workers_left() -> int:
+            out = subprocess.run(
+                [
+                    "docker",
+                    "ps",
+                    "-q",
+                    "--filter",
+                    f"label=com.docker.swarm.service.name={stack}_client",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+            return len(out.split())
+
+        print(f"swarm: scripts/swarm.sh up --no-build (WORKERS={args.workers}) ...", flush=True)
+        swarm_sampler = MemorySampler(
+            f"com.docker.stack.namespace={stack}",
+            lambda labels: labels.get("com.docker.swarm.service.name", "").removeprefix(
+                stack + "_"
+            ),
+        )
+        try:
+            marks = timed_run(
+                lambda: subprocess.Popen(
+                    ["scripts/swarm.sh", "up", "--no-build"],
+                    cwd=project,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                ),
+                port,
+                swarm_workers_left,
+                swarm_sampler,
+            )
+            results["swarm"] = {
+                "marks": marks,
+                "status": status(port),
+                "memory": swarm_sampler.peak,
+            }
+        finally:
+            subprocess.run(
+                ["scripts/swarm.sh", "down", "--volumes"],
+                cwd=project,
+                env=env,
+                capture_output=True,
+                check=False,
+            )
+
+    print()
+    print(f"default settings, {args.workers} workers, {os.cpu_count()} CPUs")
+    print(f"{'':10} {'command':>9} {'1st update':>11} {'finished':>9} {'exited':>8} {'updates':>8}")
+    for name, r in results.items():
+        m, s = r["marks"], r["status"] or {}
+        print(
+            f"{name:10} {m.get('command', 0):8.1f}s {m.get('first', 0):10.1f}s "
+            f"{m.get('finished', 0):8.1f}s {m.get('exited', 0):7.1f}s {s.get('updates', '?'):>8}"
+        )
+    print()
+    print("largest memory seen (docker stats; a worker: the largest replica)")
+    for name, r in results.items():
+        shown = ", ".join(
+            f"{svc} {mib / 2**20:.0f} MiB" for svc, mib in sorted(r["memory"].items())
+        )
+        print(f"{name:10} {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

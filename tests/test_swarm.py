@@ -1,0 +1,547 @@
+"""fedsim on Docker Swarm: deploy/swarm/stackfile.py, and scripts/swarm.sh for real.
+
+The stackfile tests work on Compose configs written out by hand, in the shape of
+`docker compose config --format json`. The `docker` tests run scripts/swarm.sh
+on a single-node swarm, each in its own copy of the project (compose.yaml,
+deploy/, the Dockerfiles, the package, scripts) under a temporary folder, with
+its own `.env`, stack name `fedsimtest-<random>` and host port, and remove the
+stack and its volume afterwards even when they fail. When the engine is not in
+a swarm they run `docker swarm init` and leave the swarm at the end; a swarm
+that was already there is left alone.
+
+In CI (`CI=true`) the `docker` tests must run, and fail when there is no Docker
+engine; elsewhere they skip with the reason when `docker info` fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedsim import config
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+PROJECT_FILES = ("compose.yaml", ".dockerignore", "pyproject.toml", "services", "scripts", "deploy")
+MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+# Small settings: 4 FedAvg rounds of 3 of 6 IID clients (10,000 images, one epoch
+# each), 12 updates; the first round alone scores over 90%.
+SMALL = {
+    "PARTITION": "iid",
+    "NUM_CLIENTS": "6",
+    "CLIENTS_PER_ROUND": "3",
+    "AGGREGATION": "fedavg",
+    "ROUNDS": "4",
+    "EPOCHS": "1",
+}
+SWARM_KEYS = {"STACK", "WORKERS", "REGISTRY", "SWARM_NODE_ID", "SWARM_UP_TIMEOUT"}
+RUN_TIMEOUT = 600  # seconds for a run; it takes about a minute
+
+
+def _load_stackfile():
+    spec = importlib.util.spec_from_file_location(
+        "stackfile", ROOT / "deploy" / "swarm" / "stackfile.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+stackfile = _load_stackfile()
+
+
+# --- stackfile.py on hand-written Compose configs -------------------------------------
+
+
+def compose_config(**swarm: object) -> dict:
+    """A config as `docker compose config --format json` prints compose.yaml + stack.yaml."""
+    settings = {"SEED": "42", "MNIST_MIRRORS": "http://a/ http://b/", "PRICE": "5$$"}
+    return {
+        "name": "fedsim",
+        "x-settings": settings,
+        "x-swarm": {"stack": "fedsim", "workers": "", "registry": "", "jobs": ["prepare"]} | swarm,
+        "networks": {"default": {"name": "fedsim_default", "ipam": {}}},
+        "volumes": {"models": {"name": "fedsim_models"}},
+        "services": {
+            "prepare": {
+                "build": {"context": "/p", "dockerfile": "services/client/Dockerfile"},
+                "command": ["python", "-m", "fedsim.prepare"],
+                "entrypoint": None,
+                "environment": settings,
+                "image": "fedsim-client:latest",
+                "restart": "no",
+                "user": "root",
+                "volumes": [
+                    {
+                        "type": "bind",
+                        "source": "/p/data",
+                        "target": "/data",
+                        "bind": {"create_host_path": True},
+                    },
+                    {"type": "volume", "source": "models", "target": "/models", "volume": {}},
+                ],
+            },
+            "aggregator": {
+                "build": {"context": "/p", "dockerfile": "services/aggregator/Dockerfile"},
+                "command": None,
+                "depends_on": {"prepare": {"condition": "service_completed_successfully"}},
+                "deploy": {"replicas": 1, "endpoint_mode": "dnsrr"},
+                "environment": settings,
+                "image": "fedsim-aggregator:latest",
+                "networks": {"default": None},
+                "ports": [
+                    {
+                        "mode": "ingress",
+                        "host_ip": "127.0.0.1",
+                        "target": 8080,
+                        "published": "18080",
+                        "protocol": "tcp",
+                    }
+                ],
+                "restart": "unless-stopped",
+                "stop_grace_period": "30s",
+                "volumes": [
+                    {"type": "volume", "source": "models", "target": "/models", "volume": {}}
+                ],
+            },
+            "client": {
+                "deploy": {"replicas": 3, "restart_policy": {"condition": "on-failure"}},
+                "environment": settings,
+                "image": "fedsim-client:latest",
+                "init": True,
+                "pull_policy": "never",
+                "restart": "on-failure:3",
+                "volumes": [
+                    {
+                        "type": "bind",
+                        "source": "/p/data",
+                        "target": "/data",
+                        "read_only": True,
+                        "bind": {"create_host_path": True},
+                    }
+                ],
+            },
+            "evaluate": {
+                "entrypoint": ["fedsim-entrypoint", "python", "-m", "fedsim.evaluate"],
+                "command": [],
+                "environment": settings,
+                "image": "fedsim-client:latest",
+                "profiles": ["tools"],
+                "user": "root",
+                "volumes": [
+                    {"type": "volume", "source": "models", "target": "/models", "read_only": True}
+                ],
+            },
+        },
+    }
+
+
+def test_stack_keeps_long_running_services_in_the_form_swarm_reads():
+    warnings: list[str] = []
+
+    stack = stackfile.stack_file(compose_config(), warn=warnings.append)
+
+    assert set(stack["services"]) == {"aggregator", "client"}  # no job, no profile
+    aggregator, client = stack["services"]["aggregator"], stack["services"]["client"]
+    for service in (aggregator, client):
+        assert not {"build", "restart", "depends_on", "pull_policy"} & set(service)
+        assert service["environment"]["PRICE"] == "5$$"  # stack deploy interpolates it
+    assert "command" not in aggregator  # null in the config
+    assert aggregator["ports"] == [
+        {"target": 8080, "protocol": "tcp", "mode": "host", "published": 18080}
+    ]
+    assert aggregator["deploy"] == {"replicas": 1, "endpoint_mode": "dnsrr"}
+    assert client["volumes"] == [
+        {"type": "bind", "source": "/p/data", "target": "/data", "read_only": True}
+    ]
+    assert client["deploy"]["replicas"] == 3 and client["init"] is True
+    assert stack["networks"] == {"default": {"driver": "overlay"}}
+    assert stack["volumes"] == {"models": {}}  # the stack names it <stack>_models
+    assert warnings == []
+
+
+def test_stack_takes_workers_and_registry_and_names_what_it_leaves_out():
+    config = compose_config(workers="5", registry="10.0.0.5:5000/")
+    config["services"]["client"]["cpus"] = 0.5
+    warnings: list[str] = []
+
+    stack = stackfile.stack_file(config, warn=warnings.append)
+
+    assert stack["services"]["client"]["deploy"]["replicas"] == 5
+    assert stack["services"]["client"]["image"] == "10.0.0.5:5000/fedsim-client:latest"
+    assert stack["services"]["aggregator"]["image"] == "10.0.0.5:5000/fedsim-aggregator:latest"
+    assert "cpus" not in stack["services"]["client"]
+    assert warnings == ["client.cpus is not used by docker stack deploy: left out"]
+    assert stackfile.get(config, "images").splitlines() == [
+        "fedsim-aggregator:latest 10.0.0.5:5000/fedsim-aggregator:latest",
+        "fedsim-client:latest 10.0.0.5:5000/fedsim-client:latest",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("swarm", "message"),
+    [
+        ({"stack": "Fed Sim"}, "invalid setting STACK='Fed Sim': lowercase letters, digits"),
+        ({"stack": "x" * 41}, "at most 40 characters"),
+        ({"workers": "0"}, "invalid setting WORKERS='0': an integer >= 1"),
+        ({"workers": "two"}, "invalid setting WORKERS='two': an integer >= 1"),
+        ({"registry": "http://lab:5000"}, "invalid setting REGISTRY='http://lab:5000'"),
+    ],
+)
+def test_bad_swarm_settings_are_refused_with_the_key(swarm, message):
+    with pytest.raises(stackfile.StackError, match=re.escape(message)):
+        stackfile.stack_file(compose_config(**swarm))
+
+
+def test_a_config_without_stack_yaml_or_an_aggregator_is_refused():
+    config = compose_config()
+    del config["x-swarm"]
+    with pytest.raises(stackfile.StackError, match=re.escape("merge deploy/swarm/stack.yaml")):
+        stackfile.stack_file(config)
+    config = compose_config()
+    del config["services"]["aggregator"]
+    with pytest.raises(stackfile.StackError, match="no aggregator service"):
+        stackfile.stack_file(config)
+
+
+def _secrets_mount(folder: Path) -> dict:
+    return {
+        "type": "bind",
+        "source": str(folder),
+        "target": "/run/secrets/fedsim",
+        "read_only": True,
+        "bind": {"create_host_path": True},
+    }
+
+
+def test_a_read_only_secrets_folder_becomes_one_swarm_secret_per_file(tmp_path):
+    folder = tmp_path / "secrets"
+    folder.mkdir()
+    (folder / "tokens.json").write_text('{"workers": "ab"}')
+    config = compose_config()
+    for name in ("aggregator", "client"):
+        config["services"][name]["volumes"].append(_secrets_mount(folder))
+
+    stack = stackfile.stack_file(config)
+
+    (key,) = stack["secrets"]
+    assert re.fullmatch(r"tokens-json-[0-9a-f]{12}", key), key
+    assert stack["secrets"][key] == {"file": str(folder / "tokens.json")}
+    for name in ("aggregator", "client"):
+        service = stack["services"][name]
+        assert service["secrets"] == [
+            {"source": key, "target": "/run/secrets/fedsim/tokens.json", "mode": 0o444}
+        ]
+        assert all(v["target"] != "/run/secrets/fedsim" for v in service["volumes"])
+    # New content, new secret: Swarm secrets cannot be changed in place.
+    (folder / "tokens.json").write_text('{"workers": "cd"}')
+    assert set(stackfile.stack_file(config)["secrets"]) != {key}
+
+
+def test_a_secrets_folder_that_prepare_has_not_written_is_named(tmp_path):
+    config = compose_config()
+    config["services"]["client"]["volumes"].append(_secrets_mount(tmp_path / "secrets"))
+    with pytest.raises(stackfile.StackError, match="secrets \\(mounted at /run/secrets/fedsim\\)"):
+        stackfile.stack_file(config)
+
+
+def test_run_args_mount_the_stacks_volume_for_a_job_on_this_node():
+    config = compose_config(stack="lab1")
+
+    prepare = stackfile.run_args(config, "prepare")
+    evaluate = stackfile.run_args(config, "evaluate")
+
+    assert prepare[:5] == ["--rm", "--label", "com.docker.stack.namespace=lab1", "--user", "root"]
+    assert "PRICE=5$" in prepare and "MNIST_MIRRORS=http://a/ http://b/" in prepare
+    assert "type=volume,source=lab1_models,target=/models" in prepare
+    assert "type=bind,source=/p/data,target=/data" in prepare
+    assert prepare[-4:] == ["fedsim-client:latest", "python", "-m", "fedsim.prepare"]
+    assert "type=volume,source=lab1_models,target=/models,readonly" in evaluate
+    entry = evaluate.index("--entrypoint")
+    assert evaluate[entry : entry + 2] == ["--entrypoint", "fedsim-entrypoint"]
+    assert evaluate[-4:] == ["fedsim-client:latest", "python", "-m", "fedsim.evaluate"]
+    with pytest.raises(stackfile.StackError, match="no prometheus service"):
+        stackfile.run_args(config, "prometheus")
+
+
+def test_run_args_create_a_missing_bind_folder_as_compose_would(tmp_path):
+    config = compose_config()
+    config["services"]["prepare"]["volumes"].append(
+        {**_secrets_mount(tmp_path / "secrets"), "read_only": False}
+    )
+
+    args = stackfile.run_args(config, "prepare")
+
+    assert (tmp_path / "secrets").is_dir()
+    assert f"type=bind,source={tmp_path / 'secrets'},target=/run/secrets/fedsim" in args
+
+
+def test_get_port_volume_and_unknown_key():
+    config = compose_config(stack="lab1")
+    assert stackfile.get(config, "port") == "18080"
+    assert stackfile.get(config, "volume") == "lab1_models"
+    with pytest.raises(stackfile.StackError, match="unknown key 'nodes'"):
+        stackfile.get(config, "nodes")
+
+
+# --- scripts/swarm.sh on a single-node swarm ------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    """The caller's environment without fedsim, Compose or swarm settings, which
+    would override the test's `.env` (the shell takes precedence)."""
+    drop = config.KNOWN_KEYS | config.COMPOSE_KEYS | SWARM_KEYS
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def _docker(*args: str, check: bool = True, timeout: float = 120) -> str:
+    done = subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} exited {done.returncode}: {done.stderr}")
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def swarm() -> Iterator[None]:
+    """A Docker engine that is a swarm manager; a swarm made here is left at the end."""
+    try:
+        info = subprocess.run(
+            ["docker", "info", "--format", "{{.Swarm.LocalNodeState}} {{.Swarm.ControlAvailable}}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        reason = info.stderr.strip().splitlines()[-1:] if info.returncode else None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        info, reason = None, [str(exc)]
+    if reason is not None:
+        message = f"no Docker engine (`docker info` failed: {' '.join(reason)})"
+        if IN_CI:
+            pytest.fail(message + "; CI=true requires one (run ../shared/tools/docker-sandbox up)")
+        pytest.skip(message)
+    state, manager = info.stdout.split()
+    made_here = False
+    if state == "inactive":
+        _docker("swarm", "init", "--advertise-addr", "127.0.0.1")
+        made_here = True
+    elif state != "active" or manager != "true":
+        pytest.fail(f"this engine is in a swarm but not as a manager (state {state})")
+    yield
+    if made_here:
+        _docker("swarm", "leave", "--force", check=False)
+
+
+class Stack:
+    """One project folder with its `.env`, run with scripts/swarm.sh."""
+
+    def __init__(self, folder: Path, settings: dict[str, str]) -> None:
+        self.folder = folder
+        self.name = f"fedsimtest-{secrets.token_hex(4)}"
+        self.port = _free_port()
+        for name in PROJECT_FILES:
+            source = ROOT / name
+            if source.is_dir():
+                shutil.copytree(
+                    source,
+                    folder / name,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+                )
+            else:
+                shutil.copy2(source, folder / name)
+        (folder / "data").mkdir()
+        lines = [f"STACK={self.name}", f"AGGREGATOR_PORT={self.port}"]
+        lines += [f'{key}="{value}"' for key, value in settings.items()]
+        (folder / ".env").write_text("\n".join(lines) + "\n")
+
+    def add_mnist(self, mnist_dir: Path) -> None:
+        for name in MNIST_FILES:
+            shutil.copyfile(mnist_dir / name, self.folder / "data" / name)
+
+    def swarm_sh(
+        self, *args: str, check: bool = True, timeout: float = 900
+    ) -> subprocess.CompletedProcess[str]:
+        """scripts/swarm.sh in the project folder; stdout and stderr together."""
+        done = subprocess.run(
+            ["scripts/swarm.sh", *args],
+            cwd=self.folder,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(
+                f"swarm.sh {' '.join(args)} exited {done.returncode}:\n{done.stdout}"
+            )
+        return done
+
+    def status(self) -> dict:
+        url = f"http://127.0.0.1:{self.port}/v1/status"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.load(response)
+
+    def wait_status(self, done, what: str, timeout: float = RUN_TIMEOUT) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if done(status):
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} not reached in {timeout} s: {status}\n{self.logs()}")
+            time.sleep(1)
+
+    def tasks(self, service: str) -> list[dict]:
+        """Every task of a service, old ones included: Name, CurrentState, Error."""
+        out = _docker("service", "ps", "--no-trunc", "--format", "json", f"{self.name}_{service}")
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def wait_workers_done(self, count: int, timeout: float = RUN_TIMEOUT) -> list[dict]:
+        """Wait until `count` worker tasks have ended; a failed one is retried first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            tasks = self.tasks("client")
+            ended = [t for t in tasks if t["DesiredState"] == "Shutdown"]
+            if len(tasks) >= count and len(ended) == len(tasks):
+                return tasks
+            if time.monotonic() > deadline:
+                raise AssertionError(f"workers not done in {timeout} s: {tasks}\n{self.logs()}")
+            time.sleep(2)
+
+    def containers(self, service: str) -> list[str]:
+        label = f"com.docker.swarm.service.name={self.name}_{service}"
+        return _docker("ps", "-aq", "--filter", f"label={label}").split()
+
+    def logs(self) -> str:
+        out = []
+        for service in ("aggregator", "client"):
+            for container in self.containers(service):
+                done = subprocess.run(
+                    ["docker", "logs", container], capture_output=True, text=True, check=False
+                )
+                out.append(f"--- {service} {container}\n{done.stdout}{done.stderr}")
+        return "\n".join(out)
+
+    def down(self) -> None:
+        self.swarm_sh("down", "--volumes", check=False, timeout=300)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def stack(swarm, tmp_path) -> Iterator:
+    made: list[Stack] = []
+
+    def make(settings: dict[str, str]) -> Stack:
+        folder = tmp_path / f"project-{len(made)}"
+        folder.mkdir()
+        made.append(Stack(folder, settings))
+        return made[-1]
+
+    yield make
+    for s in made:
+        if not os.environ.get("FEDSIM_TEST_KEEP"):  # keep the stack to look at it
+            s.down()
+
+
+def _summary(worker_log: str) -> dict[str, int]:
+    """The numbers of a worker's summary line."""
+    match = re.search(
+        r"done: (?P<trained>\d+) updates trained.*?pushes (?P<accepted>\d+) accepted "
+        r"(?P<failed>\d+) failed",
+        worker_log,
+    )
+    assert match, f"no summary line in:\n{worker_log}"
+    return {key: int(value) for key, value in match.groupdict().items()}
+
+
+@pytest.mark.docker
+def test_swarm_run_scales_evaluates_and_goes_down(stack, mnist_dir):
+    s = stack({**SMALL, "WORKERS": "2"})
+    s.add_mnist(mnist_dir)
+
+    up = s.swarm_sh("up")
+    assert f"stack {s.name} up: aggregator healthy" in up.stdout, up.stdout
+    assert "2 workers" in up.stdout, up.stdout
+
+    # A third worker once the first round is in; it finds work, or the run finished.
+    s.wait_status(lambda st: st["version"] >= 1, "the first aggregated update")
+    _docker("service", "scale", "--detach", f"{s.name}_client=3")
+    status = s.wait_status(lambda st: st["finished"], "the end of the run")
+    tasks = s.wait_workers_done(3)
+
+    # Every worker ended with exit 0 (Complete), none failed and was retried.
+    assert sorted(t["Name"] for t in tasks) == [f"{s.name}_client.{k}" for k in (1, 2, 3)], tasks
+    assert all(t["CurrentState"].startswith("Complete") for t in tasks), tasks
+    # Every update counted once: 4 rounds of 3 clients, each pushed and aggregated once.
+    summaries = [_summary(_docker("logs", c)) for c in s.containers("client")]
+    status = s.status()
+    assert status["updates"] == 12 and status["version"] == 4, status
+    assert sum(w["accepted"] for w in summaries) == 12, summaries
+    assert all(w["failed"] == 0 for w in summaries), summaries
+    ids = [h["update_id"] for h in status["history"] if "update_id" in h]
+    assert len(ids) == len(set(ids)), ids
+    print(f"workers: {summaries}")
+
+    shown = s.swarm_sh("status").stdout
+    assert f"{s.name}_aggregator" in shown and f"{s.name}_client" in shown, shown
+    assert "aggregator: version 4, updates 12, finished true" in shown, shown
+
+    evaluation = s.swarm_sh("evaluate", timeout=300)
+    accuracy = float(re.search(r"^accuracy: (\d\.\d+)$", evaluation.stdout, re.M).group(1))
+    print(f"accuracy after {status['version']} rounds: {accuracy:.4f}")
+    assert accuracy >= 0.90, evaluation.stdout
+    reports = list((s.folder / "reports").glob("evaluation-*.json"))
+    assert len(reports) == 1, evaluation.stdout
+    assert abs(json.loads(reports[0].read_text())["accuracy"] - accuracy) < 1e-4
+
+    down = s.swarm_sh("down", "--volumes", timeout=300)
+    assert f"stack {s.name} removed, with its volume {s.name}_models" in down.stdout, down.stdout
+    label = f"label=com.docker.stack.namespace={s.name}"
+    assert _docker("ps", "-aq", "--filter", label).strip() == ""
+    assert _docker("network", "ls", "-q", "--filter", f"name={s.name}_default").strip() == ""
+    assert _docker("volume", "ls", "-q", "--filter", f"name={s.name}_models").strip() == ""
+
+
+@pytest.mark.docker
+def test_bad_settings_stop_up_before_anything_is_deployed(stack):
+    s = stack({**SMALL, "WORKERS": "zero"})
+    result = s.swarm_sh("up", "--no-build", check=False)
+    assert result.returncode != 0
+    assert result.stdout.strip() == (
+        "swarm: error: invalid setting WORKERS='zero': an integer >= 1"
+    ), result.stdout
+
+    # A bad fedsim setting stops prepare, with fedsim's own line, before the deploy.
+    s = stack({**SMALL, "MAX_RETRY": "zero"})
+    result = s.swarm_sh("up", check=False)
+    assert result.returncode != 0
+    assert "invalid setting MAX_RETRY='zero': an integer >= 1" in result.stdout, result.stdout
+    assert "swarm.sh: prepare failed (its message is above); nothing was deployed" in result.stdout
+    services = _docker("stack", "services", "-q", s.name, check=False)
+    assert services.strip() == "", services
