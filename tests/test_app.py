@@ -1005,3 +1005,17 @@ def test_the_aggregator_refuses_to_start_without_tokens(make_app, make_settings,
     with pytest.raises(SystemExit):
         create_app({"TESTING": True, "FEDSIM_SETTINGS": settings, "FEDSIM_TICKER": False})
     assert "no tokens file at" in caplog.text and "fedsim.prepare" in caplog.text
+
+
+def test_a_token_added_while_running_works_at_once(make_app) -> None:
+    from fedsim import tokens
+
+    app = make_app()
+    client = app.test_client()
+    path = state_of(app).settings.tokens_file
+    token = tokens.add(path, "alice", [])
+    response = post(client, upload(1.0, client_id="alice"), headers=bearer(token.secret))
+    assert response.status_code == 200
+    path.write_text("not json")  # broken meanwhile: the tokens that worked keep working
+    again = post(client, upload(2.0, client_id="alice"), headers=bearer(token.secret))
+    assert again.status_code == 200

@@ -354,10 +354,11 @@ def test_tls_with_the_local_ca(nginx: str, aggregator: Server, certs: Path, tmp_
             assert health.status_code == 200
             assert health.raw.version == 11
 
-        session = requests.Session()
-        session.verify = ca
-        session.headers.update(AUTH)
-        pushed = session.post(proxy.url + "/v1/updates", data=upload(1.0), timeout=10)
+        # verify= on the request: a Session's own `verify` loses to REQUESTS_CA_BUNDLE or
+        # CURL_CA_BUNDLE in the environment (psf/requests#3829).
+        pushed = requests.post(
+            proxy.url + "/v1/updates", data=upload(1.0), headers=AUTH, verify=ca, timeout=10
+        )
         assert pushed.status_code == 200, pushed.text
 
         # Without the CA the certificate is not trusted.

@@ -17,6 +17,7 @@ Tokens are compared in constant time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import json
 import re
@@ -132,6 +133,32 @@ def find(tokens: Iterable[Token], presented: str) -> Token | None:
         if hmac.compare_digest(token.secret.encode(), presented.encode()):
             found = token
     return found
+
+
+class Store:
+    """The tokens of a file, read again when the file changes (a token added while the
+    aggregator runs works at once); a file broken meanwhile keeps the last good ones."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tokens = read(path)
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def find(self, presented: str) -> Token | None:
+        stamp = self._stat()
+        if stamp is not None and stamp != self._stamp:
+            self._stamp = stamp
+            # A broken file keeps the tokens that worked; prepare or the CLI fixes it.
+            with contextlib.suppress(TokenError):
+                self.tokens = read(self.path)
+        return find(self.tokens, presented)
 
 
 def workers_secret(path: Path) -> str:

@@ -14,7 +14,6 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from fedsim import tokens
 from fedsim.aggregator import history, uploads
 from fedsim.aggregator.state import State
 from fedsim.aggregator.strategies import Refused
@@ -61,7 +60,7 @@ def _authenticate() -> Response | None:
             "unauthorized",
             "this request needs a token: send `Authorization: Bearer <token>` (see TOKENS_FILE)",
         )
-    token = tokens.find(current_app.extensions["fedsim_tokens"], presented)
+    token = current_app.extensions["fedsim_tokens"].find(presented)
     if token is None:
         return error(403, "forbidden", "the token is not one of this aggregator's")
     g.token = token

@@ -37,7 +37,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         settings = app.config["FEDSIM_SETTINGS"] or config.load()
         clock = app.config["FEDSIM_CLOCK"]
         state = State.resume(settings, **({"clock": clock} if clock else {}))
-        known = tokens.read(settings.tokens_file)
+        known = tokens.Store(settings.tokens_file)
     except (config.ConfigError, StartupError, tokens.TokenError) as exc:
         log.error("fedsim aggregator: error: %s", exc)
         raise SystemExit(WORKER_BOOT_ERROR) from exc
