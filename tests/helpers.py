@@ -178,6 +178,7 @@ class InProcess(BaseAdapter):
         )
         response = requests.Response()
         response.status_code, response._content = answer.status_code, answer.data
+        response._content_consumed = True  # the whole body is here, as after a real read
         response.headers.update(answer.headers)
         response.request, response.url = request, request.url
         if request.method == "POST":

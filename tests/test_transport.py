@@ -35,6 +35,7 @@ class Scripted(BaseAdapter):
         response = requests.Response()
         response.status_code = status
         response._content = body
+        response._content_consumed = True  # the whole body is here, as after a real read
         response.request = request
         response.url = request.url
         return response
@@ -223,3 +224,44 @@ def test_a_refused_connection_is_described_briefly():
     finally:
         link.close()
     assert not pulled.ok and pulled.error == "connection refused"
+
+
+class Oversized(BaseHTTPRequestHandler):
+    """Answers 200 with a body larger than the transport takes (declared or chunked)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        if self.path.endswith("declared"):
+            self.send_header("Content-Length", str(10**12))
+            self.end_headers()
+            return
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = b"x" * 65536
+        try:
+            for _ in range(40):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass  # the reader gave up, as it should
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("how", ["declared", "chunked"])
+def test_an_answer_over_the_cap_is_refused_before_it_fills_memory(monkeypatch, how) -> None:
+    import fedsim.client.transport as module
+
+    monkeypatch.setattr(module, "MAX_RESPONSE_BYTES", 1 << 20)  # 1 MiB for the test
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Oversized)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        policy = RetryPolicy(1, 0.0)
+        link = Transport(f"http://127.0.0.1:{server.server_port}", policy=policy, timeout=5)
+        with pytest.raises(ProtocolError, match="over 1048576"):
+            link._call("GET", "/" + how)
+        link.close()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -51,6 +51,8 @@ def _authenticate() -> Response | None:
     reading = request.method in ("GET", "HEAD")
     if request.path in OPEN_PATHS or (reading and not _state().settings.auth_reads):
         return None
+    if reading and request.path.startswith("/static/"):
+        return None  # the page's own scripts and styles hold nothing of the run
     header = request.headers.get("Authorization", "")
     presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
     presented = presented or request.args.get("access_token", "")  # RFC 6750, for the page

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-MAX_MODEL_BYTES = 64 * 1024 * 1024  # far above the cnn's 6.7 MB: a bound, not a limit in use
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # far above the cnn's 6.7 MB: a bound, not a limit in use
 
 
 class ProtocolError(RuntimeError):
@@ -153,8 +153,9 @@ class Transport:
                 self.policy.pause()
             try:
                 response = self.session.request(
-                    method, self.base_url + path, timeout=self.timeout, **kwargs
+                    method, self.base_url + path, timeout=self.timeout, stream=True, **kwargs
                 )
+                _read_capped(response, MAX_RESPONSE_BYTES)
             except requests.RequestException as exc:
                 error = describe(exc)
             else:
@@ -216,8 +217,6 @@ class Transport:
             return Pulled(outcome.retries, error=f"version {version} is no longer served")
         if response.status_code != 200:
             raise self._refuse("GET", "/v1/model", response)
-        if len(response.content) > MAX_MODEL_BYTES:
-            raise ProtocolError(f"GET /v1/model answered {len(response.content)} bytes: too large")
         tensors, metadata = weights.decode(response.content)
         return Pulled(outcome.retries, tensors, metadata, etag=served)
 
@@ -328,6 +327,25 @@ def describe(exc: requests.RequestException) -> str:
     if errno:
         return errno.group(1).strip().lower()
     return f"{type(exc).__name__}: {exc}"[:160]
+
+
+def _read_capped(response: requests.Response, cap: int) -> None:
+    """Read the body, refusing one over `cap` bytes before it fills the memory.
+
+    The body is read here once (the request was streamed) and kept where
+    `response.content` finds it, so the callers read it as usual.
+    """
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > cap:
+        response.close()
+        raise ProtocolError(f"the aggregator answered {declared} bytes, over {cap}: refused")
+    body = bytearray()
+    for chunk in response.iter_content(1 << 16):
+        body += chunk
+        if len(body) > cap:
+            response.close()
+            raise ProtocolError(f"the aggregator's answer is over {cap} bytes: refused")
+    response._content = bytes(body)  # what `content`, `text` and `json()` read
 
 
 def _json_object(response: requests.Response) -> dict[str, Any] | None:

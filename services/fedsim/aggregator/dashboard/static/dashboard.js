@@ -46,11 +46,15 @@ function partitionText(p) {
   return dash(p.PARTITION) + (rest.length ? " (" + rest.join(", ") + ")" : "");
 }
 
+// Under AUTH_READS the page is opened as /?access_token=...: the API reads carry it too.
+const TOKEN = new URLSearchParams(location.search).get("access_token");
+
 async function getJSON(path) {
   const ctrl = new AbortController();
   const timer = setTimeout(() => ctrl.abort(), TIMEOUT_MS);
+  const url = TOKEN ? path + "?access_token=" + encodeURIComponent(TOKEN) : path;
   try {
-    const r = await fetch(path, { cache: "no-store", signal: ctrl.signal });
+    const r = await fetch(url, { cache: "no-store", signal: ctrl.signal });
     if (!r.ok) throw new Error(path + ": HTTP " + r.status);
     return await r.json();
   } finally {
