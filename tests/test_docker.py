@@ -353,6 +353,40 @@ def test_aggregator_crash_mid_run(project, mnist_dir):
     )
 
 
+def test_killed_every_few_seconds_the_run_completes_with_every_update_once(project, mnist_dir):
+    # SAVE_MODEL=1: a checkpoint after every update, so nearly every kill loses little,
+    # and the kills land at every stage: in a write, between an answer and its save...
+    settings = {**SMALL, "SAVE_MODEL": "1", "MAX_RETRY": "30", "MAX_WAIT": "1"}
+    p = project(settings)
+    p.add_mnist(mnist_dir)
+    p.compose("up", "-d", "--scale", "client=3")
+    p.wait_healthy()
+    kills = 0
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while kills < 6 and time.monotonic() < deadline:
+        if all(c["State"] == "exited" for c in p.containers("client")):
+            break
+        time.sleep(4)
+        if p.containers("aggregator")[0]["State"] == "running":
+            _crash(p)
+            kills += 1
+            p.wait_healthy()
+    clients = p.wait_exited("client", 3)
+    assert [c["ExitCode"] for c in clients] == [0, 0, 0], p.logs()
+    status = p.status()
+    # Six slices of 2,000 images, each aggregated exactly once however often it was pushed.
+    assert (status["updates"], status["version"], status["samples"]) == (6, 6, 12_000), status
+    assert status["finished"] is True and status["unsaved_updates"] == 0, status
+    logs = "".join(p.container_logs(c["Name"]) for c in clients)
+    counted = [
+        line
+        for line in logs.splitlines()
+        if re.search(r" (re-)?push.* -> version \d+", line) and "already counted" not in line
+    ]
+    assert len(counted) >= 6, logs
+    print(f"{kills} kills; {len(counted)} pushes answered as new, 6 updates aggregated")
+
+
 # --- (c) logical clients on a pool of workers, rounds, and the monitoring profile ------
 
 

@@ -20,6 +20,7 @@ from fedsim.aggregator.app import create_app
 from fedsim.client.transport import ProtocolError
 from fedsim.client.worker import Worker
 from helpers import (
+    TYPED_TOKEN,
     FakeLearner,
     InProcess,
     in_process_transport,
@@ -34,7 +35,7 @@ def quick_sleep(seconds: float) -> None:
 
 
 def setup(make_settings, **overrides: object):
-    settings = make_settings(MODEL="mlp", IDLE_SAVE_SECONDS=0.2, **overrides)
+    settings = make_settings(**{"MODEL": "mlp", "IDLE_SAVE_SECONDS": 0.2, **overrides})
     write_v0(settings.model_dir)
     write_plan(settings)
     write_tokens(settings)
@@ -188,3 +189,78 @@ def test_the_aggregator_gone_for_good_stops_the_worker_with_a_message(make_setti
 )
 def test_threads_share_the_cores_among_workers(tf_threads, workers, cpus, expected):
     assert tfruntime.threads_for(tf_threads, workers, cpu_count=cpus) == expected
+
+
+# --- the original hand-started client ---------------------------------------------------
+
+
+def test_the_original_prompts_take_any_client_id_and_ask_again_on_a_bad_range(make_settings):
+    from fedsim.client import handstart
+
+    answers = iter(["  Alice's laptop ", "1", "5 1", "2 x", "3 4"])
+    said: list[str] = []
+    typed = handstart.ask(make_settings(), lambda prompt: next(answers), said.append)
+    assert typed == handstart.Typed("Alice's laptop", 3, 4)
+    assert len(said) == 3 and all("Dataset Range is two slice numbers" in s for s in said)
+    # Enter alone at the first prompt: a worker instead.
+    assert handstart.ask(make_settings(), lambda prompt: "", said.append) is None
+
+
+def test_a_hand_started_client_trains_its_range_outside_the_plan(make_settings):
+    from fedsim.client import handstart, outbox
+
+    settings, adapter = setup(make_settings)
+    link = in_process_transport(adapter)
+    link.session.headers["Authorization"] = f"Bearer {TYPED_TOKEN}"
+    box = outbox.Outbox(
+        "typed",
+        link,
+        outbox.Counts(),
+        clock=time.monotonic,
+        sleep=quick_sleep,
+        idle_save_seconds=0.2,
+    )
+    summary = handstart.run(settings, handstart.Typed("typed", 2, 3), link, FakeLearner(), box)
+    assert summary.trained == 2 and summary.counts.pushes_accepted == 2
+    s = status(adapter)
+    assert s["updates"] == 2 and {"typed"} <= {c["id"] for c in s["clients"]}
+    assert s["finished"] is False  # the plan's own clients have not trained yet
+
+
+def test_a_hand_started_client_is_told_that_round_rules_need_workers(make_settings):
+    from fedsim.client import handstart, outbox, worker
+
+    settings, adapter = setup(make_settings, AGGREGATION="fedavg")
+    link = in_process_transport(adapter)
+    box = outbox.Outbox(
+        "typed",
+        link,
+        outbox.Counts(),
+        clock=time.monotonic,
+        sleep=quick_sleep,
+        idle_save_seconds=0.2,
+    )
+    with pytest.raises(worker.AggregatorUnreachable, match="only asynchronous rules"):
+        handstart.run(settings, handstart.Typed("typed", 1, 1), link, FakeLearner(), box)
+
+
+def test_the_history_survives_a_restart_without_the_versions_a_crash_lost(make_settings):
+    settings, adapter = setup(make_settings, SAVE_MODEL=100, IDLE_SAVE_SECONDS=3600)
+    run_workers(settings, adapter, 1)  # 12 versions, checkpointed only at the end
+    entries = history.read(settings.model_dir)
+    assert [e["version"] for e in entries] == [0, 3, 6, 9, 12]
+    # Versions 9 and 12 are lost with their checkpoint: a restart drops their scores.
+    for version in (12,):
+        checkpoints.path_for(settings.model_dir, version).unlink()
+    checkpoints.save(
+        settings.model_dir,
+        8,
+        checkpoints.load_newest(settings.model_dir).tensors,
+        {"samples": 40000, "model": "mlp", "updates": 8},
+        keep=5,
+    )
+    adapter.crash()
+    assert [e["version"] for e in history.read(settings.model_dir)] == [0, 3, 6]
+    assert [
+        e["version"] for e in adapter.app.test_client().get("/v1/history").get_json()["history"]
+    ] == [0, 3, 6]
