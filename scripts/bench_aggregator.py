@@ -30,11 +30,13 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from fedsim import checkpoints, weights
+from fedsim import checkpoints, config, tokens, weights
+from fedsim.data import partition
 from fedsim.models import SHAPES, parameter_count
 
 RAW_BYTES = parameter_count("mlp") * 4  # 796,840: the float32 weights alone
 ID_WIDTH = 32  # update ids are patched into one pre-encoded body, so they share a width
+TOKEN = "be" * 32  # the uploaders' token, written to the temporary TOKENS_FILE
 
 
 def mlp_weights(seed: int) -> dict[str, np.ndarray]:
@@ -93,6 +95,7 @@ def uploader(args: tuple[str, int, float]) -> tuple[int, int]:
     body = bytearray(update_body(f"client-{k}", placeholder))
     at = body.index(placeholder.encode())
     session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {TOKEN}"
     accepted = other = 0
     i = 0
     while time.time() < deadline:
@@ -169,12 +172,24 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as tmp:
         model_dir = Path(tmp) / "models"
         checkpoints.save(model_dir, 0, mlp_weights(0), {"samples": 0, "model": "mlp"}, keep=5)
+        tokens_file = Path(tmp) / "tokens.json"
+        tokens_file.write_text(
+            f'{{"format": 1, "tokens": [{{"name": "bench", "token": "{TOKEN}", "clients": ["*"]}}]}}'
+        )
+        tokens.read(tokens_file)
+        # The default plan (three slice ranges); its label histograms come from stand-in
+        # labels, since no worker trains here and MNIST is not needed.
+        settings = config.load(environ={"MODEL_DIR": str(model_dir)}, env_file=Path(tmp) / "none")
+        plan = partition.plan_settings(settings)
+        labels = (np.arange(60_000) % 10).astype(np.uint8)
+        partition.write(model_dir, partition.manifest(plan, partition.make(plan, labels), labels))
         port = free_port()
         env = {
             **os.environ,
             "MODEL": "mlp",
             "AGGREGATION": "async-weighted",
             "MODEL_DIR": str(model_dir),
+            "TOKENS_FILE": str(tokens_file),
             "SAVE_MODEL": str(args.save_model),
             "FEDSIM_ENV_FILE": str(Path(tmp) / "no.env"),
             "BIND": f"127.0.0.1:{port}",

@@ -1019,3 +1019,16 @@ def test_a_token_added_while_running_works_at_once(make_app) -> None:
     path.write_text("not json")  # broken meanwhile: the tokens that worked keep working
     again = post(client, upload(2.0, client_id="alice"), headers=bearer(token.secret))
     assert again.status_code == 200
+
+
+def test_versions_waiting_for_a_score_are_bounded_in_memory(make_app, caplog) -> None:
+    from fedsim.aggregator.state import MAX_WAITING_EVALUATIONS
+
+    client = make_app(EVAL_EVERY=1).test_client()
+    for i in range(20):  # no worker scores anything
+        post(client, upload(float(i), update_id=f"u{i}"))
+    waiting = client.get("/v1/status").get_json()["evaluations_pending"]
+    assert len(waiting) == MAX_WAITING_EVALUATIONS and waiting[-1] == 20
+    assert len(state_of(client.application)._kept) == MAX_WAITING_EVALUATIONS
+    assert "evaluation of v0 skipped" in caplog.text
+    assert client.get("/v1/model?version=1").status_code == 404

@@ -47,6 +47,7 @@ HISTORY = 20  # recent aggregated updates shown by /v1/status
 EVENTS = 50  # recent events shown by /v1/status and the dashboard
 MAX_CLIENTS_SHOWN = 1000  # hand-started clients remembered for /v1/status
 MAX_WEIGHT = 1e6  # a global weight beyond this is an exploding model, never published
+MAX_WAITING_EVALUATIONS = 8  # versions kept in memory until a worker scores them
 
 
 def _iso(ts: float) -> str:
@@ -356,6 +357,18 @@ class State:
         self._clients_at[snap.version] = sorted(set(self._since_eval))
         self._since_eval = []
         self.queue.want_evaluation(snap.version)
+        # Each waiting version holds a model in memory: when no worker scores them (none
+        # left, or updates far faster than evaluations), the oldest waiting one is dropped.
+        for version in self.queue.drop_evaluations(keep=MAX_WAITING_EVALUATIONS):
+            self._kept.pop(version, None)
+            self._round_of.pop(version, None)
+            self._updates_at.pop(version, None)
+            self._clients_at.pop(version, None)
+            log.warning(
+                "evaluation of v%d skipped: %d newer versions wait for theirs",
+                version,
+                MAX_WAITING_EVALUATIONS,
+            )
 
     # --- updates ------------------------------------------------------------------
 

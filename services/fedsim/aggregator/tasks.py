@@ -317,6 +317,17 @@ class Queue:
         if version not in self.evals:
             self.evals.append(version)
 
+    def drop_evaluations(self, keep: int) -> list[int]:
+        """Forget the oldest waiting evaluations not leased, beyond `keep`; the versions."""
+        dropped = []
+        for version in list(self.evals):
+            if len(self.evals) <= keep:
+                break
+            if f"eval.v{version}" not in self.leases:
+                self.evals.remove(version)
+                dropped.append(version)
+        return dropped
+
     @property
     def finished(self) -> bool:
         return self.training_done and not self.evals
