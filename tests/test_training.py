@@ -205,9 +205,9 @@ def test_a_large_mu_keeps_the_weights_near_the_start(trainer):
     assert np.isfinite(trained.loss) and trained.samples == 600
 
 
-@pytest.mark.parametrize("mu", [-0.1, float("nan"), float("inf"), "much", [1]])
+@pytest.mark.parametrize("mu", [-0.1, float("nan"), float("inf"), "much", "0.01", [1], True])
 def test_a_bad_proximal_mu_is_refused_in_one_line(trainer, mu):
-    with pytest.raises(ValueError, match=r"^proximal_mu must be a (finite )?number >= 0, got"):
+    with pytest.raises(ValueError, match=r"^proximal_mu must be a finite number >= 0, got "):
         trainer.train(
             models.initial_weights("mlp", 1), np.arange(10), {**SETTINGS, "proximal_mu": mu}, 0
         )
@@ -231,9 +231,9 @@ def test_train_uses_the_labels_it_is_given_for_the_indices(trainer):
     ("labels", "message"),
     [
         (np.zeros(9, np.int64), r"^labels must be one per index: shape \(9,\), 10 indices$"),
-        (np.full(10, 10), r"^labels must be integers 0-9"),
-        (np.full(10, -1), r"^labels must be integers 0-9"),
-        (np.zeros(10, np.float32), r"^labels must be integers 0-9, got float32$"),
+        (np.arange(1, 11), r"^labels must be integers 0-9, got values 1\.\.10$"),
+        (np.full(10, -1), r"^labels must be integers 0-9, got values -1\.\.-1$"),
+        (np.zeros(10, np.float32), r"^labels must be integers 0-9, got dtype float32$"),
     ],
 )
 def test_bad_labels_are_refused_in_one_line(trainer, labels, message):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -130,12 +131,12 @@ class Trainer:
             raise ValueError(
                 f"labels must be one per index: shape {labels.shape}, {len(indices)} indices"
             )
-        if labels.size and (
-            not np.issubdtype(labels.dtype, np.integer)
-            or labels.min() < 0
-            or labels.max() >= NUM_CLASSES
-        ):
-            raise ValueError(f"labels must be integers 0-{NUM_CLASSES - 1}, got {labels.dtype}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers 0-9, got dtype {labels.dtype}")
+        if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+            raise ValueError(
+                f"labels must be integers 0-9, got values {labels.min()}..{labels.max()}"
+            )
         return labels.astype(np.int64)
 
     def evaluate(self, tensors: Mapping[str, np.ndarray]) -> tuple[float, float, float]:
@@ -151,15 +152,15 @@ class Trainer:
 
 
 def proximal_mu(settings: Mapping[str, Any]) -> float:
-    """FedProx's μ from a task's settings: 0 when absent; a finite number >= 0."""
-    value = settings.get("proximal_mu", 0) or 0
-    try:
-        mu = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"proximal_mu must be a number >= 0, got {value!r}") from None
-    if not math.isfinite(mu) or mu < 0:
+    """FedProx's μ from a task's settings: 0 when absent (or null); a finite number >= 0."""
+    value = settings.get("proximal_mu")
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"proximal_mu must be a finite number >= 0, got {value!r}")
-    return mu
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"proximal_mu must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def fresh_optimizer(optimizer: Any, learning_rate: float) -> None:
