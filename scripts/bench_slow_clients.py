@@ -8,17 +8,20 @@ closes is opened again at once, so the count stays up for --seconds. Meanwhile a
 normal client pulls GET /v1/model every --interval seconds on a fresh connection.
 For the proxy, then for gunicorn alone (1 worker x 8 threads, as in the image),
 it prints how many pulls were answered and how fast, how many hostile sockets
-were held and how many the server cut, and the servers' memory.
+were held and how many the server cut, and the servers' memory. Then the proxy's
+cost: accepted updates per second from --uploaders processes straight to gunicorn,
+through the proxy, and through the proxy with TLS, with nginx's CPU per update.
 
     .venv/bin/python scripts/bench_slow_clients.py [--seconds 20] [--idle 100] [--slow 100]
 
-Needs nginx (Debian's package); no TensorFlow, no MNIST (stand-in labels make the
-partition plan). A benchmark, not a test: it gates nothing.
+Needs nginx and openssl (Debian's packages); no TensorFlow, no MNIST (stand-in
+labels make the partition plan). A benchmark, not a test: it gates nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import select
 import shutil
@@ -36,12 +39,13 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from fedsim import checkpoints, config
+from fedsim import checkpoints, config, weights
 from fedsim.data import partition
 from fedsim.models import SHAPES
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = ROOT / "deploy" / "nginx" / "entrypoint.sh"
+MAKE_CERTS = ROOT / "scripts" / "make-certs.sh"
 MLP_UPDATE_BYTES = 797_520  # what a real mlp upload declares
 ANSWER_BOUND = 1.0  # seconds: the bound a normal pull is held to
 PULL_TIMEOUT = 10.0  # seconds a pull waits before it counts as not answered
@@ -67,14 +71,35 @@ def rss_kib(pid: int) -> int:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children, whatever the machine's load."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    total = 0
+    for p in [pid, *map(int, children)]:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 # --- hostile sockets ---------------------------------------------------------------------
 
 
 HEAD = b"GET /v1/model HTTP/1.1\r\nHost: bench\r\nX-Slow: " + b"a" * 4000
-BODY_HEAD = (
-    b"POST /v1/updates HTTP/1.1\r\nHost: bench\r\nContent-Type: application/octet-stream\r\n"
-    b"Content-Length: %d\r\n\r\n" % MLP_UPDATE_BYTES
-)
+
+
+def body_head(headers: dict[str, str]) -> bytes:
+    """The whole head of an mlp upload, as a worker sends it (with its token)."""
+    lines = [
+        "POST /v1/updates HTTP/1.1",
+        "Host: bench",
+        "Content-Type: application/octet-stream",
+        f"Content-Length: {MLP_UPDATE_BYTES}",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 @dataclass
@@ -96,10 +121,11 @@ class HostileStats:
 
 class Hostile:
     """`idle` silent sockets and `slow` trickling ones against 127.0.0.1:`port`, kept open
-    by a thread that sends one byte per slow socket every `tick` seconds."""
+    by a thread that sends one byte per slow socket every `tick` seconds. Half the slow
+    ones never finish a head; half send `upload_head` and then a body byte by byte."""
 
-    def __init__(self, port: int, idle: int, slow: int, tick: float = 1.0) -> None:
-        self.port, self.tick = port, tick
+    def __init__(self, port: int, idle: int, slow: int, upload_head: bytes, tick: float = 1.0):
+        self.port, self.tick, self.upload_head = port, tick, upload_head
         self.kinds = ["idle"] * idle + ["head"] * (slow // 2) + ["body"] * (slow - slow // 2)
         self.conns: list[Conn | None] = [None] * len(self.kinds)
         self.stats = HostileStats()
@@ -125,7 +151,7 @@ class Hostile:
             sock = socket.create_connection(("127.0.0.1", self.port), timeout=2)
             sock.setblocking(False)
             if kind == "body":
-                sock.send(BODY_HEAD)
+                sock.send(self.upload_head)
         except OSError:
             self.stats.failed += 1
             self.conns[i] = None
@@ -207,6 +233,59 @@ def pull_for(url: str, seconds: float, interval: float, expect: int) -> Pulls:
     return out
 
 
+# --- throughput -------------------------------------------------------------------------
+
+ID_WIDTH = 32  # update ids are patched into one pre-encoded body, so they share a width
+
+
+def uploader(job: tuple[str, int, float, dict[str, str], str]) -> int:
+    """Post valid mlp updates until the deadline; how many were accepted."""
+    url, k, deadline, headers, verify = job
+    rng = np.random.default_rng(k)
+    tensors = {n: rng.standard_normal(s).astype(np.float32) * 0.05 for n, s in SHAPES["mlp"]}
+    meta = {
+        "client_id": "client-1",
+        "update_id": "0" * ID_WIDTH,
+        "base_version": 0,
+        "num_samples": 5000,
+    }
+    body = bytearray(weights.encode(tensors, meta))
+    at = body.index(b"0" * ID_WIDTH)
+    session = requests.Session()
+    accepted = i = 0
+    while time.time() < deadline:
+        i += 1
+        body[at : at + ID_WIDTH] = f"{k:04d}{i:028d}".encode()
+        response = session.post(
+            url + "/v1/updates",
+            data=bytes(body),
+            headers=headers,
+            timeout=30,
+            verify=verify or True,  # per request: REQUESTS_CA_BUNDLE would beat Session.verify
+        )
+        accepted += response.status_code == 200 and not response.json()["duplicate"]
+    return accepted
+
+
+def throughput(
+    name: str, url: str, args: argparse.Namespace, headers: dict[str, str], ca: str, pid: int
+) -> None:
+    cpu = cpu_seconds(pid) if pid else 0.0
+    with mp.get_context("fork").Pool(args.uploaders) as pool:
+        deadline = time.time() + 0.5 + args.upload_seconds
+        jobs = [(url, k, deadline, headers, ca) for k in range(args.uploaders)]
+        accepted = sum(pool.map(uploader, jobs))
+    rate = accepted / args.upload_seconds
+    line = (
+        f"uploads {name}: {rate:.0f} accepted updates/s ({accepted} in {args.upload_seconds:g} s)"
+    )
+    if pid:
+        line += (
+            f"; nginx CPU {1000 * (cpu_seconds(pid) - cpu) / max(accepted, 1):.2f} ms per update"
+        )
+    print(line)
+
+
 # --- servers -----------------------------------------------------------------------------
 
 
@@ -253,30 +332,33 @@ def start_gunicorn(tmp: Path, env: dict[str, str], threads: int) -> tuple[subpro
     return proc, f"http://127.0.0.1:{port}"
 
 
-def start_nginx(tmp: Path, upstream: str) -> tuple[subprocess.Popen, str]:
+def start_nginx(tmp: Path, upstream: str, tls: bool = False) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    name = "nginx-tls" if tls else "nginx"
     env = {
         **os.environ,
-        "NGINX_PREFIX": str(tmp / "nginx"),
+        "NGINX_PREFIX": str(tmp / name),
         "LISTEN_PORT": str(port),
         "UPSTREAM": upstream.removeprefix("http://"),
+        "TLS": str(tls).lower(),
+        "CERT_DIR": str(tmp / "certs"),
         "NGINX_USER": "root",  # used only when this runs as root: no other user is needed
     }
     proc = subprocess.Popen(
         [str(ENTRYPOINT)],
         env=env,
-        stdout=(tmp / "nginx.log").open("wb"),
+        stdout=(tmp / f"{name}.log").open("wb"),
         stderr=subprocess.STDOUT,
     )
-    return proc, f"http://127.0.0.1:{port}"
+    return proc, f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, ca: str = "") -> None:
     for _ in range(300):
         if proc.poll() is not None:
             raise SystemExit(f"{log.name}: exited {proc.returncode}\n{log.read_text()}")
         try:
-            if requests.get(url + "/healthz", timeout=2).status_code == 200:
+            if requests.get(url + "/healthz", timeout=2, verify=ca or True).status_code == 200:
                 return
         except requests.RequestException:  # not up yet
             pass
@@ -284,12 +366,14 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
     raise SystemExit(f"{url} never became healthy\n{log.read_text()}")
 
 
-def phase(name: str, url: str, pid: int, args: argparse.Namespace, expect: int) -> None:
+def phase(
+    name: str, url: str, pid: int, args: argparse.Namespace, expect: int, headers: dict[str, str]
+) -> None:
     port = int(url.rsplit(":", 1)[1])
     quiet = pull_for(url, 2, args.interval, expect)
     print(f"{name}: no hostile sockets: {quiet.line()}")
     peak = 0
-    with Hostile(port, args.idle, args.slow) as hostile:
+    with Hostile(port, args.idle, args.slow, body_head(headers)) as hostile:
         time.sleep(1.5)  # every socket open and trickling
         stop = threading.Event()
 
@@ -328,31 +412,52 @@ def main() -> int:
     parser.add_argument("--slow", type=int, default=100, help="sockets that trickle a request")
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between pulls")
     parser.add_argument("--threads", type=int, default=8, help="gunicorn threads")
+    parser.add_argument("--uploaders", type=int, default=8, help="uploading processes")
+    parser.add_argument(
+        "--upload-seconds", type=float, default=10, help="per upload phase; 0: none"
+    )
     args = parser.parse_args()
-    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
-        print("nginx not found: apt-get install -y nginx (Debian's package)", file=sys.stderr)
-        return 1
+    for tool in ("nginx", "openssl"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            print(
+                f"{tool} not found: apt-get install -y {tool} (Debian's package)", file=sys.stderr
+            )
+            return 1
 
     with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as name:
         tmp = Path(name)
         env = prepare(tmp)
+        subprocess.run([str(MAKE_CERTS), str(tmp / "certs")], check=True, capture_output=True)
+        ca = str(tmp / "certs" / "ca.pem")
         gunicorn, direct = start_gunicorn(tmp, env, args.threads)
         nginx, proxied = start_nginx(tmp, direct)
+        nginx_tls, tls_url = start_nginx(tmp, direct, tls=True)
         try:
             wait_healthy(direct, gunicorn, tmp / "gunicorn.log")
             wait_healthy(proxied, nginx, tmp / "nginx.log")
+            wait_healthy(tls_url, nginx_tls, tmp / "nginx-tls.log", ca)
             expect = len(requests.get(direct + "/v1/model", timeout=10).content)
             print(
                 f"setup: gunicorn 1 worker x {args.threads} threads; nginx 1 worker "
                 f"(deploy/nginx); {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; "
                 f"pulls of {expect:,} bytes every {args.interval:g} s, fresh connection each"
             )
-            phase("proxy", proxied, nginx.pid, args, expect)
-            phase("gunicorn alone", direct, gunicorn.pid, args, expect)
+            headers = {}
+            if Path(env["TOKENS_FILE"]).exists():
+                from fedsim import tokens
+
+                secret = tokens.workers_secret(Path(env["TOKENS_FILE"]))
+                headers = {"Authorization": f"Bearer {secret}"}
+            phase("proxy", proxied, nginx.pid, args, expect, headers)
+            phase("gunicorn alone", direct, gunicorn.pid, args, expect, headers)
+            if args.upload_seconds > 0:
+                throughput("straight to gunicorn", direct, args, headers, "", 0)
+                throughput("through the proxy", proxied, args, headers, "", nginx.pid)
+                throughput("through the proxy, TLS", tls_url, args, headers, ca, nginx_tls.pid)
         finally:
-            for proc in (nginx, gunicorn):
+            for proc in (nginx_tls, nginx, gunicorn):
                 proc.send_signal(signal.SIGTERM)
-            for proc in (nginx, gunicorn):
+            for proc in (nginx_tls, nginx, gunicorn):
                 proc.wait(timeout=60)
     return 0
 

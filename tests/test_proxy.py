@@ -165,14 +165,26 @@ def version(url: str, **kwargs: object) -> int:
 
 
 class Trickle:
-    """`idle` sockets that connect and send nothing, and `slow` ones that send a request
-    head one byte every 0.2 s and never finish it; a thread keeps them trickling."""
+    """`idle` sockets that connect and send nothing, and `slow` ones that send a request one
+    byte every 0.2 s and never finish it: half stop in the head, half send a whole head for
+    an upload and then its body. A thread keeps them trickling."""
 
     HEAD = b"GET /v1/model HTTP/1.1\r\nHost: slow\r\nX-Slow: " + b"a" * 1000
+    UPLOAD = (
+        b"POST /v1/updates HTTP/1.1\r\nHost: slow\r\nAuthorization: Bearer "
+        + WORKERS_TOKEN.encode()
+        + b"\r\nContent-Type: application/octet-stream\r\nContent-Length: 797520\r\n\r\n"
+    )
 
     def __init__(self, port: int, idle: int, slow: int) -> None:
-        self.idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(idle)]
-        self.slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(slow)]
+        def connect() -> socket.socket:
+            return socket.create_connection(("127.0.0.1", port))
+
+        self.idle = [connect() for _ in range(idle)]
+        self.heads = [connect() for _ in range(slow // 2)]
+        self.bodies = [connect() for _ in range(slow - slow // 2)]
+        for sock in self.bodies:
+            sock.sendall(self.UPLOAD)
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -180,22 +192,25 @@ class Trickle:
     def _run(self) -> None:
         sent = 0
         while not self.done.wait(0.2):
-            for sock in self.slow:
-                # A socket the server closed fails here; `still_open` says so.
+            # A socket the server closed fails here; `still_open` says so.
+            for sock in self.heads:
                 with contextlib.suppress(OSError):
                     sock.send(self.HEAD[sent : sent + 1])
+            for sock in self.bodies:
+                with contextlib.suppress(OSError):
+                    sock.send(b"\0")
             sent += 1
 
     def still_open(self) -> int:
         """How many sockets the server has not closed (nothing to read, no EOF)."""
-        socks = self.idle + self.slow
+        socks = self.idle + self.heads + self.bodies
         readable, _, _ = select.select(socks, [], [], 0)
         return len(socks) - len(readable)
 
     def close(self) -> None:
         self.done.set()
         self.thread.join()
-        for sock in self.idle + self.slow:
+        for sock in self.idle + self.heads + self.bodies:
             sock.close()
 
 
@@ -293,9 +308,7 @@ def test_idle_and_slow_connections_do_not_stop_pulls(aggregator: Server, proxy: 
         hostile.close()
 
 
-def test_without_the_proxy_the_same_slow_connections_stop_gunicorn(
-    nginx: str, aggregator: Server
-) -> None:
+def test_without_the_proxy_the_same_slow_connections_stop_gunicorn(aggregator: Server) -> None:
     """The control for the test above: its slow sockets do hold every gunicorn thread."""
     port = int(aggregator.url.rsplit(":", 1)[1])
     hostile = Trickle(port, idle=0, slow=20)
