@@ -140,10 +140,17 @@ class FakeLearner:
         self.evaluated: list[float] = []
 
     def train(
-        self, tensors: Mapping[str, np.ndarray], indices, settings: Mapping[str, Any], seed: int
+        self,
+        tensors: Mapping[str, np.ndarray],
+        indices,
+        settings: Mapping[str, Any],
+        seed: int,
+        *,
+        labels: np.ndarray | None = None,
     ) -> tuple[dict[str, np.ndarray], Trained]:
         indices = np.asarray(indices)
         self.trained.append((int(indices[0]), seed))
+        self.labels_seen, self.last_indices = labels, indices
         mark = float(indices[0] + 1)
         out = {name: np.full(t.shape, mark, np.float32) for name, t in tensors.items()}
         return out, Trained(len(indices), 0.5, 0.9, 0.01)

@@ -264,3 +264,51 @@ def test_the_history_survives_a_restart_without_the_versions_a_crash_lost(make_s
     assert [
         e["version"] for e in adapter.app.test_client().get("/v1/history").get_json()["history"]
     ] == [0, 3, 6]
+
+
+def test_scaled_attackers_are_chosen_with_the_seed_and_their_updates_boosted(make_settings):
+    settings, adapter = setup(
+        make_settings,
+        AGGREGATION="fedavg",
+        PARTITION="iid",
+        NUM_CLIENTS=4,
+        CLIENTS_PER_ROUND=4,
+        ROUNDS=1,
+        ATTACK="scaled",
+        ATTACKERS=1,
+        ATTACK_SCALE=10,
+    )
+    (worker,) = run_workers(settings, adapter, 1)
+    (attacker,) = tasks.choose_attackers(42, 1, 4)
+    s = status(adapter)
+    flagged = [c["id"] for c in s["clients"] if c.get("attacker")]
+    assert flagged == [f"client-{attacker}"]
+    entry = history.read(settings.model_dir)[-1]
+    assert entry["attackers"] == [f"client-{attacker}"]
+    # FakeLearner marks each update with its client's first image index + 1; from the all-zero
+    # version 0 the attacker sends 10 times its mark, and fedavg weighs 15,000 images each.
+    parts = {
+        n: int(p.indices[0]) + 1 for n, p in enumerate(worker._plans[next(iter(worker._plans))], 1)
+    }
+    marks = [parts[n] * (10 if n == attacker else 1) for n in range(1, 5)]
+    final = checkpoints.load_newest(settings.model_dir)
+    np.testing.assert_allclose(final.tensors["output/bias"], np.mean(marks), rtol=1e-5)
+
+
+def test_label_flip_attackers_train_on_flipped_labels(make_settings):
+    settings, adapter = setup(
+        make_settings,
+        PARTITION="iid",
+        NUM_CLIENTS=2,
+        ROUNDS=1,
+        CLIENTS_PER_ROUND=2,
+        ATTACK="label-flip",
+        ATTACKERS=2,
+    )
+    learner = FakeLearner()
+    worker = Worker(
+        settings, in_process_transport(adapter), lambda n: learner, uid="w", sleep=quick_sleep
+    )
+    worker.run()
+    # Both clients attack: the last task trained on its images with labels y -> 9 - y.
+    np.testing.assert_array_equal(learner.labels_seen, 9 - learner.labels[learner.last_indices])

@@ -22,6 +22,7 @@ MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adam")
 STRATEGIES = ("async-weighted", "fedavg", "fedasync")
 PARTITIONS = ("slices", "iid", "shards", "dirichlet")
+ATTACKS = ("none", "label-flip", "scaled", "noise")  # fedsim.client.attacks.KINDS and none
 DEFAULT_SLICES = "1-4 5-8 9-12"  # CLIENT_SLICES when empty: three clients of four slices
 
 # Keys of earlier versions, with why they are gone; an empty value is ignored.
@@ -368,6 +369,25 @@ SETTINGS: tuple[Setting, ...] = (
         "HTTP_TIMEOUT", "30", _float(0, strict=True), "seconds a worker waits for one HTTP answer"
     ),
     Setting(
+        "ATTACK",
+        "none",
+        _choice(*ATTACKS),
+        "what the ATTACKERS send: label-flip (labels y -> 9 - y), scaled (w_t + ATTACK_SCALE"
+        " (w - w_t)), noise (Gaussian of the model's scale)",
+    ),
+    Setting(
+        "ATTACKERS",
+        "0",
+        _int(0),
+        "logical clients that attack, chosen with SEED; the aggregation rule is not told which",
+    ),
+    Setting(
+        "ATTACK_SCALE",
+        "10",
+        _float(0, strict=True),
+        "scaled: the boost lambda of an attacker's update",
+    ),
+    Setting(
         "TOKENS_FILE",
         "secrets/tokens.json",
         _path,
@@ -426,6 +446,9 @@ class Settings:
     mnist_mirrors: tuple[str, ...]
     tf_threads: int
     http_timeout: float
+    attack: str
+    attackers: int
+    attack_scale: float
     tokens_file: Path
     client_token: str
     auth_reads: bool
@@ -561,6 +584,17 @@ def _check_combinations(s: Settings) -> None:
             str(s.num_clients),
             f"dirichlet gives every client at least {MIN_CLIENT_SAMPLES} images: "
             f"at most {TRAIN_IMAGES // MIN_CLIENT_SAMPLES} clients",
+        )
+    if (s.attack == "none") != (s.attackers == 0):
+        key, value = ("ATTACKERS", str(s.attackers)) if s.attackers else ("ATTACK", s.attack)
+        raise ConfigError(
+            key,
+            value,
+            "ATTACK and ATTACKERS go together: set both (e.g. ATTACK=scaled ATTACKERS=2) or neither",
+        )
+    if s.attackers > s.logical_clients:
+        raise ConfigError(
+            "ATTACKERS", str(s.attackers), f"more than the {s.logical_clients} logical clients"
         )
     if s.clients_per_round > s.logical_clients:
         where = "ranges in CLIENT_SLICES" if s.partition == "slices" else "NUM_CLIENTS"

@@ -109,6 +109,11 @@ def _queue(settings: Settings, clients: list[tasks.Client], mode: str, **kw: Any
         },
         **kw,
     }
+    if settings.attack != "none":
+        common["attack"] = {"kind": settings.attack, "scale": settings.attack_scale}
+        common["attackers"] = tasks.choose_attackers(
+            settings.seed, settings.attackers, len(clients)
+        )
     if mode == "rounds":
         return tasks.RoundQueue(
             clients, quorum=settings.round_quorum, round_timeout=settings.round_timeout, **common
@@ -176,6 +181,15 @@ class State:
         self._events: deque[dict[str, Any]] = deque(maxlen=EVENTS)
         self._since_eval: list[str] = []  # clients in the versions since the last evaluated one
         self._clients = {c.id: self._client_record(c, i) for i, c in enumerate(start.clients)}
+        self.attackers = [f"client-{n}" for n in sorted(self.queue.attackers)]
+        for client_id in self.attackers:
+            self._clients[client_id]["attacker"] = True
+        if self.attackers:
+            log.info(
+                "attack simulation: %s by %s (the rule is not told)",
+                settings.attack,
+                ", ".join(self.attackers),
+            )
         self._others: OrderedDict[str, dict[str, Any]] = OrderedDict()  # hand-started clients
         self._saved_version = ckpt.version
         self._saved_updates = start.updates
@@ -206,6 +220,7 @@ class State:
             "staleness": None,
             "loss": None,
             "accuracy": None,
+            "attacker": False,
         }
 
     # --- start --------------------------------------------------------------------
@@ -324,6 +339,8 @@ class State:
                 "updates": self._updates_at.get(version),
                 "clients": self._clients_at.pop(version, []),
             }
+            if self.attackers:
+                entry["attackers"] = [c for c in entry["clients"] if c in self.attackers]
             history.append(self.settings.model_dir, entry)
             self._history = [e for e in self._history if e["version"] != version] + [entry]
             self._history.sort(key=lambda e: e["version"])

@@ -99,6 +99,14 @@ def sample(seed: int, round_no: int, k: int, n: int) -> list[int]:
     return sorted(int(i) + 1 for i in rng.choice(n, size=k, replace=False))
 
 
+def choose_attackers(seed: int, k: int, n: int) -> list[int]:
+    """The k attacking clients out of n (1-based, ascending), seeded by SEED alone."""
+    if k == 0:
+        return []
+    rng = np.random.default_rng([seed, 0xA77AC])
+    return sorted(int(i) + 1 for i in rng.choice(n, size=k, replace=False))
+
+
 def task_seed(seed: int, task_id: str) -> int:
     """The seed a worker trains a task with: the same for a task whichever worker takes it."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{task_id}".encode()).digest()[:4], "big") >> 1
@@ -142,8 +150,12 @@ class Queue:
         partition: Mapping[str, Any],
         clock: Callable[[], float],
         wall: Callable[[], float],
+        attack: Mapping[str, Any] | None = None,
+        attackers: Sequence[int] = (),
     ) -> None:
         self.clients = {c.number: c for c in clients}
+        self.attack = dict(attack) if attack else None  # {"kind", "scale"}, for the attackers
+        self.attackers = frozenset(attackers)
         self.seed, self.per_round, self.rounds = seed, per_round, rounds
         self.task_timeout = task_timeout
         self.training = dict(training)  # epochs, batch size, learning rate, optimizer, ...
@@ -238,6 +250,9 @@ class Queue:
         self, task_id: str, client: Client, worker: Worker, now: float, version: int, **extra: Any
     ) -> dict[str, Any]:
         worker.client = client.id
+        seed = task_seed(self.seed, task_id)
+        if self.attack is not None and client.number in self.attackers:
+            extra = {**extra, "attack": {**self.attack, "seed": seed}}
         return {
             "id": task_id,
             "lease": self._lease(task_id, worker, now),
@@ -246,7 +261,7 @@ class Queue:
             "samples": client.samples,
             "sha256": client.sha256,
             "base_version": version,
-            "seed": task_seed(self.seed, task_id),
+            "seed": seed,
             "train": self.training,
             "partition": self.partition,
             **extra,

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedsim import models, weights
+from fedsim.client import attacks
 from fedsim.client.outbox import Counts, Outbox, describe
 from fedsim.client.training import Trained
 from fedsim.client.transport import ProtocolError, Transport
@@ -52,6 +53,8 @@ class Learner(Protocol):
         indices: np.ndarray,
         settings: Mapping[str, Any],
         seed: int,
+        *,
+        labels: np.ndarray | None = None,
     ) -> tuple[dict[str, np.ndarray], Trained]: ...
 
     def evaluate(self, tensors: Mapping[str, np.ndarray]) -> tuple[float, float, float]: ...
@@ -308,13 +311,22 @@ class Worker:
         for key in ("slice", "round"):
             if task.get(key) is not None:
                 meta[key] = task[key]
-        what = describe(meta)
+        what = describe(meta) + (
+            f" ({task['attack']['kind']} attacker)" if task.get("attack") else ""
+        )
         self._ensure_model(int(task["base_version"]), what)
         assert self.model.tensors is not None
         base = self.model.version
-        tensors, trained = self.learner.train(
-            self.model.tensors, indices, task["train"], int(task["seed"])
-        )
+        attack = task.get("attack")  # only an attacker's tasks carry one
+        try:
+            labels = attacks.labels_for(attack, self.learner.labels[indices]) if attack else None
+            tensors, trained = self.learner.train(
+                self.model.tensors, indices, task["train"], int(task["seed"]), labels=labels
+            )
+            # An attacker sends what its attack makes of the honest update from w_t.
+            tensors = attacks.apply(attack, self.model.tensors, tensors)
+        except ValueError as exc:
+            raise ProtocolError(f"task {task['id']}: {exc}") from None
         self.summary.trained += 1
         log.info(
             "%s %s train samples %d loss %.4f acc %.4f (%.1fs)",
