@@ -401,6 +401,32 @@ def test_fedbuff_buffer_round_trip_is_bit_for_bit() -> None:
         assert np.array_equal(a[tensor], b[tensor]), tensor
 
 
+@pytest.mark.parametrize("name", sorted(SERVER_RULES))
+def test_tensor_state_taken_before_a_step_does_not_change(name: str) -> None:
+    # A checkpoint writes the tensors after the lock is released, while rounds go on.
+    rounds = rounds_of(seed=3, n=2)
+    x = Global({k: np.zeros_like(v) for k, v in rounds[0][0].tensors.items()}, 0, 0)
+    rule = SERVER_RULES[name]()
+    x = Global(rule.aggregate(x, rounds[0]), 1, 0)
+    view = rule.tensor_state()
+    copy = {k: v.copy() for k, v in view.items()}
+    rule.aggregate(x, rounds[1])
+    assert all(np.array_equal(view[k], copy[k]) for k in copy)
+    assert any(not np.array_equal(rule.tensor_state()[k], copy[k]) for k in copy)
+
+
+def test_fedbuff_tensor_state_taken_while_buffering_does_not_change() -> None:
+    ups = rounds_of(seed=4, n=1)[0]
+    current = Global({k: np.zeros_like(v) for k, v in ups[0].tensors.items()}, 0, 0)
+    rule = FedBuff(k=3, eta=1.0)
+    rule.accept(ups[0], current, current)
+    view = rule.tensor_state()
+    copy = {k: v.copy() for k, v in view.items()}
+    rule.accept(ups[1], current, current)
+    rule.accept(ups[2], current, current)
+    assert all(np.array_equal(view[k], copy[k]) for k in copy)
+
+
 @pytest.mark.parametrize(
     ("tensors", "match"),
     [

@@ -92,7 +92,13 @@ class Strategy:
         """Resume from `state_dict()` output of the same rule. Raises ValueError if malformed."""
 
     def tensor_state(self) -> dict[str, np.ndarray]:
-        """Server-side tensors (momentum, moments, a buffer) to save beside the model's."""
+        """Server-side tensors (momentum, moments, a buffer) to save beside the model's.
+
+        Float32, named "<slot>/<model tensor>" (e.g. "m/hidden1/kernel"); {} before
+        the first step. The arrays are never changed in place afterwards (a step
+        makes new ones), so a view taken under the state's lock can be written
+        after the lock is released.
+        """
         return {}
 
     def load_tensor_state(self, tensors: Mapping[str, np.ndarray]) -> None:
