@@ -236,9 +236,24 @@ def test_fedbuff_k_larger_than_the_run_is_refused(rule_settings) -> None:
     # The default run: slices 1-4 5-8 9-12 make 12 updates.
     with pytest.raises(config.ConfigError) as info:
         strategies.build(rule_settings(AGGREGATION="fedbuff", FEDBUFF_K=13))
-    assert str(info.value) == (
-        "invalid setting FEDBUFF_K='13': the run makes only 12 updates, fewer than one buffer: "
+    assert one_line_error(info) == (
+        "invalid setting FEDBUFF_K='13': the run makes only 12 updates (the slices in "
+        "CLIENT_SLICES), fewer than one buffer: lower FEDBUFF_K"
+    )
+    # Sampled clients: ROUNDS x CLIENTS_PER_ROUND = 3 x 10 updates.
+    with pytest.raises(config.ConfigError) as info:
+        strategies.build(
+            rule_settings(AGGREGATION="fedbuff", FEDBUFF_K=31, ROUNDS=3, **ROUNDS_OF_10)
+        )
+    assert one_line_error(info).endswith(
+        "only 30 updates (ROUNDS x CLIENTS_PER_ROUND), fewer than one buffer: "
         "lower FEDBUFF_K or raise ROUNDS"
+    )
+    assert (
+        strategies.build(
+            rule_settings(AGGREGATION="fedbuff", FEDBUFF_K=30, ROUNDS=3, **ROUNDS_OF_10)
+        ).k
+        == 30
     )
 
 

@@ -146,11 +146,14 @@ class FedBuff(AsyncRule):
         k = value(settings, FEDBUFF_K.key)
         total = updates_in_run(settings)
         if k > total:
+            if settings.partition == "slices":
+                where, fix = "the slices in CLIENT_SLICES", "lower FEDBUFF_K"
+            else:
+                where, fix = "ROUNDS x CLIENTS_PER_ROUND", "lower FEDBUFF_K or raise ROUNDS"
             raise ConfigError(
                 FEDBUFF_K.key,
                 str(k),
-                f"the run makes only {total} updates, fewer than one buffer: "
-                f"lower FEDBUFF_K or raise ROUNDS",
+                f"the run makes only {total} updates ({where}), fewer than one buffer: {fix}",
             )
         return cls(k=k, eta=value(settings, SERVER_LEARNING_RATE.key) or cls.default_eta)
 
