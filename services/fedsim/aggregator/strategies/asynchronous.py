@@ -98,7 +98,7 @@ FEDBUFF_K = Setting(
     "FEDBUFF_K",
     "10",
     integer(1),
-    "fedbuff: updates buffered before the server steps (the paper's K); 10 as in its experiments",
+    "fedbuff: updates buffered before the server steps (the paper's K)",
 )
 
 

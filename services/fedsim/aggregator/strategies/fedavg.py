@@ -35,8 +35,8 @@ FEDPROX_MU = Setting(
     "FEDPROX_MU",
     "0.01",
     number(0),
-    "fedprox: weight mu of the clients' proximal term (mu/2)|w - w_t|^2; 0.01 is in the paper's"
-    " grid {0.001, 0.01, 0.1, 1}",
+    "fedprox: weight mu of the clients' proximal term (mu/2) * norm(w - w_t)^2; 0.01 is in the"
+    " paper's grid {0.001, 0.01, 0.1, 1}",
 )
 
 

@@ -36,7 +36,7 @@ SERVER_MOMENTUM = Setting(
     "SERVER_MOMENTUM",
     "0.9",
     number(0, 1, below=True),
-    "fedavgm: server momentum beta on the pseudo-gradient; 0.9 as in Hsu et al. 2019",
+    "fedavgm: server momentum beta on the pseudo-gradient; 0.9 is in Hsu et al.'s grid",
 )
 SERVER_BETA1 = Setting(
     "SERVER_BETA1",
