@@ -238,9 +238,10 @@ def pull_for(url: str, seconds: float, interval: float, expect: int) -> Pulls:
 ID_WIDTH = 32  # update ids are patched into one pre-encoded body, so they share a width
 
 
-def uploader(job: tuple[str, int, float, dict[str, str], str]) -> int:
-    """Post valid mlp updates until the deadline; how many were accepted."""
-    url, k, deadline, headers, verify = job
+def uploader(job: tuple[str, int, float, dict[str, str], str, int]) -> int:
+    """Post valid mlp updates until the deadline; how many were accepted (not duplicates:
+    each phase numbers its ids apart)."""
+    url, k, deadline, headers, verify, phase = job
     rng = np.random.default_rng(k)
     tensors = {n: rng.standard_normal(s).astype(np.float32) * 0.05 for n, s in SHAPES["mlp"]}
     meta = {
@@ -255,7 +256,7 @@ def uploader(job: tuple[str, int, float, dict[str, str], str]) -> int:
     accepted = i = 0
     while time.time() < deadline:
         i += 1
-        body[at : at + ID_WIDTH] = f"{k:04d}{i:028d}".encode()
+        body[at : at + ID_WIDTH] = f"{phase:02d}{k:04d}{i:026d}".encode()
         response = session.post(
             url + "/v1/updates",
             data=bytes(body),
@@ -268,12 +269,18 @@ def uploader(job: tuple[str, int, float, dict[str, str], str]) -> int:
 
 
 def throughput(
-    name: str, url: str, args: argparse.Namespace, headers: dict[str, str], ca: str, pid: int
+    phase: int,
+    name: str,
+    url: str,
+    args: argparse.Namespace,
+    headers: dict[str, str],
+    ca: str,
+    pid: int,
 ) -> None:
     cpu = cpu_seconds(pid) if pid else 0.0
     with mp.get_context("fork").Pool(args.uploaders) as pool:
         deadline = time.time() + 0.5 + args.upload_seconds
-        jobs = [(url, k, deadline, headers, ca) for k in range(args.uploaders)]
+        jobs = [(url, k, deadline, headers, ca, phase) for k in range(args.uploaders)]
         accepted = sum(pool.map(uploader, jobs))
     rate = accepted / args.upload_seconds
     line = (
@@ -451,9 +458,9 @@ def main() -> int:
             phase("proxy", proxied, nginx.pid, args, expect, headers)
             phase("gunicorn alone", direct, gunicorn.pid, args, expect, headers)
             if args.upload_seconds > 0:
-                throughput("straight to gunicorn", direct, args, headers, "", 0)
-                throughput("through the proxy", proxied, args, headers, "", nginx.pid)
-                throughput("through the proxy, TLS", tls_url, args, headers, ca, nginx_tls.pid)
+                throughput(1, "straight to gunicorn", direct, args, headers, "", 0)
+                throughput(2, "through the proxy", proxied, args, headers, "", nginx.pid)
+                throughput(3, "through the proxy, TLS", tls_url, args, headers, ca, nginx_tls.pid)
         finally:
             for proc in (nginx_tls, nginx, gunicorn):
                 proc.send_signal(signal.SIGTERM)
