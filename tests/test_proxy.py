@@ -451,7 +451,11 @@ def test_make_certs_is_idempotent(openssl: str, certs: Path) -> None:
     ("env", "message"),
     [
         ({"TLS": "maybe"}, "invalid setting TLS='maybe': true or false"),
-        ({"MAX_UPDATE_BYTES": "16M"}, "invalid setting MAX_UPDATE_BYTES='16M': an integer >= 1"),
+        ({"MAX_UPDATE_BYTES": "16M"}, "invalid setting MAX_UPDATE_BYTES='16M': an integer >= 1024"),
+        (
+            {"MAX_UPDATE_BYTES": "1000"},
+            "invalid setting MAX_UPDATE_BYTES='1000': an integer >= 1024",
+        ),
         ({"UPSTREAM": "aggregator"}, "invalid setting UPSTREAM='aggregator': host:port"),
         ({"LISTEN_PORT": "70000"}, "invalid setting LISTEN_PORT='70000'"),
         ({"TLS": "true"}, "server.pem is missing or unreadable: run scripts/make-certs.sh"),

@@ -37,9 +37,10 @@ case $tls in
 esac
 
 max_body=$(printf '%s' "${MAX_UPDATE_BYTES:-16777216}" | tr -d ' ')
-case $max_body in
-  '' | *[!0-9]* | 0*) invalid MAX_UPDATE_BYTES "${MAX_UPDATE_BYTES:-}" "an integer >= 1" ;;
+case $max_body in  # as fedsim.config checks it; 19 digits at most, so the shell can compare
+  '' | *[!0-9]* | 0?* | ????????????????????*) invalid MAX_UPDATE_BYTES "${MAX_UPDATE_BYTES:-}" "an integer >= 1024" ;;
 esac
+[ "$max_body" -ge 1024 ] || invalid MAX_UPDATE_BYTES "$max_body" "an integer >= 1024"
 
 port=${LISTEN_PORT:-8080}
 case $port in
