@@ -64,7 +64,7 @@ def test_compose_keys_are_allowed_in_env_file(tmp_path: Path) -> None:
         ("NUM_IMAGES_TRAIN", "60001", "<= 60000"),
         ("MODEL", "resnet", "one of mlp, cnn"),
         ("OPTIMIZER", "lbfgs", "one of sgd, adam"),
-        ("AGGREGATION", "fedprox", "one of async-weighted, fedavg, fedasync"),
+        ("AGGREGATION", "fedprx", "did you mean fedprox?"),
         ("FEDASYNC_ALPHA", "0", "a number > 0 and <= 1"),
         ("FEDASYNC_ALPHA", "1.5", "a number > 0 and <= 1"),
         ("FEDASYNC_ALPHA", "nan", "a number > 0 and <= 1"),

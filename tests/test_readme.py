@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def settings_table() -> dict[str, str]:
     text = (ROOT / "README.md").read_text()
-    rows = re.findall(r"^\| `([A-Z_]+)` \| (.*?) \|", text, flags=re.M)
+    rows = re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \| (.*?) \|", text, flags=re.M)
     return dict(rows)
 
 

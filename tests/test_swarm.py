@@ -15,6 +15,7 @@ engine; elsewhere they skip with the reason when `docker info` fails.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -23,6 +24,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -321,8 +323,9 @@ def _docker(*args: str, check: bool = True, timeout: float = 120) -> str:
 
 
 @pytest.fixture(scope="module")
-def swarm() -> Iterator[None]:
-    """A Docker engine that is a swarm manager; a swarm made here is left at the end."""
+def swarm() -> Iterator[bool]:
+    """A Docker engine that is a swarm manager; True when the swarm was made here
+    (and is left at the end)."""
     try:
         info = subprocess.run(
             ["docker", "info", "--format", "{{.Swarm.LocalNodeState}} {{.Swarm.ControlAvailable}}"],
@@ -346,7 +349,7 @@ def swarm() -> Iterator[None]:
         made_here = True
     elif state != "active" or manager != "true":
         pytest.fail(f"this engine is in a swarm but not as a manager (state {state})")
-    yield
+    yield made_here
     if made_here:
         _docker("swarm", "leave", "--force", check=False)
 
@@ -545,3 +548,230 @@ def test_bad_settings_stop_up_before_anything_is_deployed(stack):
     assert "swarm.sh: prepare failed (its message is above); nothing was deployed" in result.stdout
     services = _docker("stack", "services", "-q", s.name, check=False)
     assert services.strip() == "", services
+
+
+# --- two nodes: a second Docker engine in its own network namespace -------------------
+
+# A TCP forwarder run inside the second node's network namespace: its 127.0.0.1:PORT
+# reaches the registry on the first node, as a registry published on every node would.
+FORWARDER = """
+import asyncio, sys
+port, host = int(sys.argv[1]), sys.argv[2]
+async def pipe(r, w):
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    finally:
+        w.close()
+async def handle(r, w):
+    tr, tw = await asyncio.open_connection(host, port)
+    await asyncio.gather(pipe(r, tw), pipe(tr, w), return_exceptions=True)
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+class SecondNode:
+    """A second dockerd in network namespace `ns`, joined to this engine's swarm."""
+
+    def __init__(self, ns: str, address: str, socket_path: Path, registry: str) -> None:
+        self.ns, self.address, self.registry = ns, address, registry
+        self.host = f"unix://{socket_path}"
+        self.node_id = ""
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 120) -> str:
+        return _docker("-H", self.host, *args, check=check, timeout=timeout)
+
+
+def _wait(what: str, ready, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not ready in {timeout} s")
+        time.sleep(1)
+
+
+@pytest.fixture
+def second_node(swarm, tmp_path) -> Iterator[SecondNode]:
+    """A two-node swarm on this machine: this engine (manager, advertised on one end
+    of a veth pair) and a second dockerd whose network namespace holds the other end,
+    with a registry (deploy/registry) that both reach at 127.0.0.1:PORT.
+
+    Both engines share the file system (./data is at the same path on both nodes)
+    but not the network: the workers on the second node reach the aggregator over
+    the swarm's overlay network (VXLAN between the two addresses) and pull the
+    images from the registry. Everything is undone at the end and this engine's
+    swarm is made again on 127.0.0.1.
+    """
+    missing = [tool for tool in ("ip", "nsenter", "dockerd") if shutil.which(tool) is None]
+    if os.geteuid() != 0 or missing:
+        pytest.skip(f"a second Docker engine needs root and {', '.join(missing) or 'ip'}")
+    if not swarm:
+        pytest.skip("the engine was already in a swarm: the two-node test makes its own")
+    tag = secrets.token_hex(3)
+    ns, subnet = f"fedsimtest{tag}", f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250)}"
+    here, there = f"{subnet}.1", f"{subnet}.2"
+    work = Path(f"/var/lib/fedsimtest-{tag}")  # image layers: on disk, not in /tmp
+    run = Path(f"/run/fst-{tag}")  # short: unix socket paths are limited to 108 bytes
+    port = _free_port()
+    with contextlib.ExitStack() as undo:
+
+        def sh(*args: str) -> None:
+            subprocess.run(args, check=True, capture_output=True, text=True, timeout=60)
+
+        sh("ip", "netns", "add", ns)
+        undo.callback(subprocess.run, ["ip", "netns", "del", ns], check=False)
+        sh("ip", "link", "add", f"fs{tag}a", "type", "veth", "peer", "name", f"fs{tag}b")
+        undo.callback(subprocess.run, ["ip", "link", "del", f"fs{tag}a"], check=False)
+        sh("ip", "link", "set", f"fs{tag}b", "netns", ns)
+        sh("ip", "addr", "add", f"{here}/24", "dev", f"fs{tag}a")
+        sh("ip", "link", "set", f"fs{tag}a", "up")
+        inside = ["ip", "netns", "exec", ns]
+        sh(*inside, "ip", "addr", "add", f"{there}/24", "dev", f"fs{tag}b")
+        sh(*inside, "ip", "link", "set", f"fs{tag}b", "up")
+        sh(*inside, "ip", "link", "set", "lo", "up")
+
+        # nsenter --net, not `ip netns exec`, which would hide the cgroup mounts.
+        for folder in (work, run):
+            folder.mkdir()
+            undo.callback(shutil.rmtree, folder, ignore_errors=True)
+        log = open(tmp_path / "dockerd-2.log", "w")  # noqa: SIM115
+        undo.callback(log.close)
+        enter = ["nsenter", f"--net=/run/netns/{ns}"]
+        dockerd = subprocess.Popen(
+            [
+                *enter,
+                "dockerd",
+                "--data-root",
+                str(work),
+                "--exec-root",
+                str(run),
+                "--pidfile",
+                str(run / "dockerd.pid"),
+                "-H",
+                f"unix://{run}/docker.sock",
+                "--storage-driver",
+                "overlay2",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def stop_dockerd() -> None:
+            dockerd.terminate()
+            try:
+                dockerd.wait(60)
+            except subprocess.TimeoutExpired:
+                dockerd.kill()
+                dockerd.wait()
+
+        undo.callback(stop_dockerd)
+        node = SecondNode(ns, there, run / "docker.sock", f"127.0.0.1:{port}")
+        _wait(
+            "the second dockerd",
+            lambda: (
+                subprocess.run(
+                    ["docker", "-H", node.host, "info", "-f", "{{.ServerVersion}}"],
+                    capture_output=True,
+                    check=False,
+                ).returncode
+                == 0
+            ),
+        )
+
+        subprocess.run(
+            [
+                "docker",
+                "build",
+                "-q",
+                "-t",
+                "fedsim-registry:latest",
+                str(ROOT / "deploy/registry"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        registry = f"fedsimtest-{tag}-registry"
+        _docker("run", "-d", "--name", registry, "-p", f"{port}:5000", "fedsim-registry:latest")
+        undo.callback(_docker, "rm", "-f", "-v", registry, check=False)
+        forwarder = subprocess.Popen(
+            [*enter, sys.executable, "-c", FORWARDER, str(port), here],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        undo.callback(forwarder.wait, 10)
+        undo.callback(forwarder.terminate)
+
+        # This engine's swarm, advertised where the second node reaches it.
+        _docker("swarm", "leave", "--force")
+        undo.callback(_docker, "swarm", "init", "--advertise-addr", "127.0.0.1", check=False)
+        undo.callback(_docker, "swarm", "leave", "--force", check=False)
+        _docker("swarm", "init", "--advertise-addr", here)
+        token = _docker("swarm", "join-token", "-q", "worker").strip()
+        node.docker("swarm", "join", "--token", token, f"{here}:2377")
+        node.node_id = node.docker("info", "-f", "{{.Swarm.NodeID}}").strip()
+        undo.callback(_docker, "node", "rm", "--force", node.node_id, check=False)
+        undo.callback(node.docker, "swarm", "leave", "--force", check=False)
+        _wait(
+            "the second node",
+            lambda: (
+                _docker("node", "inspect", "-f", "{{.Status.State}}", node.node_id).strip()
+                == "ready"
+            ),
+        )
+        yield node
+
+
+def _task_nodes(stack_name: str, service: str) -> list[tuple[str, str, str]]:
+    """(node id, state, container id) of every task of a service."""
+    ids = _docker("service", "ps", "-q", "--no-trunc", f"{stack_name}_{service}").split()
+    fmt = "{{.NodeID}} {{.Status.State}} {{.Status.ContainerStatus.ContainerID}}"
+    return [tuple(line.split()) for line in _docker("inspect", "-f", fmt, *ids).splitlines()]
+
+
+@pytest.mark.docker
+def test_two_nodes_workers_pull_from_the_registry_and_train_across_nodes(
+    second_node, stack, mnist_dir
+):
+    s = stack({**SMALL, "WORKERS": "2", "REGISTRY": second_node.registry})
+    s.add_mnist(mnist_dir)
+
+    up = s.swarm_sh("up")
+    assert f"pushing {second_node.registry}/fedsim-client:latest" in up.stdout, up.stdout
+    status = s.wait_status(lambda st: st["finished"], "the end of the run")
+    s.wait_workers_done(2)
+
+    # The spread puts one worker on each node; the aggregator stays on this one.
+    manager = _docker("info", "-f", "{{.Swarm.NodeID}}").strip()
+    assert [n for n, _, _ in _task_nodes(s.name, "aggregator")] == [manager]
+    workers = _task_nodes(s.name, "client")
+    assert sorted(n for n, _, _ in workers) == sorted([manager, second_node.node_id]), workers
+    assert all(state == "complete" for _, state, _ in workers), workers
+    logs = {
+        node: (second_node.docker if node == second_node.node_id else _docker)("logs", container)
+        for node, _, container in workers
+    }
+    image = second_node.docker("image", "ls", "--format", "{{.Repository}}")
+    assert f"{second_node.registry}/fedsim-client" in image.split(), image
+
+    # The second node's worker exited 0 with its summary, so it reached the aggregator
+    # over the overlay network (unreachable, it exits 1); every update of the run was
+    # counted once, whichever node trained it.
+    summaries = {node: _summary(log) for node, log in logs.items()}
+    status = s.status()
+    assert status["updates"] == 12, status
+    assert sum(w["accepted"] for w in summaries.values()) == 12, summaries
+    print(
+        "updates trained: this node "
+        f"{summaries[manager]['trained']}, second node {summaries[second_node.node_id]['trained']}"
+    )
+
+    t0 = time.monotonic()
+    down = s.swarm_sh("down", "--volumes", timeout=300)
+    print(f"down took {time.monotonic() - t0:.1f}s: {down.stdout}")
+    assert f"stack {s.name} removed, with its volume" in down.stdout, down.stdout

@@ -312,3 +312,48 @@ def test_label_flip_attackers_train_on_flipped_labels(make_settings):
     worker.run()
     # Both clients attack: the last task trained on its images with labels y -> 9 - y.
     np.testing.assert_array_equal(learner.labels_seen, 9 - learner.labels[learner.last_indices])
+
+
+@pytest.mark.parametrize(
+    ("rule", "extra"),
+    [
+        ("fedadam", {"PARTITION": "iid", "NUM_CLIENTS": 6, "CLIENTS_PER_ROUND": 3, "ROUNDS": 4}),
+        ("fedavgm", {"PARTITION": "iid", "NUM_CLIENTS": 6, "CLIENTS_PER_ROUND": 3, "ROUNDS": 4}),
+        (
+            "fedbuff",
+            {
+                "PARTITION": "iid",
+                "NUM_CLIENTS": 6,
+                "CLIENTS_PER_ROUND": 2,
+                "ROUNDS": 4,
+                "FEDBUFF_K": 3,
+            },
+        ),
+    ],
+)
+def test_server_state_survives_hard_kills_bit_for_bit(make_settings, tmp_path, rule, extra):
+    # The same run twice with one worker: unbroken, and killed after its 3rd and 7th POST
+    # (unsaved state lost each time). Server momentum, moments and FedBuff's buffer are
+    # restored from the checkpoints, so both end with the same weights, bit for bit.
+    finals = []
+    for crashes in ((), (3, 7)):
+        settings, adapter = setup(
+            make_settings,
+            AGGREGATION=rule,
+            SAVE_MODEL=1,
+            MODEL_DIR=str(tmp_path / f"run-{len(crashes)}"),
+            **extra,
+        )
+
+        def crash(adapter: InProcess, path: str, crashes=crashes) -> None:
+            if adapter.posts in crashes:
+                adapter.crash()
+
+        adapter.after_post = crash
+        run_workers(settings, adapter, 1)
+        s = status(adapter)
+        assert s["finished"] is True and s["updates"] == 4 * extra["CLIENTS_PER_ROUND"], s
+        final = checkpoints.load_newest(settings.model_dir)
+        finals.append({k: v for k, v in final.tensors.items() if not k.startswith("strategy/")})
+    for name in finals[0]:
+        np.testing.assert_array_equal(finals[0][name], finals[1][name])

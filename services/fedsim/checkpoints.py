@@ -252,3 +252,15 @@ def _verify_checksum(path: Path, tensors: Mapping[str, np.ndarray], metadata: Ma
             422,
             f"checksum mismatch: metadata says {stated[:23]}..., tensors hash to {actual[:23]}...",
         )
+
+
+STRATEGY_PREFIX = "strategy/"  # the aggregation rule's tensors (momentum, moments, buffers)
+
+
+def split(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(the model's tensors, the rule's tensors without their prefix) of a checkpoint."""
+    model = {k: v for k, v in tensors.items() if not k.startswith(STRATEGY_PREFIX)}
+    rule = {
+        k[len(STRATEGY_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STRATEGY_PREFIX)
+    }
+    return model, rule

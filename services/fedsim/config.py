@@ -9,6 +9,7 @@ one line naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -20,7 +21,6 @@ from urllib.parse import urlparse
 TRAIN_IMAGES = 60_000  # MNIST's training set; slices are cut from it
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adam")
-STRATEGIES = ("async-weighted", "fedavg", "fedasync")
 PARTITIONS = ("slices", "iid", "shards", "dirichlet")
 ATTACKS = ("none", "label-flip", "scaled", "noise")  # fedsim.client.attacks.KINDS and none
 DEFAULT_SLICES = "1-4 5-8 9-12"  # CLIENT_SLICES when empty: three clients of four slices
@@ -178,7 +178,8 @@ class Setting:
 
 
 # Defaults chosen for the default run (3 clients, mlp, async-weighted); see README.
-SETTINGS: tuple[Setting, ...] = (
+# AGGREGATION and the rules' own rows come from the rules' registry: see `settings_table`.
+_COMMON: tuple[Setting, ...] = (
     Setting(
         "NUM_IMAGES_TRAIN",
         "5000",
@@ -278,25 +279,6 @@ SETTINGS: tuple[Setting, ...] = (
         "mlp: the original 784-200-200-10; cnn: McMahan et al.'s CNN",
     ),
     Setting("SEED", "42", _int(0), "seeds the initial weights and the shuffling, so runs repeat"),
-    Setting(
-        "AGGREGATION",
-        "async-weighted",
-        _choice(*STRATEGIES),
-        "async-weighted: the original running weighted mean; fedavg: synchronous rounds;"
-        " fedasync: staleness-weighted mixing",
-    ),
-    Setting(
-        "FEDASYNC_ALPHA",
-        "0.5",
-        _fraction,
-        "fedasync: mixing rate alpha of a fresh update; 0.5 scored like 0.8 and above 0.3 in the default run",
-    ),
-    Setting(
-        "FEDASYNC_STALENESS",
-        "0.5",
-        _float(0, strict=False),
-        "fedasync: staleness exponent a in alpha * (t - tau + 1) ** -a; 0.5 as in the paper, 0: constant",
-    ),
     Setting(
         "MIN_CLIENTS",
         "0",
@@ -407,7 +389,40 @@ SETTINGS: tuple[Setting, ...] = (
     ),
 )
 SECRET_KEYS = frozenset({"CLIENT_TOKEN"})  # never written to settings.json or reports
-KNOWN_KEYS = frozenset(s.key for s in SETTINGS)
+
+
+@functools.cache
+def settings_table() -> tuple[Setting, ...]:
+    """Every setting: the common rows, with AGGREGATION and each rule's rows before MIN_CLIENTS.
+
+    Made on first use from the rules' registry (fedsim.aggregator.strategies),
+    whose modules import `Setting` and `ConfigError` from here.
+    """
+    from fedsim.aggregator import strategies
+
+    at = next(i for i, s in enumerate(_COMMON) if s.key == "MIN_CLIENTS")
+    return (*_COMMON[:at], strategies.AGGREGATION, *strategies.rule_settings(), *_COMMON[at:])
+
+
+@functools.cache
+def _known_keys() -> frozenset[str]:
+    return frozenset(s.key for s in settings_table())
+
+
+@functools.cache
+def _rule_keys() -> frozenset[str]:
+    from fedsim.aggregator import strategies
+
+    return frozenset(s.key for s in strategies.rule_settings())
+
+
+def __getattr__(name: str) -> Any:
+    """`SETTINGS` and `KNOWN_KEYS`, made on first use (PEP 562): see `settings_table`."""
+    if name == "SETTINGS":
+        return settings_table()
+    if name == "KNOWN_KEYS":
+        return _known_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -430,8 +445,6 @@ class Settings:
     model: str
     seed: int
     aggregation: str
-    fedasync_alpha: float
-    fedasync_staleness: float
     min_clients: int
     round_timeout: float
     rounds: int
@@ -452,9 +465,18 @@ class Settings:
     tokens_file: Path
     client_token: str
     auth_reads: bool
+    # The rules' own settings (FEDPROX_MU, KRUM_F, ...) by lower-case key; read them
+    # as attributes, e.g. settings.krum_f.
+    rules: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Keys that were set explicitly (not defaulted); the client asks for its
     # range interactively only when CLIENT_SLICES was not given.
     explicit: frozenset[str] = frozenset()
+
+    def __getattr__(self, name: str) -> Any:
+        rules = self.__dict__.get("rules") or {}
+        if name in rules:
+            return rules[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def num_slices(self) -> int:
@@ -488,7 +510,7 @@ class Settings:
         """The resolved settings, JSON-friendly, as saved beside results."""
         out: dict[str, Any] = {}
         for field in dataclasses.fields(self):
-            if field.name == "explicit" or field.name.upper() in SECRET_KEYS:
+            if field.name in ("explicit", "rules") or field.name.upper() in SECRET_KEYS:
                 continue
             value = getattr(self, field.name)
             if isinstance(value, Path):
@@ -498,6 +520,7 @@ class Settings:
             elif isinstance(value, tuple):
                 value = list(value)
             out[field.name.upper()] = value
+        out.update({key.upper(): value for key, value in self.rules.items()})
         return out
 
 
@@ -509,12 +532,12 @@ def read_env_file(path: Path) -> dict[str, str]:
     for key in values:
         if key in RETIRED_KEYS:
             continue  # checked in load(), with the reason
-        if key not in KNOWN_KEYS and key not in COMPOSE_KEYS:
+        if key not in _known_keys() and key not in COMPOSE_KEYS:
             raise ConfigError(
                 key,
                 values[key],
                 f"unknown key in {path}; known keys: "
-                + ", ".join(sorted(KNOWN_KEYS | COMPOSE_KEYS)),
+                + ", ".join(sorted(_known_keys() | COMPOSE_KEYS)),
             )
     return values
 
@@ -534,7 +557,7 @@ def load(environ: Mapping[str, str] | None = None, env_file: Path | None = None)
 
     values: dict[str, Any] = {}
     explicit = set()
-    for setting in SETTINGS:
+    for setting in settings_table():
         if setting.key in environ:
             raw, origin = environ[setting.key], True
         elif setting.key in file_values:
@@ -562,13 +585,16 @@ def load(environ: Mapping[str, str] | None = None, env_file: Path | None = None)
         values["client_slices"] = parse_slices(raw_slices or DEFAULT_SLICES, num_slices)
     except ValueError as exc:
         raise ConfigError("CLIENT_SLICES", raw_slices, str(exc)) from None
-    settings = Settings(**values, explicit=frozenset(explicit))
+    rules = {key.lower(): values.pop(key.lower()) for key in sorted(_rule_keys())}
+    settings = Settings(**values, rules=rules, explicit=frozenset(explicit))
     _check_combinations(settings)
     return settings
 
 
 def _check_combinations(s: Settings) -> None:
     """Settings that are each valid but impossible together; the message says what to change."""
+    from fedsim.aggregator import strategies
+
     if s.partition == "shards":
         shards = s.num_clients * s.shards_per_client
         if shards > TRAIN_IMAGES or TRAIN_IMAGES % shards:
@@ -603,3 +629,4 @@ def _check_combinations(s: Settings) -> None:
             str(s.clients_per_round),
             f"more than the {s.logical_clients} logical clients ({where})",
         )
+    strategies.build(s)  # each rule checks its settings against the rest (Krum's n > 2f + 2)

@@ -30,7 +30,7 @@ def model_name(checkpoint: checkpoints.Checkpoint, fallback: str) -> str:
     name = checkpoint.metadata.get("model")
     if name in models.SHAPES:
         return name
-    layout = sorted(weights.layout_of(checkpoint.tensors))
+    layout = sorted(weights.layout_of(checkpoints.split(checkpoint.tensors)[0]))
     for candidate, shapes in models.SHAPES.items():
         if sorted(shapes) == layout:
             return candidate
@@ -137,8 +137,9 @@ def _main(argv: list[str] | None = None) -> int:
     model = models.build(
         name, seed=settings.seed, learning_rate=settings.learning_rate
     )  # no training
-    weights.validate(checkpoint.tensors, models.SHAPES[name])
-    models.set_weights(model, checkpoint.tensors)
+    tensors = checkpoints.split(checkpoint.tensors)[0]  # not the rule's server state
+    weights.validate(tensors, models.SHAPES[name])
+    models.set_weights(model, tensors)
     probabilities = model.predict(mnist.scale(images), batch_size=1000, verbose=0)
 
     report = score(np.asarray(probabilities), labels.astype(np.int64))

@@ -68,7 +68,7 @@ def _main() -> int:
                 f"holds checkpoints {existing[:3]} but none reads back whole; "
                 + _reset_hint(settings),
             )
-        if sorted(weights.layout_of(newest.tensors)) != sorted(layout):
+        if sorted(weights.layout_of(checkpoints.split(newest.tensors)[0])) != sorted(layout):
             raise config.ConfigError(
                 "MODEL",
                 settings.model,

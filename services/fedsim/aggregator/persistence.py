@@ -35,6 +35,7 @@ class Start:
     updates: int
     applied_ids: list[str]
     strategy_state: dict[str, Any] | None  # None: made by another rule, start it fresh
+    strategy_tensors: dict[str, Any]  # the rule's tensors ({} when made by another rule)
     tasks_state: dict[str, Any]
     manifest: dict[str, Any]
     clients: list[Client]
@@ -97,7 +98,7 @@ def load(settings: Settings, rule: str) -> Start:
     def fits(candidate: checkpoints.Checkpoint) -> None:
         """Skip a checkpoint of the right model whose tensors do not fit it."""
         if candidate.metadata.get("model", settings.model) == settings.model:
-            weights.validate(candidate.tensors, layout)
+            weights.validate(checkpoints.split(candidate.tensors)[0], layout)
 
     ckpt = checkpoints.load_newest(model_dir, check=fits)
     if ckpt is None:
@@ -111,8 +112,9 @@ def load(settings: Settings, rule: str) -> Start:
             f"checkpoint {ckpt.path} holds model {meta['model']!r} but MODEL={settings.model};"
             f" set MODEL={meta['model']}, or {_reset_hint(settings)}"
         )
+    model_tensors, rule_tensors = checkpoints.split(ckpt.tensors)
     try:
-        weights.validate(ckpt.tensors, SHAPES[settings.model])
+        weights.validate(model_tensors, SHAPES[settings.model])
     except weights.WeightsError as exc:
         raise StartupError(
             f"checkpoint {ckpt.path} does not fit MODEL={settings.model}: {exc.reason}"
@@ -139,7 +141,8 @@ def load(settings: Settings, rule: str) -> Start:
             "history: dropped %d entries of versions lost in a restart", len(entries) - len(kept)
         )
     return Start(
-        checkpoint=ckpt,
+        checkpoint=checkpoints.Checkpoint(ckpt.path, ckpt.version, model_tensors, ckpt.metadata),
+        strategy_tensors=rule_tensors if meta.get("strategy") == rule else {},
         samples=_int_meta(meta, "samples"),
         updates=_int_meta(meta, "updates"),
         applied_ids=[str(i) for i in applied],

@@ -92,9 +92,13 @@ class _SaveView:
     snapshot: Snapshot
     metadata: dict[str, object]
     updates_total: int
+    rule_tensors: dict[str, np.ndarray]  # the rule's server state, beside the model's
 
 
-def _queue(settings: Settings, clients: list[tasks.Client], mode: str, **kw: Any) -> tasks.Queue:
+def _queue(
+    settings: Settings, clients: list[tasks.Client], strategy: strategies.Strategy, **kw: Any
+) -> tasks.Queue:
+    mode = strategy.mode
     common = {
         "seed": settings.seed,
         "per_round": settings.per_round,
@@ -106,6 +110,7 @@ def _queue(settings: Settings, clients: list[tasks.Client], mode: str, **kw: Any
             "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate,
             "optimizer": settings.optimizer,
+            **strategy.client_settings(),  # e.g. FedProx's proximal_mu
         },
         **kw,
     }
@@ -137,11 +142,16 @@ class State:
         self.settings = settings
         self.layout = SHAPES[settings.model]
         self.strategy = strategies.build(settings)
-        if start.strategy_state:
-            try:
+        try:
+            if start.strategy_state:
                 self.strategy.load_state_dict(start.strategy_state)
-            except (ValueError, TypeError, KeyError) as exc:
-                raise StartupError(f"checkpoint has a bad strategy state: {exc}") from None
+            self.strategy.load_tensor_state(start.strategy_tensors)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StartupError(f"checkpoint has a bad strategy state: {exc}") from None
+        # Updates a buffering rule (fedbuff) took but has not applied yet, and the recent
+        # versions it may need as the base an update was trained from.
+        self._held: list[Update] = []
+        self._bases: OrderedDict[int, Snapshot] = OrderedDict()
         ckpt = start.checkpoint
         self.snapshot = Snapshot.of(ckpt.tensors, ckpt.version, start.samples, settings.model)
         self._clock, self._wall = clock, wall
@@ -153,7 +163,7 @@ class State:
         self.queue = _queue(
             settings,
             start.clients,
-            self.strategy.mode,
+            self.strategy,
             partition=self.manifest["settings"],
             clock=clock,
             wall=wall,
@@ -448,14 +458,26 @@ class State:
                     )
                     return Result(version, True, known[1])
             if self.strategy.mode == "async":
-                tensors = self.strategy.accept(update, self._global())
-                self._check_aggregate(tensors, [update])
-                self._apply(tensors, [update], now)
+                saved = self._rule_state()
+                base = self._base_of(update.base_version) if self.strategy.wants_base else None
+                tensors = self.strategy.accept(update, self._global(), base)
+                if tensors is not None:
+                    try:
+                        self._check_aggregate(tensors, [*self._held, update])
+                    except Refused:
+                        self._restore_rule(saved)
+                        raise
                 if update.task_id is not None:
                     self.queue.record_update(update.task_id, update.lease)
                     self._measure("task_finished", kind="train")
-                self._log_accepted(update)
-                self._after_version(None)
+                if tensors is None:
+                    self._hold(update, version)
+                else:
+                    held, self._held = self._held, []
+                    self._apply(tensors, [*held, update], now)
+                    self._log_accepted(update)
+                    self._after_version(None)
+                self._flush_if_done(now)
             else:
                 assert isinstance(self.queue, tasks.RoundQueue) and update.task_id is not None
                 self.queue.add_update(update.task_id, update, now)
@@ -480,6 +502,56 @@ class State:
                 self._close_round_if_due(now)
             known = self._applied.get(update.update_id)
             return Result(self.snapshot.version, False, known[1] if known else None)
+
+    def _rule_state(self) -> tuple[str, dict[str, np.ndarray]]:
+        """The rule's state as it is now, to restore when an aggregate is refused."""
+        return json.dumps(self.strategy.state_dict()), dict(self.strategy.tensor_state())
+
+    def _restore_rule(self, saved: tuple[str, dict[str, np.ndarray]]) -> None:
+        self.strategy.load_state_dict(json.loads(saved[0]))
+        self.strategy.load_tensor_state(saved[1])
+
+    def _base_of(self, version: int) -> Global | None:
+        """The version an update was trained from: in memory, else its checkpoint file
+        (after a restart), else None (the rule then measures from the current model)."""
+        snap = self._bases.get(version) or self.snapshot_of(version)
+        if snap is not None:
+            return Global(snap.tensors, snap.version, snap.samples)
+        path = checkpoints.path_for(self.settings.model_dir, version)
+        try:
+            ckpt = checkpoints.read(path)
+        except (OSError, weights.WeightsError):
+            return None
+        model = checkpoints.split(ckpt.tensors)[0]
+        return Global(model, ckpt.version, int(ckpt.metadata.get("samples", "0")))
+
+    def _hold(self, update: Update, version: int) -> None:
+        """A buffering rule took `update` without making a version yet. Caller holds _lock."""
+        self._held.append(update)
+        self._see_client(update, staleness=version - update.base_version)
+        log.info(
+            "accepted update from client %s (task %s): base v%d -> buffer (%d waiting), "
+            "%d samples, loss %s, accuracy %s",
+            update.client_id,
+            update.task_id or update.update_id,
+            update.base_version,
+            self.strategy.pending,
+            update.num_samples,
+            _metric(update.meta.get("loss")),
+            _metric(update.meta.get("accuracy")),
+        )
+
+    def _flush_if_done(self, now: float) -> None:
+        """At the end of the run, apply what a buffering rule still holds."""
+        if not (self.queue.training_done and self._held and self.strategy.pending):
+            return
+        tensors = self.strategy.flush(self._global())
+        if tensors is None:
+            return
+        held, self._held = self._held, []
+        self._apply(tensors, held, now)
+        log.info("the last %d buffered updates -> v%d", len(held), self.snapshot.version)
+        self._after_version(None)
 
     def _log_accepted(self, update: Update) -> None:
         where = f" slice {update.meta['slice']}" if "slice" in update.meta else ""
@@ -526,6 +598,10 @@ class State:
         self.snapshot = Snapshot.of(
             tensors, old.version + 1, old.samples + added, self.settings.model
         )
+        if getattr(self.strategy, "wants_base", False):  # only asynchronous rules have it
+            self._bases[old.version] = old
+            while len(self._bases) > MAX_WAITING_EVALUATIONS:
+                self._bases.popitem(last=False)
         self._changed_at = now
         stamp = _iso(self._wall())
         for u in updates:
@@ -573,10 +649,12 @@ class State:
         r = queue.close()
         updates = [r.updates[n] for n in r.sampled if n in r.updates]
         started = time.perf_counter()
-        tensors = self.strategy.aggregate(self._global(), updates)
+        saved = self._rule_state()
         try:
+            tensors = self.strategy.aggregate(self._global(), updates)
             self._check_aggregate(tensors, updates)
         except Refused as exc:
+            self._restore_rule(saved)  # no version, so the server optimizer does not move
             log.error("round %d produced no new version: %s", r.number, exc.reason)
             self._event("round", f"round {r.number} refused: {exc.reason}")
             return
@@ -713,7 +791,7 @@ class State:
             path = checkpoints.save(
                 self.settings.model_dir,
                 snap.version,
-                snap.tensors,
+                {**snap.tensors, **view.rule_tensors},
                 view.metadata,
                 keep=self.settings.keep_checkpoints,
             )
@@ -775,7 +853,11 @@ class State:
             "applied_ids": json.dumps(recent),
             "time": _iso(self._wall()),
         }
-        return _SaveView(snap, metadata, self._updates_total)
+        rule = {
+            checkpoints.STRATEGY_PREFIX + name: tensor
+            for name, tensor in self.strategy.tensor_state().items()
+        }
+        return _SaveView(snap, metadata, self._updates_total, rule)
 
     # --- status -------------------------------------------------------------------
 
@@ -806,7 +888,7 @@ class State:
                 "pending_updates": (
                     len(self.queue.round.updates)
                     if isinstance(self.queue, tasks.RoundQueue) and self.queue.round
-                    else 0
+                    else len(self._held)
                 ),
                 "unsaved_updates": self._updates_total - self._saved_updates,
                 # copies: JSON is made unlocked
@@ -863,6 +945,8 @@ class State:
                 state = "saved" if version <= self._saved_version else "applied"
                 return {"update_id": update_id, "state": state, "version": version, "seq": number}
             queue = self.queue
+            if any(u.update_id == update_id for u in self._held):
+                return {"update_id": update_id, "state": "pending", "version": None, "seq": None}
             if isinstance(queue, tasks.RoundQueue) and queue.is_done(update_id):
                 return {"update_id": update_id, "state": "pending", "version": None, "seq": None}
             if queue.is_done(update_id):
