@@ -22,7 +22,8 @@ DEFAULTS = {s.key: s.default for s in config.SETTINGS}
 # Fixed by compose.yaml inside the containers instead of read from .env: the
 # aggregator's service name on the Compose network and the two mount points.
 CONTAINER_VALUES = {
-    "AGGREGATOR_URL": "http://aggregator:8080",
+    "AGGREGATOR_URL": "http://proxy:8080",
+    "TLS_CA": "/certs/ca.pem",
     "DATA_DIR": "/data",
     "MODEL_DIR": "/models",
     "TOKENS_FILE": "/run/secrets/fedsim/tokens.json",
@@ -103,16 +104,23 @@ def test_compose_takes_values_from_env(compose):
     assert settings.max_retry == 7
 
 
-def test_compose_publishes_the_aggregator_port(compose):
-    aggregator = compose["services"]["aggregator"]
-    # On the host's loopback unless AGGREGATOR_HOST opens it.
-    assert aggregator["ports"] == ["${AGGREGATOR_HOST:-127.0.0.1}:${AGGREGATOR_PORT:-8080}:8080"]
-    assert aggregator["healthcheck"]["test"][-1].count("/healthz") == 1
+def test_compose_publishes_the_proxy_not_the_aggregator(compose):
+    services = compose["services"]
+    # The proxy is the front door, on the host's loopback unless AGGREGATOR_HOST opens it.
+    assert services["proxy"]["ports"] == [
+        "${AGGREGATOR_HOST:-127.0.0.1}:${AGGREGATOR_PORT:-8080}:8080"
+    ]
+    assert "ports" not in services["aggregator"] and services["aggregator"]["expose"] == ["8080"]
+    assert services["aggregator"]["healthcheck"]["test"][-1].count("/healthz") == 1
 
 
 def test_compose_clients_scale(compose):
     client = compose["services"]["client"]
     # A fixed name or a published port would stop `--scale client=N` at the second replica.
     assert "container_name" not in client and "ports" not in client
-    assert client["volumes"] == ["./data:/data:ro", "./secrets:/run/secrets/fedsim:ro"]
+    assert client["volumes"] == [
+        "./data:/data:ro",
+        "./secrets:/run/secrets/fedsim:ro",
+        "./certs:/certs:ro",
+    ]
     assert client["restart"].startswith("on-failure")

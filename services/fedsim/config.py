@@ -134,6 +134,10 @@ def _secret(raw: str) -> str:
     return value
 
 
+def _optional_path(raw: str) -> Path | None:
+    return Path(raw.strip()) if raw.strip() else None
+
+
 def _path(raw: str) -> Path:
     if not raw.strip():
         raise ValueError("a directory path")
@@ -370,6 +374,20 @@ _COMMON: tuple[Setting, ...] = (
         "scaled: the boost lambda of an attacker's update",
     ),
     Setting(
+        "TLS",
+        "false",
+        _bool,
+        "true: the proxy speaks HTTPS with the certificate from scripts/make-certs.sh, and"
+        " workers use https:// with AGGREGATOR_URL's host and port",
+    ),
+    Setting(
+        "TLS_CA",
+        "certs/ca.pem",
+        _optional_path,
+        "the CA workers check the proxy's certificate with over https:// (Compose:"
+        " /certs/ca.pem); empty: the system's CAs",
+    ),
+    Setting(
         "TOKENS_FILE",
         "secrets/tokens.json",
         _path,
@@ -462,6 +480,8 @@ class Settings:
     attack: str
     attackers: int
     attack_scale: float
+    tls: bool
+    tls_ca: Path | None
     tokens_file: Path
     client_token: str
     auth_reads: bool
@@ -572,6 +592,9 @@ def load(environ: Mapping[str, str] | None = None, env_file: Path | None = None)
             shown = "(hidden)" if setting.key in SECRET_KEYS else raw
             raise ConfigError(setting.key, shown, str(exc)) from None
 
+    if values["tls"] and values["aggregator_url"].startswith("http://"):
+        # TLS=true: the same host and port over HTTPS (Compose fixes http://proxy:8080).
+        values["aggregator_url"] = "https://" + values["aggregator_url"].removeprefix("http://")
     num_slices = TRAIN_IMAGES // values["num_images_train"]
     raw_slices = values["client_slices"]
     if raw_slices.strip() and values["partition"] != "slices":

@@ -24,8 +24,22 @@ def _main() -> int:
     typed = handstart.ask(settings, input, print) if sys.stdin.isatty() else None
     policy = transport.RetryPolicy(settings.max_retry, settings.max_wait)
     token = settings.client_token or tokens.workers_secret(settings.tokens_file)
+    verify: str | bool = True
+    if settings.aggregator_url.startswith("https://") and settings.tls_ca is not None:
+        if not settings.tls_ca.is_file():
+            raise config.ConfigError(
+                "TLS_CA",
+                str(settings.tls_ca),
+                "no such file: run scripts/make-certs.sh (or leave TLS_CA empty for the "
+                "system's CAs)",
+            )
+        verify = str(settings.tls_ca)
     link = transport.Transport(
-        settings.aggregator_url, policy=policy, timeout=settings.http_timeout, token=token
+        settings.aggregator_url,
+        policy=policy,
+        timeout=settings.http_timeout,
+        token=token,
+        verify=verify,
     )
     started = time.monotonic()
 

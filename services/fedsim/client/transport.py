@@ -134,6 +134,7 @@ class Transport:
         timeout: float,
         session: requests.Session | None = None,
         token: str = "",
+        verify: str | bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.policy = policy
@@ -141,6 +142,9 @@ class Transport:
         self.session = session or requests.Session()
         if token:  # every request carries it; the aggregator checks it on those that change state
             self.session.headers["Authorization"] = f"Bearer {token}"
+        # A CA file (TLS_CA) or True (the system's CAs), passed with each request: a
+        # Session's own `verify` loses to REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE (psf/requests#3829).
+        self.verify = verify
 
     def _call(
         self, method: str, path: str, *, attempts: int | None = None, **kwargs: Any
@@ -153,7 +157,12 @@ class Transport:
                 self.policy.pause()
             try:
                 response = self.session.request(
-                    method, self.base_url + path, timeout=self.timeout, stream=True, **kwargs
+                    method,
+                    self.base_url + path,
+                    timeout=self.timeout,
+                    stream=True,
+                    verify=self.verify,
+                    **kwargs,
                 )
                 _read_capped(response, MAX_RESPONSE_BYTES)
             except requests.RequestException as exc:
