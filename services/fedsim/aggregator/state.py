@@ -881,7 +881,8 @@ class State:
                     "rounds": s.rounds,
                     "clients_per_round": s.per_round,
                     "logical_clients": len(self._clients),
-                    "eval_every": s.evaluate_every,
+                    # Round rules score every round; asynchronous ones every EVAL_EVERY versions.
+                    "eval_every": 1 if self.strategy.mode == "rounds" else s.evaluate_every,
                     "task_timeout": s.task_timeout,
                 },
                 "updates": self._updates_total,
