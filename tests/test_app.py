@@ -1032,3 +1032,15 @@ def test_versions_waiting_for_a_score_are_bounded_in_memory(make_app, caplog) ->
     assert len(state_of(client.application)._kept) == MAX_WAITING_EVALUATIONS
     assert "evaluation of v0 skipped" in caplog.text
     assert client.get("/v1/model?version=1").status_code == 404
+
+
+def test_the_aggregator_refuses_a_plan_made_with_other_settings(make_settings, caplog) -> None:
+    made = make_settings(PARTITION="iid", NUM_CLIENTS=10)
+    write_v0(made.model_dir)
+    write_plan(made)
+    write_tokens(made)
+    settings = make_settings()  # the default: PARTITION=slices
+    with pytest.raises(SystemExit):
+        create_app({"TESTING": True, "FEDSIM_SETTINGS": settings, "FEDSIM_TICKER": False})
+    assert "does not match the settings: PARTITION is slices here, iid in" in caplog.text
+    assert "reset with `docker compose down -v`" in caplog.text
