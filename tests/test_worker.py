@@ -53,7 +53,7 @@ def run_workers(settings, adapter: InProcess, count: int) -> list[Worker]:
             settings,
             in_process_transport(adapter),
             lambda n: FakeLearner(),
-            uid=f"test-worker-{i}",
+            uid=f"host{i}-{100 + i}-ab",  # as new_worker_id makes them: host, pid, random
             sleep=quick_sleep,
         )
         for i in range(count)
@@ -357,3 +357,30 @@ def test_server_state_survives_hard_kills_bit_for_bit(make_settings, tmp_path, r
         finals.append({k: v for k, v in final.tensors.items() if not k.startswith("strategy/")})
     for name in finals[0]:
         np.testing.assert_array_equal(finals[0][name], finals[1][name])
+
+
+def test_a_worker_that_had_work_stays_to_take_over_from_one_that_dies(make_settings):
+    from fedsim.aggregator import tasks as tasks_module
+
+    clock = [0.0]
+    queue = tasks_module.SliceQueue(
+        [tasks_module.Client(1, 10, "x", (1, 2))],
+        seed=1,
+        per_round=1,
+        rounds=1,
+        task_timeout=60,
+        training={},
+        partition={},
+        clock=lambda: clock[0],
+        wall=lambda: 0.0,
+    )
+    offer, _ = queue.ask("hostA-1-aa", 0)
+    assert offer.task["id"] == "c1.s1"
+    # A second host never had work while A trains: it may leave.
+    assert queue.ask("hostB-2-bb", 0)[0].surplus
+    # A is killed and its container comes back under a new id: it waits, and takes the
+    # slice over once the dead lease runs out.
+    reborn, _ = queue.ask("hostA-7-cc", 0)
+    assert reborn.task is None and not reborn.surplus
+    clock[0] = 61
+    assert queue.ask("hostA-7-cc", 0)[0].task["id"] == "c1.s1"

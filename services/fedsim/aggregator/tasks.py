@@ -39,7 +39,8 @@ from fedsim.aggregator.strategies import Refused
 
 WORKER_LIVE_SECONDS = 60.0  # a worker not heard from for this long is no longer counted
 MAX_WORKERS = 10_000  # worker records kept; the least recently seen go first
-_TASK = re.compile(r"^(?:c(\d+)\.s(\d+)|u(\d+)\.c(\d+)|r(\d+)\.c(\d+)|eval\.v(\d+))$")
+_N = r"(0|[1-9][0-9]*)"  # ASCII, no leading zeros: one spelling per task id
+_TASK = re.compile(rf"^(?:c{_N}\.s{_N}|u{_N}\.c{_N}|r{_N}\.c{_N}|eval\.v{_N})$")
 
 
 def _iso(ts: float) -> str:
@@ -80,6 +81,7 @@ class Worker:
     client: str | None = None
     tasks_done: int = 0
     retries: int = 0
+    tasks_taken: int = 0  # leases received, done or not
 
 
 @dataclass(frozen=True)
@@ -125,11 +127,12 @@ def _ranges(numbers: Sequence[int]) -> str:
     return ",".join(out)
 
 
-def _unranges(text: str) -> set[int]:
+def _unranges(text: str, limit: int) -> set[int]:
+    """The numbers of `_ranges(...)` up to `limit` (a range past it is clamped first)."""
     out: set[int] = set()
     for part in filter(None, text.split(",")):
         lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
+        out.update(range(int(lo), min(int(hi or lo), limit) + 1))
     return out
 
 
@@ -200,6 +203,7 @@ class Queue:
         token = secrets.token_hex(8)
         self.leases[task_id] = Lease(token, worker.name, now + self.task_timeout)
         worker.task = task_id
+        worker.tasks_taken += 1
         return token
 
     def _check_lease(self, task_id: str, lease: str) -> None:
@@ -236,7 +240,7 @@ class Queue:
                 worker.client = None
                 task = {"id": task_id, "lease": lease, "kind": "evaluate", "version": v}
                 return Offer(self._stamp(task, worker)), worker
-        offer = self._training(worker, version, now)
+        offer = self._training(worker, version, now, uid)
         if offer.task is not None:
             offer.task.update(self._stamp(offer.task, worker))
         return offer, worker
@@ -267,7 +271,7 @@ class Queue:
             **extra,
         }
 
-    def _training(self, worker: Worker, version: int, now: float) -> Offer:
+    def _training(self, worker: Worker, version: int, now: float, uid: str) -> Offer:
         raise NotImplementedError
 
     # --- results ----------------------------------------------------------------------
@@ -439,7 +443,7 @@ class SliceQueue(Queue):
     def training_done(self) -> bool:
         return all(self.done[n] == len(c.slice_numbers) for n, c in self.clients.items())
 
-    def _training(self, worker: Worker, version: int, now: float) -> Offer:
+    def _training(self, worker: Worker, version: int, now: float, uid: str) -> Offer:
         live = {w.name for w in self.workers.values() if now - w.last_seen < self.task_timeout}
         waiting = [
             c
@@ -453,12 +457,7 @@ class SliceQueue(Queue):
         if pick is None:
             if self.training_done:
                 return Offer(None, finished=not self.evals, reason="evaluating the last version")
-            held = any(
-                self.owner.get(c.number) == worker.name
-                for c in self.clients.values()
-                if self.done[c.number] < len(c.slice_numbers)
-            )
-            if not held and not self.evals:
+            if self._surplus(worker, uid):
                 return Offer(
                     None,
                     surplus=True,
@@ -479,6 +478,19 @@ class SliceQueue(Queue):
             round=None,
         )
         return Offer(task)
+
+    def _surplus(self, worker: Worker, uid: str) -> bool:
+        """Whether this worker can leave: it never had work, and it is not a worker that
+        came back (the same host) to take over what its earlier life held. A worker that
+        has had work stays until the run is finished: another may die and leave its
+        client to it (its lease runs out after TASK_TIMEOUT)."""
+        if worker.tasks_taken or self.evals:
+            return False
+        host = uid.rsplit("-", 2)[0]
+        return not any(
+            other.rsplit("-", 2)[0] == host and record is not worker
+            for other, record in self.workers.items()
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"slices_done": {str(n): d for n, d in self.done.items()}}
@@ -527,7 +539,7 @@ class SampledQueue(Queue):
     def training_done(self) -> bool:
         return len(self.done_numbers) >= self.total
 
-    def _training(self, worker: Worker, version: int, now: float) -> Offer:
+    def _training(self, worker: Worker, version: int, now: float, uid: str) -> Offer:
         for n in range(1, self.total + 1):
             if n in self.done_numbers:
                 continue
@@ -546,9 +558,7 @@ class SampledQueue(Queue):
         return {"updates_done": _ranges(sorted(self.done_numbers))}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.done_numbers = {
-            n for n in _unranges(str(state.get("updates_done", ""))) if n <= self.total
-        }
+        self.done_numbers = _unranges(str(state.get("updates_done", "")), self.total)
 
 
 @dataclass
@@ -667,7 +677,7 @@ class RoundQueue(Queue):
     def training_done(self) -> bool:
         return self.rounds_done >= self.rounds
 
-    def _training(self, worker: Worker, version: int, now: float) -> Offer:
+    def _training(self, worker: Worker, version: int, now: float, uid: str) -> Offer:
         r = self.open_round(version)
         if r is None:
             return Offer(None, finished=not self.evals, reason="evaluating the last version")
