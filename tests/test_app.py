@@ -1044,3 +1044,58 @@ def test_the_aggregator_refuses_a_plan_made_with_other_settings(make_settings, c
         create_app({"TESTING": True, "FEDSIM_SETTINGS": settings, "FEDSIM_TICKER": False})
     assert "does not match the settings: PARTITION is slices here, iid in" in caplog.text
     assert "reset with `docker compose down -v`" in caplog.text
+
+
+# --- what a review of the rules and the queue found -----------------------------------
+
+
+def test_a_buffered_update_sent_twice_counts_once(make_app) -> None:
+    client = make_app(AGGREGATION="fedbuff", FEDBUFF_K=5).test_client()
+    body = upload(1.0, update_id="held-1", num_samples=10)
+    assert post(client, body).get_json()["duplicate"] is False
+    assert post(client, body).get_json()["duplicate"] is True
+    status = client.get("/v1/status").get_json()
+    assert status["pending_updates"] == 1 and status["version"] == 0
+    assert lookup(client, "held-1").get_json()["state"] == "pending"
+
+
+def test_huge_weights_are_refused_before_any_rule_sees_them(client) -> None:
+    before = served(client)
+    big = tensors("mlp", 3e38)
+    response = post(client, upload(tensors_=big))
+    assert response.status_code == 422 and "beyond 1e+06" in response.get_json()["detail"]
+    assert served(client) == before
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/model?version=\u00b2", None),
+        (
+            "/v1/evaluations",
+            b'{"worker": "w", "task": "eval.v0", "lease": "ab", "accuracy": 1'
+            + b"0" * 400
+            + b', "loss": 1}',
+        ),
+    ],
+)
+def test_odd_numbers_are_400_not_500(client, path: str, body: bytes | None) -> None:
+    if body is None:
+        response = client.get(path)
+    else:
+        response = client.post(path, data=body, content_type="application/json")
+    assert response.status_code == 400
+
+
+def test_another_rule_on_the_same_models_starts_its_work_afresh(make_app) -> None:
+    first = make_app(SAVE_MODEL=1).test_client()
+    ask(first)  # the evaluation of version 0
+    task = ask(first)["task"]
+    assert post(first, answer(task, 1.0)).status_code == 200
+    # The same MODEL_DIR under fedasync: the model is kept, the task ids are this run's own.
+    again = make_app(SAVE_MODEL=1, AGGREGATION="fedasync").test_client()
+    ask(again)
+    retaken = ask(again)["task"]
+    assert retaken["id"] == task["id"]
+    response = post(again, answer(retaken, 2.0))
+    assert response.get_json()["duplicate"] is False

@@ -23,6 +23,7 @@ import re
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -74,11 +75,24 @@ stackfile = _load_stackfile()
 
 def compose_config(**swarm: object) -> dict:
     """A config as `docker compose config --format json` prints compose.yaml + stack.yaml."""
-    settings = {"SEED": "42", "MNIST_MIRRORS": "http://a/ http://b/", "PRICE": "5$$"}
+    settings = {
+        "SEED": "42",
+        "MNIST_MIRRORS": "http://a/ http://b/",
+        "PRICE": "5$$",
+        "TLS_CA": "/certs/ca.pem",
+        "TOKENS_FILE": "/run/secrets/fedsim/tokens.json",
+    }
+    x_swarm = {
+        "stack": "fedsim",
+        "workers": "",
+        "registry": "",
+        "jobs": ["prepare"],
+        "secrets": ["/run/secrets/fedsim", "/certs"],
+    }
     return {
         "name": "fedsim",
         "x-settings": settings,
-        "x-swarm": {"stack": "fedsim", "workers": "", "registry": "", "jobs": ["prepare"]} | swarm,
+        "x-swarm": x_swarm | swarm,
         "networks": {"default": {"name": "fedsim_default", "ipam": {}}},
         "volumes": {"models": {"name": "fedsim_models"}},
         "services": {
@@ -106,8 +120,18 @@ def compose_config(**swarm: object) -> dict:
                 "depends_on": {"prepare": {"condition": "service_completed_successfully"}},
                 "deploy": {"replicas": 1, "endpoint_mode": "dnsrr"},
                 "environment": settings,
+                "expose": ["8080"],
                 "image": "fedsim-aggregator:latest",
                 "networks": {"default": None},
+                "restart": "unless-stopped",
+                "stop_grace_period": "30s",
+                "volumes": [
+                    {"type": "volume", "source": "models", "target": "/models", "volume": {}}
+                ],
+            },
+            "proxy": {
+                "environment": {"TLS": "false", "MAX_UPDATE_BYTES": "16777216"},
+                "image": "fedsim-proxy:latest",
                 "ports": [
                     {
                         "mode": "ingress",
@@ -117,10 +141,14 @@ def compose_config(**swarm: object) -> dict:
                         "protocol": "tcp",
                     }
                 ],
-                "restart": "unless-stopped",
-                "stop_grace_period": "30s",
                 "volumes": [
-                    {"type": "volume", "source": "models", "target": "/models", "volume": {}}
+                    {
+                        "type": "bind",
+                        "source": "/p/certs",
+                        "target": "/certs",
+                        "read_only": True,
+                        "bind": {"create_host_path": True},
+                    }
                 ],
             },
             "client": {
@@ -160,13 +188,13 @@ def test_stack_keeps_long_running_services_in_the_form_swarm_reads():
 
     stack = stackfile.stack_file(compose_config(), warn=warnings.append)
 
-    assert set(stack["services"]) == {"aggregator", "client"}  # no job, no profile
+    assert set(stack["services"]) == {"aggregator", "proxy", "client"}  # no job, no profile
     aggregator, client = stack["services"]["aggregator"], stack["services"]["client"]
     for service in (aggregator, client):
-        assert not {"build", "restart", "depends_on", "pull_policy"} & set(service)
+        assert not {"build", "restart", "depends_on", "pull_policy", "expose"} & set(service)
         assert service["environment"]["PRICE"] == "5$$"  # stack deploy interpolates it
     assert "command" not in aggregator  # null in the config
-    assert aggregator["ports"] == [
+    assert stack["services"]["proxy"]["ports"] == [
         {"target": 8080, "protocol": "tcp", "mode": "host", "published": 18080}
     ]
     assert aggregator["deploy"] == {"replicas": 1, "endpoint_mode": "dnsrr"}
@@ -174,14 +202,18 @@ def test_stack_keeps_long_running_services_in_the_form_swarm_reads():
         {"type": "bind", "source": "/p/data", "target": "/data", "read_only": True}
     ]
     assert client["deploy"]["replicas"] == 3 and client["init"] is True
-    assert stack["networks"] == {"default": {"driver": "overlay"}}
+    assert stack["networks"] == {"default": {"driver": "overlay", "name": "fedsim_overlay"}}
     assert stack["volumes"] == {"models": {}}  # the stack names it <stack>_models
-    assert warnings == []
+    # ./certs (for TLS=true) has not been made: the proxy mounts nothing there.
+    assert "volumes" not in stack["services"]["proxy"]
+    assert "secrets" not in stack["services"]["proxy"]
+    assert warnings == ["/p/certs does not exist: nothing mounted at /certs"]
 
 
 def test_stack_takes_workers_and_registry_and_names_what_it_leaves_out():
     config = compose_config(workers="5", registry="10.0.0.5:5000/")
     config["services"]["client"]["cpus"] = 0.5
+    del config["services"]["proxy"]["volumes"]
     warnings: list[str] = []
 
     stack = stackfile.stack_file(config, warn=warnings.append)
@@ -194,6 +226,7 @@ def test_stack_takes_workers_and_registry_and_names_what_it_leaves_out():
     assert stackfile.get(config, "images").splitlines() == [
         "fedsim-aggregator:latest 10.0.0.5:5000/fedsim-aggregator:latest",
         "fedsim-client:latest 10.0.0.5:5000/fedsim-client:latest",
+        "fedsim-proxy:latest 10.0.0.5:5000/fedsim-proxy:latest",
     ]
 
 
@@ -257,11 +290,19 @@ def test_a_read_only_secrets_folder_becomes_one_swarm_secret_per_file(tmp_path):
     assert set(stackfile.stack_file(config)["secrets"]) != {key}
 
 
-def test_a_secrets_folder_that_prepare_has_not_written_is_named(tmp_path):
-    config = compose_config()
-    config["services"]["client"]["volumes"].append(_secrets_mount(tmp_path / "secrets"))
-    with pytest.raises(stackfile.StackError, match="secrets \\(mounted at /run/secrets/fedsim\\)"):
-        stackfile.stack_file(config)
+def test_only_the_listed_read_only_folders_become_secrets(tmp_path):
+    folder = tmp_path / "secrets"
+    folder.mkdir()
+    (folder / "tokens.json").write_text("{}")
+    config = compose_config(secrets=["/certs"])
+    config["services"]["client"]["volumes"].append(_secrets_mount(folder))
+    writable = compose_config()
+    writable["services"]["client"]["volumes"].append({**_secrets_mount(folder), "read_only": False})
+
+    for cfg in (config, writable):
+        client = stackfile.stack_file(cfg)["services"]["client"]
+        assert "secrets" not in client
+        assert any(v["target"] == "/run/secrets/fedsim" for v in client["volumes"])
 
 
 def test_run_args_mount_the_stacks_volume_for_a_job_on_this_node():
@@ -295,10 +336,24 @@ def test_run_args_create_a_missing_bind_folder_as_compose_would(tmp_path):
     assert f"type=bind,source={tmp_path / 'secrets'},target=/run/secrets/fedsim" in args
 
 
-def test_get_port_volume_and_unknown_key():
+def test_get_port_url_ca_tokens_volume_and_unknown_key():
     config = compose_config(stack="lab1")
+    for name in ("client", "proxy"):
+        config["services"][name]["volumes"].append(
+            {"type": "bind", "source": "/p/certs", "target": "/certs", "read_only": True}
+        )
+    config["services"]["client"]["volumes"].append(_secrets_mount(Path("/p/secrets")))
     assert stackfile.get(config, "port") == "18080"
+    assert stackfile.get(config, "url") == "http://127.0.0.1:18080"
+    assert stackfile.get(config, "ca") == ""
+    assert stackfile.get(config, "tokens") == "/p/secrets/tokens.json"
     assert stackfile.get(config, "volume") == "lab1_models"
+    config["services"]["proxy"]["environment"]["TLS"] = "True"
+    assert stackfile.get(config, "url") == "https://127.0.0.1:18080"
+    assert stackfile.get(config, "ca") == "/p/certs/ca.pem"
+    del config["services"]["proxy"]["ports"]
+    with pytest.raises(stackfile.StackError, match="no service publishes the aggregator's API"):
+        stackfile.get(config, "url")
     with pytest.raises(stackfile.StackError, match="unknown key 'nodes'"):
         stackfile.get(config, "nodes")
 
@@ -361,6 +416,7 @@ class Stack:
         self.folder = folder
         self.name = f"fedsimtest-{secrets.token_hex(4)}"
         self.port = _free_port()
+        self.settings = settings
         for name in PROJECT_FILES:
             source = ROOT / name
             if source.is_dir():
@@ -401,8 +457,13 @@ class Stack:
         return done
 
     def status(self) -> dict:
-        url = f"http://127.0.0.1:{self.port}/v1/status"
-        with urllib.request.urlopen(url, timeout=10) as response:
+        """GET /v1/status through the proxy (HTTPS, checked with ./certs/ca.pem, with TLS)."""
+        if self.settings.get("TLS") == "true":
+            context = ssl.create_default_context(cafile=self.folder / "certs" / "ca.pem")
+            url = f"https://127.0.0.1:{self.port}/v1/status"
+        else:
+            context, url = None, f"http://127.0.0.1:{self.port}/v1/status"
+        with urllib.request.urlopen(url, timeout=10, context=context) as response:
             return json.load(response)
 
     def wait_status(self, done, what: str, timeout: float = RUN_TIMEOUT) -> dict:
@@ -527,7 +588,7 @@ def test_swarm_run_scales_evaluates_and_goes_down(stack, mnist_dir):
     assert f"stack {s.name} removed, with its volume {s.name}_models" in down.stdout, down.stdout
     label = f"label=com.docker.stack.namespace={s.name}"
     assert _docker("ps", "-aq", "--filter", label).strip() == ""
-    assert _docker("network", "ls", "-q", "--filter", f"name={s.name}_default").strip() == ""
+    assert _docker("network", "ls", "-q", "--filter", f"name={s.name}_overlay").strip() == ""
     assert _docker("volume", "ls", "-q", "--filter", f"name={s.name}_models").strip() == ""
 
 
@@ -536,9 +597,9 @@ def test_bad_settings_stop_up_before_anything_is_deployed(stack):
     s = stack({**SMALL, "WORKERS": "zero"})
     result = s.swarm_sh("up", "--no-build", check=False)
     assert result.returncode != 0
-    assert result.stdout.strip() == (
-        "swarm: error: invalid setting WORKERS='zero': an integer >= 1"
-    ), result.stdout
+    assert result.stdout.strip() == "swarm.sh: invalid setting WORKERS='zero': an integer >= 1", (
+        result.stdout
+    )
 
     # A bad fedsim setting stops prepare, with fedsim's own line, before the deploy.
     s = stack({**SMALL, "MAX_RETRY": "zero"})
@@ -738,11 +799,15 @@ def _task_nodes(stack_name: str, service: str) -> list[tuple[str, str, str]]:
 def test_two_nodes_workers_pull_from_the_registry_and_train_across_nodes(
     second_node, stack, mnist_dir
 ):
-    s = stack({**SMALL, "WORKERS": "2", "REGISTRY": second_node.registry})
+    # With TLS: the certificates reach the second node as Swarm secrets, and its
+    # worker checks the proxy's certificate with the CA.
+    s = stack({**SMALL, "WORKERS": "2", "REGISTRY": second_node.registry, "TLS": "true"})
     s.add_mnist(mnist_dir)
+    subprocess.run(["scripts/make-certs.sh"], cwd=s.folder, check=True, capture_output=True)
 
     up = s.swarm_sh("up")
     assert f"pushing {second_node.registry}/fedsim-client:latest" in up.stdout, up.stdout
+    assert f"aggregator healthy at https://127.0.0.1:{s.port}/" in up.stdout, up.stdout
     status = s.wait_status(lambda st: st["finished"], "the end of the run")
     s.wait_workers_done(2)
 
@@ -772,6 +837,17 @@ def test_two_nodes_workers_pull_from_the_registry_and_train_across_nodes(
     )
 
     t0 = time.monotonic()
-    down = s.swarm_sh("down", "--volumes", timeout=300)
+    down = s.swarm_sh("down", "--volumes", check=False, timeout=300)
     print(f"down took {time.monotonic() - t0:.1f}s: {down.stdout}")
+    if down.returncode != 0:
+        state = {
+            "node ls": _docker("node", "ls", check=False),
+            "stack ps": _docker("stack", "ps", s.name, check=False),
+            "ps here": _docker("ps", "-a", check=False),
+            "ps there": second_node.docker("ps", "-a", check=False),
+            "networks here": _docker("network", "ls", check=False),
+            "networks there": second_node.docker("network", "ls", check=False),
+            "network": _docker("network", "inspect", f"{s.name}_overlay", check=False),
+        }
+        raise AssertionError(down.stdout + "\n".join(f"--- {k}\n{v}" for k, v in state.items()))
     assert f"stack {s.name} removed, with its volume" in down.stdout, down.stdout

@@ -384,3 +384,9 @@ def test_a_worker_that_had_work_stays_to_take_over_from_one_that_dies(make_setti
     assert reborn.task is None and not reborn.surplus
     clock[0] = 61
     assert queue.ask("hostA-7-cc", 0)[0].task["id"] == "c1.s1"
+
+
+def test_an_entry_after_a_torn_line_starts_a_line_of_its_own(tmp_path):
+    (tmp_path / history.FILE).write_text('{"version": 0, "accuracy": 0.1, "loss": 2.3}\n{"versi')
+    history.append(tmp_path, {"version": 1, "accuracy": 0.5, "loss": 1.0})
+    assert [e["version"] for e in history.read(tmp_path)] == [0, 1]

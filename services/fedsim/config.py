@@ -83,6 +83,20 @@ def _float(lo: float, *, strict: bool) -> Callable[[str], float]:
     return parse
 
 
+def _float_between(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        allowed = f"a number > {lo:g} and <= {hi:g}"
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(allowed) from None
+        if not lo < value <= hi:  # also false for nan
+            raise ValueError(allowed)
+        return value
+
+    return parse
+
+
 def _fraction(raw: str) -> float:
     allowed = "a number > 0 and <= 1"
     try:
@@ -370,7 +384,7 @@ _COMMON: tuple[Setting, ...] = (
     Setting(
         "ATTACK_SCALE",
         "10",
-        _float(0, strict=True),
+        _float_between(0, 1000),
         "scaled: the boost lambda of an attacker's update",
     ),
     Setting(

@@ -143,7 +143,7 @@ def model() -> Response:
     snap = state.poll()
     raw = request.args.get("version")
     if raw is not None:
-        wanted = int(raw) if raw.isdigit() and len(raw) <= 18 else -1
+        wanted = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else -1
         if wanted < 0:
             return error(400, "bad_version", f"version must be an integer >= 0, got {raw[:40]!r}")
         kept = state.snapshot_of(wanted)
@@ -217,6 +217,12 @@ def evaluation() -> Response:
             value = body.get(key)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise _BadRequest("bad_metrics", f"{key} must be a number")
+            try:
+                value = float(value)  # a JSON integer of 400 digits overflows here
+            except OverflowError:
+                raise _BadRequest(
+                    "bad_metrics", f"{key} must be a number from 0 to {hi:g}"
+                ) from None
             if not math.isfinite(value) or not 0 <= value <= hi:
                 raise _BadRequest("bad_metrics", f"{key} must be a number from 0 to {hi:g}")
             scores[key] = float(value)

@@ -77,7 +77,11 @@ def read(model_dir: Path) -> list[dict[str, Any]]:
 def append(model_dir: Path, entry: Mapping[str, Any]) -> None:
     """Add one entry durably (append, flush, fsync)."""
     line = json.dumps(dict(entry), separators=(",", ":")) + "\n"
-    with open(path_in(model_dir), "a", encoding="utf-8") as out:
+    path = path_in(model_dir)
+    # After a torn last line (a crash mid-append), start on a line of our own.
+    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        line = "\n" + line
+    with open(path, "a", encoding="utf-8") as out:
         out.write(line)
         out.flush()
         os.fsync(out.fileno())

@@ -24,6 +24,15 @@ from fedsim.models import SHAPES
 log = logging.getLogger("fedsim.aggregator")
 
 
+# Metadata a checkpoint keeps as JSON, and the type each must have.
+JSON_METADATA = {
+    "strategy_state": dict,
+    "tasks_state": dict,
+    "applied_ids": list,
+    "held": list,
+}
+
+
 class StartupError(RuntimeError):
     """The aggregator cannot start from what is in MODEL_DIR."""
 
@@ -36,6 +45,7 @@ class Start:
     applied_ids: list[str]
     strategy_state: dict[str, Any] | None  # None: made by another rule, start it fresh
     strategy_tensors: dict[str, Any]  # the rule's tensors ({} when made by another rule)
+    held: list[tuple[str, str, int, int, str | None]]  # updates in the rule's saved buffer
     tasks_state: dict[str, Any]
     manifest: dict[str, Any]
     clients: list[Client]
@@ -96,9 +106,18 @@ def load(settings: Settings, rule: str) -> Start:
     layout = SHAPES[settings.model]
 
     def fits(candidate: checkpoints.Checkpoint) -> None:
-        """Skip a checkpoint of the right model whose tensors do not fit it."""
+        """Skip a checkpoint whose tensors do not fit its model, or whose saved progress
+        does not read back: starting from no progress would train and count it all again."""
         if candidate.metadata.get("model", settings.model) == settings.model:
             weights.validate(checkpoints.split(candidate.tensors)[0], layout)
+        for key, kind in JSON_METADATA.items():
+            if key in candidate.metadata:
+                try:
+                    value = json.loads(candidate.metadata[key])
+                except (ValueError, RecursionError):
+                    value = None
+                if not isinstance(value, kind):
+                    raise weights.WeightsError(422, f"metadata {key} is not a JSON {kind.__name__}")
 
     ckpt = checkpoints.load_newest(model_dir, check=fits)
     if ckpt is None:
@@ -128,9 +147,18 @@ def load(settings: Settings, rule: str) -> Start:
             "checkpoint was made by %s; %s starts fresh from its weights", meta["strategy"], rule
         )
     tasks_state = _json_meta(meta, "tasks_state", {}) if meta.get("strategy") == rule else {}
-    applied = _json_meta(meta, "applied_ids", [])
-    if not isinstance(applied, list):
-        applied = []
+    same_rule = meta.get("strategy") == rule
+    # Update ids and the queue's progress go together: another rule starts both afresh
+    # (the same task ids name its new work).
+    applied = _json_meta(meta, "applied_ids", []) if same_rule else []
+    held = _json_meta(meta, "held", []) if same_rule else []
+    try:
+        held = [
+            (str(i), str(c), int(n), int(b), None if t is None else str(t))
+            for i, c, n, b, t in held
+        ]
+    except (TypeError, ValueError):
+        raise StartupError(f"checkpoint {ckpt.path} has a malformed held list") from None
     # Versions above the checkpoint's were lost with the process that made them; their
     # numbers will be made again from other weights, so their scores no longer apply.
     entries = history.read(model_dir)
@@ -143,6 +171,7 @@ def load(settings: Settings, rule: str) -> Start:
     return Start(
         checkpoint=checkpoints.Checkpoint(ckpt.path, ckpt.version, model_tensors, ckpt.metadata),
         strategy_tensors=rule_tensors if meta.get("strategy") == rule else {},
+        held=held,
         samples=_int_meta(meta, "samples"),
         updates=_int_meta(meta, "updates"),
         applied_ids=[str(i) for i in applied],

@@ -15,6 +15,7 @@ update_id, as before tasks existed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from fedsim import checkpoints, weights
-from fedsim.aggregator import history, persistence, strategies, tasks
+from fedsim.aggregator import history, persistence, strategies, tasks, uploads
 from fedsim.aggregator.persistence import StartupError
 from fedsim.aggregator.strategies import Global, Refused, Update
 from fedsim.config import Settings
@@ -46,7 +47,7 @@ SAVED_IDS_BYTES = 24_000  # and at most this much JSON: a checkpoint header must
 HISTORY = 20  # recent aggregated updates shown by /v1/status
 EVENTS = 50  # recent events shown by /v1/status and the dashboard
 MAX_CLIENTS_SHOWN = 1000  # hand-started clients remembered for /v1/status
-MAX_WEIGHT = 1e6  # a global weight beyond this is an exploding model, never published
+MAX_WEIGHT = uploads.MAX_WEIGHT  # a global weight beyond this is never published
 MAX_WAITING_EVALUATIONS = 8  # versions kept in memory until a worker scores them
 
 
@@ -150,7 +151,11 @@ class State:
             raise StartupError(f"checkpoint has a bad strategy state: {exc}") from None
         # Updates a buffering rule (fedbuff) took but has not applied yet, and the recent
         # versions it may need as the base an update was trained from.
-        self._held: list[Update] = []
+        self._held: list[Update] = [
+            Update(client, update_id, base, samples, {}, {}, task)
+            for update_id, client, samples, base, task in start.held
+        ]
+        self._held_changed = False
         self._bases: OrderedDict[int, Snapshot] = OrderedDict()
         ckpt = start.checkpoint
         self.snapshot = Snapshot.of(ckpt.tensors, ckpt.version, start.samples, settings.model)
@@ -351,7 +356,14 @@ class State:
             }
             if self.attackers:
                 entry["attackers"] = [c for c in entry["clients"] if c in self.attackers]
-            history.append(self.settings.model_dir, entry)
+            try:
+                history.append(self.settings.model_dir, entry)
+            except OSError as exc:
+                raise Refused(
+                    "unavailable",
+                    f"the history cannot be written ({exc.strerror or exc}); try again later",
+                    status=503,
+                ) from None
             self._history = [e for e in self._history if e["version"] != version] + [entry]
             self._history.sort(key=lambda e: e["version"])
             self.queue.record_evaluation(task_id, lease, version)
@@ -442,6 +454,13 @@ class State:
                     )
                     return Result(version, True, known[1] if known else None)
             else:
+                if update.num_samples > self.settings.num_images_train:
+                    raise Refused(
+                        "bad_num_samples",
+                        f"num_samples={update.num_samples}: an update without a task is one "
+                        f"slice, at most NUM_IMAGES_TRAIN={self.settings.num_images_train}",
+                        status=422,
+                    )
                 if self.strategy.mode != "async":
                     raise Refused(
                         "no_task",
@@ -449,24 +468,28 @@ class State:
                         "tasks count; start a worker instead of a client with its own range",
                     )
                 known = self._applied.get(update.update_id)
-                if known is not None:
+                if known is not None or any(u.update_id == update.update_id for u in self._held):
                     self._measure("duplicate")
                     log.info(
                         "duplicate update %s from client %s acknowledged, not aggregated again",
                         update.update_id,
                         update.client_id,
                     )
-                    return Result(version, True, known[1])
+                    return Result(version, True, known[1] if known else None)
             if self.strategy.mode == "async":
                 saved = self._rule_state()
                 base = self._base_of(update.base_version) if self.strategy.wants_base else None
                 tensors = self.strategy.accept(update, self._global(), base)
-                if tensors is not None:
-                    try:
+                try:
+                    if tensors is not None:
                         self._check_aggregate(tensors, [*self._held, update])
-                    except Refused:
-                        self._restore_rule(saved)
-                        raise
+                    self._check_rule_state([*self._held, update])
+                except Refused:
+                    self._restore_rule(saved)
+                    if update.task_id is not None:
+                        # The task is spent: handing it out again would make the same update.
+                        self.queue.record_update(update.task_id, update.lease)
+                    raise
                 if update.task_id is not None:
                     self.queue.record_update(update.task_id, update.lease)
                     self._measure("task_finished", kind="train")
@@ -527,7 +550,10 @@ class State:
 
     def _hold(self, update: Update, version: int) -> None:
         """A buffering rule took `update` without making a version yet. Caller holds _lock."""
-        self._held.append(update)
+        # Only what accounting needs is kept: the rule has folded the tensors in already.
+        self._held.append(dataclasses.replace(update, tensors={}))
+        self._held_changed = True
+        self._changed_at = self._clock()
         self._see_client(update, staleness=version - update.base_version)
         log.info(
             "accepted update from client %s (task %s): base v%d -> buffer (%d waiting), "
@@ -545,8 +571,16 @@ class State:
         """At the end of the run, apply what a buffering rule still holds."""
         if not (self.queue.training_done and self._held and self.strategy.pending):
             return
+        saved = self._rule_state()
         tensors = self.strategy.flush(self._global())
         if tensors is None:
+            return
+        try:
+            self._check_aggregate(tensors, self._held)
+        except Refused:
+            self._restore_rule(saved)
+            log.error("the last %d buffered updates were refused: no new version", len(self._held))
+            self._held = []
             return
         held, self._held = self._held, []
         self._apply(tensors, held, now)
@@ -589,6 +623,18 @@ class State:
                     "bad_aggregate",
                     f"aggregating this update would make tensor {name} non-finite or larger "
                     f"than {MAX_WEIGHT:g}; the model stays at version {self.snapshot.version}",
+                )
+
+    def _check_rule_state(self, updates: list[Update]) -> None:
+        """Refuse updates that would leave the rule's own state (momentum, moments, a buffer)
+        non-finite: it would be saved, and every later version made from it."""
+        for name, tensor in self.strategy.tensor_state().items():
+            if not np.isfinite(tensor).all():
+                who = ", ".join(f"{u.client_id} ({u.update_id})" for u in updates)
+                log.error("refused: the rule's %s would be non-finite; updates: %s", name, who)
+                raise Refused(
+                    "bad_aggregate",
+                    f"this update would make the rule's {name} non-finite; nothing changed",
                 )
 
     def _apply(self, tensors: Mapping[str, np.ndarray], updates: list[Update], now: float) -> None:
@@ -653,6 +699,7 @@ class State:
         try:
             tensors = self.strategy.aggregate(self._global(), updates)
             self._check_aggregate(tensors, updates)
+            self._check_rule_state(updates)
         except Refused as exc:
             self._restore_rule(saved)  # no version, so the server optimizer does not move
             log.error("round %d produced no new version: %s", r.number, exc.reason)
@@ -742,7 +789,7 @@ class State:
     # --- checkpoints --------------------------------------------------------------
 
     def _save_reason(self, now: float, force: bool) -> str | None:
-        if self.snapshot.version <= self._saved_version:
+        if self.snapshot.version <= self._saved_version and not self._held_changed:
             return None
         if force:
             return "shutdown"
@@ -785,6 +832,7 @@ class State:
             if reason is None:
                 return None
             view = self._save_view()
+            self._held_changed = False
         snap = view.snapshot
         started = time.perf_counter()
         try:
@@ -795,8 +843,10 @@ class State:
                 view.metadata,
                 keep=self.settings.keep_checkpoints,
             )
-        except OSError as exc:
-            reason_text = exc.strerror or str(exc)
+        except (OSError, weights.WeightsError) as exc:
+            with self._lock:
+                self._held_changed = True  # still unsaved
+            reason_text = getattr(exc, "strerror", None) or str(exc)
             with self._lock:
                 first = self.disk_error is None
                 self.disk_error = reason_text
@@ -844,6 +894,13 @@ class State:
             recent.append(update_id)
         recent.reverse()
         metadata: dict[str, object] = {
+            # Updates a buffering rule holds: in its saved buffer, so counted once on resume.
+            "held": json.dumps(
+                [
+                    [u.update_id, u.client_id, u.num_samples, u.base_version, u.task_id]
+                    for u in self._held
+                ]
+            ),
             "samples": snap.samples,
             "model": self.settings.model,
             "strategy": self.strategy.name,

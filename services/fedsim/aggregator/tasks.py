@@ -81,7 +81,7 @@ class Worker:
     client: str | None = None
     tasks_done: int = 0
     retries: int = 0
-    tasks_taken: int = 0  # leases received, done or not
+    trained: int = 0  # training tasks received, done or not
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,6 @@ class Queue:
         token = secrets.token_hex(8)
         self.leases[task_id] = Lease(token, worker.name, now + self.task_timeout)
         worker.task = task_id
-        worker.tasks_taken += 1
         return token
 
     def _check_lease(self, task_id: str, lease: str) -> None:
@@ -254,6 +253,7 @@ class Queue:
         self, task_id: str, client: Client, worker: Worker, now: float, version: int, **extra: Any
     ) -> dict[str, Any]:
         worker.client = client.id
+        worker.trained += 1
         seed = task_seed(self.seed, task_id)
         if self.attack is not None and client.number in self.attackers:
             extra = {**extra, "attack": {**self.attack, "seed": seed}}
@@ -480,11 +480,11 @@ class SliceQueue(Queue):
         return Offer(task)
 
     def _surplus(self, worker: Worker, uid: str) -> bool:
-        """Whether this worker can leave: it never had work, and it is not a worker that
+        """Whether this worker can leave: it never trained, and it is not a worker that
         came back (the same host) to take over what its earlier life held. A worker that
         has had work stays until the run is finished: another may die and leave its
         client to it (its lease runs out after TASK_TIMEOUT)."""
-        if worker.tasks_taken or self.evals:
+        if worker.trained or self.evals:
             return False
         host = uid.rsplit("-", 2)[0]
         return not any(

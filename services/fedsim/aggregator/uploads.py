@@ -14,6 +14,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from fedsim import weights
 from fedsim.aggregator.strategies import Update
 from fedsim.config import TRAIN_IMAGES
@@ -25,6 +27,7 @@ _ID = re.compile(
     r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]{1,128}$"
 )
 _LEASE = re.compile(r"^[0-9a-f]{1,64}$")
+MAX_WEIGHT = 1e6  # the largest weight an update may hold (the global model's bound too)
 _DIGITS = 18  # integers in metadata: enough for any count, far below Python's 4,300-digit limit
 _SLICES = re.compile(r"^[0-9 ,-]{1,64}$")
 
@@ -118,4 +121,12 @@ def parse(body: bytes, layout: weights.Layout) -> Update:
         weights.validate(tensors, layout)
     except weights.WeightsError as exc:
         raise BadUpdate(422, "invalid_weights", exc.reason) from None
+    for name, tensor in tensors.items():
+        # Finite is not enough: two updates of +-3e38 overflow a mean. No trained weight
+        # comes near this bound; a sender that does is refused before any rule sees it.
+        peak = float(np.abs(tensor).max(initial=0.0))
+        if peak > MAX_WEIGHT:
+            raise BadUpdate(
+                422, "invalid_weights", f"tensor {name} holds {peak:.3g}, beyond {MAX_WEIGHT:g}"
+            )
     return Update(client_id, update_id, base_version, num_samples, tensors, extra, task_id, lease)

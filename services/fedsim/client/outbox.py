@@ -66,6 +66,9 @@ class Outbox:
         self.idle_save_seconds = idle_save_seconds
         self.kept: list[Kept] = []
         self.last_accepted = clock()
+        # The aggregator answered, but cannot take updates now (503: checkpoints cannot
+        # be written); the worker waits for it rather than giving it up as gone.
+        self.busy = False
 
     def push(self, tensors: dict[str, np.ndarray], meta: dict[str, object]) -> Pushed:
         """One push (MAX_RETRY tries), logged; accepted or unsent updates are kept."""
@@ -103,6 +106,7 @@ class Outbox:
             )
         else:
             self.counts.pushes_failed += 1
+            self.busy = pushed.detail == "HTTP 503"
             self.kept.append(Kept(tensors, meta, None, sent=False))
             log.warning(
                 "%s %s push  base %s failed after %d tries (%s): keeping it to push again",
@@ -131,6 +135,7 @@ class Outbox:
         saved (or forgotten as saved long ago): drop it; applied or pending: keep
         it; lost (unknown, not forgotten): push it again with the same update_id.
         """
+        self.busy = False
         for item in list(self.kept):
             if not item.sent:
                 if not self._repush(item, "not sent"):
@@ -185,6 +190,7 @@ class Outbox:
                 pushed.version,
             )
             return True
+        self.busy = pushed.detail == "HTTP 503"
         log.warning(
             "%s %s re-push failed after %d tries (%s): keeping it",
             self.name,

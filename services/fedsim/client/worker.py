@@ -160,6 +160,10 @@ class Worker:
         unanswered_since: float | None = None
         while True:
             if self.outbox.kept and not self.outbox.confirm():
+                if self.outbox.busy:  # it answers 503: alive, so wait as long as it takes
+                    unanswered_since = None
+                    self.sleep(IDLE_WAIT_MAX)
+                    continue
                 unanswered_since = self._unanswered(unanswered_since)
                 continue
             offer = self.transport.ask(self.uid, self.summary.counts.retries)
@@ -262,9 +266,8 @@ class Worker:
             )
 
     def _ensure_model(self, version: int, what: str) -> None:
-        """Make the worker's copy `version` (or the newest), downloading only when stale."""
-        if self.model.version == version and self.model.tensors is not None:
-            return
+        """Make the worker's copy the current model, downloading only when stale: the ETag
+        (version and digest) says, also when a restart made this version from other weights."""
         pulled = self.transport.pull(etag=self.model.etag)
         self.summary.counts.retries += pulled.retries
         if not pulled.ok:
