@@ -390,3 +390,25 @@ def test_an_entry_after_a_torn_line_starts_a_line_of_its_own(tmp_path):
     (tmp_path / history.FILE).write_text('{"version": 0, "accuracy": 0.1, "loss": 2.3}\n{"versi')
     history.append(tmp_path, {"version": 1, "accuracy": 0.5, "loss": 1.0})
     assert [e["version"] for e in history.read(tmp_path)] == [0, 1]
+
+
+def test_threads_are_sized_from_the_count_after_tensorflow_is_imported(make_settings):
+    settings, adapter = setup(make_settings)
+    transport = in_process_transport(adapter)
+    other = in_process_transport(adapter)
+    counts = []
+
+    def warm_up() -> None:  # while this worker imports TensorFlow, two more say hello
+        other.hello("hostB-1-aa")
+        other.hello("hostC-1-aa")
+
+    worker = Worker(
+        settings,
+        transport,
+        lambda n: counts.append(n) or FakeLearner(),
+        warm_up=warm_up,
+        uid="hostA-1-aa",
+        sleep=quick_sleep,
+    )
+    worker.start()
+    assert counts == [3] and worker.name == "w1"

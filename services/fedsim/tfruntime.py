@@ -27,6 +27,12 @@ def threads_for(tf_threads: int, workers: int, cpu_count: int | None = None) -> 
     return max(1, (cpu_count or os.cpu_count() or 1) // max(1, workers))
 
 
+def import_tensorflow() -> None:
+    """Import TensorFlow (seconds) without starting its runtime: threads can still be set."""
+    quiet()
+    import tensorflow  # noqa: F401
+
+
 def configure(intra_op: int) -> None:
     """Quiet TensorFlow and size its thread pools; call before its first operation."""
     quiet()

@@ -67,7 +67,7 @@ def _main() -> int:
             )
             summary = handstart.run(settings, typed, link, learner, box)
         else:
-            me = worker.Worker(settings, link, make_learner)
+            me = worker.Worker(settings, link, make_learner, warm_up=tfruntime.import_tensorflow)
             summary = me.run()
             name = me.name
     except (worker.AggregatorUnreachable, transport.ProtocolError) as exc:

@@ -103,6 +103,7 @@ class Worker:
         transport: Transport,
         make_learner: Callable[[int], Learner],
         *,
+        warm_up: Callable[[], None] = lambda: None,
         uid: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -110,6 +111,7 @@ class Worker:
         self.settings = settings
         self.transport = transport
         self.make_learner = make_learner  # called once with the number of live workers
+        self.warm_up = warm_up  # imports TensorFlow, whose thread pools are sized after
         self.uid = uid or new_worker_id()
         self.clock, self.sleep = clock, sleep
         self.summary = Summary()
@@ -141,12 +143,12 @@ class Worker:
                 )
             self.sleep(1.0)
         self._rename(str(hello.get("worker") or self.name))
-        # Other workers started with this one have said hello by now (TensorFlow's
-        # import takes seconds), so the count sizes the thread pools fairly.
-        self.learner = self.make_learner(int(hello.get("workers") or 1))
-        again = self.transport.hello(self.uid)
-        if again is not None:
-            self._rename(str(again.get("worker") or self.name))
+        # Import TensorFlow (seconds), then count again: the workers started with this
+        # one have said hello by then, so the count sizes the thread pools fairly.
+        self.warm_up()
+        again = self.transport.hello(self.uid) or hello
+        self._rename(str(again.get("worker") or self.name))
+        self.learner = self.make_learner(int(again.get("workers") or 1))
 
     def _rename(self, name: str) -> None:
         self.name = self.outbox.name = name
