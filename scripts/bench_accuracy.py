@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import ROOT, data_dir, free_port, tree_rss
+
 # Flower's W1 workload, which Flower 1.42 was measured on here: 3 logical clients
 # (the default slices 1-4, 5-8, 9-12), the mlp, Adam at 0.001, one epoch of one
 # 5,000-image slice per client per round, 4 FedAvg rounds (50.7 s and 3.2 GB in
@@ -57,47 +58,6 @@ SCENARIOS: dict[str, tuple[dict[str, str], int]] = {
 DEFAULT_SCENARIOS = ("default", "w1", "w1-2workers", "w1-1worker")
 # The original system: 95.03% test accuracy in 166.8 s with the default run.
 ORIGINAL = (0.9503, 166.8)
-
-
-def data_dir() -> str:
-    for candidate in (
-        os.environ.get("DATA_DIR"),
-        os.environ.get("FEDSIM_TEST_MNIST"),
-        ROOT / "data",
-        ROOT.parent / "shared" / "mnist",
-    ):
-        if candidate and (Path(candidate) / "t10k-labels-idx1-ubyte.gz").is_file():
-            return str(candidate)
-    sys.exit("bench_accuracy: no MNIST files found; set DATA_DIR")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tree_rss(root: int) -> int:
-    """Resident bytes of a process and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        pid = int(entry.name)
-        children.setdefault(int(fields["PPid"]), []).append(pid)
-        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo.extend(children.get(pid, []))
-    return total
 
 
 def run(name: str, overrides: dict[str, str], workers: int) -> dict[str, object]:

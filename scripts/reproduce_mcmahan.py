@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,9 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_accuracy import data_dir, free_port, tree_rss
-
-ROOT = Path(__file__).resolve().parent.parent
+from benchlib import ROOT, data_dir, free_port, read_history, stop, tree_rss
 
 
 @dataclass(frozen=True)
@@ -86,34 +83,6 @@ class Outcome:
     load_before: float = 0.0
     load_after: float = 0.0
     stopped: str = ""  # target, rounds, time limit
-
-
-def read_history(path: Path) -> list[dict]:
-    """The history's entries; a torn last line (mid-append) is skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except FileNotFoundError:
-        return []
-    entries = []
-    for line in lines:
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return entries
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the run's process group (simulate.sh, gunicorn, workers), then SIGKILL."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def run_cell(
