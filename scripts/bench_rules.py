@@ -110,6 +110,7 @@ class Run:
     best_accuracy: float | None = None
     to_target: dict[str, float | None] = field(default_factory=dict)  # "0.95" -> rounds
     evaluations: int = 0
+    curve: list[tuple[float | None, float]] = field(default_factory=list)  # (rounds, accuracy)
     refused_aggregates: int = 0
     wall_seconds: float = 0.0
     load_before: float = 0.0
@@ -191,6 +192,7 @@ def run_one(
             )
     entries.sort(key=lambda e: e["version"])
     out.evaluations = len(entries)
+    out.curve = [(rounds_of(e, mode, out.per_round), e["accuracy"]) for e in entries]
     if entries:
         last = entries[-1]
         out.final_accuracy, out.final_loss = last["accuracy"], last["loss"]
@@ -230,13 +232,14 @@ def line(run: Run) -> str:
 
 def rules_table(runs: list[Run]) -> str:
     rows = [
-        "| rule | mode | final test accuracy | rounds to 95% | rounds to 97% | wall | load |",
-        "|---|---|---|---|---|---|---|",
+        "| rule | mode | final test accuracy | best | rounds to 95% | rounds to 97% | wall | load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         note = "" if r.stopped == "finished" else f" ({r.stopped})"
         rows.append(
             f"| {r.label} | {r.mode} | {accuracy_text(r.final_accuracy)}{note} | "
+            f"{accuracy_text(r.best_accuracy)} | "
             f"{rounds_text(r.to_target['0.95'])} | {rounds_text(r.to_target['0.97'])} | "
             f"{r.wall_seconds:.0f} s | {r.load_before:.1f}-{r.load_after:.1f} |"
         )
