@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import os
 
+# One BLAS thread: the aggregator's numpy work (means, medians, Krum's distances) is
+# small, and on a busy machine a thread per core made Krum 15-20 times slower. Set
+# before numpy is first imported (the app imports it).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from fedsim.config import ConfigError
 
 
