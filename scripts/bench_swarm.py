@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Measure fedsim on a single-node Docker Swarm beside Docker Compose, same images.
 
-    scripts/bench_swarm.py [--workers 3] [--data DIR]
+    scripts/bench_swarm.py [--workers 3] [--repeat 1] [--data DIR]
 
 Builds the images first (not timed). Then, with the code's default settings (a
 copy of the project without `.env`, MNIST from --data), a free host port and a
@@ -11,14 +11,16 @@ fresh checkpoint volume, it times:
 each from the start of the command to the first aggregated update (version 1),
 to the end of the run (/v1/status says finished) and to the last worker's exit.
 During each run it samples `docker stats --no-stream` and reports the largest
-memory seen per service (for a worker: the largest of the replicas). Removes
-what it started, volumes included. Needs a swarm manager (`docker swarm init`).
+memory seen per service (for a worker: the largest of the replicas), and the
+1-minute load average when each run starts. With --repeat N it makes N runs of
+each, alternating which goes first. Removes what it started, volumes included. Needs a swarm manager (`docker swarm init`).
 Prints numbers; it is not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -84,37 +86,42 @@ class MemorySampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            ps = subprocess.run(
-                ["docker", "ps", "-q", "--filter", f"label={self.label}"],
-                capture_output=True,
-                text=True,
-                check=False,
-            ).stdout.split()
-            if ps:
-                out = subprocess.run(
-                    ["docker", "stats", "--no-stream", "--format", "{{json .}}", *ps],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                ).stdout
-                labels = self._labels(ps)
-                for line in out.splitlines():
-                    row = json.loads(line)
-                    service = self.service_of(labels.get(row["ID"][:12], {}))
-                    if service:
-                        used = mem_bytes(row["MemUsage"])
-                        self.peak[service] = max(self.peak.get(service, 0.0), used)
+            # A container that went meanwhile spoils one sample, not the run.
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                self.sample()
             self.stop.wait(1.0)
 
-    @staticmethod
-    def _labels(ids: list[str]) -> dict[str, dict[str, str]]:
-        out = subprocess.run(
-            ["docker", "inspect", "-f", "{{json .Config.Labels}}", *ids],
+    def sample(self) -> None:
+        ids = subprocess.run(
+            ["docker", "ps", "-q", "--filter", f"label={self.label}"],
             capture_output=True,
             text=True,
             check=False,
-        ).stdout.splitlines()
-        return {i[:12]: json.loads(line) for i, line in zip(ids, out, strict=False)}
+        ).stdout.split()
+        if not ids:
+            return
+        labels = {}
+        inspected = subprocess.run(
+            ["docker", "inspect", "-f", "{{.Id}} {{json .Config.Labels}}", *ids],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        for line in inspected.splitlines():
+            cid, _, raw = line.partition(" ")
+            labels[cid[:12]] = json.loads(raw)
+        stats = subprocess.run(
+            ["docker", "stats", "--no-stream", "--format", "{{json .}}", *labels],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        for line in stats.splitlines():
+            row = json.loads(line)
+            service = self.service_of(labels.get(row["ID"][:12], {}))
+            if service:
+                used = mem_bytes(row["MemUsage"])
+                self.peak[service] = max(self.peak.get(service, 0.0), used)
 
 
 def timed_run(
@@ -153,9 +160,98 @@ def timed_run(
     return marks
 
 
+def run_compose(project: Path, workers: int) -> dict:
+    """One default run under Docker Compose, removed afterwards."""
+    port = free_port()
+    env = clean_env(AGGREGATOR_PORT=str(port))
+    base = ["docker", "compose", "-p", "fedsim-bench-compose"]
+
+    def workers_left() -> int:
+        out = subprocess.run(
+            [*base, "ps", "-q", "--status", "running", "client"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        return len(out.split())
+
+    sampler = MemorySampler(
+        "com.docker.compose.project=fedsim-bench-compose",
+        lambda labels: labels.get("com.docker.compose.service", ""),
+    )
+    try:
+        marks = timed_run(
+            lambda: subprocess.Popen(
+                [*base, "up", "-d", "--scale", f"client={workers}"],
+                cwd=project,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+            port,
+            workers_left,
+            sampler,
+        )
+        return {"marks": marks, "status": status(port), "memory": sampler.peak}
+    finally:
+        subprocess.run(
+            [*base, "down", "-v", "--timeout", "30"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            check=False,
+        )
+
+
+def run_swarm(project: Path, workers: int) -> dict:
+    """One default run as a stack (scripts/swarm.sh), removed afterwards."""
+    port = free_port()
+    stack = "fedsim-bench-swarm"
+    env = clean_env(AGGREGATOR_PORT=str(port), STACK=stack, WORKERS=str(workers))
+
+    def workers_left() -> int:
+        label = f"label=com.docker.swarm.service.name={stack}_client"
+        out = subprocess.run(
+            ["docker", "ps", "-q", "--filter", label], capture_output=True, text=True, check=False
+        ).stdout
+        return len(out.split())
+
+    sampler = MemorySampler(
+        f"com.docker.stack.namespace={stack}",
+        lambda labels: labels.get("com.docker.swarm.service.name", "").removeprefix(stack + "_"),
+    )
+    try:
+        marks = timed_run(
+            lambda: subprocess.Popen(
+                ["scripts/swarm.sh", "up", "--no-build"],
+                cwd=project,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+            port,
+            workers_left,
+            sampler,
+        )
+        return {"marks": marks, "status": status(port), "memory": sampler.peak}
+    finally:
+        subprocess.run(
+            ["scripts/swarm.sh", "down", "--volumes"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            check=False,
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each, alternating")
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="the MNIST files")
     args = parser.parse_args()
 
@@ -174,6 +270,7 @@ def main() -> int:
         print("bench_swarm: not a swarm manager: run `docker swarm init` first", file=sys.stderr)
         return 1
 
+    runs: list[tuple[str, dict]] = []
     with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as tmp:
         project = Path(tmp)
         for name in PROJECT_FILES:
@@ -190,128 +287,33 @@ def main() -> int:
 
         print("building the images (not timed) ...", flush=True)
         subprocess.run(["docker", "compose", "build", "--quiet"], cwd=project, check=True)
-        results: dict[str, dict] = {}
-
-        # --- Compose ---------------------------------------------------------------
-        port = free_port()
-        env = clean_env(AGGREGATOR_PORT=str(port))
-        base = ["docker", "compose", "-p", "fedsim-bench-compose"]
-
-        def compose_workers_left() -> int:
-            out = subprocess.run(
-                [*base, "ps", "-q", "--status", "running", "client"],
-                cwd=project,
-                env=env,
-                capture_output=True,
-                text=True,
-                check=False,
-            ).stdout
-            return len(out.split())
-
-        print(f"compose: up -d --scale client={args.workers} ...", flush=True)
-        compose_sampler = MemorySampler(
-            "com.docker.compose.project=fedsim-bench-compose",
-            lambda labels: labels.get("com.docker.compose.service", ""),
-        )
-        try:
-            marks = timed_run(
-                lambda: subprocess.Popen(
-                    [*base, "up", "-d", "--scale", f"client={args.workers}"],
-                    cwd=project,
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                ),
-                port,
-                compose_workers_left,
-                compose_sampler,
-            )
-            results["compose"] = {
-                "marks": marks,
-                "status": status(port),
-                "memory": compose_sampler.peak,
-            }
-        finally:
-            subprocess.run(
-                [*base, "down", "-v", "--timeout", "30"],
-                cwd=project,
-                env=env,
-                capture_output=True,
-                check=False,
-            )
-
-        # --- Swarm -----------------------------------------------------------------
-        port = free_port()
-        stack = "fedsim-bench-swarm"
-        env = clean_env(AGGREGATOR_PORT=str(port), STACK=stack, WORKERS=str(args.workers))
-
-        def swarm_workers_left() -> int:
-            out = subprocess.run(
-                [
-                    "docker",
-                    "ps",
-                    "-q",
-                    "--filter",
-                    f"label=com.docker.swarm.service.name={stack}_client",
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-            ).stdout
-            return len(out.split())
-
-        print(f"swarm: scripts/swarm.sh up --no-build (WORKERS={args.workers}) ...", flush=True)
-        swarm_sampler = MemorySampler(
-            f"com.docker.stack.namespace={stack}",
-            lambda labels: labels.get("com.docker.swarm.service.name", "").removeprefix(
-                stack + "_"
-            ),
-        )
-        try:
-            marks = timed_run(
-                lambda: subprocess.Popen(
-                    ["scripts/swarm.sh", "up", "--no-build"],
-                    cwd=project,
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                ),
-                port,
-                swarm_workers_left,
-                swarm_sampler,
-            )
-            results["swarm"] = {
-                "marks": marks,
-                "status": status(port),
-                "memory": swarm_sampler.peak,
-            }
-        finally:
-            subprocess.run(
-                ["scripts/swarm.sh", "down", "--volumes"],
-                cwd=project,
-                env=env,
-                capture_output=True,
-                check=False,
-            )
+        order = [("compose", run_compose), ("swarm", run_swarm)]
+        for i in range(args.repeat):
+            for name, run in order if i % 2 == 0 else order[::-1]:
+                print(f"{name}: run {i + 1} with {args.workers} workers ...", flush=True)
+                load = os.getloadavg()[0]  # other jobs on the machine stretch every time
+                runs.append((name, run(project, args.workers) | {"load": load}))
 
     print()
-    print(f"default settings, {args.workers} workers, {os.cpu_count()} CPUs")
-    print(f"{'':10} {'command':>9} {'1st update':>11} {'finished':>9} {'exited':>8} {'updates':>8}")
-    for name, r in results.items():
+    print(
+        f"default settings, {args.workers} workers, {os.cpu_count()} CPUs; seconds from the command"
+    )
+    print(
+        f"{'':10} {'command':>8} {'1st update':>11} {'finished':>9} {'exited':>8} "
+        f"{'updates':>8} {'load':>5}"
+    )
+    for name, r in runs:
         m, s = r["marks"], r["status"] or {}
         print(
-            f"{name:10} {m.get('command', 0):8.1f}s {m.get('first', 0):10.1f}s "
-            f"{m.get('finished', 0):8.1f}s {m.get('exited', 0):7.1f}s {s.get('updates', '?'):>8}"
+            f"{name:10} {m.get('command', 0):7.1f}s {m.get('first', 0):10.1f}s "
+            f"{m.get('finished', 0):8.1f}s {m.get('exited', 0):7.1f}s {s.get('updates', '?'):>8} "
+            f"{r['load']:5.1f}"
         )
     print()
     print("largest memory seen (docker stats; a worker: the largest replica)")
-    for name, r in results.items():
-        shown = ", ".join(
-            f"{svc} {mib / 2**20:.0f} MiB" for svc, mib in sorted(r["memory"].items())
-        )
-        print(f"{name:10} {shown}")
+    for name, r in runs:
+        seen = sorted((svc, b) for svc, b in r["memory"].items() if b >= 2**20)
+        print(f"{name:10} " + ", ".join(f"{svc} {b / 2**20:.0f} MiB" for svc, b in seen))
     return 0
 
 

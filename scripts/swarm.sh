@@ -56,12 +56,31 @@ load_config() {
   stackfile() { python3 deploy/swarm/stackfile.py "$work/config.json" "$@"; }
   stack=$(stackfile get stack) || exit 2
   registry=$(stackfile get registry)
-  port=$(stackfile get port)
+  url=$(stackfile get url)        # the proxy's port on this node; https with TLS=true
+  ca=$(stackfile get ca)          # with TLS=true, the CA that checks it (./certs/ca.pem)
+  tokens=$(stackfile get tokens)  # ./secrets/tokens.json, for AUTH_READS=true
   volume=$(stackfile get volume)
 }
 
-healthz() {  # 0 when the aggregator answers /healthz with 200
-  python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/healthz', timeout=2)" 2> /dev/null
+api() {  # GET one path of the API on this node: the body on stdout, non-zero on failure
+  python3 - "$url$1" "$ca" "$tokens" << 'PY'
+import json, ssl, sys, urllib.request
+url, ca, tokens = sys.argv[1:4]
+request = urllib.request.Request(url)
+try:  # the workers' token: reads need one with AUTH_READS=true
+    with open(tokens) as f:
+        token = next(e["token"] for e in json.load(f)["tokens"] if "*" in e["clients"])
+    request.add_header("Authorization", f"Bearer {token}")
+except (OSError, ValueError, KeyError, TypeError, StopIteration):
+    pass
+context = ssl.create_default_context(cafile=ca) if ca else None
+with urllib.request.urlopen(request, timeout=5, context=context) as response:
+    sys.stdout.write(response.read().decode())
+PY
+}
+
+healthz() {  # 0 when the aggregator answers /healthz with 200, through the proxy
+  api /healthz > /dev/null 2>&1
 }
 
 update_state() {  # a service's rolling update: updating, completed, ... (empty: none)
@@ -69,7 +88,15 @@ update_state() {  # a service's rolling update: updating, completed, ... (empty:
 }
 
 last_task_error() {  # the newest error Swarm gives for one of the stack's services
-  docker service ps --no-trunc --format '{{.Error}}' "${stack}_$1" 2> /dev/null | grep -m 1 . || true
+  local errors
+  errors=$(docker service ps --no-trunc --format '{{.Error}}' "${stack}_$1" 2> /dev/null) || true
+  sed -n '/./{p;q}' <<< "$errors"
+}
+
+# Whether the stack has services. (Not `docker ... | grep -q`: with pipefail, grep
+# quitting at the first line can fail the pipeline.)
+stack_exists() {
+  [ -n "$(docker stack services -q "$stack" 2> /dev/null)" ]
 }
 
 cmd_up() {
@@ -83,9 +110,10 @@ cmd_up() {
   done
   swarm_node
   load_config
-  # A Compose project of the same name owns a local network of the same name.
-  if [ "$(docker network inspect -f '{{.Scope}}' "${stack}_default" 2> /dev/null)" = "local" ]; then
-    die "a Docker Compose project named '$stack' is up: stop it (docker compose down) or set STACK to another name"
+  # A Compose project of the same name has the same checkpoint volume: one aggregator at a time.
+  if [ -n "$(docker ps -q --filter "label=com.docker.compose.project=$stack" \
+      --filter label=com.docker.compose.service=aggregator)" ]; then
+    die "the Docker Compose project '$stack' runs an aggregator on volume $volume: stop it (docker compose stop aggregator) or set STACK to another name"
   fi
 
   if [ "$build" = 1 ]; then
@@ -109,6 +137,11 @@ cmd_up() {
   echo "swarm.sh: prepare (MNIST in ./data, the plan and checkpoint 0 in volume $volume)"
   docker run "${args[@]}" || die "prepare failed (its message is above); nothing was deployed"
 
+  # A stack of this name that is being removed (`down` in another shell): its
+  # network would be taken over half gone.
+  if ! stack_exists; then
+    network_gone 60
+  fi
   stackfile stack > "$work/stack.json"
   local resolve=never
   [ -n "$registry" ] && resolve=always
@@ -120,14 +153,15 @@ cmd_up() {
   local deadline=$((SECONDS + UP_TIMEOUT)) error=""
   until [ "$(update_state aggregator)" != updating ] && healthz; do
     error=$(last_task_error aggregator)
+    [ -n "$error" ] || error=$(last_task_error proxy)
     if [ "$SECONDS" -ge "$deadline" ]; then
-      die "the aggregator did not answer http://127.0.0.1:$port/healthz within ${UP_TIMEOUT}s${error:+ (task error: $error)}; see docker service logs ${stack}_aggregator"
+      die "the aggregator did not answer $url/healthz within ${UP_TIMEOUT}s${error:+ (task error: $error)}; see docker service logs ${stack}_aggregator and ${stack}_proxy"
     fi
     sleep 1
   done
   local workers
   workers=$(docker service inspect -f '{{.Spec.Mode.Replicated.Replicas}}' "${stack}_client")
-  echo "swarm.sh: stack $stack up: aggregator healthy at http://127.0.0.1:$port/ (dashboard), $workers workers"
+  echo "swarm.sh: stack $stack up: aggregator healthy at $url/ (dashboard), $workers workers"
   echo "swarm.sh: follow it with scripts/swarm.sh status; add workers with docker service scale ${stack}_client=N"
 }
 
@@ -135,26 +169,30 @@ cmd_status() {
   [ $# -eq 0 ] || die "status: takes no arguments"
   swarm_node
   load_config
-  docker stack services "$stack" 2> /dev/null | grep -q . || die "no stack named $stack (scripts/swarm.sh up starts it)"
+  stack_exists || die "no stack named $stack (scripts/swarm.sh up starts it)"
   docker stack services "$stack"
   echo
   docker stack ps "$stack" --format 'table {{.Name}}\t{{.Node}}\t{{.CurrentState}}\t{{.Error}}'
   echo
-  python3 - "$port" << 'EOF' || echo "aggregator: no answer on http://127.0.0.1:$port/v1/status"
-import json, sys, urllib.request
-with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/v1/status", timeout=5) as r:
-    s = json.load(r)
-workers = s.get("workers")
-if isinstance(workers, (list, dict)):
-    workers = len(workers)
+  local body
+  if ! body=$(api /v1/status 2> /dev/null); then
+    echo "aggregator: no answer on $url/v1/status"
+    return
+  fi
+  python3 - "$body" << 'PY'
+import json, sys
+s = json.loads(sys.argv[1])
 line = f"aggregator: version {s['version']}, updates {s['updates']}, finished {str(s['finished']).lower()}"
 line += f", {s.get('strategy')}"
 if isinstance(s.get("round"), dict) and s["round"].get("number") is not None:
     line += f", round {s['round']['number']}"
+workers = s.get("workers")
+if isinstance(workers, (list, dict)):
+    workers = len(workers)
 if workers is not None:
     line += f", live workers {workers}"
 print(line)
-EOF
+PY
 }
 
 cmd_evaluate() {
@@ -188,23 +226,41 @@ cmd_down() {
   done
   swarm_node
   load_config
-  if docker stack services "$stack" 2> /dev/null | grep -q .; then
+  if stack_exists; then
     docker stack rm "$stack"
   fi
-  # `docker stack rm` returns at once; the containers (the aggregator writes its
-  # final checkpoint on SIGTERM) and the network go afterwards.
-  local deadline=$((SECONDS + DOWN_TIMEOUT))
-  while docker ps -aq --filter "label=com.docker.stack.namespace=$stack" | grep -q . \
-      || docker network inspect "${stack}_default" > /dev/null 2>&1; do
-    [ "$SECONDS" -lt "$deadline" ] || die "stack $stack still has containers or its network after ${DOWN_TIMEOUT}s (docker stack ps $stack)"
+  # `docker stack rm` returns at once; the containers go afterwards (the
+  # aggregator writes its final checkpoint on SIGTERM), then the network.
+  local deadline=$((SECONDS + DOWN_TIMEOUT)) left
+  while left=$(docker ps -a --filter "label=com.docker.stack.namespace=$stack" --format '{{.Names}}') \
+      && [ -n "$left" ]; do
+    [ "$SECONDS" -lt "$deadline" ] || die "stack $stack still has containers after ${DOWN_TIMEOUT}s:" $left
     sleep 1
   done
+  local removed=""
   if [ "$volumes" = 1 ] && docker volume inspect "$volume" > /dev/null 2>&1; then
-    docker volume rm "$volume" > /dev/null || die "cannot remove volume $volume (docker volume inspect $volume)"
-    echo "swarm.sh: stack $stack removed, with its volume $volume"
+    until docker volume rm "$volume" > /dev/null 2>&1; do  # in use for a moment after its container
+      [ "$SECONDS" -lt "$deadline" ] || die "cannot remove volume $volume (docker volume inspect $volume)"
+      sleep 1
+    done
+    removed=", with its volume $volume"
+  fi
+  network_gone $((deadline - SECONDS > 30 ? deadline - SECONDS : 30))
+  if [ -n "$removed" ] || [ "$volumes" = 1 ]; then
+    echo "swarm.sh: stack $stack removed${removed:-; no volume $volume}"
   else
     echo "swarm.sh: stack $stack removed; checkpoints kept in volume $volume (down --volumes deletes them)"
   fi
+}
+
+# Wait up to $1 seconds for the stack's network to go: Swarm removes it once no
+# task uses it any more.
+network_gone() {
+  local deadline=$((SECONDS + $1))
+  while docker network inspect "${stack}_overlay" > /dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] || die "network ${stack}_overlay is still there after $1 s (docker network inspect ${stack}_overlay)"
+    sleep 1
+  done
 }
 
 cmd_config() {

@@ -88,6 +88,8 @@ def compose_config(**swarm: object) -> dict:
         "registry": "",
         "jobs": ["prepare"],
         "secrets": ["/run/secrets/fedsim", "/certs"],
+        "local": ["ca-key.pem"],
+        "private": ["*-key.pem"],
     }
     return {
         "name": "fedsim",
@@ -184,9 +186,11 @@ def compose_config(**swarm: object) -> dict:
 
 
 def test_stack_keeps_long_running_services_in_the_form_swarm_reads():
+    config = compose_config()
+    config["services"]["client"]["volumes"].append(config["services"]["proxy"]["volumes"][0])
     warnings: list[str] = []
 
-    stack = stackfile.stack_file(compose_config(), warn=warnings.append)
+    stack = stackfile.stack_file(config, warn=warnings.append)
 
     assert set(stack["services"]) == {"aggregator", "proxy", "client"}  # no job, no profile
     aggregator, client = stack["services"]["aggregator"], stack["services"]["client"]
@@ -204,10 +208,15 @@ def test_stack_keeps_long_running_services_in_the_form_swarm_reads():
     assert client["deploy"]["replicas"] == 3 and client["init"] is True
     assert stack["networks"] == {"default": {"driver": "overlay", "name": "fedsim_overlay"}}
     assert stack["volumes"] == {"models": {}}  # the stack names it <stack>_models
-    # ./certs (for TLS=true) has not been made: the proxy mounts nothing there.
+    # ./certs (for TLS=true) has not been made: the proxy mounts nothing there, and
+    # one note says so.
     assert "volumes" not in stack["services"]["proxy"]
     assert "secrets" not in stack["services"]["proxy"]
-    assert warnings == ["/p/certs does not exist: nothing mounted at /certs"]
+    assert warnings == [
+        "proxy: port 18080 is open on every address of its node "
+        "(Swarm cannot publish on 127.0.0.1 only)",
+        "/p/certs does not exist: nothing mounted at /certs",
+    ]
 
 
 def test_stack_takes_workers_and_registry_and_names_what_it_leaves_out():
@@ -222,7 +231,7 @@ def test_stack_takes_workers_and_registry_and_names_what_it_leaves_out():
     assert stack["services"]["client"]["image"] == "10.0.0.5:5000/fedsim-client:latest"
     assert stack["services"]["aggregator"]["image"] == "10.0.0.5:5000/fedsim-aggregator:latest"
     assert "cpus" not in stack["services"]["client"]
-    assert warnings == ["client.cpus is not used by docker stack deploy: left out"]
+    assert warnings[-1] == "client.cpus is not used by docker stack deploy: left out"
     assert stackfile.get(config, "images").splitlines() == [
         "fedsim-aggregator:latest 10.0.0.5:5000/fedsim-aggregator:latest",
         "fedsim-client:latest 10.0.0.5:5000/fedsim-client:latest",
@@ -285,9 +294,31 @@ def test_a_read_only_secrets_folder_becomes_one_swarm_secret_per_file(tmp_path):
             {"source": key, "target": "/run/secrets/fedsim/tokens.json", "mode": 0o444}
         ]
         assert all(v["target"] != "/run/secrets/fedsim" for v in service["volumes"])
+    assert stack["services"]["proxy"].get("secrets") is None  # ./certs is not there yet
     # New content, new secret: Swarm secrets cannot be changed in place.
     (folder / "tokens.json").write_text('{"workers": "cd"}')
     assert set(stackfile.stack_file(config)["secrets"]) != {key}
+
+
+def test_the_cas_key_stays_here_and_the_proxys_key_is_for_root_only(tmp_path):
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("ca.pem", "ca-key.pem", "server.pem", "server-key.pem"):
+        (certs / name).write_text(name)
+    config = compose_config()
+    config["services"]["proxy"]["volumes"][0]["source"] = str(certs)
+
+    stack = stackfile.stack_file(config)
+
+    mounts = {m["target"]: m["mode"] for m in stack["services"]["proxy"]["secrets"]}
+    assert mounts == {
+        "/certs/ca.pem": 0o444,
+        "/certs/server-key.pem": 0o400,
+        "/certs/server.pem": 0o444,
+    }
+    assert sorted(f["file"] for f in stack["secrets"].values()) == [
+        str(certs / n) for n in ("ca.pem", "server-key.pem", "server.pem")
+    ]
 
 
 def test_only_the_listed_read_only_folders_become_secrets(tmp_path):
@@ -668,6 +699,10 @@ def second_node(swarm, tmp_path) -> Iterator[SecondNode]:
     images from the registry. Everything is undone at the end and this engine's
     swarm is made again on 127.0.0.1.
     """
+    if os.environ.get("FEDSIM_TEST_TWO_NODES") != "1":
+        # A second Docker engine, a registry and a push of the client image (1.7 GB) take
+        # minutes and root: run it on purpose, not in every test run.
+        pytest.skip("the two-node swarm runs with FEDSIM_TEST_TWO_NODES=1")
     missing = [tool for tool in ("ip", "nsenter", "dockerd") if shutil.which(tool) is None]
     if os.geteuid() != 0 or missing:
         pytest.skip(f"a second Docker engine needs root and {', '.join(missing) or 'ip'}")
