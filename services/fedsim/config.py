@@ -40,6 +40,11 @@ COMPOSE_KEYS = frozenset(
         "PROMETHEUS_PORT",
         "COMPOSE_PROJECT_NAME",
         "COMPOSE_FILE",
+        "REGISTRY_PORT",
+        # scripts/swarm.sh's own
+        "STACK",
+        "WORKERS",
+        "REGISTRY",
     }
 )
 
