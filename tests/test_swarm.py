@@ -839,6 +839,22 @@ def test_two_nodes_workers_pull_from_the_registry_and_train_across_nodes(
     s = stack({**SMALL, "WORKERS": "2", "REGISTRY": second_node.registry, "TLS": "true"})
     s.add_mnist(mnist_dir)
     subprocess.run(["scripts/make-certs.sh"], cwd=s.folder, check=True, capture_output=True)
+    # The second node gets the worker image before the deploy, so that both workers
+    # start together and the second one finds work (up pushes it again, unchanged).
+    built = subprocess.run(
+        ["docker", "compose", "build", "--quiet", "prepare"],
+        cwd=s.folder,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    remote = f"{second_node.registry}/fedsim-client:latest"
+    _docker("tag", "fedsim-client:latest", remote)
+    _docker("push", remote, timeout=900)
+    second_node.docker("pull", remote, timeout=900)
 
     up = s.swarm_sh("up")
     assert f"pushing {second_node.registry}/fedsim-client:latest" in up.stdout, up.stdout
@@ -859,9 +875,9 @@ def test_two_nodes_workers_pull_from_the_registry_and_train_across_nodes(
     image = second_node.docker("image", "ls", "--format", "{{.Repository}}")
     assert f"{second_node.registry}/fedsim-client" in image.split(), image
 
-    # The second node's worker exited 0 with its summary, so it reached the aggregator
-    # over the overlay network (unreachable, it exits 1); every update of the run was
-    # counted once, whichever node trained it.
+    # The second node's worker exited 0 with its summary, so it had the aggregator's
+    # answers, over the overlay network and through the proxy with TLS (unreachable,
+    # it exits 1); every update of the run was counted once, whichever node trained it.
     summaries = {node: _summary(log) for node, log in logs.items()}
     status = s.status()
     assert status["updates"] == 12, status
