@@ -332,14 +332,16 @@ def test_aggregator_crash_mid_run(project, mnist_dir):
     unsaved = max(before_crash) - resumed  # accepted, but not in a checkpoint at the kill
 
     # Nothing lost, nothing counted twice: async-weighted makes one version per
-    # aggregated update, each of 2,000 samples, and every slice a client trained
-    # is in the model exactly once (the clients pushed the lost ones again).
+    # aggregated update, each of 2,000 samples, and each of the 12 slices is in the
+    # model exactly once (the workers pushed the lost ones again). A slice may have
+    # been trained twice: the restarted aggregator does not know which worker held
+    # it, and gives it out again; the second push is answered "already counted".
     status = p.status()
     summaries = [_summary(log) for log in logs.values()]
     trained = sum(s["trained"] for s in summaries)
     repushed = sum(s["repushed"] for s in summaries)
-    assert trained == 12 and all(s["failed"] == 0 for s in summaries), summaries
-    assert status["updates"] == trained, (status, summaries, aggregator_log)
+    assert trained >= 12 and all(s["failed"] == 0 for s in summaries), summaries
+    assert status["updates"] == 12, (status, summaries, aggregator_log)
     assert status["version"] == status["updates"], status
     assert status["samples"] == 2000 * status["updates"], status
     assert status["unsaved_updates"] == 0, status  # the workers waited for the checkpoint
