@@ -16,9 +16,7 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -27,20 +25,18 @@ from pathlib import Path
 
 import pytest
 
+from docker_helpers import (
+    IN_CI,
+    MNIST_FILES,
+    add_mnist,
+    copy_project,
+    free_port,
+    worker_summary,
+)
 from fedsim import config
 
 pytestmark = pytest.mark.docker
 
-ROOT = Path(__file__).resolve().parent.parent
-IN_CI = os.environ.get("CI", "").lower() == "true"
-# What a project copy needs: the build inputs, compose.yaml and evaluate.sh.
-PROJECT_FILES = ("compose.yaml", ".dockerignore", "pyproject.toml", "services", "scripts", "deploy")
-MNIST_FILES = (
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
-)
 # Small settings: six slices of 2,000 images, two epochs each, about a minute a run.
 SMALL = {"NUM_IMAGES_TRAIN": "2000", "CLIENT_SLICES": "1-2 3-4 5-6", "EPOCHS": "2"}
 RUN_TIMEOUT = 600  # seconds for one run of the clients; a run takes about one minute
@@ -75,19 +71,9 @@ class Project:
     def __init__(self, folder: Path, settings: dict[str, str]) -> None:
         self.folder = folder
         self.name = f"fedsim-test-{secrets.token_hex(4)}"
-        self.port = _free_port()
+        self.port = free_port()
         self.settings = settings
-        for name in PROJECT_FILES:
-            source = ROOT / name
-            if source.is_dir():
-                shutil.copytree(
-                    source,
-                    folder / name,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
-                )
-            else:
-                shutil.copy2(source, folder / name)
-        (folder / "data").mkdir()
+        copy_project(folder)
         self.write_env(settings)
 
     def write_env(self, settings: dict[str, str]) -> None:
@@ -96,8 +82,7 @@ class Project:
         (self.folder / ".env").write_text("\n".join(lines) + "\n")
 
     def add_mnist(self, mnist_dir: Path) -> None:
-        for name in MNIST_FILES:
-            shutil.copyfile(mnist_dir / name, self.folder / "data" / name)
+        add_mnist(self.folder, mnist_dir)
 
     def run(
         self, *args: str, check: bool = True, timeout: float = 900
@@ -172,12 +157,6 @@ class Project:
         self.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False, timeout=180)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def images(docker_engine, tmp_path_factory) -> None:
     """Build both images once; the tests' projects reuse them (and their cache)."""
@@ -205,18 +184,6 @@ def project(images, tmp_path) -> Iterator[Callable[[dict[str, str]], Project]]:
         p.down()
 
 
-def _summary(worker_log: str) -> dict[str, int]:
-    """The numbers of a worker's summary line."""
-    match = re.search(
-        r"done: (?P<trained>\d+) updates trained.*?, (?P<evaluations>\d+) evaluations?, pushes "
-        r"(?P<accepted>\d+) accepted (?P<failed>\d+) failed (?P<refused>\d+) refused, "
-        r"pulls \d+ failed, re-pushed (?P<repushed>\d+)",
-        worker_log,
-    )
-    assert match, f"no summary line in:\n{worker_log}"
-    return {key: int(value) for key, value in match.groupdict().items()}
-
-
 def _get(p: Project, path: str, port: int | None = None) -> tuple[int, bytes]:
     url = f"http://127.0.0.1:{port or p.port}{path}"
     with urllib.request.urlopen(url, timeout=10) as response:
@@ -240,7 +207,7 @@ def test_compose_run_trains_evaluates_and_resumes(project, mnist_dir):
         samples = f"samples {(first - 1) * 2000}-{last * 2000 - 1}"
         assert f"client-{k}: slices {first}-{last} ({samples})" in logs, logs
     for c in clients:
-        summary = _summary(p.container_logs(c["Name"]))
+        summary = worker_summary(p.container_logs(c["Name"]))
         assert summary["trained"] == 2 and summary["accepted"] == 2, summary
 
     status = p.status()  # the aggregator keeps serving after the workers are done
@@ -337,7 +304,7 @@ def test_aggregator_crash_mid_run(project, mnist_dir):
     # been trained twice: the restarted aggregator does not know which worker held
     # it, and gives it out again; the second push is answered "already counted".
     status = p.status()
-    summaries = [_summary(log) for log in logs.values()]
+    summaries = [worker_summary(log) for log in logs.values()]
     trained = sum(s["trained"] for s in summaries)
     repushed = sum(s["repushed"] for s in summaries)
     assert trained >= 12 and all(s["failed"] == 0 for s in summaries), summaries
@@ -400,14 +367,14 @@ def test_iid_clients_in_rounds_on_two_workers_with_prometheus(project, mnist_dir
         "AGGREGATION": "fedavg",
         "ROUNDS": "3",
         "EPOCHS": "1",
-        "PROMETHEUS_PORT": str(_free_port()),
+        "PROMETHEUS_PORT": str(free_port()),
     }
     p = project(settings)
     p.add_mnist(mnist_dir)
     p.compose("--profile", "monitoring", "up", "-d", "--build", "--scale", "client=2")
     clients = p.wait_exited("client", 2)
     assert [c["ExitCode"] for c in clients] == [0, 0], p.logs()
-    summaries = [_summary(p.container_logs(c["Name"])) for c in clients]
+    summaries = [worker_summary(p.container_logs(c["Name"])) for c in clients]
     assert sum(s["trained"] for s in summaries) == 15, summaries  # 3 rounds x 5 clients
     status = p.status()
     assert (status["version"], status["updates"], status["finished"]) == (3, 15, True), status

@@ -22,7 +22,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -33,17 +32,16 @@ from pathlib import Path
 
 import pytest
 
+from docker_helpers import (
+    IN_CI,
+    ROOT,
+    add_mnist,
+    copy_project,
+    free_port,
+    worker_summary,
+)
 from fedsim import config
 
-ROOT = Path(__file__).resolve().parent.parent
-IN_CI = os.environ.get("CI", "").lower() == "true"
-PROJECT_FILES = ("compose.yaml", ".dockerignore", "pyproject.toml", "services", "scripts", "deploy")
-MNIST_FILES = (
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
-)
 # Small settings: 4 FedAvg rounds of 3 of 6 IID clients (10,000 images, one epoch
 # each), 12 updates; the first round alone scores over 90%.
 SMALL = {
@@ -446,26 +444,15 @@ class Stack:
     def __init__(self, folder: Path, settings: dict[str, str]) -> None:
         self.folder = folder
         self.name = f"fedsimtest-{secrets.token_hex(4)}"
-        self.port = _free_port()
+        self.port = free_port()
         self.settings = settings
-        for name in PROJECT_FILES:
-            source = ROOT / name
-            if source.is_dir():
-                shutil.copytree(
-                    source,
-                    folder / name,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
-                )
-            else:
-                shutil.copy2(source, folder / name)
-        (folder / "data").mkdir()
+        copy_project(folder)
         lines = [f"STACK={self.name}", f"AGGREGATOR_PORT={self.port}"]
         lines += [f'{key}="{value}"' for key, value in settings.items()]
         (folder / ".env").write_text("\n".join(lines) + "\n")
 
     def add_mnist(self, mnist_dir: Path) -> None:
-        for name in MNIST_FILES:
-            shutil.copyfile(mnist_dir / name, self.folder / "data" / name)
+        add_mnist(self.folder, mnist_dir)
 
     def swarm_sh(
         self, *args: str, check: bool = True, timeout: float = 900
@@ -542,12 +529,6 @@ class Stack:
         self.swarm_sh("down", "--volumes", check=False, timeout=300)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def stack(swarm, tmp_path) -> Iterator:
     made: list[Stack] = []
@@ -562,17 +543,6 @@ def stack(swarm, tmp_path) -> Iterator:
     for s in made:
         if not os.environ.get("FEDSIM_TEST_KEEP"):  # keep the stack to look at it
             s.down()
-
-
-def _summary(worker_log: str) -> dict[str, int]:
-    """The numbers of a worker's summary line."""
-    match = re.search(
-        r"done: (?P<trained>\d+) updates trained.*?pushes (?P<accepted>\d+) accepted "
-        r"(?P<failed>\d+) failed",
-        worker_log,
-    )
-    assert match, f"no summary line in:\n{worker_log}"
-    return {key: int(value) for key, value in match.groupdict().items()}
 
 
 @pytest.mark.docker
@@ -594,7 +564,7 @@ def test_swarm_run_scales_evaluates_and_goes_down(stack, mnist_dir):
     assert sorted(t["Name"] for t in tasks) == [f"{s.name}_client.{k}" for k in (1, 2, 3)], tasks
     assert all(t["CurrentState"].startswith("Complete") for t in tasks), tasks
     # Every update counted once: 4 rounds of 3 clients, each pushed and aggregated once.
-    summaries = [_summary(_docker("logs", c)) for c in s.containers("client")]
+    summaries = [worker_summary(_docker("logs", c)) for c in s.containers("client")]
     status = s.status()
     assert status["updates"] == 12 and status["version"] == 4, status
     assert sum(w["accepted"] for w in summaries) == 12, summaries
@@ -713,7 +683,7 @@ def second_node(swarm, tmp_path) -> Iterator[SecondNode]:
     here, there = f"{subnet}.1", f"{subnet}.2"
     work = Path(f"/var/lib/fedsimtest-{tag}")  # image layers: on disk, not in /tmp
     run = Path(f"/run/fst-{tag}")  # short: unix socket paths are limited to 108 bytes
-    port = _free_port()
+    port = free_port()
     with contextlib.ExitStack() as undo:
 
         def sh(*args: str) -> None:
@@ -878,7 +848,7 @@ def test_two_nodes_workers_pull_from_the_registry_and_train_across_nodes(
     # The second node's worker exited 0 with its summary, so it had the aggregator's
     # answers, over the overlay network and through the proxy with TLS (unreachable,
     # it exits 1); every update of the run was counted once, whichever node trained it.
-    summaries = {node: _summary(log) for node, log in logs.items()}
+    summaries = {node: worker_summary(log) for node, log in logs.items()}
     status = s.status()
     assert status["updates"] == 12, status
     assert sum(w["accepted"] for w in summaries.values()) == 12, summaries
