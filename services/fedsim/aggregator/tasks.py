@@ -609,13 +609,10 @@ class RoundQueue(Queue):
     def _is_done(self, task_id: str) -> bool:
         round_no, number = self._parse(task_id)  # type: ignore[misc]
         if round_no <= self.rounds_done:
-            return False  # a closed round's missing update is refused as stale, not a duplicate
+            # A closed round's missing update is refused as stale, not a duplicate; whether
+            # a closed round's update made it in, the state's applied ids know.
+            return False
         return self.round is not None and number in self.round.updates
-
-    def is_done(self, task_id: str) -> bool:
-        # For lookups: a closed round's task counts as done only if its update made it in,
-        # which the state's applied ids know; here only the open round is known.
-        return self._client_of(task_id) is not None and self._is_done(task_id)
 
     def _check_open(self, task_id: str, base_version: int, version: int) -> None:
         if self.rounds_done >= self.rounds:
