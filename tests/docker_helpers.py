@@ -7,7 +7,9 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -55,3 +57,20 @@ def worker_summary(worker_log: str) -> dict[str, int]:
     )
     assert match, f"no summary line in:\n{worker_log}"
     return {key: int(value) for key, value in match.groupdict().items()}
+
+
+def projects(tmp_path: Path, make_one: Callable[[Path, dict[str, str]], Any]) -> Iterator:
+    """A fixture body: yields a factory of projects, each in its own folder, and takes
+    them down afterwards (unless FEDSIM_TEST_KEEP is set, to look at them)."""
+    made: list[Any] = []
+
+    def make(settings: dict[str, str]) -> Any:
+        folder = tmp_path / f"project-{len(made)}"
+        folder.mkdir()
+        made.append(make_one(folder, settings))
+        return made[-1]
+
+    yield make
+    if not os.environ.get("FEDSIM_TEST_KEEP"):
+        for project in made:
+            project.down()

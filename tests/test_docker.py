@@ -31,6 +31,7 @@ from docker_helpers import (
     add_mnist,
     copy_project,
     free_port,
+    projects,
     worker_summary,
 )
 from fedsim import config
@@ -169,19 +170,7 @@ def images(docker_engine, tmp_path_factory) -> None:
 
 @pytest.fixture
 def project(images, tmp_path) -> Iterator[Callable[[dict[str, str]], Project]]:
-    made: list[Project] = []
-
-    def make(settings: dict[str, str]) -> Project:
-        folder = tmp_path / f"project-{len(made)}"
-        folder.mkdir()
-        made.append(Project(folder, settings))
-        return made[-1]
-
-    yield make
-    for p in made:
-        if os.environ.get("FEDSIM_TEST_KEEP"):  # keep the containers to look at them
-            continue
-        p.down()
+    yield from projects(tmp_path, Project)
 
 
 def _get(p: Project, path: str, port: int | None = None) -> tuple[int, bytes]:

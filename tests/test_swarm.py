@@ -38,6 +38,7 @@ from docker_helpers import (
     add_mnist,
     copy_project,
     free_port,
+    projects,
     worker_summary,
 )
 from fedsim import config
@@ -531,18 +532,7 @@ class Stack:
 
 @pytest.fixture
 def stack(swarm, tmp_path) -> Iterator:
-    made: list[Stack] = []
-
-    def make(settings: dict[str, str]) -> Stack:
-        folder = tmp_path / f"project-{len(made)}"
-        folder.mkdir()
-        made.append(Stack(folder, settings))
-        return made[-1]
-
-    yield make
-    for s in made:
-        if not os.environ.get("FEDSIM_TEST_KEEP"):  # keep the stack to look at it
-            s.down()
+    yield from projects(tmp_path, Stack)
 
 
 @pytest.mark.docker
