@@ -21,13 +21,8 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ROOT, data_dir, free_port, tree_rss
+from benchlib import ROOT, Bench, add_arguments, child_json, key_values, local_run
 
 # Flower's W1 workload, which Flower 1.42 was measured on here: 3 logical clients
 # (the default slices 1-4, 5-8, 9-12), the mlp, Adam at 0.001, one epoch of one
@@ -62,47 +57,19 @@ ORIGINAL = (0.9503, 166.8)
 
 def run(name: str, overrides: dict[str, str], workers: int) -> dict[str, object]:
     load = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as tmp:
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": tmp,
-            "FEDSIM_ENV_FILE": str(Path(tmp) / "no.env"),
-            "DATA_DIR": data_dir(),
-            "MODEL_DIR": str(Path(tmp) / "models"),
-            "AGGREGATOR_URL": f"http://127.0.0.1:{free_port()}",
-            **overrides,
-        }
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            [str(ROOT / "scripts" / "simulate.sh"), "--clients", str(workers)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        # Peak memory of the whole run: every process simulate.sh starts, summed.
-        peak = [0]
-
-        def sample() -> None:
-            while proc.poll() is None:
-                peak[0] = max(peak[0], tree_rss(proc.pid))
-                time.sleep(0.2)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        stdout, stderr = proc.communicate()
-        sampler.join()
-        sim = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-        wall = time.monotonic() - started
-        if sim.returncode != 0:
-            print(sim.stdout[-3000:], sim.stderr[-2000:], sep="\n", file=sys.stderr)
-            raise SystemExit(f"bench_accuracy: {name}: simulate.sh exited {sim.returncode}")
+    with local_run(overrides, workers, prefix="fedsim-bench-", every=0.2) as sim:
+        sim.proc.wait()
+        wall = sim.seconds()
+        output = sim.output()
+        if sim.proc.returncode != 0:
+            print(output[-5000:], file=sys.stderr)
+            raise SystemExit(f"bench_accuracy: {name}: simulate.sh exited {sim.proc.returncode}")
         # Each worker's time, from its start to its summary line.
-        worker_seconds = [float(s) for s in re.findall(r" done: .*, ([\d.]+)s$", sim.stdout, re.M)]
-        report_path = Path(tmp) / "report.json"
+        worker_seconds = [float(s) for s in re.findall(r" done: .*, ([\d.]+)s$", output, re.M)]
+        report_path = sim.log.with_name("report.json")
         subprocess.run(
             [str(ROOT / "scripts" / "evaluate.sh"), "--local", "--json", str(report_path)],
-            env=env,
+            env=sim.env,
             capture_output=True,
             text=True,
             check=True,
@@ -115,31 +82,14 @@ def run(name: str, overrides: dict[str, str], workers: int) -> dict[str, object]
         "loss": report["loss"],
         "version": report["version"],
         "samples": report["samples"],
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": wall,
         "workers": workers,
         "slowest_worker_seconds": max(worker_seconds, default=0.0),
-        "peak_rss_bytes": peak[0],
+        # Peak memory of the whole run: every process simulate.sh starts, summed.
+        "peak_rss_bytes": sim.memory.peak,
         "load_before": round(load, 2),
         "load_after": round(os.getloadavg()[0], 2),
     }
-
-
-def keras_w1() -> dict[str, object]:
-    """scripts/bench_keras.py w1 in its own process: W1's training in plain Keras."""
-    python = ROOT / ".venv" / "bin" / "python"
-    done = subprocess.run(
-        [
-            str(python if python.exists() else sys.executable),
-            str(ROOT / "scripts" / "bench_keras.py"),
-            "w1",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"bench_accuracy: bench_keras.py w1 failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -156,52 +106,50 @@ def main() -> None:
     parser.add_argument(
         "--no-keras", action="store_true", help="skip plain Keras after a w1 scenario"
     )
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    add_arguments(parser)
     args = parser.parse_args()
-    bad = [item for item in args.set if "=" not in item]
-    if bad:
-        parser.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
     if args.clients is not None and args.clients < 1:
         parser.error(f"--clients must be at least 1, got {args.clients}")
-    extra = dict(item.split("=", 1) for item in args.set)
+    extra = key_values(parser, args.set)
     unknown = [name for name in args.scenarios if name not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario {unknown[0]!r}; known: {', '.join(SCENARIOS)}")
 
-    print(f"machine: {os.cpu_count()} cores; original: {ORIGINAL[0]:.2%} in {ORIGINAL[1]} s")
+    bench = Bench.from_args("bench_accuracy", args)
+    bench.header()
+    print(f"original: {ORIGINAL[0]:.2%} in {ORIGINAL[1]} s")
     results: list[dict[str, object]] = []
     for name in args.scenarios or DEFAULT_SCENARIOS:
         settings, workers = SCENARIOS[name]
         overrides = {**settings, **extra}
         result = run(name, overrides, args.clients or workers)
-        results.append(result)
+        results.append(bench.figure(result, result["load_before"]))
         shown = " ".join(f"{k}={v}" for k, v in overrides.items()) or "defaults"
-        print(
+        bench.say(
             f"{name:12} {shown:80} workers {result['workers']}  "
             f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
             f"version {result['version']}  wall {result['wall_seconds']:.1f}s  "
             f"(slowest worker {result['slowest_worker_seconds']:.1f}s)  "
             f"peak memory {result['peak_rss_bytes'] / 2**30:.2f} GB  "
             f"load {result['load_before']:.1f}-{result['load_after']:.1f}",
-            flush=True,
+            result["load_before"],
         )
     w1_runs = [r for r in results if str(r["scenario"]).startswith("w1")]
     if w1_runs and not args.no_keras:
-        keras = keras_w1()
-        print(
+        keras = child_json("bench_keras.py", "w1", *bench.child_args())["results"]
+        bench.say(
             f"plain Keras, W1's training in one process: {keras['process_seconds']:.1f}s "
             f"from process start ({keras['train_seconds']:.1f}s training), "
-            f"accuracy {keras['accuracy']:.4f}, load {keras['load_1min']:.1f}",
-            flush=True,
+            f"accuracy {keras['accuracy']:.4f}, load {keras['load']:.1f}",
+            keras["load"],
         )
         for r in w1_runs:
-            print(
+            bench.say(
                 f"{r['scenario']:12} {r['wall_seconds']:.1f}s / {keras['process_seconds']:.1f}s"
                 f" = {r['wall_seconds'] / keras['process_seconds']:.2f}x plain Keras (aim 1.3x)"
             )
         results.append({"scenario": "keras-w1", **keras})
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    bench.finish(results)
 
 
 if __name__ == "__main__":

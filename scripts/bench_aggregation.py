@@ -30,12 +30,12 @@ partition n values per coordinate, O(n d) to O(n log n d); the means are O(n d).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
+
+from benchlib import Bench, add_arguments
 
 try:
     import numpy as np
@@ -92,7 +92,7 @@ def one_round(rule: strategies.Strategy, current: Global, updates: list[Update])
     return out
 
 
-def measure(name: str, model: str, n: int, repeats: int, data: tuple) -> dict:
+def measure(name: str, model: str, n: int, repeats: int, data: tuple, bench: Bench) -> dict:
     weights, updates = data
     rule = rule_for(name, model, n)
     current = Global(weights, 1, 6000)
@@ -102,15 +102,16 @@ def measure(name: str, model: str, n: int, repeats: int, data: tuple) -> dict:
         started = time.perf_counter()
         one_round(rule, current, updates)
         times.append(time.perf_counter() - started)
-    return {
-        "rule": name,
-        "model": model,
-        "updates": n,
-        "parameters": models.parameter_count(model),
-        "median_seconds": statistics.median(times),
-        "min_seconds": min(times),
-        "load": round(os.getloadavg()[0], 2),
-    }
+    return bench.figure(
+        {
+            "rule": name,
+            "model": model,
+            "updates": n,
+            "parameters": models.parameter_count(model),
+            "median_seconds": statistics.median(times),
+            "min_seconds": min(times),
+        }
+    )
 
 
 def blas_threads() -> str:
@@ -170,7 +171,7 @@ def main() -> None:
         default=100,
         help="largest n for the cnn in the krum table (200 cnn updates hold 1.3 GB; default 100)",
     )
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    add_arguments(parser)
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -187,22 +188,23 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}; known: {', '.join(models.SHAPES)}")
 
-    print(f"command: scripts/bench_aggregation.py {' '.join(sys.argv[1:])}".rstrip())
+    bench = Bench.from_args("bench_aggregation", args)
+    bench.header()
     print(
-        f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; numpy {np.__version__},"
-        f" BLAS threads: {blas_threads()}; median of {args.repeats} rounds after one untimed",
+        f"numpy {np.__version__}, BLAS threads: {blas_threads()}; "
+        f"median of {args.repeats} rounds after one untimed",
         flush=True,
     )
     results: list[dict] = []
     for model, n in CELLS:
         data = synthetic(model, n)
         for name in rules:
-            r = measure(name, model, n, args.repeats, data)
+            r = measure(name, model, n, args.repeats, data, bench)
             results.append(r)
-            print(
+            bench.say(
                 f"{name:14} {model} n={n:<4} {seconds_text(r['median_seconds']):>10} "
                 f"(min {seconds_text(r['min_seconds'])}), load {r['load']:.1f}",
-                flush=True,
+                r["load"],
             )
         del data
     krum: list[dict] = []
@@ -211,17 +213,17 @@ def main() -> None:
             for n in krum_n:
                 if model == "cnn" and n > args.krum_cnn_max:
                     continue
-                r = measure("krum", model, n, args.repeats, synthetic(model, n))
+                r = measure("krum", model, n, args.repeats, synthetic(model, n), bench)
                 krum.append(r)
-                print(
+                bench.say(
                     f"krum           {model} n={n:<4} {seconds_text(r['median_seconds']):>10} "
                     f"(min {seconds_text(r['min_seconds'])}), load {r['load']:.1f}",
-                    flush=True,
+                    r["load"],
                 )
 
     loads = [r["load"] for r in results + krum]
     print()
-    print(f"command: scripts/bench_aggregation.py {' '.join(sys.argv[1:])}".rstrip())
+    bench.header()
     print(
         f"load (1 min) {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores; "
         f"BLAS threads: {blas_threads()}"
@@ -238,6 +240,7 @@ def main() -> None:
             if r["rule"] == name and r["model"] == m and r["updates"] == n
         ]
         print(f"| `{name}` | " + " | ".join(cells) + " |")
+    bench.mark_table()
     if krum:
         print()
         ns = sorted({r["updates"] for r in krum})
@@ -247,13 +250,13 @@ def main() -> None:
             row = {r["updates"]: r for r in krum if r["model"] == model}
             cells = [seconds_text(row[n]["median_seconds"]) if n in row else "-" for n in ns]
             print(f"| {model} | " + " | ".join(cells) + " |")
+        bench.mark_table()
         print()
         for model in krum_models:
             fit = krum_fit(krum, model)
             if fit:
                 print(fit)
-    if args.json:
-        args.json.write_text(json.dumps({"rules": results, "krum": krum}, indent=2) + "\n")
+    bench.finish({"rules": results, "krum": krum})
 
 
 if __name__ == "__main__":

@@ -10,38 +10,28 @@ Measures and prints:
     .venv/bin/python scripts/bench_aggregator.py [--seconds 10] [--clients 8] [--threads 8]
 
 It writes a version-0 checkpoint of the mlp layout into a temporary MODEL_DIR,
-so it needs neither TensorFlow nor MNIST. A benchmark, not a test: it gates nothing.
+so it needs neither TensorFlow nor MNIST (scripts/benchlib's stand-in). Refuses to start
+above a load of 1.0 unless --force. A benchmark, not a test: it gates nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import requests
 
-from fedsim import checkpoints, config, tokens, weights
-from fedsim.data import partition
-from fedsim.models import SHAPES, parameter_count
+from benchlib import Bench, add_arguments, cpu_seconds, serve, vm_hwm_kib
+from benchlib.procs import children
+from fedsim import checkpoints, weights
+from fedsim.models import parameter_count
 
 RAW_BYTES = parameter_count("mlp") * 4  # 796,840: the float32 weights alone
-ID_WIDTH = 32  # update ids are patched into one pre-encoded body, so they share a width
-TOKEN = "be" * 32  # the uploaders' token, written to the temporary TOKENS_FILE
-
-
-def mlp_weights(seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {n: rng.standard_normal(s).astype(np.float32) * 0.05 for n, s in SHAPES["mlp"]}
 
 
 def update_body(client: str, update_id: str, base_version: int = 0) -> bytes:
@@ -57,60 +47,20 @@ def update_body(client: str, update_id: str, base_version: int = 0) -> bytes:
         "accuracy": 0.965432,
         "retries": 0,
     }
-    return weights.encode(mlp_weights(hash(client) % 1000), meta)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return weights.encode(serve.mlp_weights(hash(client) % 1000), meta)
 
 
 def worker_pid(master: int) -> int:
     for _ in range(100):
-        children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-        if children:
-            return int(children[0])
+        found = children(master)
+        if found:
+            return found[0]
         time.sleep(0.1)
     raise RuntimeError("gunicorn started no worker")
 
 
-def vm_hwm_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmHWM for {pid}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process: what the aggregator spent, whatever the load."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def uploader(args: tuple[str, int, float]) -> tuple[int, int]:
-    """Post valid updates until the deadline; (accepted, other answers)."""
-    url, k, deadline = args
-    placeholder = "0" * ID_WIDTH
-    body = bytearray(update_body(f"client-{k}", placeholder))
-    at = body.index(placeholder.encode())
-    session = requests.Session()
-    session.headers["Authorization"] = f"Bearer {TOKEN}"
-    accepted = other = 0
-    i = 0
-    while time.time() < deadline:
-        i += 1
-        body[at : at + ID_WIDTH] = f"{k:04d}{i:028d}".encode()
-        response = session.post(url + "/v1/updates", data=bytes(body), timeout=30)
-        if response.status_code == 200 and not response.json()["duplicate"]:
-            accepted += 1
-        else:
-            other += 1
-    return accepted, other
-
-
-def downloader(args: tuple[str, int, float]) -> tuple[int, int]:
-    url, _, deadline = args
+def downloader(job: tuple[str, int, float]) -> tuple[int, int]:
+    url, _, deadline = job
     session = requests.Session()
     ok = other = 0
     while time.time() < deadline:
@@ -122,18 +72,7 @@ def downloader(args: tuple[str, int, float]) -> tuple[int, int]:
     return ok, other
 
 
-def run_phase(target, url: str, clients: int, seconds: float) -> tuple[int, int, float]:
-    with mp.get_context("fork").Pool(clients) as pool:
-        start = time.time() + 0.5  # let every process import and connect first
-        deadline = start + seconds
-        results = pool.map_async(target, [(url, k, deadline) for k in range(clients)])
-        counts = results.get(timeout=seconds + 120)
-    ok = sum(c[0] for c in counts)
-    other = sum(c[1] for c in counts)
-    return ok, other, seconds
-
-
-def wire_bytes() -> None:
+def wire_bytes() -> dict[str, int]:
     body = update_body("client-1", uuid.uuid4().hex)
     header = weights.read_header(body)
     request = requests.Request(
@@ -158,6 +97,7 @@ def wire_bytes() -> None:
         f"wire: body + HTTP request head   {total:>9,} bytes "
         f"(+{total - RAW_BYTES} = {100 * (total / RAW_BYTES - 1):.3f}% over)"
     )
+    return {"raw_bytes": RAW_BYTES, "body_bytes": len(body), "request_bytes": total}
 
 
 def main() -> int:
@@ -166,91 +106,66 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8, help="concurrent uploaders/downloaders")
     parser.add_argument("--threads", type=int, default=8, help="gunicorn threads")
     parser.add_argument("--save-model", type=int, default=2, help="SAVE_MODEL (default 2)")
+    add_arguments(parser)
     args = parser.parse_args()
+    bench = Bench.from_args("bench_aggregator", args)
+    bench.header()
 
-    wire_bytes()
-    with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as tmp:
-        model_dir = Path(tmp) / "models"
-        checkpoints.save(model_dir, 0, mlp_weights(0), {"samples": 0, "model": "mlp"}, keep=5)
-        tokens_file = Path(tmp) / "tokens.json"
-        tokens_file.write_text(
-            f'{{"format": 1, "tokens": [{{"name": "bench", "token": "{TOKEN}", "clients": ["*"]}}]}}'
-        )
-        tokens.read(tokens_file)
-        # The default plan (three slice ranges); its label histograms come from stand-in
-        # labels, since no worker trains here and MNIST is not needed.
-        settings = config.load(environ={"MODEL_DIR": str(model_dir)}, env_file=Path(tmp) / "none")
-        plan = partition.plan_settings(settings)
-        labels = (np.arange(60_000) % 10).astype(np.uint8)
-        partition.write(model_dir, partition.manifest(plan, partition.make(plan, labels), labels))
-        port = free_port()
-        env = {
-            **os.environ,
-            "MODEL": "mlp",
-            "AGGREGATION": "async-weighted",
-            "MODEL_DIR": str(model_dir),
-            "TOKENS_FILE": str(tokens_file),
-            "SAVE_MODEL": str(args.save_model),
-            "FEDSIM_ENV_FILE": str(Path(tmp) / "no.env"),
-            "BIND": f"127.0.0.1:{port}",
-            "THREADS": str(args.threads),
-        }
-        gunicorn = Path(sys.executable).with_name("gunicorn")
-        log = Path(tmp) / "gunicorn.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [
-                    str(gunicorn),
-                    "-c",
-                    "python:fedsim.aggregator.gunicorn_conf",
-                    "fedsim.aggregator.app:create_app()",
-                ],
-                cwd=tmp,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        url = f"http://127.0.0.1:{port}"
+    results: dict[str, object] = {"wire": wire_bytes()}  # sizes: no load to mark
+    with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as name:
+        tmp = Path(name)
+        env = serve.stand_in(tmp)
+        env |= {"AGGREGATION": "async-weighted", "SAVE_MODEL": str(args.save_model)}
+        headers = serve.workers_header(env)
+        proc, url, log = serve.start_gunicorn(tmp, env, args.threads)
         try:
-            for _ in range(300):
-                try:
-                    if requests.get(url + "/healthz", timeout=1).ok:
-                        break
-                except requests.RequestException:  # not up yet, or slow to answer on a busy machine
-                    time.sleep(0.1)
-            else:
-                print(log.read_text())
-                return 1
+            serve.wait_healthy(url, proc, log)
             worker = worker_pid(proc.pid)
             print(
-                f"setup: gunicorn 1 worker x {args.threads} threads, {os.cpu_count()} cores, "
+                f"setup: gunicorn 1 worker x {args.threads} threads, "
                 f"SAVE_MODEL={args.save_model}, {args.clients} client processes, "
                 f"{args.seconds:g} s per phase; worker RSS at start {vm_hwm_kib(worker) / 1024:.0f} MiB"
             )
-            print(f"load: {os.getloadavg()[0]:.2f} (1-min average before the run)")
-            cpu = cpu_seconds(worker)
-            ok, other, secs = run_phase(uploader, url, args.clients, args.seconds)
+            secs = args.seconds
+            load, cpu = bench.load(), cpu_seconds(worker)
+            body = update_body("client-1", "0" * serve.ID_WIDTH)
+            ok, other = serve.for_seconds(
+                serve.uploads, args.clients, secs, url, body, "", headers, ""
+            )
             cpu_up = cpu_seconds(worker) - cpu
-            status = requests.get(url + "/v1/status", timeout=10).json()
-            print(
+            status = requests.get(url + "/v1/status", timeout=10, headers=headers).json()
+            per_update = 1000 * cpu_up / max(ok, 1)
+            bench.say(
                 f"uploads: {ok / secs:.0f} accepted updates/s ({ok} in {secs:g} s, "
                 f"{other} not accepted; version {status['version']}, "
                 f"last checkpoint v{status['last_checkpoint']['version']}); "
-                f"aggregator CPU {1000 * cpu_up / max(ok, 1):.2f} ms per update"
+                f"aggregator CPU {per_update:.2f} ms per update",
+                load,
             )
-            cpu = cpu_seconds(worker)
-            ok, other, secs = run_phase(downloader, url, args.clients, args.seconds)
-            cpu_down = cpu_seconds(worker) - cpu
-            print(
+            results["uploads"] = bench.figure(
+                {"per_second": ok / secs, "accepted": ok, "other": other, "cpu_ms": per_update},
+                load,
+            )
+            load, cpu = bench.load(), cpu_seconds(worker)
+            ok, other = serve.for_seconds(downloader, args.clients, secs, url)
+            per_download = 1000 * (cpu_seconds(worker) - cpu) / max(ok, 1)
+            bench.say(
                 f"downloads: {ok / secs:.0f} model downloads/s ({ok} in {secs:g} s, {other} failed); "
-                f"aggregator CPU {1000 * cpu_down / max(ok, 1):.2f} ms per download"
+                f"aggregator CPU {per_download:.2f} ms per download",
+                load,
             )
-            print(f"memory: aggregator worker peak RSS (VmHWM) {vm_hwm_kib(worker) / 1024:.0f} MiB")
+            results["downloads"] = bench.figure(
+                {"per_second": ok / secs, "ok": ok, "failed": other, "cpu_ms": per_download}, load
+            )
+            peak = vm_hwm_kib(worker)
+            bench.say(f"memory: aggregator worker peak RSS (VmHWM) {peak / 1024:.0f} MiB")
+            results["memory"] = bench.figure({"worker_peak_kib": peak})
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-        saved = checkpoints.versions(model_dir)
+        saved = checkpoints.versions(Path(env["MODEL_DIR"]))
         print(f"shutdown: exit {proc.returncode}, newest checkpoint v{saved[0] if saved else '-'}")
+    bench.finish(results)
     return 0
 
 

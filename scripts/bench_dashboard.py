@@ -11,10 +11,11 @@ Measures and prints:
     .venv/bin/python scripts/bench_dashboard.py --url http://127.0.0.1:8080/ [--hold 30]
 
 By default it serves the dashboard from the stand-in aggregator of the tests
-(tests/dashboard_helpers.py) with `--clients` logical clients and `--points`
+(tests/helpers/dashboard.py) with `--clients` logical clients and `--points`
 evaluated rounds. With `--url` it measures a running aggregator instead and
 then keeps the page open `--hold` seconds (polling every 2 s), e.g. while
-scripts/bench_aggregator.py runs. A benchmark, not a test: it gates nothing.
+scripts/bench_aggregator.py runs. Refuses to start above a load of 1.0 unless --force.
+A benchmark, not a test: it gates nothing.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ import statistics
 import sys
 import time
 import urllib.request
-from pathlib import Path
 from urllib.parse import urljoin
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from benchlib import ROOT, Bench, add_arguments
 
-from dashboard_helpers import FakeRun, Server, chromium, chromium_missing, fake_app  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers.dashboard import FakeRun, Server, chromium, chromium_missing, fake_app
 
 RESOURCES = ("", "static/dashboard.js", "static/dashboard.css", "static/vendor/chart.min.js")
 POLL = ("v1/status", "v1/history")
@@ -65,7 +65,7 @@ def hold(url: str, seconds: float) -> None:
     print(f"page held open {seconds:.0f} s: {polls} polls, {errors} failed")
 
 
-def report(url: str, loads: int) -> None:
+def report(url: str, loads: int, bench: Bench) -> dict:
     sizes = {name or "page (HTML)": size(urljoin(url, name)) for name in RESOURCES}
     for name, n in sizes.items():
         print(f"  {name:30s} {n:>9,d} bytes")
@@ -74,11 +74,18 @@ def report(url: str, loads: int) -> None:
     print(f"  {'  without Chart.js':30s} {own:>9,d} bytes")
     poll = sum(size(urljoin(url, p)) for p in POLL)
     print(f"  {'one poll (status + history)':30s} {poll:>9,d} bytes, every 2 s")
+    load = bench.load()
     times = [time_to_chart(url) for _ in range(loads)]
-    print(
+    bench.say(
         f"time to the first chart point: median {statistics.median(times):.0f} ms "
-        f"(min {min(times):.0f}, max {max(times):.0f}, {loads} loads, fresh profile each)"
+        f"(min {min(times):.0f}, max {max(times):.0f}, {loads} loads, fresh profile each)",
+        load,
     )
+    return {
+        "bytes": sizes,
+        "poll_bytes": poll,
+        "chart_ms": bench.figure({"median": statistics.median(times), "all": times}, load),
+    }
 
 
 def main() -> None:
@@ -88,16 +95,20 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=50, help="evaluated rounds (50)")
     parser.add_argument("--url", help="a running aggregator's dashboard instead of the stand-in")
     parser.add_argument("--hold", type=float, default=0, help="then keep the page open, seconds")
+    add_arguments(parser)
     args = parser.parse_args()
     missing = chromium_missing()
     if missing:
         raise SystemExit(f"bench_dashboard: {missing}")
+    bench = Bench.from_args("bench_dashboard", args)
+    bench.header()
 
     if args.url:
         print(f"dashboard at {args.url}")
-        report(args.url, args.loads)
+        result = report(args.url, args.loads, bench)
         if args.hold:
             hold(args.url, args.hold)
+        bench.finish(result)
         return
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
@@ -112,7 +123,7 @@ def main() -> None:
             f"stand-in aggregator: {args.clients} clients, {args.points} chart points, "
             f"{len(run.events)} events"
         )
-        report(server.url, args.loads)
+        bench.finish(report(server.url, args.loads, bench))
 
 
 if __name__ == "__main__":

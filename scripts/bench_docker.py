@@ -9,72 +9,43 @@ Builds the images first (not timed), then times a warm
 free host port:
   - up to the first aggregated update (the aggregator's version reaches 1),
   - up to the end of the run (every client container has exited).
-Reads the MNIST files from ./data. Removes its containers and volume at the
-end. Prints numbers; it is not a test.
+Reads the MNIST files from ./data. Removes its containers, networks and volume at
+the end, every profile's included. Refuses to start above a load of 1.0 unless
+--force. Prints numbers; it is not a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-
-
-def compose_env(port: int) -> dict[str, str]:
-    """The caller's environment without fedsim settings, so the defaults apply."""
-    example = (ROOT / ".env.example").read_text()
-    drop = set(re.findall(r"^([A-Z][A-Z0-9_]*)=", example, re.M)) | {"COMPOSE_FILE"}
-    drop |= {"COMPOSE_PROJECT_NAME"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["AGGREGATOR_PORT"] = str(port)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def status(port: int) -> dict | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status", timeout=2) as r:
-            return json.load(r)
-    except OSError:
-        return None
+from benchlib import ROOT, Bench, add_arguments, free_port
+from benchlib.docker import COMPOSE_RESET, clean_env, mnist_files, status
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=3)
+    add_arguments(parser)
     args = parser.parse_args()
 
     folder = ROOT / "data"
-    missing = [n for n in MNIST_FILES if not any(folder.glob(n + "*"))]
+    missing = [n for n, path in mnist_files(folder).items() if path is None]
     if missing:
         print(f"bench_docker: put the MNIST files {missing} in {folder} first", file=sys.stderr)
         return 1
+    bench = Bench.from_args("bench_docker", args)
+    bench.header()
 
     port = free_port()
+    results: dict[str, object] = {}
     with tempfile.NamedTemporaryFile("w", suffix=".env") as empty_env:
         base = ["docker", "compose", "-p", "fedsim-bench", "--env-file", empty_env.name]
-        env = compose_env(port)
+        env = clean_env(AGGREGATOR_PORT=str(port))
 
         def compose(*a: str, **kw) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
@@ -91,9 +62,11 @@ def main() -> int:
                 check=True,
             ).stdout
             print(f"image {image:26} {int(size) / 1e6:8.0f} MB")
+            results[image] = {"bytes": int(size)}
 
-        compose("down", "-v", "--remove-orphans")
+        compose(*COMPOSE_RESET)
         try:
+            load = bench.load()
             t0 = time.monotonic()
             up = subprocess.Popen(
                 [*base, "up", "-d", "--scale", f"client={args.clients}"],
@@ -123,14 +96,19 @@ def main() -> int:
             final = status(port) or {}
             codes = [c["ExitCode"] for c in states]
             print(f"clients                    {args.clients} (exit codes {codes})")
-            print(f"up -> first aggregated update {first:6.1f} s")
-            print(f"up -> all clients exited      {end:6.1f} s")
+            bench.say(f"up -> first aggregated update {first:6.1f} s", load)
+            bench.say(f"up -> all clients exited      {end:6.1f} s", load)
             print(
                 f"final version {final.get('version')}, {final.get('samples')} samples, "
                 f"strategy {final.get('strategy')}"
             )
+            results["run"] = bench.figure(
+                {"clients": args.clients, "first_update_seconds": first, "exited_seconds": end},
+                load,
+            )
         finally:
-            compose("down", "-v", "--remove-orphans", "--timeout", "20")
+            compose(*COMPOSE_RESET, "--timeout", "20")
+    bench.finish(results)
     return 0
 
 

@@ -14,9 +14,9 @@ FedAvg (McMahan et al. 2017) as a sample-weighted mean of the clients' weights
 in numpy. Each client starts from a fresh optimizer state (its variables
 zeroed, as the workers do), so the work is the same as in a federated run; what
 it leaves out is what the system adds: processes, HTTP, checkpoints and the
-per-round test evaluation. It prints one JSON object: the time from process
-start (TensorFlow's import included) to the end, the seconds of each round and
-the final test accuracy.
+per-round test evaluation. It prints one JSON document (scripts/benchlib) whose
+results are the time from process start (TensorFlow's import included) to the
+end, the seconds of each round and the final test accuracy.
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 STARTED = time.monotonic()  # before TensorFlow's import, which the process time includes
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchlib import Bench, add_arguments, data_dir  # noqa: E402
 
 # name -> the workload's settings (see the module docstring).
 WORKLOADS = {
@@ -56,13 +55,6 @@ SLICE_IMAGES = 5000  # NUM_IMAGES_TRAIN's default
 W2_CLIENTS, W2_SAMPLES = 10, 600  # C x K = 0.1 x 100 clients of 600 images
 
 
-def data_dir() -> Path:
-    for candidate in (os.environ.get("DATA_DIR"), ROOT / "data", ROOT.parent / "shared" / "mnist"):
-        if candidate and (Path(candidate) / "t10k-labels-idx1-ubyte.gz").is_file():
-            return Path(candidate)
-    sys.exit("bench_keras: no MNIST files found; set DATA_DIR")
-
-
 def client_indices(workload: str, round_no: int, seed: int) -> list:
     """Per client of the round, the training indices it trains on."""
     import numpy as np
@@ -77,7 +69,7 @@ def client_indices(workload: str, round_no: int, seed: int) -> list:
     return [order[i * W2_SAMPLES : (i + 1) * W2_SAMPLES] for i in range(W2_CLIENTS)]
 
 
-def run(workload: str, settings: dict, seed: int) -> dict:
+def run(workload: str, settings: dict, seed: int, bench: Bench) -> dict:
     from fedsim import tfruntime
 
     tfruntime.quiet()  # the same kernels as the workers (oneDNN off), default thread pools
@@ -88,8 +80,9 @@ def run(workload: str, settings: dict, seed: int) -> dict:
     from fedsim.client.training import fresh_optimizer
     from fedsim.data import mnist
 
-    images, labels = mnist.load_pair(data_dir(), "train", verify=False)
-    test_x, test_y = mnist.load_pair(data_dir(), "t10k", verify=False)
+    folder = Path(data_dir())
+    images, labels = mnist.load_pair(folder, "train", verify=False)
+    test_x, test_y = mnist.load_pair(folder, "t10k", verify=False)
     model = models.build(
         settings["model"], seed=seed, learning_rate=settings["lr"], optimizer=settings["optimizer"]
     )
@@ -124,16 +117,17 @@ def run(workload: str, settings: dict, seed: int) -> dict:
     _, accuracy = model.evaluate(
         mnist.scale(test_x), test_y.astype(np.int64), batch_size=1000, verbose=0
     )
-    return {
-        "workload": workload,
-        "settings": settings,
-        "round_seconds": [round(s, 2) for s in round_seconds],
-        "train_seconds": round(sum(round_seconds), 2),
-        "accuracy": round(float(accuracy), 4),
-        "process_seconds": round(time.monotonic() - STARTED, 2),
-        "cpu_count": os.cpu_count(),
-        "load_1min": round(os.getloadavg()[0], 2),
-    }
+    return bench.figure(
+        {
+            "workload": workload,
+            "settings": settings,
+            "round_seconds": [round(s, 2) for s in round_seconds],
+            "train_seconds": round(sum(round_seconds), 2),
+            "accuracy": round(float(accuracy), 4),
+            "process_seconds": round(time.monotonic() - STARTED, 2),
+            "cpu_count": os.cpu_count(),
+        }
+    )
 
 
 def main() -> None:
@@ -142,7 +136,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="FedAvg rounds (default: the workload's)")
     parser.add_argument("--lr", type=float, help="learning rate (default: the workload's)")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--json", type=Path, help="also write the result here")
+    add_arguments(parser, json_help="also write the result here")
     args = parser.parse_args()
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
@@ -153,10 +147,8 @@ def main() -> None:
         settings["rounds"] = args.rounds
     if args.lr is not None:
         settings["lr"] = args.lr
-    result = run(args.workload, settings, args.seed)
-    print(json.dumps(result), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    bench = Bench.from_args("bench_keras", args)
+    print(json.dumps(bench.finish(run(args.workload, settings, args.seed, bench))), flush=True)
 
 
 if __name__ == "__main__":

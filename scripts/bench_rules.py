@@ -33,25 +33,20 @@ Each run is one `scripts/simulate.sh --clients N` with its own MODEL_DIR,
 TOKENS_FILE and port in a temporary folder; settings not given keep the code's
 defaults (a .env is not read). Wall time is the whole run, TensorFlow's
 start-up included; the 1-minute load average before and after is printed
-beside it, since timings on a shared machine depend on it. A benchmark, not a
-test: it measures and prints.
+beside it. Refuses to start above a load of 1.0 unless --force (scripts/benchlib).
+A benchmark, not a test: it measures and prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ROOT, data_dir, free_port, read_history, stop
+from benchlib import Bench, add_arguments, key_values, local_run, stop
 
 try:
     from fedsim import config
@@ -113,6 +108,7 @@ class Run:
     curve: list[tuple[float | None, float]] = field(default_factory=list)  # (rounds, accuracy)
     refused_aggregates: int = 0
     wall_seconds: float = 0.0
+    peak_rss_bytes: int = 0  # every process of the run, summed
     load_before: float = 0.0
     load_after: float = 0.0
     stopped: str = ""  # finished, time limit, failed
@@ -142,53 +138,33 @@ def run_one(
     max_seconds: float,
 ) -> Run | None:
     """One whole run; None (with a line saying why) when its settings are refused."""
-    with tempfile.TemporaryDirectory(prefix="fedsim-rules-") as tmp:
-        model_dir = Path(tmp) / "models"
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": tmp,
-            "FEDSIM_ENV_FILE": str(Path(tmp) / "no.env"),
-            "DATA_DIR": data_dir(),
-            "MODEL_DIR": str(model_dir),
-            "TOKENS_FILE": str(Path(tmp) / "tokens.json"),
-            "AGGREGATOR_URL": f"http://127.0.0.1:{free_port()}",
-            **overrides,
-        }
+    try:
+        settings = config.load(environ={"FEDSIM_ENV_FILE": os.devnull, **overrides})
+        mode = strategies.build(settings).mode
+    except config.ConfigError as exc:
+        print(f"{scenario} {rule}: not run: {exc}", flush=True)
+        return None
+    out = Run(scenario, rule, attack, mode, overrides, settings.per_round)
+    out.load_before = round(os.getloadavg()[0], 2)
+    with local_run(overrides, workers, prefix="fedsim-rules-") as run:
         try:
-            settings = config.load(environ=env)
-            mode = strategies.build(settings).mode
-        except config.ConfigError as exc:
-            print(f"{scenario} {rule}: not run: {exc}", flush=True)
-            return None
-        out = Run(scenario, rule, attack, mode, overrides, settings.per_round)
-        out.load_before = round(os.getloadavg()[0], 2)
-        log_path = Path(tmp) / "run.log"
-        started = time.monotonic()
-        with log_path.open("w") as log:
-            proc = subprocess.Popen(
-                [str(ROOT / "scripts" / "simulate.sh"), "--clients", str(workers)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, stopped as one
-            )
-        try:
-            proc.wait(timeout=max_seconds)
-            out.stopped = "finished" if proc.returncode == 0 else "failed"
+            run.proc.wait(timeout=max_seconds)
+            out.stopped = "finished" if run.proc.returncode == 0 else "failed"
         except subprocess.TimeoutExpired:
             out.stopped = "time limit"
         finally:
-            stop(proc)
-        out.wall_seconds = round(time.monotonic() - started, 1)
+            stop(run.proc)
+        out.wall_seconds = run.seconds()
+        out.peak_rss_bytes = run.memory.peak
         out.load_after = round(os.getloadavg()[0], 2)
-        text = log_path.read_text(errors="replace")
+        text = run.output()
         # The aggregator's line for a new model refused as non-finite or exploding.
         out.refused_aggregates = text.count("refused aggregate:")
-        entries = [e for e in read_history(model_dir / "history.jsonl") if e.get("version")]
+        entries = [e for e in run.history() if e.get("version")]
         if out.stopped == "failed" and not entries:
             sys.stderr.write(text[-3000:])
             raise SystemExit(
-                f"bench_rules: {scenario} {rule}: simulate.sh exited {proc.returncode}"
+                f"bench_rules: {scenario} {rule}: simulate.sh exited {run.proc.returncode}"
             )
     entries.sort(key=lambda e: e["version"])
     out.evaluations = len(entries)
@@ -296,7 +272,7 @@ def main() -> None:
         "--max-seconds", type=float, default=1200.0, help="wall-time limit per run (default 1200)"
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    add_arguments(parser)
     args = parser.parse_args()
     for flag, value in (("--rounds", args.rounds), ("--epochs", args.epochs)):
         if value is not None and value < 1:
@@ -305,9 +281,7 @@ def main() -> None:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     if not args.max_seconds > 0:
         parser.error(f"--max-seconds must be positive, got {args.max_seconds}")
-    bad = [item for item in args.set if "=" not in item]
-    if bad:
-        parser.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
+    settings = key_values(parser, args.set)
     attacks = ["none"]
     if args.scenario == "attacks":
         attacks = [a.strip() for a in args.attacks.split(",")] if args.attacks else list(ATTACKS)
@@ -317,18 +291,18 @@ def main() -> None:
     elif args.attacks:
         parser.error("--attacks applies only to --scenario attacks")
     rules = parse_rules(args.rules, args.scenario)
+    bench = Bench.from_args("bench_rules", args)
 
     base = dict(SCENARIOS[args.scenario])
     if args.rounds is not None:
         base["ROUNDS"] = str(args.rounds)
     if args.epochs is not None:
         base["EPOCHS"] = str(args.epochs)
-    base.update(item.split("=", 1) for item in args.set)
+    base.update(settings)
     shown = " ".join(f"{k}={v}" for k, v in base.items())
     resolved = config.load(environ={"FEDSIM_ENV_FILE": os.devnull, **base})
-    print(f"command: scripts/bench_rules.py {' '.join(sys.argv[1:])}".rstrip())
+    bench.header()
     print(
-        f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; "
         f"{args.workers} workers; {shown}; resolved: EPOCHS={resolved.epochs} "
         f"BATCH_SIZE={resolved.batch_size} {resolved.optimizer} "
         f"LEARNING_RATE={resolved.learning_rate:g} MODEL={resolved.model}",
@@ -343,7 +317,7 @@ def main() -> None:
                 **base,
                 **ATTACKS[attack],
             }
-            if rule == "fedbuff" and "EVAL_EVERY" not in dict(i.split("=", 1) for i in args.set):
+            if rule == "fedbuff" and "EVAL_EVERY" not in settings:
                 overrides["EVAL_EVERY"] = "1"  # a version is FEDBUFF_K updates
             run = run_one(
                 args.scenario,
@@ -356,12 +330,12 @@ def main() -> None:
             if run is not None:
                 run.rule_settings = RULE_SETTINGS.get(args.scenario, {}).get(rule, {})
                 runs.append(run)
-                print(line(run), flush=True)
+                bench.say(line(run), run.load_before)
     print()
-    print(f"command: scripts/bench_rules.py {' '.join(sys.argv[1:])}".rstrip())
+    bench.header()
     print(attacks_table(runs) if args.scenario == "attacks" else rules_table(runs))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n")
+    bench.mark_table()
+    bench.finish([bench.figure(asdict(r), r.load_before) for r in runs])
 
 
 if __name__ == "__main__":

@@ -14,14 +14,14 @@ through the proxy, and through the proxy with TLS, with nginx's CPU per update.
 
     .venv/bin/python scripts/bench_slow_clients.py [--seconds 20] [--idle 100] [--slow 100]
 
-Needs nginx and openssl (Debian's packages); no TensorFlow, no MNIST (stand-in
-labels make the partition plan). A benchmark, not a test: it gates nothing.
+Needs nginx and openssl (Debian's packages); no TensorFlow, no MNIST (scripts/benchlib's
+stand-in aggregator). Refuses to start above a load of 1.0 unless --force. A benchmark,
+not a test: it gates nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import select
 import shutil
@@ -36,52 +36,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import requests
 
-from fedsim import checkpoints, config, weights
-from fedsim.data import partition
-from fedsim.models import SHAPES
+from benchlib import ROOT, Bench, PeakMemory, add_arguments, cpu_seconds, free_port, serve
+from fedsim import weights
 
-ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = ROOT / "deploy" / "nginx" / "entrypoint.sh"
 MAKE_CERTS = ROOT / "scripts" / "make-certs.sh"
 MLP_UPDATE_BYTES = 797_520  # what a real mlp upload declares
 ANSWER_BOUND = 1.0  # seconds: the bound a normal pull is held to
 PULL_TIMEOUT = 10.0  # seconds a pull waits before it counts as not answered
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rss_kib(pid: int) -> int:
-    """Resident memory of a process and its children (nginx's master and workers)."""
-    total = 0
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return 0
-    for p in [pid, *map(int, children)]:
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its children, whatever the machine's load."""
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return 0.0
-    total = 0
-    for p in [pid, *map(int, children)]:
-        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 # --- hostile sockets ---------------------------------------------------------------------
@@ -198,6 +162,16 @@ class Pulls:
     times: list[float] = field(default_factory=list)  # seconds, answered pulls
     failed: list[str] = field(default_factory=list)
 
+    def summary(self) -> dict:
+        ms = sorted(1000 * t for t in self.times)
+        return {
+            "answered": len(self.times),
+            "within_bound": sum(t <= ANSWER_BOUND for t in self.times),
+            "not_answered": len(self.failed),
+            "p50_ms": statistics.median(ms) if ms else None,
+            "max_ms": ms[-1] if ms else None,
+        }
+
     def line(self) -> str:
         n = len(self.times) + len(self.failed)
         if not self.times:
@@ -235,40 +209,9 @@ def pull_for(url: str, seconds: float, interval: float, expect: int) -> Pulls:
 
 # --- throughput -------------------------------------------------------------------------
 
-ID_WIDTH = 32  # update ids are patched into one pre-encoded body, so they share a width
-
-
-def uploader(job: tuple[str, int, float, dict[str, str], str, int]) -> int:
-    """Post valid mlp updates until the deadline; how many were accepted (not duplicates:
-    each phase numbers its ids apart)."""
-    url, k, deadline, headers, verify, phase = job
-    rng = np.random.default_rng(k)
-    tensors = {n: rng.standard_normal(s).astype(np.float32) * 0.05 for n, s in SHAPES["mlp"]}
-    meta = {
-        "client_id": "client-1",
-        "update_id": "0" * ID_WIDTH,
-        "base_version": 0,
-        "num_samples": 5000,
-    }
-    body = bytearray(weights.encode(tensors, meta))
-    at = body.index(b"0" * ID_WIDTH)
-    session = requests.Session()
-    accepted = i = 0
-    while time.time() < deadline:
-        i += 1
-        body[at : at + ID_WIDTH] = f"{phase:02d}{k:04d}{i:026d}".encode()
-        response = session.post(
-            url + "/v1/updates",
-            data=bytes(body),
-            headers=headers,
-            timeout=30,
-            verify=verify or True,  # per request: REQUESTS_CA_BUNDLE would beat Session.verify
-        )
-        accepted += response.status_code == 200 and not response.json()["duplicate"]
-    return accepted
-
 
 def throughput(
+    bench: Bench,
     phase: int,
     name: str,
     url: str,
@@ -276,67 +219,28 @@ def throughput(
     headers: dict[str, str],
     ca: str,
     pid: int,
-) -> None:
-    cpu = cpu_seconds(pid) if pid else 0.0
-    with mp.get_context("fork").Pool(args.uploaders) as pool:
-        deadline = time.time() + 0.5 + args.upload_seconds
-        jobs = [(url, k, deadline, headers, ca, phase) for k in range(args.uploaders)]
-        accepted = sum(pool.map(uploader, jobs))
+) -> dict:
+    """Accepted mlp updates per second from --uploaders processes (each phase numbers
+    its ids apart, so none is a duplicate); with `pid`, that server's CPU per update."""
+    meta = {"client_id": "client-1", "update_id": "0" * serve.ID_WIDTH, "base_version": 0}
+    body = weights.encode(serve.mlp_weights(phase), {**meta, "num_samples": 5000})
+    load, cpu = bench.load(), cpu_seconds(pid) if pid else 0.0
+    accepted, _ = serve.for_seconds(
+        serve.uploads, args.uploaders, args.upload_seconds, url, body, f"{phase:02d}", headers, ca
+    )
     rate = accepted / args.upload_seconds
     line = (
         f"uploads {name}: {rate:.0f} accepted updates/s ({accepted} in {args.upload_seconds:g} s)"
     )
+    figure = {"phase": f"uploads {name}", "per_second": rate, "accepted": accepted}
     if pid:
-        line += (
-            f"; nginx CPU {1000 * (cpu_seconds(pid) - cpu) / max(accepted, 1):.2f} ms per update"
-        )
-    print(line)
+        figure["nginx_cpu_ms"] = 1000 * (cpu_seconds(pid) - cpu) / max(accepted, 1)
+        line += f"; nginx CPU {figure['nginx_cpu_ms']:.2f} ms per update"
+    bench.say(line, load)
+    return bench.figure(figure, load)
 
 
 # --- servers -----------------------------------------------------------------------------
-
-
-def prepare(tmp: Path) -> dict[str, str]:
-    """Checkpoint 0, the partition plan and (when tokens exist) a tokens file; the env."""
-    model_dir = tmp / "models"
-    rng = np.random.default_rng(0)
-    tensors = {n: rng.standard_normal(s).astype(np.float32) * 0.05 for n, s in SHAPES["mlp"]}
-    checkpoints.save(model_dir, 0, tensors, {"samples": 0, "model": "mlp"}, keep=5)
-    env = {
-        "MODEL_DIR": str(model_dir),
-        "MODEL": "mlp",
-        "FEDSIM_ENV_FILE": str(tmp / "no.env"),
-        "TOKENS_FILE": str(tmp / "secrets" / "tokens.json"),
-    }
-    settings = config.load(environ=env, env_file=tmp / "no.env")
-    labels = (np.arange(config.TRAIN_IMAGES) % 10).astype(np.uint8)  # stand-in labels
-    plan = partition.plan_settings(settings)
-    partition.write(model_dir, partition.manifest(plan, partition.make(plan, labels), labels))
-    try:
-        from fedsim import tokens
-    except ImportError:  # a version without tokens
-        pass
-    else:
-        tokens.ensure(Path(env["TOKENS_FILE"]))
-    return env
-
-
-def start_gunicorn(tmp: Path, env: dict[str, str], threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    gunicorn = Path(sys.executable).with_name("gunicorn")
-    proc = subprocess.Popen(
-        [
-            str(gunicorn),
-            "-c",
-            "python:fedsim.aggregator.gunicorn_conf",
-            "fedsim.aggregator.app:create_app()",
-        ],
-        cwd=tmp,
-        env={**os.environ, **env, "BIND": f"127.0.0.1:{port}", "THREADS": str(threads)},
-        stdout=(tmp / "gunicorn.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    return proc, f"http://127.0.0.1:{port}"
 
 
 def start_nginx(tmp: Path, upstream: str, tls: bool = False) -> tuple[subprocess.Popen, str]:
@@ -360,56 +264,54 @@ def start_nginx(tmp: Path, upstream: str, tls: bool = False) -> tuple[subprocess
     return proc, f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, ca: str = "") -> None:
-    for _ in range(300):
-        if proc.poll() is not None:
-            raise SystemExit(f"{log.name}: exited {proc.returncode}\n{log.read_text()}")
-        try:
-            if requests.get(url + "/healthz", timeout=2, verify=ca or True).status_code == 200:
-                return
-        except requests.RequestException:  # not up yet
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url} never became healthy\n{log.read_text()}")
-
-
 def phase(
-    name: str, url: str, pid: int, args: argparse.Namespace, expect: int, headers: dict[str, str]
-) -> None:
+    bench: Bench,
+    name: str,
+    url: str,
+    pid: int,
+    args: argparse.Namespace,
+    expect: int,
+    headers: dict[str, str],
+) -> dict:
     port = int(url.rsplit(":", 1)[1])
+    load = bench.load()
     quiet = pull_for(url, 2, args.interval, expect)
-    print(f"{name}: no hostile sockets: {quiet.line()}")
-    peak = 0
+    bench.say(f"{name}: no hostile sockets: {quiet.line()}", load)
     with Hostile(port, args.idle, args.slow, body_head(headers)) as hostile:
         time.sleep(1.5)  # every socket open and trickling
-        stop = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not stop.wait(0.5):
-                peak = max(peak, rss_kib(pid))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        loaded = pull_for(url, args.seconds, args.interval, expect)
-        stop.set()
-        sampler.join()
+        with PeakMemory(pid) as memory:
+            loaded = pull_for(url, args.seconds, args.interval, expect)
     s = hostile.stats
     held = s.held[2:] or s.held  # after the first ticks, once all are open
     cut = ", ".join(
         f"{kind} after {min(t):.0f}-{max(t):.0f} s" for kind, t in sorted(s.lifetimes.items())
     )
-    print(
+    bench.say(
         f"{name}: {args.idle} idle + {args.slow} slow sockets for {args.seconds:g} s: "
-        f"{loaded.line()}"
+        f"{loaded.line()}",
+        load,
     )
-    print(
+    bench.say(
         f"{name}: hostile sockets held open {min(held)}-{max(held)} of {len(hostile.kinds)}; "
         f"{s.cut} cut by the server ({cut or 'none'}), reopened; {s.failed} connects failed; "
-        f"server memory peak {peak / 1024:.0f} MiB"
+        f"server memory peak {memory.peak / 2**20:.0f} MiB",
+        load,
     )
     after = pull_for(url, 2, args.interval, expect)
-    print(f"{name}: after the hostile sockets closed: {after.line()}")
+    bench.say(f"{name}: after the hostile sockets closed: {after.line()}", load)
+    return bench.figure(
+        {
+            "phase": name,
+            "quiet": quiet.summary(),
+            "hostile": loaded.summary(),
+            "after": after.summary(),
+            "held": [min(held), max(held)],
+            "cut": s.cut,
+            "connects_failed": s.failed,
+            "server_peak_bytes": memory.peak,
+        },
+        load,
+    )
 
 
 def main() -> int:
@@ -423,6 +325,7 @@ def main() -> int:
     parser.add_argument(
         "--upload-seconds", type=float, default=10, help="per upload phase; 0: none"
     )
+    add_arguments(parser)
     args = parser.parse_args()
     for tool in ("nginx", "openssl"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
@@ -430,42 +333,49 @@ def main() -> int:
                 f"{tool} not found: apt-get install -y {tool} (Debian's package)", file=sys.stderr
             )
             return 1
+    bench = Bench.from_args("bench_slow_clients", args)
+    bench.header()
 
+    results = []
     with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as name:
         tmp = Path(name)
-        env = prepare(tmp)
+        env = serve.stand_in(tmp)
         subprocess.run([str(MAKE_CERTS), str(tmp / "certs")], check=True, capture_output=True)
         ca = str(tmp / "certs" / "ca.pem")
-        gunicorn, direct = start_gunicorn(tmp, env, args.threads)
+        gunicorn, direct, log = serve.start_gunicorn(tmp, env, args.threads)
         nginx, proxied = start_nginx(tmp, direct)
         nginx_tls, tls_url = start_nginx(tmp, direct, tls=True)
         try:
-            wait_healthy(direct, gunicorn, tmp / "gunicorn.log")
-            wait_healthy(proxied, nginx, tmp / "nginx.log")
-            wait_healthy(tls_url, nginx_tls, tmp / "nginx-tls.log", ca)
+            serve.wait_healthy(direct, gunicorn, log)
+            serve.wait_healthy(proxied, nginx, tmp / "nginx.log")
+            serve.wait_healthy(tls_url, nginx_tls, tmp / "nginx-tls.log", ca)
             expect = len(requests.get(direct + "/v1/model", timeout=10).content)
             print(
                 f"setup: gunicorn 1 worker x {args.threads} threads; nginx 1 worker "
-                f"(deploy/nginx); {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; "
-                f"pulls of {expect:,} bytes every {args.interval:g} s, fresh connection each"
+                f"(deploy/nginx); pulls of {expect:,} bytes every {args.interval:g} s, "
+                "fresh connection each"
             )
-            headers = {}
-            if Path(env["TOKENS_FILE"]).exists():
-                from fedsim import tokens
-
-                secret = tokens.workers_secret(Path(env["TOKENS_FILE"]))
-                headers = {"Authorization": f"Bearer {secret}"}
-            phase("proxy", proxied, nginx.pid, args, expect, headers)
-            phase("gunicorn alone", direct, gunicorn.pid, args, expect, headers)
+            headers = serve.workers_header(env)
+            results.append(phase(bench, "proxy", proxied, nginx.pid, args, expect, headers))
+            results.append(
+                phase(bench, "gunicorn alone", direct, gunicorn.pid, args, expect, headers)
+            )
             if args.upload_seconds > 0:
-                throughput(1, "straight to gunicorn", direct, args, headers, "", 0)
-                throughput(2, "through the proxy", proxied, args, headers, "", nginx.pid)
-                throughput(3, "through the proxy, TLS", tls_url, args, headers, ca, nginx_tls.pid)
+                for k, (label, url, ca_file, pid) in enumerate(
+                    [
+                        ("straight to gunicorn", direct, "", 0),
+                        ("through the proxy", proxied, "", nginx.pid),
+                        ("through the proxy, TLS", tls_url, ca, nginx_tls.pid),
+                    ],
+                    start=1,
+                ):
+                    results.append(throughput(bench, k, label, url, args, headers, ca_file, pid))
         finally:
             for proc in (nginx_tls, nginx, gunicorn):
                 proc.send_signal(signal.SIGTERM)
             for proc in (nginx_tls, nginx, gunicorn):
                 proc.wait(timeout=60)
+    bench.finish(results)
     return 0
 
 

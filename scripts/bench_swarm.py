@@ -13,8 +13,10 @@ to the end of the run (/v1/status says finished) and to the last worker's exit.
 During each run it samples `docker stats --no-stream` and reports the largest
 memory seen per service (for a worker: the largest of the replicas), and the
 1-minute load average when each run starts. With --repeat N it makes N runs of
-each, alternating which goes first. Removes what it started, volumes included. Needs a swarm manager (`docker swarm init`).
-Prints numbers; it is not a test.
+each, alternating which goes first. Removes what it started, every profile's
+containers, networks and volumes included. Needs a swarm manager (`docker swarm
+init`). Refuses to start above a load of 1.0 unless --force. Prints numbers; it
+is not a test.
 """
 
 from __future__ import annotations
@@ -25,48 +27,19 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PROJECT_FILES = ("compose.yaml", ".dockerignore", "pyproject.toml", "services", "scripts", "deploy")
-MNIST_NAMES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+from benchlib import ROOT, Bench, add_arguments, free_port
+from benchlib.docker import COMPOSE_RESET, clean_env, copy_project, mnist_files, status
+
 RUN_TIMEOUT = 1800.0
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "kB": 1e3, "MB": 1e6, "GB": 1e9}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without fedsim, Compose or swarm settings."""
-    example = (ROOT / ".env.example").read_text()
-    drop = set(re.findall(r"^([A-Z][A-Z0-9_]*)=", example, re.M))
-    drop |= {"COMPOSE_FILE", "COMPOSE_PROJECT_NAME", "STACK", "WORKERS", "REGISTRY"}
-    return {k: v for k, v in os.environ.items() if k not in drop} | extra
-
-
-def status(port: int) -> dict | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status", timeout=2) as r:
-            return json.load(r)
-    except OSError:
-        return None
 
 
 def mem_bytes(usage: str) -> float:
@@ -125,18 +98,23 @@ class MemorySampler(threading.Thread):
 
 
 def timed_run(
-    start: Callable[[], subprocess.Popen],
+    up: list[str],
+    down: list[str],
+    cwd: Path,
+    env: dict[str, str],
     port: int,
     workers_left: Callable[[], int],
     sampler: MemorySampler,
-) -> dict[str, float]:
-    """Seconds from start() to the command's return, to version 1, to finished, and
-    to no worker left running."""
+) -> dict:
+    """Seconds from `up` to the command's return, to version 1, to finished, and to no
+    worker left running; the final status and the memory seen. `down` runs at the end."""
     t0 = time.monotonic()
     sampler.start()
-    proc = start()
     marks: dict[str, float] = {}
     try:
+        proc = subprocess.Popen(
+            up, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         while "exited" not in marks:
             now = time.monotonic() - t0
             if now > RUN_TIMEOUT:
@@ -154,10 +132,17 @@ def timed_run(
             if "finished" in marks and "command" in marks and workers_left() == 0:
                 marks["exited"] = now
             time.sleep(0.25)
+        return {"marks": marks, "status": status(port), "memory": sampler.peak}
     finally:
         sampler.stop.set()
         sampler.join()
-    return marks
+        subprocess.run(down, cwd=cwd, env=env, capture_output=True, check=False)
+
+
+def count(argv: list[str], **kwargs) -> int:
+    """How many ids a `docker ... -q` command lists."""
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)
+    return len(done.stdout.split())
 
 
 def run_compose(project: Path, workers: int) -> dict:
@@ -165,45 +150,19 @@ def run_compose(project: Path, workers: int) -> dict:
     port = free_port()
     env = clean_env(AGGREGATOR_PORT=str(port))
     base = ["docker", "compose", "-p", "fedsim-bench-compose"]
-
-    def workers_left() -> int:
-        out = subprocess.run(
-            [*base, "ps", "-q", "--status", "running", "client"],
-            cwd=project,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        return len(out.split())
-
     sampler = MemorySampler(
         "com.docker.compose.project=fedsim-bench-compose",
         lambda labels: labels.get("com.docker.compose.service", ""),
     )
-    try:
-        marks = timed_run(
-            lambda: subprocess.Popen(
-                [*base, "up", "-d", "--scale", f"client={workers}"],
-                cwd=project,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            ),
-            port,
-            workers_left,
-            sampler,
-        )
-        return {"marks": marks, "status": status(port), "memory": sampler.peak}
-    finally:
-        subprocess.run(
-            [*base, "down", "-v", "--timeout", "30"],
-            cwd=project,
-            env=env,
-            capture_output=True,
-            check=False,
-        )
+    return timed_run(
+        [*base, "up", "-d", "--scale", f"client={workers}"],
+        [*base, *COMPOSE_RESET, "--timeout", "30"],
+        project,
+        env,
+        port,
+        lambda: count([*base, "ps", "-q", "--status", "running", "client"], cwd=project, env=env),
+        sampler,
+    )
 
 
 def run_swarm(project: Path, workers: int) -> dict:
@@ -211,41 +170,20 @@ def run_swarm(project: Path, workers: int) -> dict:
     port = free_port()
     stack = "fedsim-bench-swarm"
     env = clean_env(AGGREGATOR_PORT=str(port), STACK=stack, WORKERS=str(workers))
-
-    def workers_left() -> int:
-        label = f"label=com.docker.swarm.service.name={stack}_client"
-        out = subprocess.run(
-            ["docker", "ps", "-q", "--filter", label], capture_output=True, text=True, check=False
-        ).stdout
-        return len(out.split())
-
+    label = f"label=com.docker.swarm.service.name={stack}_client"
     sampler = MemorySampler(
         f"com.docker.stack.namespace={stack}",
         lambda labels: labels.get("com.docker.swarm.service.name", "").removeprefix(stack + "_"),
     )
-    try:
-        marks = timed_run(
-            lambda: subprocess.Popen(
-                ["scripts/swarm.sh", "up", "--no-build"],
-                cwd=project,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            ),
-            port,
-            workers_left,
-            sampler,
-        )
-        return {"marks": marks, "status": status(port), "memory": sampler.peak}
-    finally:
-        subprocess.run(
-            ["scripts/swarm.sh", "down", "--volumes"],
-            cwd=project,
-            env=env,
-            capture_output=True,
-            check=False,
-        )
+    return timed_run(
+        ["scripts/swarm.sh", "up", "--no-build"],
+        ["scripts/swarm.sh", "down", "--volumes"],
+        project,
+        env,
+        port,
+        lambda: count(["docker", "ps", "-q", "--filter", label]),
+        sampler,
+    )
 
 
 def main() -> int:
@@ -253,9 +191,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=1, help="runs of each, alternating")
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="the MNIST files")
+    add_arguments(parser)
     args = parser.parse_args()
 
-    found = {n: next(iter(sorted(args.data.glob(n + "*"))), None) for n in MNIST_NAMES}
+    found = mnist_files(args.data)
     if not all(found.values()):
         missing = [n for n, p in found.items() if p is None]
         print(f"bench_swarm: put the MNIST files {missing} in {args.data} first", file=sys.stderr)
@@ -269,19 +208,13 @@ def main() -> int:
     if node != "true":
         print("bench_swarm: not a swarm manager: run `docker swarm init` first", file=sys.stderr)
         return 1
+    bench = Bench.from_args("bench_swarm", args)
+    bench.header()
 
     runs: list[tuple[str, dict]] = []
     with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as tmp:
         project = Path(tmp)
-        for name in PROJECT_FILES:
-            source = ROOT / name
-            if source.is_dir():
-                shutil.copytree(
-                    source, project / name, ignore=shutil.ignore_patterns("__pycache__")
-                )
-            else:
-                shutil.copy2(source, project / name)
-        (project / "data").mkdir()
+        copy_project(project)
         for path in found.values():
             shutil.copyfile(path, project / "data" / path.name)
 
@@ -291,8 +224,8 @@ def main() -> int:
         for i in range(args.repeat):
             for name, run in order if i % 2 == 0 else order[::-1]:
                 print(f"{name}: run {i + 1} with {args.workers} workers ...", flush=True)
-                load = os.getloadavg()[0]  # other jobs on the machine stretch every time
-                runs.append((name, run(project, args.workers) | {"load": load}))
+                load = bench.load()  # other jobs on the machine stretch every time
+                runs.append((name, bench.figure(run(project, args.workers), load)))
 
     print()
     print(
@@ -304,16 +237,20 @@ def main() -> int:
     )
     for name, r in runs:
         m, s = r["marks"], r["status"] or {}
-        print(
+        bench.say(
             f"{name:10} {m.get('command', 0):7.1f}s {m.get('first', 0):10.1f}s "
             f"{m.get('finished', 0):8.1f}s {m.get('exited', 0):7.1f}s {s.get('updates', '?'):>8} "
-            f"{r['load']:5.1f}"
+            f"{r['load']:5.1f}",
+            r["load"],
         )
     print()
     print("largest memory seen (docker stats; a worker: the largest replica)")
     for name, r in runs:
         seen = sorted((svc, b) for svc, b in r["memory"].items() if b >= 2**20)
-        print(f"{name:10} " + ", ".join(f"{svc} {b / 2**20:.0f} MiB" for svc, b in seen))
+        bench.say(
+            f"{name:10} " + ", ".join(f"{svc} {b / 2**20:.0f} MiB" for svc, b in seen), r["load"]
+        )
+    bench.finish([{"kind": name, **r} for name, r in runs])
     return 0
 
 

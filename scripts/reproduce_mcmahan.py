@@ -29,18 +29,12 @@ run (aggregator and workers), sampled every half second.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ROOT, data_dir, free_port, read_history, stop, tree_rss
+from benchlib import Bench, add_arguments, child_json, key_values, local_run, stop
 
 
 @dataclass(frozen=True)
@@ -87,88 +81,61 @@ class Outcome:
 
 def run_cell(
     name: str,
+    args: argparse.Namespace,
+    extra: dict[str, str],
     *,
     lr: float,
-    optimizer: str,
-    workers: int,
     max_rounds: int,
-    max_seconds: float,
-    extra: dict[str, str],
     stop_at_target: bool = True,
 ) -> Outcome:
+    """One cell with the command line's optimizer, workers and time limit, and `extra`."""
+    optimizer, workers, max_seconds = args.optimizer, args.workers, args.max_seconds
     cell = CELLS[name]
     out = Outcome(name, lr, optimizer, workers, max_rounds, load_before=os.getloadavg()[0])
-    with tempfile.TemporaryDirectory(prefix="fedsim-mcmahan-") as tmp:
-        model_dir = Path(tmp) / "models"
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": tmp,
-            "FEDSIM_ENV_FILE": str(Path(tmp) / "no.env"),
-            "DATA_DIR": data_dir(),
-            "MODEL_DIR": str(model_dir),
-            "AGGREGATOR_URL": f"http://127.0.0.1:{free_port()}",
-            "MODEL": cell.model,
-            "PARTITION": cell.partition,
-            "NUM_CLIENTS": "100",
-            "SHARDS_PER_CLIENT": "2",
-            "CLIENTS_PER_ROUND": "10",
-            "AGGREGATION": "fedavg",
-            "ROUNDS": str(max_rounds),
-            "EPOCHS": str(cell.epochs),
-            "BATCH_SIZE": str(cell.batch),
-            "LEARNING_RATE": str(lr),
-            "OPTIMIZER": optimizer,
-            **extra,
-        }
-        log_path = Path(tmp) / "simulate.log"
-        started = time.monotonic()
-        with log_path.open("w") as log:
-            proc = subprocess.Popen(
-                [str(ROOT / "scripts" / "simulate.sh"), "--clients", str(workers)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, stopped as one
-            )
-        rss = [0]
-
-        def sample() -> None:
-            while proc.poll() is None:
-                rss[0] = tree_rss(proc.pid)
-                out.peak_rss_bytes = max(out.peak_rss_bytes, rss[0])
-                time.sleep(0.5)
-
-        threading.Thread(target=sample, daemon=True).start()
+    settings = {
+        "MODEL": cell.model,
+        "PARTITION": cell.partition,
+        "NUM_CLIENTS": "100",
+        "SHARDS_PER_CLIENT": "2",
+        "CLIENTS_PER_ROUND": "10",
+        "AGGREGATION": "fedavg",
+        "ROUNDS": str(max_rounds),
+        "EPOCHS": str(cell.epochs),
+        "BATCH_SIZE": str(cell.batch),
+        "LEARNING_RATE": str(lr),
+        "OPTIMIZER": optimizer,
+        **extra,
+    }
+    with local_run(settings, workers, prefix="fedsim-mcmahan-") as run:
         arrived: dict[int, float] = {}  # round -> when its evaluation was seen
-        try:
-            while True:
-                finished = proc.poll() is not None
-                for entry in read_history(model_dir / "history.jsonl"):
-                    rnd = entry.get("round")
-                    if isinstance(rnd, int) and rnd not in arrived:
-                        arrived[rnd] = time.monotonic()
-                        out.rss_at_round[rnd] = rss[0]
-                        out.accuracy.append(round(float(entry["accuracy"]), 4))
-                        print(
-                            f"  {name} round {rnd}: test accuracy {entry['accuracy']:.4f}"
-                            f" ({arrived[rnd] - started:.0f}s)",
-                            flush=True,
-                        )
-                        if out.reached_round is None and entry["accuracy"] >= cell.target:
-                            out.reached_round = rnd
-                if out.reached_round is not None and stop_at_target:
-                    out.stopped = "target"
-                    break
-                if finished:
-                    out.stopped = "rounds"
-                    break
-                if time.monotonic() - started > max_seconds:
-                    out.stopped = "time limit"
-                    break
-                time.sleep(0.25)
-        finally:
-            stop(proc)
-        out.wall_seconds = round(time.monotonic() - started, 1)
+        while True:
+            finished = run.proc.poll() is not None
+            for entry in run.history():
+                rnd = entry.get("round")
+                if isinstance(rnd, int) and rnd not in arrived:
+                    arrived[rnd] = time.monotonic()
+                    out.rss_at_round[rnd] = run.memory.last
+                    out.accuracy.append(round(float(entry["accuracy"]), 4))
+                    print(
+                        f"  {name} round {rnd}: test accuracy {entry['accuracy']:.4f}"
+                        f" ({arrived[rnd] - run.started:.0f}s)",
+                        flush=True,
+                    )
+                    if out.reached_round is None and entry["accuracy"] >= cell.target:
+                        out.reached_round = rnd
+            if out.reached_round is not None and stop_at_target:
+                out.stopped = "target"
+                break
+            if finished:
+                out.stopped = "rounds"
+                break
+            if time.monotonic() - run.started > max_seconds:
+                out.stopped = "time limit"
+                break
+            time.sleep(0.25)
+        stop(run.proc)
+        out.wall_seconds = run.seconds()
+        out.peak_rss_bytes = run.memory.peak
         out.load_after = os.getloadavg()[0]
         out.rounds_run = len(arrived)
         rounds = sorted(arrived)
@@ -176,9 +143,9 @@ def run_cell(
             out.round_seconds = round(
                 (arrived[rounds[-1]] - arrived[rounds[0]]) / (rounds[-1] - rounds[0]), 2
             )
-        if out.stopped == "rounds" and proc.returncode not in (0, None) and not arrived:
-            sys.stderr.write(log_path.read_text()[-3000:])
-            raise SystemExit(f"reproduce_mcmahan: {name}: simulate.sh exited {proc.returncode}")
+        if out.stopped == "rounds" and run.proc.returncode not in (0, None) and not arrived:
+            sys.stderr.write(run.output()[-3000:])
+            raise SystemExit(f"reproduce_mcmahan: {name}: simulate.sh exited {run.proc.returncode}")
     return out
 
 
@@ -206,41 +173,15 @@ def table(outcomes: list[Outcome]) -> str:
     return "\n".join(rows)
 
 
-def keras_baseline(rounds: int, lr: float) -> dict:
-    """bench_keras.py w2 in its own process: plain Keras seconds per round of the same work."""
-    python = ROOT / ".venv" / "bin" / "python"
-    done = subprocess.run(
-        [
-            str(python if python.exists() else sys.executable),
-            str(ROOT / "scripts" / "bench_keras.py"),
-            "w2",
-            "--rounds",
-            str(rounds),
-            "--lr",
-            str(lr),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"reproduce_mcmahan: bench_keras.py failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def w2(args: argparse.Namespace, extra: dict[str, str]) -> None:
+def w2(args: argparse.Namespace, extra: dict[str, str], bench: Bench) -> None:
     """W2: cnn-iid to 99% on two workers, then plain Keras doing the same rounds, back to back."""
     lr = args.lr or DEFAULT_LR["cnn"]
-    out = run_cell(
-        "cnn-iid",
-        lr=lr,
-        optimizer=args.optimizer,
-        workers=args.workers,
-        max_rounds=args.max_rounds,
-        max_seconds=args.max_seconds,
-        extra=extra,
+    out = run_cell("cnn-iid", args, extra, lr=lr, max_rounds=args.max_rounds)
+    # Plain Keras doing the same rounds in one process (bench_keras.py w2).
+    keras = child_json(
+        "bench_keras.py", "w2", "--rounds", "3", "--lr", str(lr), *bench.child_args()
     )
-    keras = keras_baseline(3, lr)
+    keras = keras["results"]
     steady = keras["round_seconds"][1:]  # round 1 traces the training step
     keras_spr = sum(steady) / len(steady)
     last = max(out.rss_at_round, default=0)
@@ -261,15 +202,15 @@ def w2(args: argparse.Namespace, extra: dict[str, str]) -> None:
     print(f"| peak memory of the run | {out.peak_rss_bytes / 2**30:.2f} GB | under 2 GB |")
     shown = f"{growth / 2**20:+.0f} MB (round 5 to {last})" if growth is not None else "-"
     print(f"| memory growth, round 5 to the last | {shown} | under 50 MB |")
+    bench.mark_table()
     print(
         f"load (1 min) before/after the run {out.load_before:.2f}/{out.load_after:.2f}, "
-        f"during Keras {keras['load_1min']:.2f}; Keras rounds {keras['round_seconds']} s"
+        f"during Keras {keras['load']:.2f}; Keras rounds {keras['round_seconds']} s"
     )
-    if args.json:
-        args.json.write_text(json.dumps({"w2": asdict(out), "keras": keras}, indent=2) + "\n")
+    bench.finish({"w2": bench.figure(asdict(out), out.load_before), "keras": keras})
 
 
-def sweep(args: argparse.Namespace, extra: dict[str, str]) -> None:
+def sweep(args: argparse.Namespace, extra: dict[str, str], bench: Bench) -> None:
     """Each learning rate for --sweep-rounds rounds; the best test accuracy after the last wins."""
     try:
         rates = [float(v) for v in args.sweep.split(",")]
@@ -284,14 +225,7 @@ def sweep(args: argparse.Namespace, extra: dict[str, str]) -> None:
     for name in cells:
         for lr in rates:
             out = run_cell(
-                name,
-                lr=lr,
-                optimizer=args.optimizer,
-                workers=args.workers,
-                max_rounds=args.sweep_rounds,
-                max_seconds=args.max_seconds,
-                extra=extra,
-                stop_at_target=False,
+                name, args, extra, lr=lr, max_rounds=args.sweep_rounds, stop_at_target=False
             )
             results.append(out)
     print()
@@ -303,6 +237,7 @@ def sweep(args: argparse.Namespace, extra: dict[str, str]) -> None:
             f"| {out.cell} | {out.optimizer} {out.lr:g} | {accs} | {out.round_seconds} | "
             f"{out.load_before:.1f}-{out.load_after:.1f} |"
         )
+    bench.mark_table()
     for name in cells:
         mine = [o for o in results if o.cell == name and o.accuracy]
         if mine:
@@ -311,8 +246,7 @@ def sweep(args: argparse.Namespace, extra: dict[str, str]) -> None:
                 f"best for {name}: lr {best.lr:g} ({best.accuracy[-1]:.4f} after round "
                 f"{best.rounds_run})"
             )
-    if args.json:
-        args.json.write_text(json.dumps([asdict(o) for o in results], indent=2) + "\n")
+    bench.finish([bench.figure(asdict(o), o.load_before) for o in results])
 
 
 def main() -> None:
@@ -331,7 +265,7 @@ def main() -> None:
     parser.add_argument("--sweep", metavar="LR,LR,...", help="compare learning rates")
     parser.add_argument("--sweep-rounds", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    add_arguments(parser)
     args = parser.parse_args()
     for flag, value in (
         ("--max-rounds", args.max_rounds),
@@ -344,36 +278,25 @@ def main() -> None:
         parser.error(f"--lr must be positive, got {args.lr}")
     if not args.max_seconds > 0:
         parser.error(f"--max-seconds must be positive, got {args.max_seconds}")
-    bad = [item for item in args.set if "=" not in item]
-    if bad:
-        parser.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
-    extra = dict(item.split("=", 1) for item in args.set)
-    print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}", flush=True)
+    extra = key_values(parser, args.set)
+    bench = Bench.from_args("reproduce_mcmahan", args)
+    bench.header()
     if args.w2:
-        w2(args, extra)
+        w2(args, extra, bench)
         return
     if args.sweep:
-        sweep(args, extra)
+        sweep(args, extra, bench)
         return
     outcomes = []
     for name in args.cells or CELLS:
         lr = args.lr or (ADAM_LR if args.optimizer == "adam" else DEFAULT_LR[CELLS[name].model])
-        outcomes.append(
-            run_cell(
-                name,
-                lr=lr,
-                optimizer=args.optimizer,
-                workers=args.workers,
-                max_rounds=args.max_rounds,
-                max_seconds=args.max_seconds,
-                extra=extra,
-            )
-        )
+        outcomes.append(run_cell(name, args, extra, lr=lr, max_rounds=args.max_rounds))
         print(table(outcomes[-1:]), flush=True)
+        bench.mark_table()
     print()
     print(table(outcomes))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
+    bench.mark_table()
+    bench.finish([bench.figure(asdict(o), o.load_before) for o in outcomes])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 #                                      aggregator is healthy
 #   scripts/swarm.sh status            services, tasks and the aggregator's progress
 #   scripts/swarm.sh evaluate [ARGS]   score the newest checkpoint, like scripts/evaluate.sh
-#   scripts/swarm.sh down [--volumes]  remove the stack (and its checkpoints with --volumes)
+#   scripts/swarm.sh down [--volumes]  remove the stack, wait until all of it is gone (--volumes: and its checkpoints)
 #   scripts/swarm.sh config            print the stack file that `up` deploys
 # Settings come from `.env` and the shell as for Compose, plus STACK (fedsim), WORKERS
 # (compose.yaml's replicas) and REGISTRY (none). Run it on a swarm manager: `up` pins the
@@ -230,20 +230,27 @@ cmd_down() {
     docker stack rm "$stack"
   fi
   # `docker stack rm` returns at once; the containers go afterwards (the
-  # aggregator writes its final checkpoint on SIGTERM), then the network.
+  # aggregator writes its final checkpoint on SIGTERM), then the networks.
+  # Everything of the stack carries its namespace label: prepare's and evaluate's
+  # containers, the volume made here and what Swarm makes.
+  local label="label=com.docker.stack.namespace=$stack"
   local deadline=$((SECONDS + DOWN_TIMEOUT)) left
-  while left=$(docker ps -a --filter "label=com.docker.stack.namespace=$stack" --format '{{.Names}}') \
-      && [ -n "$left" ]; do
+  while left=$(docker ps -a --filter "$label" --format '{{.Names}}') && [ -n "$left" ]; do
     [ "$SECONDS" -lt "$deadline" ] || die "stack $stack still has containers after ${DOWN_TIMEOUT}s:" $left
     sleep 1
   done
-  local removed=""
-  if [ "$volumes" = 1 ] && docker volume inspect "$volume" > /dev/null 2>&1; then
-    until docker volume rm "$volume" > /dev/null 2>&1; do  # in use for a moment after its container
-      [ "$SECONDS" -lt "$deadline" ] || die "cannot remove volume $volume (docker volume inspect $volume)"
-      sleep 1
+  local removed="" name
+  if [ "$volumes" = 1 ]; then
+    local -a names
+    mapfile -t names < <({ docker volume ls -q --filter "$label"
+      docker volume inspect -f '{{.Name}}' "$volume" 2> /dev/null || true; } | sort -u)
+    for name in "${names[@]}"; do
+      until docker volume rm "$name" > /dev/null 2>&1; do  # in use for a moment after its container
+        [ "$SECONDS" -lt "$deadline" ] || die "cannot remove volume $name (docker volume inspect $name)"
+        sleep 1
+      done
+      if [ "$name" = "$volume" ]; then removed=", with its volume $volume"; fi
     done
-    removed=", with its volume $volume"
   fi
   network_gone $((deadline - SECONDS > 30 ? deadline - SECONDS : 30))
   if [ -n "$removed" ] || [ "$volumes" = 1 ]; then
@@ -253,12 +260,13 @@ cmd_down() {
   fi
 }
 
-# Wait up to $1 seconds for the stack's network to go: Swarm removes it once no
-# task uses it any more.
+# Wait up to $1 seconds for the stack's networks to go: Swarm removes them once no
+# task uses them any more.
 network_gone() {
-  local deadline=$((SECONDS + $1))
-  while docker network inspect "${stack}_overlay" > /dev/null 2>&1; do
-    [ "$SECONDS" -lt "$deadline" ] || die "network ${stack}_overlay is still there after $1 s (docker network inspect ${stack}_overlay)"
+  local deadline=$((SECONDS + $1)) left
+  while left=$(docker network ls -q --filter "label=com.docker.stack.namespace=$stack") \
+      && { [ -n "$left" ] || docker network inspect "${stack}_overlay" > /dev/null 2>&1; }; do
+    [ "$SECONDS" -lt "$deadline" ] || die "network ${stack}_overlay is still there after $1 s (docker network ls --filter label=com.docker.stack.namespace=$stack)"
     sleep 1
   done
 }

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from fedsim import config
+from fedsim.aggregator.strategies.robust import Krum
 
 
 def load(tmp_path: Path, env_text: str | None = None, **environ: str) -> config.Settings:
@@ -183,3 +186,33 @@ def test_every_setting_has_a_valid_default() -> None:
     for setting in config.SETTINGS:
         setting.parse(setting.default)
         assert setting.why
+
+
+def test_load_checks_the_rule_once_without_building_it(tmp_path: Path, monkeypatch) -> None:
+    # The aggregator builds the rule (State); load only checks it, so it is built once.
+    def built(cls: type, settings: object) -> None:
+        raise AssertionError("load built the rule")
+
+    monkeypatch.setattr(Krum, "from_settings", classmethod(built))
+    assert load(tmp_path, AGGREGATION="krum", PARTITION="iid").aggregation == "krum"
+    with pytest.raises(config.ConfigError, match="KRUM_F"):
+        load(tmp_path, AGGREGATION="krum")  # 3 clients per round: Krum needs 5
+
+
+def test_the_table_imports_no_rule_and_load_imports_only_the_chosen_one(tmp_path: Path) -> None:
+    # In a fresh interpreter: what this process has imported already does not count.
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from fedsim import config\n"
+        "rules = lambda: sorted(m.rpartition('.')[2] for m in sys.modules"
+        " if m.startswith('fedsim.aggregator.strategies.'))\n"
+        "assert 'numpy' not in sys.modules and rules() == [], rules()\n"
+        "config.load(environ={'AGGREGATION': 'fedavgm'}, env_file=Path('absent.env'))\n"
+        "print(' '.join(rules()))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["aggregate", "base", "fedavg", "fedopt"]

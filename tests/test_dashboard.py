@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from dashboard_helpers import FakeRun, fake_app
 from fedsim.aggregator import dashboard
+from helpers.dashboard import FakeRun, fake_app
 
 PACKAGE = Path(dashboard.__file__).parent
 STATIC = PACKAGE / "static"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 from pathlib import Path
 
@@ -13,14 +12,9 @@ import pytest
 
 from fedsim import checkpoints
 from fedsim.aggregator import history
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def environment(tmp_path: Path, mnist_dir: Path, **settings: str) -> dict[str, str]:

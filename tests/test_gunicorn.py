@@ -3,104 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 
-from fedsim import checkpoints, config
-from helpers import WORKERS_TOKEN, upload, write_plan, write_tokens, write_v0
-
-GUNICORN = Path(sys.executable).with_name("gunicorn")
-APP = "fedsim.aggregator.app:create_app()"
-CONF = "python:fedsim.aggregator.gunicorn_conf"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-    model_dir: Path
-    log: Path
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-
-def start(tmp_path: Path, **env: object) -> Server:
-    port = free_port()
-    model_dir = tmp_path / "models"
-    log = tmp_path / "gunicorn.log"
-    environ = {
-        **os.environ,
-        "MODEL_DIR": str(model_dir),
-        "TOKENS_FILE": str(tmp_path / "secrets" / "tokens.json"),
-        "MODEL": "mlp",
-        "FEDSIM_ENV_FILE": str(tmp_path / "no.env"),  # never the developer's .env
-        "BIND": f"127.0.0.1:{port}",
-        **{k: str(v) for k, v in env.items()},
-    }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(GUNICORN), "-c", CONF, APP],
-            cwd=tmp_path,
-            env=environ,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return Server(proc, f"http://127.0.0.1:{port}", model_dir, log)
-
-
-def wait_healthy(server: Server) -> None:
-    for _ in range(300):  # up to ~30 s on a busy machine
-        if server.proc.poll() is not None:
-            pytest.fail(f"gunicorn exited {server.proc.returncode}:\n{server.output()}")
-        try:
-            if requests.get(server.url + "/healthz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:  # not up yet, or slow to answer on a busy machine
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"gunicorn never became healthy:\n{server.output()}")
+from fedsim import checkpoints
+from helpers import WORKERS_TOKEN, Server, running_aggregator, start_gunicorn, upload
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    settings = config.load(
-        environ={
-            "MODEL_DIR": str(tmp_path / "models"),
-            "TOKENS_FILE": str(tmp_path / "secrets" / "tokens.json"),
-        },
-        env_file=tmp_path / "no.env",
-    )
-    write_v0(settings.model_dir)
-    write_plan(settings)
-    write_tokens(settings)
-    srv = start(tmp_path, SAVE_MODEL=100, IDLE_SAVE_SECONDS=3600, MAX_UPDATE_BYTES=900_000)
-    try:
-        wait_healthy(srv)
+    with running_aggregator(
+        tmp_path, SAVE_MODEL=100, IDLE_SAVE_SECONDS=3600, MAX_UPDATE_BYTES=900_000
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def model_state(server: Server) -> tuple[bytes, int, int]:
@@ -177,7 +95,7 @@ def test_sigterm_leaves_a_final_checkpoint_with_unsaved_updates(server: Server) 
 def test_gunicorn_exits_nonzero_with_the_message_when_there_is_no_checkpoint(
     tmp_path: Path,
 ) -> None:
-    srv = start(tmp_path)
+    srv = start_gunicorn(tmp_path)
     try:
         code = srv.proc.wait(timeout=60)
     finally:
@@ -190,7 +108,7 @@ def test_gunicorn_exits_nonzero_with_the_message_when_there_is_no_checkpoint(
 
 
 def test_a_bad_threads_value_stops_gunicorn_with_one_line_naming_it(tmp_path: Path) -> None:
-    srv = start(tmp_path, THREADS="eight")
+    srv = start_gunicorn(tmp_path, THREADS="eight")
     try:
         code = srv.proc.wait(timeout=60)
     finally:

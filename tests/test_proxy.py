@@ -9,31 +9,32 @@ need them skip with the reason; with CI=true they fail instead.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import pwd
-import select
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 
-from fedsim import config
 from fedsim.client.transport import RetryPolicy, Transport
-from helpers import WORKERS_TOKEN, upload, write_plan, write_tokens, write_v0
-from test_gunicorn import Server, start, wait_healthy
+from helpers import (
+    WORKERS_TOKEN,
+    Server,
+    Trickle,
+    running_aggregator,
+    start_gunicorn,
+    start_nginx,
+    upload,
+    wait_healthy,
+    wait_until,
+)
+from helpers.servers import NGINX_ENTRYPOINT
 
 ROOT = Path(__file__).resolve().parent.parent
-ENTRYPOINT = ROOT / "deploy" / "nginx" / "entrypoint.sh"
 MAKE_CERTS = ROOT / "scripts" / "make-certs.sh"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 LIMIT = 900_000  # MAX_UPDATE_BYTES for the aggregator and the proxy; an mlp update fits
@@ -65,85 +66,21 @@ def openssl() -> str:
     return need("openssl", "openssl")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Proxy:
-    proc: subprocess.Popen
-    port: int
-    url: str
-    log: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-
-def start_proxy(tmp_path: Path, upstream: str, *, tls: bool = False, **env: object) -> Proxy:
-    """nginx from entrypoint.sh, listening on a free port, in front of `upstream` (a URL)."""
-    port = free_port()
-    prefix = tmp_path / f"nginx-{port}"
-    log = tmp_path / f"nginx-{port}.log"
-    environ = {
-        **os.environ,
-        "NGINX_PREFIX": str(prefix),
-        "LISTEN_PORT": str(port),
-        "UPSTREAM": upstream.removeprefix("http://"),
-        "MAX_UPDATE_BYTES": str(LIMIT),
-        "TLS": "true" if tls else "false",
-        "CERT_DIR": str(tmp_path / "certs"),
-        # Workers run as the master's user: as root this test needs no other account.
-        "NGINX_USER": pwd.getpwuid(os.geteuid()).pw_name,
-        "PATH": os.environ.get("PATH", "") + ":/usr/sbin",
-        **{k: str(v) for k, v in env.items()},
-    }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(ENTRYPOINT)], env=environ, stdout=out, stderr=subprocess.STDOUT
-        )
-    proxy = Proxy(proc, port, f"{'https' if tls else 'http'}://127.0.0.1:{port}", log)
-    for _ in range(200):
-        if proc.poll() is not None:
-            pytest.fail(f"nginx exited {proc.returncode}:\n{proxy.output()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proxy
-        except OSError:  # not listening yet
-            time.sleep(0.05)
-    proxy.stop()
-    pytest.fail(f"nginx never listened on {port}:\n{proxy.output()}")
+def start_proxy(tmp_path: Path, upstream: str, *, tls: bool = False) -> Server:
+    """nginx with the aggregator's MAX_UPDATE_BYTES in front of `upstream` (a URL)."""
+    return start_nginx(tmp_path, upstream, tls=tls, MAX_UPDATE_BYTES=LIMIT)
 
 
 @pytest.fixture
 def aggregator(tmp_path: Path) -> Iterator[Server]:
-    settings = config.load(
-        environ={
-            "MODEL_DIR": str(tmp_path / "models"),
-            "TOKENS_FILE": str(tmp_path / "secrets" / "tokens.json"),
-        },
-        env_file=tmp_path / "no.env",
-    )
-    write_v0(settings.model_dir)
-    write_plan(settings)
-    write_tokens(settings)
-    srv = start(tmp_path, SAVE_MODEL=100, IDLE_SAVE_SECONDS=3600, MAX_UPDATE_BYTES=LIMIT)
-    try:
-        wait_healthy(srv)
+    with running_aggregator(
+        tmp_path, SAVE_MODEL=100, IDLE_SAVE_SECONDS=3600, MAX_UPDATE_BYTES=LIMIT
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture
-def proxy(nginx: str, aggregator: Server, tmp_path: Path) -> Iterator[Proxy]:
+def proxy(nginx: str, aggregator: Server, tmp_path: Path) -> Iterator[Server]:
     started = start_proxy(tmp_path, aggregator.url)
     try:
         yield started
@@ -164,60 +101,10 @@ def version(url: str, **kwargs: object) -> int:
     return requests.get(url + "/v1/status", timeout=10, **kwargs).json()["version"]
 
 
-class Trickle:
-    """`idle` sockets that connect and send nothing, and `slow` ones that send a request one
-    byte every 0.2 s and never finish it: half stop in the head, half send a whole head for
-    an upload and then its body. A thread keeps them trickling."""
-
-    HEAD = b"GET /v1/model HTTP/1.1\r\nHost: slow\r\nX-Slow: " + b"a" * 1000
-    UPLOAD = (
-        b"POST /v1/updates HTTP/1.1\r\nHost: slow\r\nAuthorization: Bearer "
-        + WORKERS_TOKEN.encode()
-        + b"\r\nContent-Type: application/octet-stream\r\nContent-Length: 797520\r\n\r\n"
-    )
-
-    def __init__(self, port: int, idle: int, slow: int) -> None:
-        def connect() -> socket.socket:
-            return socket.create_connection(("127.0.0.1", port))
-
-        self.idle = [connect() for _ in range(idle)]
-        self.heads = [connect() for _ in range(slow // 2)]
-        self.bodies = [connect() for _ in range(slow - slow // 2)]
-        for sock in self.bodies:
-            sock.sendall(self.UPLOAD)
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        sent = 0
-        while not self.done.wait(0.2):
-            # A socket the server closed fails here; `still_open` says so.
-            for sock in self.heads:
-                with contextlib.suppress(OSError):
-                    sock.send(self.HEAD[sent : sent + 1])
-            for sock in self.bodies:
-                with contextlib.suppress(OSError):
-                    sock.send(b"\0")
-            sent += 1
-
-    def still_open(self) -> int:
-        """How many sockets the server has not closed (nothing to read, no EOF)."""
-        socks = self.idle + self.heads + self.bodies
-        readable, _, _ = select.select(socks, [], [], 0)
-        return len(socks) - len(readable)
-
-    def close(self) -> None:
-        self.done.set()
-        self.thread.join()
-        for sock in self.idle + self.heads + self.bodies:
-            sock.close()
-
-
 # --- through the proxy --------------------------------------------------------------------
 
 
-def test_requests_pass_through(aggregator: Server, proxy: Proxy) -> None:
+def test_requests_pass_through(aggregator: Server, proxy: Server) -> None:
     health = requests.get(proxy.url + "/healthz", timeout=10)
     assert health.status_code == 200
     assert health.json() == {"status": "ok", "version": 0}
@@ -258,7 +145,7 @@ def test_requests_pass_through(aggregator: Server, proxy: Proxy) -> None:
 
 
 def test_a_body_over_the_limit_is_refused_by_the_proxy_as_json(
-    aggregator: Server, proxy: Proxy
+    aggregator: Server, proxy: Server
 ) -> None:
     before = requests.get(aggregator.url + "/v1/model", timeout=10).content
     url = proxy.url + "/v1/updates"
@@ -293,11 +180,11 @@ def test_a_body_over_the_limit_is_refused_by_the_proxy_as_json(
     assert "refused update" not in aggregator.output()
 
 
-def test_idle_and_slow_connections_do_not_stop_pulls(aggregator: Server, proxy: Proxy) -> None:
+def test_idle_and_slow_connections_do_not_stop_pulls(aggregator: Server, proxy: Server) -> None:
     expected = requests.get(aggregator.url + "/v1/model", timeout=10).content
     hostile = Trickle(proxy.port, idle=50, slow=20)
     try:
-        time.sleep(0.5)  # every slow socket has sent its first bytes
+        hostile.wait_trickling()  # every slow socket has sent its first bytes
         for _ in range(10):  # each on a fresh connection, as a new worker would
             pulled = requests.get(proxy.url + "/v1/model", timeout=PULL_TIMEOUT)
             assert pulled.status_code == 200
@@ -310,10 +197,9 @@ def test_idle_and_slow_connections_do_not_stop_pulls(aggregator: Server, proxy: 
 
 def test_without_the_proxy_the_same_slow_connections_stop_gunicorn(aggregator: Server) -> None:
     """The control for the test above: its slow sockets do hold every gunicorn thread."""
-    port = int(aggregator.url.rsplit(":", 1)[1])
-    hostile = Trickle(port, idle=0, slow=20)
+    hostile = Trickle(aggregator.port, idle=0, slow=20)
     try:
-        time.sleep(0.5)
+        hostile.wait_trickling()
         with pytest.raises(requests.Timeout):
             requests.get(aggregator.url + "/v1/model", timeout=PULL_TIMEOUT)
     finally:
@@ -322,9 +208,8 @@ def test_without_the_proxy_the_same_slow_connections_stop_gunicorn(aggregator: S
 
 
 def test_the_aggregator_down_is_a_json_502_that_workers_retry(
-    aggregator: Server, proxy: Proxy, tmp_path: Path
+    aggregator: Server, proxy: Server, tmp_path: Path
 ) -> None:
-    port = int(aggregator.url.rsplit(":", 1)[1])
     aggregator.stop()
 
     down = requests.get(proxy.url + "/healthz", timeout=10)
@@ -340,16 +225,17 @@ def test_the_aggregator_down_is_a_json_502_that_workers_retry(
     assert (pulled.ok, pulled.error, pulled.retries) == (False, "HTTP 502", 1)
 
     # Back on the same port: the proxy passes requests again by itself.
-    again = start(tmp_path, BIND=f"127.0.0.1:{port}", SAVE_MODEL=100, MAX_UPDATE_BYTES=LIMIT)
+    again = start_gunicorn(tmp_path, aggregator.port, SAVE_MODEL=100, MAX_UPDATE_BYTES=LIMIT)
     try:
-        for _ in range(300):
-            if again.proc.poll() is not None:
-                pytest.fail(f"gunicorn exited {again.proc.returncode}:\n{again.output()}")
-            if requests.get(proxy.url + "/healthz", timeout=10).status_code == 200:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"the proxy never reached the restarted aggregator:\n{proxy.output()}")
+        wait_until(
+            lambda: (
+                again.running()
+                and requests.get(proxy.url + "/healthz", timeout=10).status_code == 200
+            ),
+            60,
+            lambda: f"the proxy never reached the restarted aggregator:\n{proxy.output()}",
+            poll=0.1,
+        )
         assert transport.pull().ok
     finally:
         again.stop()
@@ -471,7 +357,7 @@ def test_the_entrypoint_refuses_bad_settings_in_one_line(
         **env,
     }
     done = subprocess.run(
-        [str(ENTRYPOINT)], env=environ, capture_output=True, text=True, timeout=30
+        [str(NGINX_ENTRYPOINT)], env=environ, capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 2
     assert done.stderr.startswith("fedsim proxy: error: ")

@@ -23,7 +23,8 @@ from fedsim.aggregator.strategies.asynchronous import FedBuff
 from fedsim.aggregator.strategies.fedavg import FedProx
 from fedsim.aggregator.strategies.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fedsim.aggregator.strategies.robust import Krum, Median, TrimmedMean
-from fedsim.aggregator.strategies.rows import SERVER_LEARNING_RATE, integer, number
+from fedsim.rules import SERVER_LEARNING_RATE
+from fedsim.settings import integer, number
 
 
 def w(*values: float) -> dict[str, np.ndarray]:
@@ -58,6 +59,12 @@ def rule_settings(make_settings) -> Callable[..., Any]:
         return WithRules(make_settings(**common), rules)
 
     return make
+
+
+def build(settings: Any) -> Any:
+    """The rule as the aggregator gets it: settings checked (as fedsim.config.load does), then built."""
+    strategies.check(settings)
+    return strategies.build(settings)
 
 
 ROUNDS_OF_10 = {"PARTITION": "iid", "NUM_CLIENTS": 100, "CLIENTS_PER_ROUND": 10}
@@ -100,7 +107,7 @@ def test_fedavg_is_the_sample_weighted_mean_of_the_round() -> None:
 
 def test_fedprox_aggregates_as_fedavg_and_sends_mu_to_clients(rule_settings) -> None:
     # Prepare
-    rule = strategies.build(rule_settings(AGGREGATION="fedprox", FEDPROX_MU="0.1"))
+    rule = build(rule_settings(AGGREGATION="fedprox", FEDPROX_MU="0.1"))
     ups = [update("a", (0, 3), n=1), update("b", (4, 7), n=3)]
     # Execute
     out = rule.aggregate(Global(w(9, 9), 0, 0), ups)
@@ -112,7 +119,7 @@ def test_fedprox_aggregates_as_fedavg_and_sends_mu_to_clients(rule_settings) -> 
 
 
 def test_fedprox_default_mu(rule_settings) -> None:
-    assert strategies.build(rule_settings(AGGREGATION="fedprox")).mu == 0.01
+    assert build(rule_settings(AGGREGATION="fedprox")).mu == 0.01
 
 
 # --- fedasync -------------------------------------------------------------------------
@@ -166,9 +173,9 @@ def test_fedasync_rejects_bad_settings(alpha: float, a: float) -> None:
 
 
 def test_build_picks_the_configured_strategy(make_settings) -> None:
-    assert isinstance(strategies.build(make_settings(AGGREGATION="async-weighted")), AsyncWeighted)
-    assert isinstance(strategies.build(make_settings(AGGREGATION="fedavg")), FedAvg)
-    fedasync = strategies.build(
+    assert isinstance(build(make_settings(AGGREGATION="async-weighted")), AsyncWeighted)
+    assert isinstance(build(make_settings(AGGREGATION="fedavg")), FedAvg)
+    fedasync = build(
         make_settings(AGGREGATION="fedasync", FEDASYNC_ALPHA=0.6, FEDASYNC_STALENESS=1)
     )
     assert isinstance(fedasync, FedAsync)
@@ -223,10 +230,10 @@ def test_fedbuff_flush_applies_a_partial_buffer_as_its_mean() -> None:
 
 
 def test_fedbuff_settings(rule_settings) -> None:
-    rule = strategies.build(rule_settings(AGGREGATION="fedbuff", **ROUNDS_OF_10))
+    rule = build(rule_settings(AGGREGATION="fedbuff", **ROUNDS_OF_10))
     assert isinstance(rule, FedBuff) and rule.mode == "async" and rule.wants_base
     assert (rule.k, rule.eta) == (10, 1.0)  # SERVER_LEARNING_RATE=0: fedbuff's own eta
-    rule = strategies.build(
+    rule = build(
         rule_settings(AGGREGATION="fedbuff", FEDBUFF_K=4, SERVER_LEARNING_RATE=0.5, **ROUNDS_OF_10)
     )
     assert (rule.k, rule.eta) == (4, 0.5)
@@ -235,14 +242,14 @@ def test_fedbuff_settings(rule_settings) -> None:
 def test_fedbuff_k_larger_than_the_run_is_refused(rule_settings) -> None:
     # The default run: slices 1-4 5-8 9-12 make 12 updates.
     with pytest.raises(config.ConfigError) as info:
-        strategies.build(rule_settings(AGGREGATION="fedbuff", FEDBUFF_K=13))
+        strategies.check(rule_settings(AGGREGATION="fedbuff", FEDBUFF_K=13))
     assert one_line_error(info) == (
         "invalid setting FEDBUFF_K='13': the run makes only 12 updates (the slices in "
         "CLIENT_SLICES), fewer than one buffer: lower FEDBUFF_K"
     )
     # Sampled clients: ROUNDS x CLIENTS_PER_ROUND = 3 x 10 updates.
     with pytest.raises(config.ConfigError) as info:
-        strategies.build(
+        strategies.check(
             rule_settings(AGGREGATION="fedbuff", FEDBUFF_K=31, ROUNDS=3, **ROUNDS_OF_10)
         )
     assert one_line_error(info).endswith(
@@ -250,10 +257,7 @@ def test_fedbuff_k_larger_than_the_run_is_refused(rule_settings) -> None:
         "lower FEDBUFF_K or raise ROUNDS"
     )
     assert (
-        strategies.build(
-            rule_settings(AGGREGATION="fedbuff", FEDBUFF_K=30, ROUNDS=3, **ROUNDS_OF_10)
-        ).k
-        == 30
+        build(rule_settings(AGGREGATION="fedbuff", FEDBUFF_K=30, ROUNDS=3, **ROUNDS_OF_10)).k == 30
     )
 
 
@@ -276,11 +280,9 @@ def test_fedavgm_two_rounds_by_hand() -> None:
 
 
 def test_fedavgm_settings(rule_settings) -> None:
-    rule = strategies.build(rule_settings(AGGREGATION="fedavgm"))
+    rule = build(rule_settings(AGGREGATION="fedavgm"))
     assert (rule.eta, rule.beta) == (FedAvgM.default_eta, 0.9)
-    rule = strategies.build(
-        rule_settings(AGGREGATION="fedavgm", SERVER_LEARNING_RATE=0.3, SERVER_MOMENTUM=0)
-    )
+    rule = build(rule_settings(AGGREGATION="fedavgm", SERVER_LEARNING_RATE=0.3, SERVER_MOMENTUM=0))
     assert (rule.eta, rule.beta) == (0.3, 0.0)
 
 
@@ -314,10 +316,10 @@ def test_adaptive_rules_two_rounds_by_hand() -> None:
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
 def test_adaptive_rule_settings(rule_settings, name: str) -> None:
-    rule = strategies.build(rule_settings(AGGREGATION=name))
+    rule = build(rule_settings(AGGREGATION=name))
     assert rule.name == name and rule.eta == rule.default_eta
     assert (rule.beta1, rule.tau) == (0.9, 0.001)
-    custom = strategies.build(
+    custom = build(
         rule_settings(AGGREGATION=name, SERVER_LEARNING_RATE=0.2, SERVER_BETA1=0, SERVER_TAU=0.1)
     )
     assert (custom.eta, custom.beta1, custom.tau) == (0.2, 0.0, 0.1)
@@ -328,7 +330,7 @@ def test_server_learning_rate_row_names_every_rules_default() -> None:
     users = [
         strategies.rule_class(n)
         for n in strategies.names()
-        if SERVER_LEARNING_RATE in strategies.rule_class(n).settings
+        if SERVER_LEARNING_RATE in strategies.rows_of(n)
     ]
     assert {c.name for c in users} == {"fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedbuff"}
     for cls in users:
@@ -579,7 +581,7 @@ def test_krum_needs_more_than_2f_plus_2_updates_per_round(rule_settings) -> None
         AGGREGATION="krum", KRUM_F=3, PARTITION="iid", NUM_CLIENTS=100, CLIENTS_PER_ROUND=5
     )
     with pytest.raises(config.ConfigError) as info:
-        strategies.build(settings)
+        strategies.check(settings)
     assert one_line_error(info) == (
         "invalid setting KRUM_F='3': KRUM_F=3 needs at least 9 updates per round (n > 2f + 2); "
         "CLIENTS_PER_ROUND is 5: raise it or lower KRUM_F"
@@ -589,7 +591,7 @@ def test_krum_needs_more_than_2f_plus_2_updates_per_round(rule_settings) -> None
 def test_krum_counts_the_rounds_that_close_at_min_clients(rule_settings) -> None:
     settings = rule_settings(AGGREGATION="krum", MIN_CLIENTS=4, **ROUNDS_OF_10)
     with pytest.raises(config.ConfigError) as info:
-        strategies.build(settings)
+        strategies.check(settings)
     assert one_line_error(info).endswith(
         "rounds close at MIN_CLIENTS=4 updates: raise MIN_CLIENTS or lower KRUM_F"
     )
@@ -598,26 +600,26 @@ def test_krum_counts_the_rounds_that_close_at_min_clients(rule_settings) -> None
 def test_krum_default_round_of_the_slices_partition_is_too_small(rule_settings) -> None:
     # Three ranges in CLIENT_SLICES: 3 clients per round; Krum with f = 1 needs 5.
     with pytest.raises(config.ConfigError) as info:
-        strategies.build(rule_settings(AGGREGATION="krum"))
+        strategies.check(rule_settings(AGGREGATION="krum"))
     assert "CLIENTS_PER_ROUND=0 samples 3 clients: raise it or lower KRUM_F" in one_line_error(info)
 
 
 def test_multi_krum_m_must_leave_f_out(rule_settings) -> None:
     settings = rule_settings(AGGREGATION="krum", KRUM_F=2, KRUM_M=9, **ROUNDS_OF_10)
     with pytest.raises(config.ConfigError) as info:
-        strategies.build(settings)
+        strategies.check(settings)
     assert one_line_error(info) == (
         "invalid setting KRUM_M='9': KRUM_M=9 with KRUM_F=2 needs at least 11 updates per round "
         "(m <= n - f); CLIENTS_PER_ROUND is 10: raise it or lower KRUM_M"
     )
-    rule = strategies.build(rule_settings(AGGREGATION="krum", KRUM_F=2, KRUM_M=8, **ROUNDS_OF_10))
+    rule = build(rule_settings(AGGREGATION="krum", KRUM_F=2, KRUM_M=8, **ROUNDS_OF_10))
     assert (rule.f, rule.m, rule.min_updates) == (2, 8, 7)
 
 
 def test_trimmed_mean_that_would_trim_nothing_is_refused(rule_settings) -> None:
     settings = rule_settings(AGGREGATION="trimmed-mean", **{**ROUNDS_OF_10, "CLIENTS_PER_ROUND": 5})
     with pytest.raises(config.ConfigError) as info:
-        strategies.build(settings)
+        strategies.check(settings)
     assert one_line_error(info) == (
         "invalid setting TRIM_BETA='0.1': TRIM_BETA=0.1 trims nothing from a round of fewer than "
         "10 updates; CLIENTS_PER_ROUND is 5: raise it or raise TRIM_BETA to at least 0.2"
@@ -628,22 +630,22 @@ def test_trimmed_mean_that_would_trim_nothing_is_refused(rule_settings) -> None:
         CLIENTS_PER_ROUND=5,
         **{k: v for k, v in ROUNDS_OF_10.items() if k != "CLIENTS_PER_ROUND"},
     )
-    assert strategies.build(ok).beta == 0.2
+    assert build(ok).beta == 0.2
 
 
 def test_trimmed_mean_with_three_clients_suggests_a_beta_that_trims_one(rule_settings) -> None:
     with pytest.raises(config.ConfigError) as info:
-        strategies.build(rule_settings(AGGREGATION="trimmed-mean"))
+        strategies.check(rule_settings(AGGREGATION="trimmed-mean"))
     fix = one_line_error(info).rsplit("at least ", 1)[1]
     # 0.334 * 3 = 1.002: one value trimmed at each end, and the rule accepts it.
     assert fix == "0.334"
-    assert strategies.build(rule_settings(AGGREGATION="trimmed-mean", TRIM_BETA=fix)).beta == 0.334
+    assert build(rule_settings(AGGREGATION="trimmed-mean", TRIM_BETA=fix)).beta == 0.334
 
 
 def test_trimmed_mean_with_two_clients_can_only_raise_the_round(rule_settings) -> None:
     settings = rule_settings(AGGREGATION="trimmed-mean", CLIENT_SLICES="1-6 7-12")
     with pytest.raises(config.ConfigError) as info:
-        strategies.build(settings)
+        strategies.check(settings)
     assert one_line_error(info).endswith("CLIENTS_PER_ROUND=0 samples 2 clients: raise it")
 
 
@@ -708,8 +710,27 @@ def test_registry_resolves_every_rule_to_its_class() -> None:
 
 def test_every_rule_builds_from_its_defaults(rule_settings) -> None:
     for name in strategies.names():
-        rule = strategies.build(rule_settings(AGGREGATION=name, **ROUNDS_OF_10))
+        rule = build(rule_settings(AGGREGATION=name, **ROUNDS_OF_10))
         assert rule.name == name
+
+
+class Spy:
+    """Settings that note which attributes a rule reads."""
+
+    def __init__(self, settings: Any) -> None:
+        self._settings, self.read = settings, set()
+
+    def __getattr__(self, key: str) -> Any:
+        self.read.add(key)
+        return getattr(self._settings, key)
+
+
+def test_each_registry_entry_lists_exactly_the_rows_its_rule_reads(rule_settings) -> None:
+    rule_keys = {row.key.lower() for row in strategies.rule_settings()}
+    for name in strategies.names():
+        spy = Spy(rule_settings(AGGREGATION=name, **ROUNDS_OF_10))
+        build(spy)
+        assert spy.read & rule_keys == {row.key.lower() for row in strategies.rows_of(name)}, name
 
 
 def test_rule_settings_lists_each_key_once() -> None:

@@ -33,15 +33,16 @@ from pathlib import Path
 import pytest
 
 from docker_helpers import (
-    IN_CI,
     ROOT,
-    add_mnist,
-    copy_project,
+    ProjectCopy,
+    clean_env,
+    docker_info,
+    evaluation_report,
     free_port,
+    leftovers,
     projects,
     worker_summary,
 )
-from fedsim import config
 
 # Small settings: 4 FedAvg rounds of 3 of 6 IID clients (10,000 images, one epoch
 # each), 12 updates; the first round alone scores over 90%.
@@ -53,7 +54,7 @@ SMALL = {
     "ROUNDS": "4",
     "EPOCHS": "1",
 }
-SWARM_KEYS = {"STACK", "WORKERS", "REGISTRY", "SWARM_NODE_ID", "SWARM_UP_TIMEOUT"}
+SWARM_KEYS = frozenset({"STACK", "WORKERS", "REGISTRY", "SWARM_NODE_ID", "SWARM_UP_TIMEOUT"})
 RUN_TIMEOUT = 600  # seconds for a run; it takes about a minute
 
 
@@ -391,13 +392,6 @@ def test_get_port_url_ca_tokens_volume_and_unknown_key():
 # --- scripts/swarm.sh on a single-node swarm ------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    """The caller's environment without fedsim, Compose or swarm settings, which
-    would override the test's `.env` (the shell takes precedence)."""
-    drop = config.KNOWN_KEYS | config.COMPOSE_KEYS | SWARM_KEYS
-    return {k: v for k, v in os.environ.items() if k not in drop}
-
-
 def _docker(*args: str, check: bool = True, timeout: float = 120) -> str:
     done = subprocess.run(
         ["docker", *args], capture_output=True, text=True, timeout=timeout, check=False
@@ -411,23 +405,7 @@ def _docker(*args: str, check: bool = True, timeout: float = 120) -> str:
 def swarm() -> Iterator[bool]:
     """A Docker engine that is a swarm manager; True when the swarm was made here
     (and is left at the end)."""
-    try:
-        info = subprocess.run(
-            ["docker", "info", "--format", "{{.Swarm.LocalNodeState}} {{.Swarm.ControlAvailable}}"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        reason = info.stderr.strip().splitlines()[-1:] if info.returncode else None
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        info, reason = None, [str(exc)]
-    if reason is not None:
-        message = f"no Docker engine (`docker info` failed: {' '.join(reason)})"
-        if IN_CI:
-            pytest.fail(message + "; CI=true requires one (run ../shared/tools/docker-sandbox up)")
-        pytest.skip(message)
-    state, manager = info.stdout.split()
+    state, manager = docker_info("{{.Swarm.LocalNodeState}} {{.Swarm.ControlAvailable}}").split()
     made_here = False
     if state == "inactive":
         _docker("swarm", "init", "--advertise-addr", "127.0.0.1")
@@ -439,41 +417,16 @@ def swarm() -> Iterator[bool]:
         _docker("swarm", "leave", "--force", check=False)
 
 
-class Stack:
+class Stack(ProjectCopy):
     """One project folder with its `.env`, run with scripts/swarm.sh."""
 
-    def __init__(self, folder: Path, settings: dict[str, str]) -> None:
-        self.folder = folder
-        self.name = f"fedsimtest-{secrets.token_hex(4)}"
-        self.port = free_port()
-        self.settings = settings
-        copy_project(folder)
-        lines = [f"STACK={self.name}", f"AGGREGATOR_PORT={self.port}"]
-        lines += [f'{key}="{value}"' for key, value in settings.items()]
-        (folder / ".env").write_text("\n".join(lines) + "\n")
-
-    def add_mnist(self, mnist_dir: Path) -> None:
-        add_mnist(self.folder, mnist_dir)
+    name_key, name_prefix, extra_keys = "STACK", "fedsimtest-", SWARM_KEYS
 
     def swarm_sh(
         self, *args: str, check: bool = True, timeout: float = 900
     ) -> subprocess.CompletedProcess[str]:
         """scripts/swarm.sh in the project folder; stdout and stderr together."""
-        done = subprocess.run(
-            ["scripts/swarm.sh", *args],
-            cwd=self.folder,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and done.returncode != 0:
-            raise AssertionError(
-                f"swarm.sh {' '.join(args)} exited {done.returncode}:\n{done.stdout}"
-            )
-        return done
+        return self.run("scripts/swarm.sh", *args, check=check, timeout=timeout)
 
     def status(self) -> dict:
         """GET /v1/status through the proxy (HTTPS, checked with ./certs/ca.pem, with TLS)."""
@@ -568,17 +521,14 @@ def test_swarm_run_scales_evaluates_and_goes_down(stack, mnist_dir):
     assert "aggregator: version 4, updates 12, finished true" in shown, shown
 
     evaluation = s.swarm_sh("evaluate", timeout=300)
-    accuracy = float(re.search(r"^accuracy: (\d\.\d+)$", evaluation.stdout, re.M).group(1))
+    accuracy, _ = evaluation_report(evaluation.stdout, s.folder)
     print(f"accuracy after {status['version']} rounds: {accuracy:.4f}")
     assert accuracy >= 0.90, evaluation.stdout
-    reports = list((s.folder / "reports").glob("evaluation-*.json"))
-    assert len(reports) == 1, evaluation.stdout
-    assert abs(json.loads(reports[0].read_text())["accuracy"] - accuracy) < 1e-4
 
     down = s.swarm_sh("down", "--volumes", timeout=300)
     assert f"stack {s.name} removed, with its volume {s.name}_models" in down.stdout, down.stdout
-    label = f"label=com.docker.stack.namespace={s.name}"
-    assert _docker("ps", "-aq", "--filter", label).strip() == ""
+    gone = {"containers": [], "networks": [], "volumes": []}
+    assert leftovers(f"com.docker.stack.namespace={s.name}") == gone
     assert _docker("network", "ls", "-q", "--filter", f"name={s.name}_overlay").strip() == ""
     assert _docker("volume", "ls", "-q", "--filter", f"name={s.name}_models").strip() == ""
 
@@ -804,7 +754,7 @@ def test_two_nodes_workers_pull_from_the_registry_and_train_across_nodes(
     built = subprocess.run(
         ["docker", "compose", "build", "--quiet", "prepare"],
         cwd=s.folder,
-        env=_env(),
+        env=clean_env(SWARM_KEYS),
         capture_output=True,
         text=True,
         timeout=1800,

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import ctypes
 import gc
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from fedsim import models, tfruntime
 from fedsim.data import partition
+from fedsim.protocol import TrainSettings
 
-SETTINGS = {"epochs": 1, "batch_size": 50, "learning_rate": 0.05, "optimizer": "sgd"}
+SETTINGS = TrainSettings(epochs=1, batch_size=50, learning_rate=0.05, optimizer="sgd")
 
 
 def rss_mb() -> float:
@@ -45,7 +47,7 @@ def test_one_worker_trains_twenty_clients_in_constant_memory(trainer, mu):
     tensors = models.initial_weights("mlp", 42)
     after = []
     for i, part in enumerate(parts[:20]):
-        settings = {**SETTINGS, "proximal_mu": mu}
+        settings = replace(SETTINGS, proximal_mu=mu)
         tensors, trained = trainer.train(tensors, part.indices, settings, seed=i)
         assert trained.samples == 600 and np.isfinite(trained.loss)
         after.append(rss_mb())
@@ -173,7 +175,7 @@ def test_trainer_anchors_each_task_at_its_own_start_with_momentum(trainer, probe
     w1 = w0 - η ∇F(w0);  w2 = w1 + β(-η ∇F(w0)) - η(∇F(w1) + μ(w1 - w0)).
     The reported loss is the data loss F(w1) of the last epoch, without the term."""
     eta, mu, beta = 0.1, 0.5, models.SGD_MOMENTUM
-    settings = {**SETTINGS, "learning_rate": eta, "proximal_mu": mu, "epochs": 2, "batch_size": 64}
+    settings = replace(SETTINGS, learning_rate=eta, proximal_mu=mu, epochs=2, batch_size=64)
     indices = np.arange(5000, 5064)
     w0 = models.initial_weights("mlp", 5)
     # Another task first, from other weights: its anchor must not stay behind.
@@ -196,8 +198,8 @@ def test_a_large_mu_keeps_the_weights_near_the_start(trainer):
     start = models.initial_weights("mlp", 8)
     indices = np.arange(2000, 2600)
     free, _ = trainer.train(start, indices, SETTINGS, seed=9)
-    again, _ = trainer.train(start, indices, {**SETTINGS, "proximal_mu": 0}, seed=9)
-    held, trained = trainer.train(start, indices, {**SETTINGS, "proximal_mu": 10.0}, seed=9)
+    again, _ = trainer.train(start, indices, replace(SETTINGS, proximal_mu=0.0), seed=9)
+    held, trained = trainer.train(start, indices, replace(SETTINGS, proximal_mu=10.0), seed=9)
     for name in start:
         np.testing.assert_array_equal(free[name], again[name])  # μ = 0 is plain training
     print(f"‖w - w_t‖: μ=0 {distance(free, start):.3f}, μ=10 {distance(held, start):.3f}")
@@ -209,7 +211,10 @@ def test_a_large_mu_keeps_the_weights_near_the_start(trainer):
 def test_a_bad_proximal_mu_is_refused_in_one_line(trainer, mu):
     with pytest.raises(ValueError, match=r"^proximal_mu must be a finite number >= 0, got "):
         trainer.train(
-            models.initial_weights("mlp", 1), np.arange(10), {**SETTINGS, "proximal_mu": mu}, 0
+            models.initial_weights("mlp", 1),
+            np.arange(10),
+            {**SETTINGS.to_json(), "proximal_mu": mu},
+            0,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,9 +14,10 @@ from requests.adapters import BaseAdapter
 
 from fedsim import weights
 from fedsim.client.transport import ProtocolError, RetryPolicy, Transport
+from fedsim.protocol import EvalTask, Evaluation, UpdateMeta
 
 TENSORS = {"layer/kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}
-META = {"client_id": "client-1", "base_version": 3, "num_samples": 10, "update_id": "u-1"}
+META = UpdateMeta(client_id="client-1", update_id="u-1", base_version=3, num_samples=10)
 
 
 class Scripted(BaseAdapter):
@@ -163,6 +165,31 @@ def test_a_200_without_a_json_object_names_the_setting(body: bytes):
         args = (TENSORS, META) if call == "push" else ()
         with pytest.raises(ProtocolError, match=r"HTTP 200 without a JSON object.*AGGREGATOR_URL"):
             getattr(link, call)(*args)
+
+
+def test_a_task_is_read_into_its_record():
+    task = {"id": "eval.v2", "lease": "ab", "kind": "evaluate", "version": 2}
+    body = json.dumps({"task": task, "worker": "w4", "retry_after": 1.5}).encode()
+    link, adapter, _ = transport([(200, body)])
+    offer = link.ask("host-1-ab", retries=3)
+    assert offer.reachable and offer.task == EvalTask("eval.v2", "ab", 2)
+    assert (offer.worker, offer.retry_after) == ("w4", 1.5)
+    assert json.loads(adapter.requests[0].body) == {"worker": "host-1-ab", "retries": 3}
+
+
+def test_a_task_that_breaks_the_protocol_stops_the_worker():
+    body = b'{"task": {"id": "x", "lease": "ab", "kind": "dance"}}'
+    link, _, _ = transport([(200, body)])
+    with pytest.raises(ProtocolError, match="cannot do: a task of unknown kind 'dance'"):
+        link.ask("host-1-ab")
+
+
+def test_an_evaluation_is_reported_as_its_json():
+    link, adapter, _ = transport([(409, b'{"error":"task_done","detail":"scored"}')])
+    status, answer, retries = link.report(Evaluation("w", "eval.v1", "ab", 0.5, 1.0))
+    assert (status, answer["error"], retries) == (409, "task_done", 0)
+    sent = json.loads(adapter.requests[0].body)
+    assert sent == {"worker": "w", "task": "eval.v1", "lease": "ab", "accuracy": 0.5, "loss": 1.0}
 
 
 def test_health_tries_once():

@@ -359,33 +359,6 @@ def test_server_state_survives_hard_kills_bit_for_bit(make_settings, tmp_path, r
         np.testing.assert_array_equal(finals[0][name], finals[1][name])
 
 
-def test_a_worker_that_had_work_stays_to_take_over_from_one_that_dies(make_settings):
-    from fedsim.aggregator import tasks as tasks_module
-
-    clock = [0.0]
-    queue = tasks_module.SliceQueue(
-        [tasks_module.Client(1, 10, "x", (1, 2))],
-        seed=1,
-        per_round=1,
-        rounds=1,
-        task_timeout=60,
-        training={},
-        partition={},
-        clock=lambda: clock[0],
-        wall=lambda: 0.0,
-    )
-    offer, _ = queue.ask("hostA-1-aa", 0)
-    assert offer.task["id"] == "c1.s1"
-    # A second host never had work while A trains: it may leave.
-    assert queue.ask("hostB-2-bb", 0)[0].surplus
-    # A is killed and its container comes back under a new id: it waits, and takes the
-    # slice over once the dead lease runs out.
-    reborn, _ = queue.ask("hostA-7-cc", 0)
-    assert reborn.task is None and not reborn.surplus
-    clock[0] = 61
-    assert queue.ask("hostA-7-cc", 0)[0].task["id"] == "c1.s1"
-
-
 def test_an_entry_after_a_torn_line_starts_a_line_of_its_own(tmp_path):
     (tmp_path / history.FILE).write_text('{"version": 0, "accuracy": 0.1, "loss": 2.3}\n{"versi')
     history.append(tmp_path, {"version": 1, "accuracy": 0.5, "loss": 1.0})
@@ -412,3 +385,22 @@ def test_threads_are_sized_from_the_count_after_tensorflow_is_imported(make_sett
     )
     worker.start()
     assert counts == [3] and worker.name == "w1"
+
+
+def test_the_worker_imports_nothing_from_the_aggregator():
+    import ast
+    from pathlib import Path
+
+    import fedsim.client
+    import fedsim.protocol
+
+    for package in (fedsim.client, fedsim.protocol):
+        for path in Path(package.__path__[0]).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    continue
+                assert not any(n.startswith("fedsim.aggregator") for n in names), path.name

@@ -1,29 +1,59 @@
-"""Every setting of fedsim, read from the environment and validated once at start.
+"""fedsim's settings, read from the environment and validated once at start.
 
 Values come from the process environment; a `.env` file in the working directory
 (or the file named by `FEDSIM_ENV_FILE`) fills in keys the environment does not
 set, as Docker Compose does. A bad value raises `ConfigError`, whose message is
-one line naming the key, the value and what is allowed.
+one line naming the key, the value and what is allowed. The rows (keys,
+defaults, parsers) are in `fedsim.settings_table`; this module resolves them into
+`Settings` and refuses combinations that cannot run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-TRAIN_IMAGES = 60_000  # MNIST's training set; slices are cut from it
-MODELS = ("mlp", "cnn")
-OPTIMIZERS = ("sgd", "adam")
-PARTITIONS = ("slices", "iid", "shards", "dirichlet")
-ATTACKS = ("none", "label-flip", "scaled", "noise")  # fedsim.client.attacks.KINDS and none
-DEFAULT_SLICES = "1-4 5-8 9-12"  # CLIENT_SLICES when empty: three clients of four slices
+from fedsim import rules
+from fedsim.settings import ConfigError, Setting
+from fedsim.settings_table import (
+    ATTACKS,
+    COMPOSE_KEYS,
+    DEFAULT_SLICES,
+    KNOWN_KEYS,
+    MODELS,
+    OPTIMIZERS,
+    PARTITIONS,
+    RULE_KEYS,
+    SECRET_KEYS,
+    SETTINGS,
+    TRAIN_IMAGES,
+)
+
+__all__ = [
+    "ATTACKS",
+    "COMPOSE_KEYS",
+    "DEFAULT_SLICES",
+    "KNOWN_KEYS",
+    "MIN_CLIENT_SAMPLES",
+    "MODELS",
+    "OPTIMIZERS",
+    "PARTITIONS",
+    "RETIRED_KEYS",
+    "SECRET_KEYS",
+    "SETTINGS",
+    "TRAIN_IMAGES",
+    "ConfigError",
+    "Setting",
+    "Settings",
+    "load",
+    "parse_slices",
+    "read_env_file",
+]
 
 # Keys of earlier versions, with why they are gone; an empty value is ignored.
 RETIRED_KEYS = {
@@ -31,137 +61,6 @@ RETIRED_KEYS = {
 }
 
 MIN_CLIENT_SAMPLES = 10  # dirichlet: the fewest images any logical client gets
-
-# Keys that Compose reads from the same .env but the Python code does not use.
-COMPOSE_KEYS = frozenset(
-    {
-        "AGGREGATOR_PORT",
-        "AGGREGATOR_HOST",
-        "PROMETHEUS_PORT",
-        "COMPOSE_PROJECT_NAME",
-        "COMPOSE_FILE",
-        "REGISTRY_PORT",
-        # scripts/swarm.sh's own
-        "STACK",
-        "WORKERS",
-        "REGISTRY",
-    }
-)
-
-
-class ConfigError(ValueError):
-    """A setting has a value fedsim cannot use."""
-
-    def __init__(self, key: str, value: object, allowed: str) -> None:
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"invalid setting {key}={value!r}: {allowed}")
-
-
-# --- parsers: str -> value, raising ValueError with what is allowed -----------------
-
-
-def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        allowed = f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(allowed) from None
-        if value < lo or (hi is not None and value > hi):
-            raise ValueError(allowed)
-        return value
-
-    return parse
-
-
-def _float(lo: float, *, strict: bool) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        allowed = f"a number {'>' if strict else '>='} {lo:g}"
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(allowed) from None
-        if value != value or value in (float("inf"),) or value < lo or (strict and value == lo):
-            raise ValueError(allowed)
-        return value
-
-    return parse
-
-
-def _float_between(lo: float, hi: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        allowed = f"a number > {lo:g} and <= {hi:g}"
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(allowed) from None
-        if not lo < value <= hi:  # also false for nan
-            raise ValueError(allowed)
-        return value
-
-    return parse
-
-
-def _fraction(raw: str) -> float:
-    allowed = "a number > 0 and <= 1"
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(allowed) from None
-    if not 0 < value <= 1:  # also false for nan
-        raise ValueError(allowed)
-    return value
-
-
-def _choice(*options: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in options:
-            raise ValueError("one of " + ", ".join(options))
-        return value
-
-    return parse
-
-
-def _bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("true or false")
-
-
-def _url(raw: str) -> str:
-    parsed = urlparse(raw.strip())
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ValueError("an http:// or https:// URL with a host, e.g. http://127.0.0.1:8080")
-    return raw.strip().rstrip("/")
-
-
-def _urls(raw: str) -> tuple[str, ...]:
-    urls = tuple(_url(u) + "/" for u in raw.split())
-    if not urls:
-        raise ValueError("one or more http(s) URLs separated by spaces")
-    return urls
-
-
-def _secret(raw: str) -> str:
-    value = raw.strip()
-    if value and not re.fullmatch(r"[0-9a-f]{32,128}", value):
-        raise ValueError("32-128 lowercase hex digits, as `python -m fedsim.tokens add` prints")
-    return value
-
-
-def _optional_path(raw: str) -> Path | None:
-    return Path(raw.strip()) if raw.strip() else None
-
-
-def _path(raw: str) -> Path:
-    if not raw.strip():
-        raise ValueError("a directory path")
-    return Path(raw.strip())
-
 
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
@@ -190,276 +89,6 @@ def parse_slices(raw: str, num_slices: int) -> tuple[tuple[int, int], ...]:
     if not ranges:
         raise ValueError("one range per client, e.g. '1-4 5-8 9-12'")
     return tuple(ranges)
-
-
-@dataclass(frozen=True)
-class Setting:
-    key: str
-    default: str
-    parse: Callable[[str], Any]
-    why: str  # one line: what it is and why this default
-
-
-# Defaults chosen for the default run (3 clients, mlp, async-weighted); see README.
-# AGGREGATION and the rules' own rows come from the rules' registry: see `settings_table`.
-_COMMON: tuple[Setting, ...] = (
-    Setting(
-        "NUM_IMAGES_TRAIN",
-        "5000",
-        _int(1, TRAIN_IMAGES),
-        "images per slice; 5000 cuts MNIST's 60,000 into 12 slices, as the original",
-    ),
-    Setting(
-        "CLIENT_SLICES",
-        "",
-        str,
-        f"PARTITION=slices: one inclusive slice range per logical client; empty: {DEFAULT_SLICES}",
-    ),
-    Setting(
-        "PARTITION",
-        "slices",
-        _choice(*PARTITIONS),
-        "how the training images are dealt to logical clients: slices (the original), iid,"
-        " shards (McMahan's non-IID), dirichlet",
-    ),
-    Setting(
-        "NUM_CLIENTS",
-        "100",
-        _int(1, TRAIN_IMAGES),
-        "iid, shards, dirichlet: logical clients; 100 as in McMahan et al. 2017",
-    ),
-    Setting(
-        "SHARDS_PER_CLIENT",
-        "2",
-        _int(1),
-        "shards: label-sorted shards per client; 2 as in McMahan et al. 2017",
-    ),
-    Setting(
-        "DIRICHLET_ALPHA",
-        "0.5",
-        _float(0, strict=True),
-        "dirichlet: concentration of each class's split; smaller is more skewed",
-    ),
-    Setting(
-        "CLIENTS_PER_ROUND",
-        "0",
-        _int(0),
-        "logical clients sampled per round (McMahan's C x K); 0: every range under slices,"
-        " else a tenth of NUM_CLIENTS",
-    ),
-    Setting(
-        "TASK_TIMEOUT",
-        "300",
-        _float(0, strict=True),
-        "seconds a worker has for a task before it is given to another worker",
-    ),
-    Setting(
-        "EVAL_EVERY",
-        "0",
-        _int(0),
-        "asynchronous rules: score the global model every this many versions; 0: CLIENTS_PER_ROUND",
-    ),
-    Setting(
-        "MAX_RETRY",
-        "2",
-        _int(1),
-        "tries per HTTP request; a push that fails them all is kept and pushed again (original: 2)",
-    ),
-    Setting(
-        "MAX_WAIT",
-        "2",
-        _float(0, strict=False),
-        "upper bound in seconds of the random wait between tries (original: 2)",
-    ),
-    Setting(
-        "EPOCHS",
-        "5",
-        _int(1),
-        "local epochs per task; 10 or 20 gain at most 0.1 point in the default run at 2-4x the time",
-    ),
-    Setting(
-        "BATCH_SIZE",
-        "32",
-        _int(1),
-        "local minibatch size; 16 and 64 scored lower in the default run",
-    ),
-    Setting(
-        "OPTIMIZER",
-        "sgd",
-        _choice(*OPTIMIZERS),
-        "the workers' optimizer, fresh per task; sgd (momentum 0.9) scored 0.5 point over adam in the default run",
-    ),
-    Setting(
-        "LEARNING_RATE",
-        "0.05",
-        _float(0, strict=True),
-        "the optimizer's step size; 0.05 suits sgd with momentum (use 0.001 with adam)",
-    ),
-    Setting(
-        "MODEL",
-        "mlp",
-        _choice(*MODELS),
-        "mlp: the original 784-200-200-10; cnn: McMahan et al.'s CNN",
-    ),
-    Setting("SEED", "42", _int(0), "seeds the initial weights and the shuffling, so runs repeat"),
-    Setting(
-        "MIN_CLIENTS",
-        "0",
-        _int(0),
-        "fedavg: updates that close a round early; 0: all the sampled clients",
-    ),
-    Setting(
-        "ROUND_TIMEOUT",
-        "600",
-        _float(0, strict=True),
-        "fedavg: seconds after a round opens that close it with what arrived",
-    ),
-    Setting(
-        "ROUNDS",
-        "10",
-        _int(1),
-        "fedavg: rounds in the run; asynchronous rules off slices: ROUNDS x CLIENTS_PER_ROUND updates",
-    ),
-    Setting(
-        "SAVE_MODEL", "2", _int(1), "checkpoint every this many accepted updates (original: 2)"
-    ),
-    Setting("KEEP_CHECKPOINTS", "5", _int(1), "checkpoints kept on disk; older ones are deleted"),
-    Setting(
-        "IDLE_SAVE_SECONDS",
-        "10",
-        _float(0, strict=True),
-        "checkpoint unsaved updates after this many idle seconds",
-    ),
-    Setting(
-        "MAX_UPDATE_BYTES",
-        "16777216",
-        _int(1024),
-        "largest accepted upload in bytes; 16 MiB fits the cnn (6.7 MB) with room",
-    ),
-    Setting(
-        "AGGREGATOR_URL",
-        "http://127.0.0.1:8080",
-        _url,
-        "where workers find the aggregator (Compose sets http://aggregator:8080)",
-    ),
-    Setting(
-        "DATA_DIR", "data", _path, "folder of the four MNIST files (Compose mounts ./data at /data)"
-    ),
-    Setting(
-        "MODEL_DIR",
-        "models",
-        _path,
-        "checkpoints, partitions.json and the history (Compose: the models volume at /models)",
-    ),
-    Setting(
-        "DATA_VERIFY",
-        "true",
-        _bool,
-        "check the MNIST files' SHA-256; false for other IDX data such as Fashion-MNIST",
-    ),
-    Setting(
-        "MNIST_MIRRORS",
-        "https://ossci-datasets.s3.amazonaws.com/mnist/ "
-        "https://storage.googleapis.com/cvdf-datasets/mnist/",
-        _urls,
-        "where missing MNIST files are downloaded from, tried in order",
-    ),
-    Setting(
-        "TF_THREADS",
-        "0",
-        _int(0),
-        "TensorFlow threads per worker; 0: the machine's cores shared among the workers",
-    ),
-    Setting(
-        "HTTP_TIMEOUT", "30", _float(0, strict=True), "seconds a worker waits for one HTTP answer"
-    ),
-    Setting(
-        "ATTACK",
-        "none",
-        _choice(*ATTACKS),
-        "what the ATTACKERS send: label-flip (labels y -> 9 - y), scaled (w_t + ATTACK_SCALE"
-        " (w - w_t)), noise (Gaussian of the model's scale)",
-    ),
-    Setting(
-        "ATTACKERS",
-        "0",
-        _int(0),
-        "logical clients that attack, chosen with SEED; the aggregation rule is not told which",
-    ),
-    Setting(
-        "ATTACK_SCALE",
-        "10",
-        _float_between(0, 1000),
-        "scaled: the boost lambda of an attacker's update",
-    ),
-    Setting(
-        "TLS",
-        "false",
-        _bool,
-        "true: the proxy speaks HTTPS with the certificate from scripts/make-certs.sh, and"
-        " workers use https:// with AGGREGATOR_URL's host and port",
-    ),
-    Setting(
-        "TLS_CA",
-        "certs/ca.pem",
-        _optional_path,
-        "the CA workers check the proxy's certificate with over https:// (Compose:"
-        " /certs/ca.pem); empty: the system's CAs",
-    ),
-    Setting(
-        "TOKENS_FILE",
-        "secrets/tokens.json",
-        _path,
-        "who may change the aggregator's state (prepare creates it; Compose: ./secrets)",
-    ),
-    Setting(
-        "CLIENT_TOKEN",
-        "",
-        _secret,
-        "the token this worker or client sends; empty: the workers' token from TOKENS_FILE",
-    ),
-    Setting(
-        "AUTH_READS",
-        "false",
-        _bool,
-        "also require a token to read the model, status, history and metrics",
-    ),
-)
-SECRET_KEYS = frozenset({"CLIENT_TOKEN"})  # never written to settings.json or reports
-
-
-@functools.cache
-def settings_table() -> tuple[Setting, ...]:
-    """Every setting: the common rows, with AGGREGATION and each rule's rows before MIN_CLIENTS.
-
-    Made on first use from the rules' registry (fedsim.aggregator.strategies),
-    whose modules import `Setting` and `ConfigError` from here.
-    """
-    from fedsim.aggregator import strategies
-
-    at = next(i for i, s in enumerate(_COMMON) if s.key == "MIN_CLIENTS")
-    return (*_COMMON[:at], strategies.AGGREGATION, *strategies.rule_settings(), *_COMMON[at:])
-
-
-@functools.cache
-def _known_keys() -> frozenset[str]:
-    return frozenset(s.key for s in settings_table())
-
-
-@functools.cache
-def _rule_keys() -> frozenset[str]:
-    from fedsim.aggregator import strategies
-
-    return frozenset(s.key for s in strategies.rule_settings())
-
-
-def __getattr__(name: str) -> Any:
-    """`SETTINGS` and `KNOWN_KEYS`, made on first use (PEP 562): see `settings_table`."""
-    if name == "SETTINGS":
-        return settings_table()
-    if name == "KNOWN_KEYS":
-        return _known_keys()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -571,12 +200,12 @@ def read_env_file(path: Path) -> dict[str, str]:
     for key in values:
         if key in RETIRED_KEYS:
             continue  # checked in load(), with the reason
-        if key not in _known_keys() and key not in COMPOSE_KEYS:
+        if key not in KNOWN_KEYS and key not in COMPOSE_KEYS:
             raise ConfigError(
                 key,
                 values[key],
                 f"unknown key in {path}; known keys: "
-                + ", ".join(sorted(_known_keys() | COMPOSE_KEYS)),
+                + ", ".join(sorted(KNOWN_KEYS | COMPOSE_KEYS)),
             )
     return values
 
@@ -596,7 +225,7 @@ def load(environ: Mapping[str, str] | None = None, env_file: Path | None = None)
 
     values: dict[str, Any] = {}
     explicit = set()
-    for setting in settings_table():
+    for setting in SETTINGS:
         if setting.key in environ:
             raw, origin = environ[setting.key], True
         elif setting.key in file_values:
@@ -627,16 +256,14 @@ def load(environ: Mapping[str, str] | None = None, env_file: Path | None = None)
         values["client_slices"] = parse_slices(raw_slices or DEFAULT_SLICES, num_slices)
     except ValueError as exc:
         raise ConfigError("CLIENT_SLICES", raw_slices, str(exc)) from None
-    rules = {key.lower(): values.pop(key.lower()) for key in sorted(_rule_keys())}
-    settings = Settings(**values, rules=rules, explicit=frozenset(explicit))
+    own = {key.lower(): values.pop(key.lower()) for key in sorted(RULE_KEYS)}
+    settings = Settings(**values, rules=own, explicit=frozenset(explicit))
     _check_combinations(settings)
     return settings
 
 
 def _check_combinations(s: Settings) -> None:
     """Settings that are each valid but impossible together; the message says what to change."""
-    from fedsim.aggregator import strategies
-
     if s.partition == "shards":
         shards = s.num_clients * s.shards_per_client
         if shards > TRAIN_IMAGES or TRAIN_IMAGES % shards:
@@ -671,4 +298,4 @@ def _check_combinations(s: Settings) -> None:
             str(s.clients_per_round),
             f"more than the {s.logical_clients} logical clients ({where})",
         )
-    strategies.build(s)  # each rule checks its settings against the rest (Krum's n > 2f + 2)
+    rules.check(s)  # the rule's own, against the rest (Krum's n > 2f + 2)

@@ -1,6 +1,6 @@
 """The dashboard in headless Chromium (Debian's package, driven by Selenium).
 
-A stand-in aggregator (tests/dashboard_helpers.py) serves the real blueprint
+A stand-in aggregator (tests/helpers/dashboard.py) serves the real blueprint
 and a status and history the test moves on: the page must follow by itself,
 chart points, every client, a refusal in the events, the attacker column, a
 restart of the aggregator and the end of the run. A screenshot goes to
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dashboard_helpers import FakeRun, Server, chromium, chromium_missing, fake_app
 from fedsim.aggregator import dashboard
+from helpers.dashboard import FakeRun, Server, chromium, chromium_missing, fake_app
 
 pytestmark = pytest.mark.browser
 

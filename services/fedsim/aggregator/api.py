@@ -6,8 +6,8 @@ status, and changes nothing that is served or saved.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
@@ -17,6 +17,7 @@ from werkzeug.routing import PathConverter
 from fedsim.aggregator import history, uploads
 from fedsim.aggregator.state import State
 from fedsim.aggregator.strategies import Refused
+from fedsim.protocol import Ask, Evaluation, Invalid, valid_id, worker_id
 
 log = logging.getLogger("fedsim.aggregator")
 
@@ -94,36 +95,24 @@ def _http_error(exc: HTTPException) -> Response:
     return error(exc.code or 500, code, exc.description or exc.name)
 
 
-class _BadRequest(Exception):
-    def __init__(self, code: str, detail: str) -> None:
-        self.code, self.detail = code, detail
-
-
 def _json_body() -> dict[str, Any]:
-    """A small JSON object body, or _BadRequest."""
+    """A small JSON object body, or Invalid (413 too large, 400 not a JSON object)."""
     if request.content_length is not None and request.content_length > MAX_JSON_BYTES:
-        raise _BadRequest("too_large", f"body is over {MAX_JSON_BYTES} bytes")
+        raise Invalid("too_large", f"body is over {MAX_JSON_BYTES} bytes", 413)
     raw = request.get_data(cache=False)
     if len(raw) > MAX_JSON_BYTES:
-        raise _BadRequest("too_large", f"body is over {MAX_JSON_BYTES} bytes")
+        raise Invalid("too_large", f"body is over {MAX_JSON_BYTES} bytes", 413)
     try:
         body = request.json_module.loads(raw or b"{}")
     except (ValueError, RecursionError):
-        raise _BadRequest("bad_json", "body is not JSON") from None
+        raise Invalid("bad_json", "body is not JSON") from None
     if not isinstance(body, dict):
-        raise _BadRequest("bad_json", "body is not a JSON object")
+        raise Invalid("bad_json", "body is not a JSON object")
     return body
 
 
-def _worker_id(body: dict[str, Any]) -> str:
-    uid = body.get("worker")
-    if not isinstance(uid, str) or not uploads.valid_id(uid):
-        raise _BadRequest("bad_worker", "worker must be a string of 1-128 printable characters")
-    return uid
-
-
-def _bad(exc: _BadRequest) -> Response:
-    return error(413 if exc.code == "too_large" else 400, exc.code, exc.detail)
+def _bad(exc: Invalid) -> Response:
+    return error(exc.status, exc.code, exc.detail)
 
 
 @bp.get("/healthz")
@@ -156,7 +145,7 @@ def model() -> Response:
         response = Response(status=304)
     else:
         response = Response(snap.body, mimetype="application/octet-stream")
-        state.measure("sent", n=len(snap.body))
+        state.metrics.bytes_sent(len(snap.body))
     response.set_etag(snap.etag)
     response.headers["X-Fedsim-Version"] = str(snap.version)
     response.headers["Cache-Control"] = "no-cache"  # revalidate: the model changes
@@ -169,8 +158,8 @@ def hello() -> Response:
     if (refused := _workers_only()) is not None:
         return refused
     try:
-        uid = _worker_id(_json_body())
-    except _BadRequest as exc:
+        uid = worker_id(_json_body())
+    except Invalid as exc:
         return _bad(exc)
     return jsonify(_state().hello(uid))
 
@@ -181,21 +170,12 @@ def ask() -> Response:
     if (refused := _workers_only()) is not None:
         return refused
     try:
-        body = _json_body()
-        uid = _worker_id(body)
-    except _BadRequest as exc:
+        asked = Ask.from_json(_json_body())
+    except Invalid as exc:
         return _bad(exc)
-    retries = body.get("retries", 0)
-    retries = retries if isinstance(retries, int) and 0 <= retries < 10**9 else 0
-    offer, name = _state().ask(uid, retries)
-    return jsonify(
-        task=offer.task,
-        worker=name,
-        finished=offer.finished,
-        surplus=offer.surplus,
-        reason=offer.reason,
-        retry_after=min(offer.retry_after, MAX_WAIT_HINT),
-    )
+    offer, name = _state().ask(asked.worker, asked.retries)
+    wait = min(offer.retry_after, MAX_WAIT_HINT)
+    return jsonify(dataclasses.replace(offer, worker=name, retry_after=wait).to_json())
 
 
 @bp.post("/v1/evaluations")
@@ -205,33 +185,15 @@ def evaluation() -> Response:
     if (refused := _workers_only()) is not None:
         return refused
     try:
-        body = _json_body()
-        uid = _worker_id(body)
-        task, lease = body.get("task"), body.get("lease")
-        if not isinstance(task, str) or not uploads.valid_id(task):
-            raise _BadRequest("bad_task", "task must be the evaluation task's id")
-        if not isinstance(lease, str) or not lease.isalnum() or len(lease) > 64:
-            raise _BadRequest("bad_task", "lease must be the task's lease")
-        scores = {}
-        for key, hi in (("accuracy", 1.0), ("loss", 1e9)):
-            value = body.get(key)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise _BadRequest("bad_metrics", f"{key} must be a number")
-            try:
-                value = float(value)  # a JSON integer of 400 digits overflows here
-            except OverflowError:
-                raise _BadRequest(
-                    "bad_metrics", f"{key} must be a number from 0 to {hi:g}"
-                ) from None
-            if not math.isfinite(value) or not 0 <= value <= hi:
-                raise _BadRequest("bad_metrics", f"{key} must be a number from 0 to {hi:g}")
-            scores[key] = float(value)
-    except _BadRequest as exc:
+        scored = Evaluation.from_json(_json_body())
+    except Invalid as exc:
         return _bad(exc)
     try:
-        entry = state.record_evaluation(task, lease, scores["accuracy"], scores["loss"], uid)
+        entry = state.record_evaluation(
+            scored.task, scored.lease, scored.accuracy, scored.loss, scored.worker
+        )
     except Refused as exc:
-        state.note_refusal(f"evaluation {task}", exc.code, exc.reason)
+        state.note_refusal(f"evaluation {scored.task}", exc.code, exc.reason)
         version, finished = state.info()
         return error(exc.status, exc.code, exc.reason, version=version, finished=finished)
     return jsonify(recorded=True, entry=entry)
@@ -249,11 +211,11 @@ def post_update() -> Response:
             f"body of {request.content_length} bytes is over MAX_UPDATE_BYTES={limit}",
         )
     body = request.get_data(cache=False)
-    state.measure("received", n=len(body))
+    state.metrics.bytes_received(len(body))
     if len(body) > limit:
         return _refused(413, "too_large", f"body is over MAX_UPDATE_BYTES={limit}")
     try:
-        update = uploads.parse(body, state.layout)
+        update = uploads.parse(body, state.stages.receive)
     except uploads.BadUpdate as exc:
         return _refused(exc.status, exc.code, exc.detail)
     token = g.get("token")
@@ -278,7 +240,7 @@ def post_update() -> Response:
 @bp.get("/v1/updates/<text:update_id>")
 def get_update(update_id: str) -> Response:
     """What became of an update (see State.lookup); `?seq=N` tells forgotten from lost."""
-    if not uploads.valid_id(update_id):
+    if not valid_id(update_id):
         return error(
             400, "bad_update_id", "update_id must be 1-128 characters, none of them control"
         )

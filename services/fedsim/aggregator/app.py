@@ -14,7 +14,7 @@ from flask import Flask
 
 from fedsim import config, tokens
 from fedsim.aggregator import api, dashboard
-from fedsim.aggregator.metrics import Metrics
+from fedsim.aggregator.metrics import Guarded, Metrics
 from fedsim.aggregator.state import StartupError, State
 
 log = logging.getLogger("fedsim.aggregator")
@@ -48,7 +48,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["fedsim_tokens"] = known
     metrics = Metrics()
     app.extensions["fedsim_metrics"] = metrics
-    state.metrics_hook = metrics.hook
+    state.metrics = Guarded(metrics)
     metrics.set_version(state.snapshot.version)
     metrics.set_finished(state.queue.finished)
     api.init_app(app)

@@ -1,8 +1,11 @@
 """The aggregator's Prometheus metrics, served as text on `GET /metrics`.
 
-One `Metrics` object per app holds its own `CollectorRegistry`, so two apps in
-one process (tests) never share or collide on a metric. The state calls the
-small methods below where things happen; a scrape only reads.
+`Recorder` is what the aggregator measures, one method per measurement; the
+base records nothing and is the state's default, so the state calls its
+metrics without checking that there are any. `Metrics` records them in a
+`CollectorRegistry` of its own, so two apps in one process (tests) never share
+or collide on a metric; a scrape only reads. `Guarded` wraps a recorder so that
+a failing measurement is logged, never raised into the request that made it.
 
 Names follow Prometheus' conventions (prometheus.io/docs/practices/naming):
 the `fedsim_` prefix, base units in the name (`_seconds`, `_bytes`, `_ratio`
@@ -12,10 +15,12 @@ labels only for small closed sets (refusal reason, task kind).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from prometheus_client import (
@@ -27,6 +32,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+
+log = logging.getLogger("fedsim.aggregator")
 
 # Aggregating one mlp update takes about a millisecond, a cnn round of many
 # clients up to seconds.
@@ -56,13 +63,78 @@ def _count(what: str, value: object) -> int:
     return value
 
 
-def _seconds(what: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-        raise ValueError(f"metrics: {what} must be a finite number of seconds >= 0, not {value!r}")
+def _number(what: str, value: object, ok: Callable[[float], bool], must: str) -> float:
+    """`value` as a float when it is a real number (not a bool) for which `ok` holds."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+        raise ValueError(f"metrics: {what} must be {must}, not {value!r}")
     return float(value)
 
 
-class Metrics:
+def _seconds(what: str, value: object) -> float:
+    return _number(what, value, lambda v: 0 <= v < math.inf, "a finite number of seconds >= 0")
+
+
+class Recorder:
+    """What the aggregator measures, one method each. This base records nothing."""
+
+    # Uploads of trained weights.
+    def update_accepted(self, staleness: int, seconds_aggregating: float | None = None) -> None:
+        """An update was accepted. `seconds_aggregating`: None when it waits for its round."""
+
+    def update_refused(self, reason: str) -> None:
+        """An update was refused; `reason` is the answer's error code (`stale`, `too_large`...)."""
+
+    def update_duplicate(self) -> None:
+        """An update id came again and was acknowledged without aggregating it twice."""
+
+    def aggregation_seconds(self, seconds: float) -> None:
+        """One aggregation step took `seconds` (e.g. closing a round)."""
+
+    def bytes_received(self, n: int) -> None:
+        """Bytes of an update's body, read."""
+
+    def bytes_sent(self, n: int) -> None:
+        """Bytes of model weights, sent."""
+
+    # Tasks.
+    def task_handed_out(self, kind: str) -> None:
+        """A task of `kind` (train, evaluate) went to a worker."""
+
+    def task_finished(self, kind: str) -> None:
+        """A worker reported a task of `kind` done."""
+
+    def task_expired(self, kind: str) -> None:
+        """A lease on a task of `kind` ran out before its result came."""
+
+    def workers_seen(self, n: int) -> None:
+        """How many workers asked for or reported a task in the last minute."""
+
+    # The run.
+    def set_version(self, version: int) -> None:
+        """The served global model is now `version`."""
+
+    def set_round(self, number: int) -> None:
+        """The current round is `number`."""
+
+    def set_finished(self, finished: bool) -> None:
+        """Whether the run has done all its work."""
+
+    def evaluation(self, accuracy: float, loss: float, version: int | None = None) -> None:
+        """The test-set scores of a version (the newest evaluated one)."""
+
+    # Checkpoints.
+    def checkpoint_written(self, seconds: float) -> None:
+        """A checkpoint was written in `seconds`."""
+
+    def checkpoint_failed(self) -> None:
+        """A checkpoint could not be written."""
+
+
+# Every measurement's name: the public methods of Recorder.
+MEASUREMENTS = tuple(name for name in vars(Recorder) if not name.startswith("_"))
+
+
+class Metrics(Recorder):
     """Every fedsim metric, in a registry of its own.
 
     `clock` gives wall-clock seconds since the epoch (time.time); tests pass a
@@ -72,116 +144,94 @@ class Metrics:
 
     def __init__(self, clock: Callable[[], float] = time.time, process: bool = True) -> None:
         self._clock = clock
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = r = CollectorRegistry(auto_describe=True)
         if process:
             # process_resident_memory_bytes, process_cpu_seconds_total, ... (Linux only).
-            ProcessCollector(registry=self.registry)
-        r = self.registry
+            ProcessCollector(registry=r)
+        counter, gauge = partial(Counter, registry=r), partial(Gauge, registry=r)
+        histogram = partial(Histogram, registry=r)
 
         # Uploads of trained weights.
-        self._accepted = Counter(
-            "fedsim_updates_accepted",
-            "Updates accepted (aggregated or held for the round).",
-            registry=r,
+        self._accepted = counter(
+            "fedsim_updates_accepted", "Updates accepted (aggregated or held for the round)."
         )
-        self._refused = Counter(
+        self._refused = counter(
             "fedsim_updates_refused",
             "Updates refused, by the error code of the answer.",
             ["reason"],
-            registry=r,
         )
-        self._duplicates = Counter(
+        self._duplicates = counter(
             "fedsim_updates_duplicate",
             "Updates sent again with an id already received: acknowledged, aggregated once.",
-            registry=r,
         )
-        self._staleness = Histogram(
+        self._staleness = histogram(
             "fedsim_update_staleness",
             "Versions between an accepted update's base version and the current one.",
             buckets=STALENESS_BUCKETS,
-            registry=r,
         )
-        self._aggregation = Histogram(
+        self._aggregation = histogram(
             "fedsim_aggregation_seconds",
             "Time to aggregate: one update (asynchronous rules) or one round.",
             buckets=AGGREGATION_BUCKETS,
-            registry=r,
         )
-        self._last_accepted = Gauge(
+        self._last_accepted = gauge(
             "fedsim_last_accepted_update_timestamp_seconds",
             "Unix time of the last accepted update; 0 before the first.",
-            registry=r,
         )
-        self._started = Gauge(
-            "fedsim_start_time_seconds", "Unix time at which the aggregator started.", registry=r
-        )
-        self._started.set(self._clock())
+        started = gauge("fedsim_start_time_seconds", "Unix time at which the aggregator started.")
+        started.set(self._clock())
 
         # Tasks handed to workers.
-        self._tasks_handed_out = Counter(
-            "fedsim_tasks_handed_out", "Tasks given to a worker, by kind.", ["kind"], registry=r
+        self._tasks_handed_out = counter(
+            "fedsim_tasks_handed_out", "Tasks given to a worker, by kind.", ["kind"]
         )
-        self._tasks_finished = Counter(
-            "fedsim_tasks_finished", "Tasks a worker reported done, by kind.", ["kind"], registry=r
+        self._tasks_finished = counter(
+            "fedsim_tasks_finished", "Tasks a worker reported done, by kind.", ["kind"]
         )
-        self._tasks_expired = Counter(
+        self._tasks_expired = counter(
             "fedsim_tasks_expired",
             "Tasks whose lease ran out before a result came, by kind.",
             ["kind"],
-            registry=r,
         )
-        self._workers = Gauge("fedsim_workers", "Workers seen in the last minute.", registry=r)
+        self._workers = gauge("fedsim_workers", "Workers seen in the last minute.")
 
         # Traffic: request bodies in, model downloads out.
-        self._received = Counter(
-            "fedsim_received_bytes", "Bytes of update bodies received.", registry=r
-        )
-        self._sent = Counter("fedsim_sent_bytes", "Bytes of model weights sent.", registry=r)
+        self._received = counter("fedsim_received_bytes", "Bytes of update bodies received.")
+        self._sent = counter("fedsim_sent_bytes", "Bytes of model weights sent.")
 
         # The run.
-        self._version = Gauge(
-            "fedsim_model_version", "Version of the served global model.", registry=r
+        self._version = gauge("fedsim_model_version", "Version of the served global model.")
+        self._round = gauge(
+            "fedsim_round", "Current round number (round rules; 0 for asynchronous ones)."
         )
-        self._round = Gauge(
-            "fedsim_round",
-            "Current round number (round rules; 0 for asynchronous ones).",
-            registry=r,
+        self._finished = gauge(
+            "fedsim_run_finished", "1 once the run has done all its rounds, else 0."
         )
-        self._finished = Gauge(
-            "fedsim_run_finished", "1 once the run has done all its rounds, else 0.", registry=r
+        self._accuracy = gauge(
+            "fedsim_test_accuracy_ratio", "Test-set accuracy (0-1) of the last evaluated version."
         )
-        self._accuracy = Gauge(
-            "fedsim_test_accuracy_ratio",
-            "Test-set accuracy (0-1) of the last evaluated version.",
-            registry=r,
-        )
-        self._loss = Gauge(
-            "fedsim_test_loss", "Test-set loss of the last evaluated version.", registry=r
-        )
-        self._evaluated = Gauge(
-            "fedsim_evaluated_version", "Version whose test scores are exported.", registry=r
+        self._loss = gauge("fedsim_test_loss", "Test-set loss of the last evaluated version.")
+        self._evaluated = gauge(
+            "fedsim_evaluated_version", "Version whose test scores are exported."
         )
 
         # Checkpoints.
-        self._checkpoint = Histogram(
+        self._checkpoint = histogram(
             "fedsim_checkpoint_seconds",
             "Time to write one checkpoint (encode, fsync, rename).",
             buckets=CHECKPOINT_BUCKETS,
-            registry=r,
         )
-        self._checkpoint_failures = Counter(
-            "fedsim_checkpoint_failures", "Checkpoint writes that failed.", registry=r
+        self._checkpoint_failures = counter(
+            "fedsim_checkpoint_failures", "Checkpoint writes that failed."
         )
-        self._last_checkpoint = Gauge(
+        self._last_checkpoint = gauge(
             "fedsim_last_checkpoint_timestamp_seconds",
             "Unix time of the last checkpoint written; 0 before the first.",
-            registry=r,
         )
 
     # Uploads ---------------------------------------------------------------
 
     def update_accepted(self, staleness: int, seconds_aggregating: float | None = None) -> None:
-        """An update was accepted. `seconds_aggregating`: None when it waits for its round."""
         staleness = _count("staleness", staleness)  # check both before moving anything
         if seconds_aggregating is not None:
             self._aggregation.observe(_seconds("aggregation time", seconds_aggregating))
@@ -190,15 +240,12 @@ class Metrics:
         self._last_accepted.set(self._clock())
 
     def update_refused(self, reason: str) -> None:
-        """An update was refused; `reason` is the answer's error code (`stale`, `too_large`...)."""
         self._refused.labels(reason=_label("reason", reason)).inc()
 
     def update_duplicate(self) -> None:
-        """An update id came again and was acknowledged without aggregating it twice."""
         self._duplicates.inc()
 
     def aggregation_seconds(self, seconds: float) -> None:
-        """One aggregation step took `seconds` (e.g. closing a round)."""
         self._aggregation.observe(_seconds("aggregation time", seconds))
 
     def bytes_received(self, n: int) -> None:
@@ -219,7 +266,6 @@ class Metrics:
         self._tasks_expired.labels(kind=_label("task kind", kind)).inc()
 
     def workers_seen(self, n: int) -> None:
-        """How many workers asked for or reported a task in the last minute."""
         self._workers.set(_count("workers", n))
 
     # The run ---------------------------------------------------------------
@@ -236,19 +282,8 @@ class Metrics:
         self._finished.set(int(finished))
 
     def evaluation(self, accuracy: float, loss: float, version: int | None = None) -> None:
-        """The test-set scores of a version (the newest evaluated one)."""
-        if (
-            isinstance(accuracy, bool)
-            or not isinstance(accuracy, int | float)
-            or not 0 <= accuracy <= 1
-        ):
-            raise ValueError(f"metrics: accuracy must be a number in [0, 1], not {accuracy!r}")
-        if (
-            isinstance(loss, bool)
-            or not isinstance(loss, int | float)
-            or not (math.isfinite(loss) and loss >= 0)
-        ):
-            raise ValueError(f"metrics: loss must be a finite number >= 0, not {loss!r}")
+        accuracy = _number("accuracy", accuracy, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        loss = _number("loss", loss, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
         self._accuracy.set(accuracy)
         self._loss.set(loss)
         if version is not None:
@@ -263,24 +298,6 @@ class Metrics:
     def checkpoint_failed(self) -> None:
         self._checkpoint_failures.inc()
 
-    # One entry point for the state ------------------------------------------
-
-    def hook(self, what: str, values: Mapping[str, Any]) -> None:
-        """`state.metrics_hook = metrics.hook`: one measurement by name, e.g.
-        `hook("refused", {"reason": "stale"})`. The names are those of `HOOKS`."""
-        try:
-            method, keys = HOOKS[what]
-        except KeyError:
-            raise ValueError(
-                f"metrics: unknown measurement {what!r}; known: {', '.join(sorted(HOOKS))}"
-            ) from None
-        unknown = set(values) - set(keys)
-        if unknown:
-            raise ValueError(
-                f"metrics: {what} takes {', '.join(keys) or 'no values'}, not {', '.join(sorted(unknown))}"
-            )
-        getattr(self, method)(**values)
-
     # Exposition ------------------------------------------------------------
 
     def render(self) -> tuple[bytes, str]:
@@ -288,22 +305,29 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-# hook() names: measurement -> (method, the values it takes).
-HOOKS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "accepted": ("update_accepted", ("staleness", "seconds_aggregating")),
-    "refused": ("update_refused", ("reason",)),
-    "duplicate": ("update_duplicate", ()),
-    "aggregation": ("aggregation_seconds", ("seconds",)),
-    "received": ("bytes_received", ("n",)),
-    "sent": ("bytes_sent", ("n",)),
-    "task": ("task_handed_out", ("kind",)),
-    "task_finished": ("task_finished", ("kind",)),
-    "task_expired": ("task_expired", ("kind",)),
-    "workers": ("workers_seen", ("n",)),
-    "version": ("set_version", ("version",)),
-    "round": ("set_round", ("number",)),
-    "finished": ("set_finished", ("finished",)),
-    "evaluation": ("evaluation", ("accuracy", "loss", "version")),
-    "checkpoint": ("checkpoint_written", ("seconds",)),
-    "checkpoint_failed": ("checkpoint_failed", ()),
-}
+class Guarded(Recorder):
+    """`inner`'s measurements, a failure logged instead of raised.
+
+    The state measures under its lock, in the middle of an update: a metric
+    that raised there would leave the update half done. Metrics never break
+    the service.
+    """
+
+    def __init__(self, inner: Recorder) -> None:
+        self.inner = inner
+
+
+def _guarded(name: str) -> Callable[..., None]:
+    def call(self: Guarded, *args: Any, **kwargs: Any) -> None:
+        try:
+            getattr(self.inner, name)(*args, **kwargs)
+        except Exception:
+            log.exception("metrics: %s failed", name)
+
+    call.__name__, call.__qualname__ = name, f"Guarded.{name}"
+    call.__doc__ = getattr(Recorder, name).__doc__
+    return call
+
+
+for _name in MEASUREMENTS:
+    setattr(Guarded, _name, _guarded(_name))

@@ -2,20 +2,22 @@
 
 `load` reads MODEL_DIR once at start and says precisely what is wrong when it
 cannot start (`StartupError`, one line): no checkpoint, another model, a
-partition plan made with other settings.
+partition plan made with other settings. `restore` builds the rule and the task
+queue with the state the checkpoint saved of them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fedsim import checkpoints, weights
-from fedsim.aggregator import history
+from fedsim.aggregator import history, strategies, tasks
+from fedsim.aggregator.strategies import Strategy
 from fedsim.aggregator.tasks import Client
 from fedsim.config import Settings
 from fedsim.data import partition
@@ -183,6 +185,66 @@ def load(settings: Settings, rule: str) -> Start:
     )
 
 
-def checkpoint_path_name(path: Path) -> str:
-    """What /v1/status shows of a checkpoint path: its name, not the server's folders."""
-    return path.name
+def restore(
+    settings: Settings,
+    start: Start,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    wall: Callable[[], float] = time.time,
+) -> tuple[Strategy, tasks.Queue]:
+    """The rule and the task queue, each with the state the checkpoint saved of it.
+    Raises StartupError."""
+    strategy = strategies.build(settings)
+    try:
+        if start.strategy_state:
+            strategy.load_state_dict(start.strategy_state)
+        strategy.load_tensor_state(start.strategy_tensors)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise StartupError(f"checkpoint has a bad strategy state: {exc}") from None
+    queue = make_queue(
+        settings,
+        start.clients,
+        strategy,
+        partition=start.manifest["settings"],
+        clock=clock,
+        wall=wall,
+    )
+    try:
+        queue.load_state_dict(start.tasks_state)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise StartupError(f"checkpoint has a bad task state: {exc}") from None
+    return strategy, queue
+
+
+def make_queue(
+    settings: Settings, clients: list[Client], strategy: Strategy, **kw: Any
+) -> tasks.Queue:
+    """The task queue the rule and settings call for: rounds of sampled clients for a round
+    rule; slices in order (PARTITION=slices) or sampled clients for an asynchronous one."""
+    common = {
+        "seed": settings.seed,
+        "per_round": settings.per_round,
+        "rounds": settings.rounds,
+        "task_timeout": settings.task_timeout,
+        "training": {
+            "model": settings.model,
+            "epochs": settings.epochs,
+            "batch_size": settings.batch_size,
+            "learning_rate": settings.learning_rate,
+            "optimizer": settings.optimizer,
+            **strategy.client_settings(),  # e.g. FedProx's proximal_mu
+        },
+        **kw,
+    }
+    if settings.attack != "none":
+        common["attack"] = {"kind": settings.attack, "scale": settings.attack_scale}
+        common["attackers"] = tasks.choose_attackers(
+            settings.seed, settings.attackers, len(clients)
+        )
+    if strategy.mode == "rounds":
+        return tasks.RoundQueue(
+            clients, quorum=settings.round_quorum, round_timeout=settings.round_timeout, **common
+        )
+    if settings.partition == "slices":
+        return tasks.SliceQueue(clients, **common)
+    return tasks.SampledQueue(clients, **common)

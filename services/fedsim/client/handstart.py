@@ -16,12 +16,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fedsim.aggregator.uploads import valid_id
 from fedsim.client.outbox import Outbox
 from fedsim.client.transport import Transport
-from fedsim.client.worker import AggregatorUnreachable, Learner, Summary, _Model
+from fedsim.client.worker import AggregatorUnreachable, Learner, LocalModel, Summary
 from fedsim.config import Settings
 from fedsim.data import mnist
+from fedsim.protocol import TrainSettings, UpdateMeta, valid_id
 
 log = logging.getLogger("fedsim.client")
 
@@ -66,15 +66,15 @@ def run(
             "the Client Id prompt to run a worker instead"
         )
     summary = Summary(counts=outbox.counts, clients=[typed.client_id])
-    model = _Model()
+    model = LocalModel()
     name = typed.client_id
     size = settings.num_images_train
-    train = {
-        "epochs": settings.epochs,
-        "batch_size": settings.batch_size,
-        "learning_rate": settings.learning_rate,
-        "optimizer": settings.optimizer,
-    }
+    train = TrainSettings(
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        optimizer=settings.optimizer,
+    )
     pull_next = True
     for slice_no in range(typed.first, typed.last + 1):
         if pull_next:
@@ -82,7 +82,7 @@ def run(
             pulled = transport.pull(etag=model.etag)
             summary.counts.retries += pulled.retries
             if pulled.tensors is not None:
-                model = _Model(pulled.version or 0, pulled.etag, pulled.tensors)
+                model = LocalModel(pulled.version or 0, pulled.etag, pulled.tensors)
                 log.info("%s slice %d pull  version %d", name, slice_no, model.version)
             elif not pulled.ok:
                 summary.pulls_failed += 1
@@ -103,23 +103,22 @@ def run(
             trained.accuracy,
             trained.seconds,
         )
-        meta: dict[str, object] = {
-            "client_id": name,
-            "update_id": uuid.uuid4().hex,
-            "base_version": model.version,
-            "num_samples": trained.samples,
-            "slice": slice_no,
-            "slices": f"{typed.first}-{typed.last}",
-            "retries": summary.counts.retries,
-        }
-        for key, value in (("loss", trained.loss), ("accuracy", trained.accuracy)):
-            if math.isfinite(value):
-                meta[key] = f"{value:.6f}"
+        meta = UpdateMeta(
+            client_id=name,
+            update_id=uuid.uuid4().hex,
+            base_version=model.version,
+            num_samples=trained.samples,
+            slice=str(slice_no),
+            slices=f"{typed.first}-{typed.last}",
+            loss=trained.loss if math.isfinite(trained.loss) else None,
+            accuracy=trained.accuracy if math.isfinite(trained.accuracy) else None,
+            retries=summary.counts.retries,
+        )
         pushed = outbox.push(tensors, meta)
         # After a failed push the weights hold work the aggregator lacks: keep training
         # on them rather than overwrite them with the global model.
         pull_next = pushed.accepted
         if not pushed.accepted:
-            model = _Model(model.version, "", tensors)
+            model = LocalModel(model.version, "", tensors)
     outbox.settle()
     return summary

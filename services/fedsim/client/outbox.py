@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedsim.client.transport import Pushed, Transport
+from fedsim.protocol import UpdateMeta
 
 log = logging.getLogger("fedsim.client")
 
@@ -27,7 +28,7 @@ SETTLE_SLACK = 5.0  # at the end, wait IDLE_SAVE_SECONDS plus this for the last 
 @dataclass(eq=False)  # compared by identity: its tensors have no plain ==
 class Kept:
     tensors: dict[str, np.ndarray]
-    meta: dict[str, object]
+    meta: UpdateMeta
     seq: int | None  # its sequence number at the aggregator, once known
     sent: bool  # accepted once; False: every push so far failed
 
@@ -42,12 +43,16 @@ class Counts:
     unconfirmed: int = 0
 
 
-def describe(meta: dict[str, object]) -> str:
+def describe(client_id: str, slice_no: object = None, round_no: int | None = None) -> str:
     """'client-2 slice 5' or 'client-17 round 3': what an update is, for log lines."""
-    what = f" slice {meta['slice']}" if "slice" in meta else ""
-    if "round" in meta:
-        what += f" round {meta['round']}"
-    return f"{meta['client_id']}{what}"
+    what = f" slice {slice_no}" if slice_no is not None else ""
+    if round_no is not None:
+        what += f" round {round_no}"
+    return f"{client_id}{what}"
+
+
+def _what(meta: UpdateMeta) -> str:
+    return describe(meta.client_id, meta.slice, meta.round)
 
 
 class Outbox:
@@ -70,11 +75,11 @@ class Outbox:
         # be written); the worker waits for it rather than giving it up as gone.
         self.busy = False
 
-    def push(self, tensors: dict[str, np.ndarray], meta: dict[str, object]) -> Pushed:
+    def push(self, tensors: dict[str, np.ndarray], meta: UpdateMeta) -> Pushed:
         """One push (MAX_RETRY tries), logged; accepted or unsent updates are kept."""
         pushed = self.transport.push(tensors, meta)
         self.counts.retries += pushed.retries
-        what, base = describe(meta), meta["base_version"]
+        what, base = _what(meta), meta.base_version
         if pushed.accepted:
             self.counts.pushes_accepted += 1
             self._keep(tensors, meta, pushed)
@@ -118,12 +123,10 @@ class Outbox:
             )
         return pushed
 
-    def _keep(
-        self, tensors: dict[str, np.ndarray], meta: dict[str, object], pushed: Pushed
-    ) -> None:
+    def _keep(self, tensors: dict[str, np.ndarray], meta: UpdateMeta, pushed: Pushed) -> None:
         self.last_accepted = self.clock()
         for item in self.kept:
-            if item.meta["update_id"] == meta["update_id"]:
+            if item.meta.update_id == meta.update_id:
                 item.seq = pushed.seq if pushed.seq is not None else item.seq
                 item.sent = True
                 return
@@ -141,7 +144,7 @@ class Outbox:
                 if not self._repush(item, "not sent"):
                     return False
                 continue
-            looked = self.transport.lookup(str(item.meta["update_id"]), item.seq, attempts=attempts)
+            looked = self.transport.lookup(item.meta.update_id, item.seq, attempts=attempts)
             self.counts.retries += looked.retries
             if not looked.ok:
                 log.warning(
@@ -172,7 +175,7 @@ class Outbox:
             log.info(
                 "%s %s re-push (%s) -> version %s%s",
                 self.name,
-                describe(meta),
+                _what(meta),
                 why,
                 pushed.version,
                 " (already counted)" if pushed.duplicate else "",
@@ -185,7 +188,7 @@ class Outbox:
             log.info(
                 "%s %s re-push refused: %s (version %s)",
                 self.name,
-                describe(meta),
+                _what(meta),
                 "run finished" if pushed.finished else pushed.detail or "stale",
                 pushed.version,
             )
@@ -194,7 +197,7 @@ class Outbox:
         log.warning(
             "%s %s re-push failed after %d tries (%s): keeping it",
             self.name,
-            describe(meta),
+            _what(meta),
             pushed.retries + 1,
             pushed.detail,
         )

@@ -7,11 +7,12 @@ scaled per task, so memory is the model plus the data set, not per client), and
 each task starts from a fresh optimizer state, as a real client's would.
 
 FedProx (Li et al., MLSys 2020, arXiv:1812.06127): with `proximal_mu` = μ > 0 in
-the task's settings the client minimises F_k(w) + (μ/2)‖w - w_t‖², w_t being the
-weights the task started from. The gradient of the term, μ(w - w_t), is added to
-each weight's data gradient in the training step of `Proximal`, a model that
-wraps the built one; w_t and μ live in variables assigned per task, so nothing is
-traced or built again per task. μ absent or 0 trains the plain model, as before.
+the task's settings (`fedsim.protocol.TrainSettings`, which checks it) the client
+minimises F_k(w) + (μ/2)‖w - w_t‖², w_t being the weights the task started from.
+The gradient of the term, μ(w - w_t), is added to each weight's data gradient in
+the training step of `Proximal`, a model that wraps the built one; w_t and μ live
+in variables assigned per task, so nothing is traced or built again per task. μ
+absent or 0 trains the plain model, as before.
 
 `fedsim.tfruntime.configure` must run before the first Trainer is made.
 """
@@ -19,8 +20,6 @@ traced or built again per task. μ absent or 0 trains the plain model, as before
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 
 from fedsim import models
 from fedsim.data import mnist
+from fedsim.protocol import TrainSettings
 from fedsim.tfruntime import quiet as quiet_tensorflow
 
 __all__ = ["Trained", "Trainer", "fresh_optimizer", "proximal_model", "quiet_tensorflow"]
@@ -80,23 +80,25 @@ class Trainer:
         self,
         tensors: Mapping[str, np.ndarray],
         indices: np.ndarray | Sequence[int],
-        settings: Mapping[str, Any],
+        settings: TrainSettings | Mapping[str, Any],
         seed: int,
         *,
         labels: np.ndarray | None = None,
     ) -> tuple[dict[str, np.ndarray], Trained]:
         """Train from `tensors` on the images at `indices`; the new weights and the metrics.
 
-        `settings`: epochs, batch_size, learning_rate, optimizer (the task's), and
-        optionally proximal_mu (FedProx's μ; absent or 0 for plain training).
+        `settings`: the task's TrainSettings (or their JSON form): epochs, batch_size,
+        learning_rate, optimizer, and optionally proximal_mu (FedProx's μ; absent or 0
+        for plain training). Invalid (a ValueError) when they break the protocol.
         `labels`: the labels to train on, one per index, in place of the data set's
         (label-flipping attackers); the images are still those at `indices`.
         """
         import keras
 
-        mu = proximal_mu(settings)
+        settings = TrainSettings.of(settings)
+        mu = settings.mu
         y = self._labels(indices, labels)
-        optimizer, learning_rate = str(settings["optimizer"]), float(settings["learning_rate"])
+        optimizer, learning_rate = settings.optimizer, settings.learning_rate
         model = self._model(optimizer, learning_rate)
         models.set_weights(model, dict(tensors))
         fresh_optimizer(model.optimizer, learning_rate)
@@ -109,8 +111,8 @@ class Trainer:
         history = model.fit(
             x,
             y,
-            epochs=int(settings["epochs"]),
-            batch_size=int(settings["batch_size"]),
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
             shuffle=True,
             verbose=0,
         )
@@ -151,18 +153,6 @@ class Trainer:
         # about 140 MiB more at its peak, for no gain in time.
         loss, accuracy = model.evaluate(*self._test, batch_size=100, verbose=0)
         return float(accuracy), float(loss), time.monotonic() - started
-
-
-def proximal_mu(settings: Mapping[str, Any]) -> float:
-    """FedProx's μ from a task's settings: 0 when absent (or null); a finite number >= 0."""
-    value = settings.get("proximal_mu")
-    if value is None:
-        return 0.0
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"proximal_mu must be a finite number >= 0, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"proximal_mu must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def fresh_optimizer(optimizer: Any, learning_rate: float) -> None:

@@ -14,7 +14,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -22,7 +22,8 @@ from urllib.parse import quote
 import numpy as np
 import requests
 
-from fedsim import weights
+from fedsim import protocol, weights
+from fedsim.protocol import Ask, Evaluation, Task, UpdateMeta
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class Offer:
     """The aggregator's answer to a request for work. `reachable` False: every try failed."""
 
     reachable: bool
-    task: dict[str, Any] | None = None
+    task: Task | None = None
     worker: str = ""
     finished: bool = False
     surplus: bool = False
@@ -240,27 +241,32 @@ class Transport:
 
     def ask(self, worker: str, retries: int = 0) -> Offer:
         """Ask for a task (MAX_RETRY tries)."""
-        outcome = self._call("POST", "/v1/tasks", json={"worker": worker, "retries": retries})
+        outcome = self._call("POST", "/v1/tasks", json=Ask(worker, retries).to_json())
         if outcome.response is None:
             return Offer(False, retries=outcome.retries, error=outcome.error)
         if outcome.response.status_code != 200:
             raise self._refuse("POST", "/v1/tasks", outcome.response)
         answer = self._answer("POST", "/v1/tasks", outcome.response)
-        task = answer.get("task")
+        try:
+            offered = protocol.Offer.from_json(answer)
+        except protocol.Invalid as exc:
+            raise ProtocolError(
+                f"the aggregator sent a task this worker cannot do: {exc}"
+            ) from None
         return Offer(
             True,
-            task=task if isinstance(task, dict) else None,
-            worker=str(answer.get("worker") or ""),
-            finished=bool(answer.get("finished")),
-            surplus=bool(answer.get("surplus")),
-            reason=str(answer.get("reason") or ""),
-            retry_after=float(answer.get("retry_after") or 0.5),
+            task=offered.task,
+            worker=offered.worker,
+            finished=offered.finished,
+            surplus=offered.surplus,
+            reason=offered.reason,
+            retry_after=offered.retry_after,
             retries=outcome.retries,
         )
 
-    def report(self, body: Mapping[str, Any]) -> tuple[int | None, dict[str, Any], int]:
+    def report(self, evaluation: Evaluation) -> tuple[int | None, dict[str, Any], int]:
         """POST an evaluation: (status or None when unreachable, answer, retries)."""
-        outcome = self._call("POST", "/v1/evaluations", json=dict(body))
+        outcome = self._call("POST", "/v1/evaluations", json=evaluation.to_json())
         if outcome.response is None:
             return None, {"detail": outcome.error}, outcome.retries
         status = outcome.response.status_code
@@ -268,9 +274,9 @@ class Transport:
             raise self._refuse("POST", "/v1/evaluations", outcome.response)
         return status, _json_or_empty(outcome.response), outcome.retries
 
-    def push(self, tensors: Tensors, metadata: Mapping[str, object]) -> Pushed:
+    def push(self, tensors: Tensors, meta: UpdateMeta) -> Pushed:
         """Upload an update. The body, and so its update_id, is the same on every try."""
-        body = weights.encode(tensors, metadata)
+        body = weights.encode(tensors, meta.to_json())
         outcome = self._call(
             "POST",
             "/v1/updates",

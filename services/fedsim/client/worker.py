@@ -21,17 +21,17 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from fedsim import models, weights
-from fedsim.client import attacks
+from fedsim import models, pipeline, weights
 from fedsim.client.outbox import Counts, Outbox, describe
 from fedsim.client.training import Trained
 from fedsim.client.transport import ProtocolError, Transport
 from fedsim.config import Settings
 from fedsim.data import partition
+from fedsim.protocol import EvalTask, Evaluation, Task, TrainSettings, TrainTask, UpdateMeta
 
 log = logging.getLogger("fedsim.client")
 
@@ -51,7 +51,7 @@ class Learner(Protocol):
         self,
         tensors: Mapping[str, np.ndarray],
         indices: np.ndarray,
-        settings: Mapping[str, Any],
+        settings: TrainSettings,
         seed: int,
         *,
         labels: np.ndarray | None = None,
@@ -88,7 +88,7 @@ def new_worker_id() -> str:
 
 
 @dataclass
-class _Model:
+class LocalModel:
     """The worker's copy of a global model version."""
 
     version: int = -1
@@ -117,7 +117,7 @@ class Worker:
         self.summary = Summary()
         self.name = "worker"
         self.learner: Learner | None = None
-        self.model = _Model()
+        self.model = LocalModel()
         self.outbox = Outbox(
             self.name,
             transport,
@@ -129,6 +129,7 @@ class Worker:
         self._plans: dict[str, tuple[partition.Part, ...]] = {}
         self._seen_clients: set[str] = set()
         self._announced = False
+        self.stages = pipeline.build(settings)  # an update's path from training to push
 
     # --- start --------------------------------------------------------------------
 
@@ -205,66 +206,62 @@ class Worker:
         self.sleep(1.0)
         return since
 
-    def _do(self, task: dict[str, Any]) -> None:
-        kind = task.get("kind")
-        if kind == "train":
+    def _do(self, task: Task) -> None:
+        if isinstance(task, TrainTask):
             self._train(task)
-        elif kind == "evaluate":
-            self._evaluate(task)
         else:
-            raise ProtocolError(f"the aggregator sent a task of unknown kind {kind!r}")
+            self._evaluate(task)
 
     # --- training -----------------------------------------------------------------
 
-    def _indices(self, task: dict[str, Any]) -> np.ndarray:
+    def _indices(self, task: TrainTask) -> np.ndarray:
         """The samples of the task's client, checked against the plan's SHA-256."""
-        plan = task["partition"]
-        key = json.dumps(plan, sort_keys=True)
+        key = json.dumps(task.partition, sort_keys=True)
         if key not in self._plans:
             assert self.learner is not None
-            self._plans = {key: partition.make(plan, self.learner.labels)}
+            self._plans = {key: partition.make(task.partition, self.learner.labels)}
         parts = self._plans[key]
-        number = int(str(task["client"]).rsplit("-", 1)[1])
+        number = task.client_number
         if not 1 <= number <= len(parts):
-            raise ProtocolError(f"task {task['id']} names {task['client']}, not in the plan")
+            raise ProtocolError(f"task {task.id} names {task.client}, not in the plan")
         part = parts[number - 1]
-        if part.sha256 != task["sha256"]:
+        if part.sha256 != task.sha256:
             raise ProtocolError(
                 f"the samples of {part.id} here do not match the aggregator's plan (SHA-256 "
-                f"{part.sha256[:12]} here, {str(task['sha256'])[:12]} there): this worker's "
+                f"{part.sha256[:12]} here, {task.sha256[:12]} there): this worker's "
                 "MNIST files or fedsim version differ from those that made partitions.json"
             )
-        if task.get("slice") is not None:
-            return partition.slice_indices(part, int(task["slice"]), self.settings.num_images_train)
+        if task.slice is not None:
+            return partition.slice_indices(part, task.slice, self.settings.num_images_train)
         return part.indices
 
-    def _announce(self, task: dict[str, Any], indices: np.ndarray) -> None:
-        client = str(task["client"])
+    def _announce(self, task: TrainTask, indices: np.ndarray) -> None:
+        client = task.client
         if client not in self._seen_clients:
             self._seen_clients.add(client)
             self.summary.clients.append(client)
-            if task.get("slices"):
+            if task.slices:
                 parts = self._plans[next(iter(self._plans))]
-                whole = parts[int(client.rsplit("-", 1)[1]) - 1].indices
+                whole = parts[task.client_number - 1].indices
                 log.info(
                     "%s %s: slices %s (samples %d-%d)",
                     self.name,
                     client,
-                    task["slices"],
+                    task.slices,
                     int(whole.min()),
                     int(whole.max()),
                 )
         if not self._announced:
             self._announced = True
-            t = task["train"]
+            t = task.train
             log.info(
                 "%s: %s, %d epochs, batch %d, %s learning rate %g",
                 self.name,
-                t["model"],
-                t["epochs"],
-                t["batch_size"],
-                t["optimizer"],
-                t["learning_rate"],
+                t.model or self.settings.model,
+                t.epochs,
+                t.batch_size,
+                t.optimizer,
+                t.learning_rate,
             )
 
     def _ensure_model(self, version: int, what: str) -> None:
@@ -289,7 +286,7 @@ class Worker:
             return
         assert pulled.tensors is not None
         self._check_layout(pulled.tensors)
-        self.model = _Model(pulled.version or 0, pulled.etag, pulled.tensors)
+        self.model = LocalModel(pulled.version or 0, pulled.etag, pulled.tensors)
         log.info(
             "%s %s pull  version %d (retries %d)",
             self.name,
@@ -308,30 +305,26 @@ class Worker:
                 f"({exc.reason}); give both the same MODEL",
             ) from None
 
-    def _train(self, task: dict[str, Any]) -> None:
+    def _train(self, task: TrainTask) -> None:
         assert self.learner is not None
         indices = self._indices(task)
         self._announce(task, indices)
-        meta: dict[str, Any] = {"client_id": task["client"]}
-        for key in ("slice", "round"):
-            if task.get(key) is not None:
-                meta[key] = task[key]
-        what = describe(meta) + (
-            f" ({task['attack']['kind']} attacker)" if task.get("attack") else ""
+        what = describe(task.client, task.slice, task.round) + (
+            f" ({task.attack.kind} attacker)" if task.attack else ""
         )
-        self._ensure_model(int(task["base_version"]), what)
+        self._ensure_model(task.base_version, what)
         assert self.model.tensors is not None
         base = self.model.version
-        attack = task.get("attack")  # only an attacker's tasks carry one
+        fields = task.to_json()  # each stage reads its own fields of the task
         try:
-            labels = attacks.labels_for(attack, self.learner.labels[indices]) if attack else None
+            labels = self.stages.relabel(fields, self.learner.labels[indices])
             tensors, trained = self.learner.train(
-                self.model.tensors, indices, task["train"], int(task["seed"]), labels=labels
+                self.model.tensors, indices, task.train, task.seed, labels=labels
             )
-            # An attacker sends what its attack makes of the honest update from w_t.
-            tensors = attacks.apply(attack, self.model.tensors, tensors)
+            sent = self.stages.worker(pipeline.Outgoing(self.model.tensors, tensors, fields))
+            tensors = dict(sent.tensors)
         except ValueError as exc:
-            raise ProtocolError(f"task {task['id']}: {exc}") from None
+            raise ProtocolError(f"task {task.id}: {exc}") from None
         self.summary.trained += 1
         log.info(
             "%s %s train samples %d loss %.4f acc %.4f (%.1fs)",
@@ -342,27 +335,29 @@ class Worker:
             trained.accuracy,
             trained.seconds,
         )
-        meta.update(
-            update_id=task["id"],
-            task=task["id"],
-            lease=task["lease"],
+        meta = UpdateMeta(
+            client_id=task.client,
+            update_id=task.id,
             base_version=base,
             num_samples=trained.samples,
+            task=task.id,
+            lease=task.lease,
+            slice=None if task.slice is None else str(task.slice),
+            slices=task.slices or None,
+            round=task.round,
+            # Metrics are optional; a diverged loss is left out rather than sent as NaN.
+            loss=trained.loss if math.isfinite(trained.loss) else None,
+            accuracy=trained.accuracy if math.isfinite(trained.accuracy) else None,
             retries=self.summary.counts.retries,
+            stages=dict(sent.meta),  # a stage's fields never override the ones above
         )
-        if task.get("slices"):
-            meta["slices"] = task["slices"]
-        # Metrics are optional; a diverged loss is left out rather than sent as NaN.
-        for key, value in (("loss", trained.loss), ("accuracy", trained.accuracy)):
-            if math.isfinite(value):
-                meta[key] = f"{value:.6f}"
         self.outbox.push(tensors, meta)
 
     # --- evaluation ---------------------------------------------------------------
 
-    def _evaluate(self, task: dict[str, Any]) -> None:
+    def _evaluate(self, task: EvalTask) -> None:
         assert self.learner is not None
-        version = int(task["version"])
+        version = task.version
         if self.model.version == version and self.model.tensors is not None:
             tensors = self.model.tensors
         else:
@@ -389,13 +384,7 @@ class Worker:
             seconds,
         )
         status, answer, retries = self.transport.report(
-            {
-                "worker": self.uid,
-                "task": task["id"],
-                "lease": task["lease"],
-                "accuracy": accuracy,
-                "loss": loss,
-            }
+            Evaluation(self.uid, task.id, task.lease, accuracy, loss)
         )
         self.summary.counts.retries += retries
         if status != 200:

@@ -2,9 +2,10 @@
 
 One module per rule or family, the paper and formula in each class docstring;
 the math as pure numpy functions in `aggregate.py`; the interface in `base.py`.
-`REGISTRY` maps each rule's name to "module:Class", imported on first use (as
-pip's command table); the `AGGREGATION` choices and every rule's setting rows
-come from it, so adding a rule is one module and one line here.
+The registry (`fedsim.rules`) maps each rule's name to "module:Class" here and
+the setting rows it reads; a rule's module is imported on first use (as pip's
+command table), so importing this package imports no rule and no numpy: the
+names below (`Global`, `FedAvg`, ...) are loaded when first asked for.
 
 | name | module | mode |
 |---|---|---|
@@ -16,27 +17,38 @@ come from it, so adding a rule is one module and one line here.
 
 from __future__ import annotations
 
-import difflib
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedsim.aggregator.strategies.aggregate import (
-    fedasync_mix,
-    polynomial_staleness,
-    weighted_mean,
-    weighted_merge,
+from fedsim.rules import (
+    AGGREGATION,
+    REGISTRY,
+    check,
+    chosen,
+    names,
+    parse_name,
+    rows_of,
+    rule_class,
+    rule_settings,
 )
-from fedsim.aggregator.strategies.asynchronous import AsyncWeighted, FedAsync
-from fedsim.aggregator.strategies.base import (
-    AsyncRule,
-    Global,
-    Refused,
-    RoundRule,
-    Strategy,
-    Update,
-)
-from fedsim.aggregator.strategies.fedavg import FedAvg
-from fedsim.config import ConfigError, Setting
+
+if TYPE_CHECKING:
+    from fedsim.aggregator.strategies.aggregate import (
+        fedasync_mix,
+        polynomial_staleness,
+        weighted_mean,
+        weighted_merge,
+    )
+    from fedsim.aggregator.strategies.asynchronous import AsyncWeighted, FedAsync
+    from fedsim.aggregator.strategies.base import (
+        AsyncRule,
+        Global,
+        Refused,
+        RoundRule,
+        Strategy,
+        Update,
+    )
+    from fedsim.aggregator.strategies.fedavg import FedAvg
 
 __all__ = [
     "AGGREGATION",
@@ -51,75 +63,38 @@ __all__ = [
     "Strategy",
     "Update",
     "build",
+    "check",
     "fedasync_mix",
     "names",
     "parse_name",
     "polynomial_staleness",
+    "rows_of",
     "rule_class",
     "rule_settings",
     "weighted_mean",
     "weighted_merge",
 ]
 
-REGISTRY: dict[str, str] = {
-    "async-weighted": "asynchronous:AsyncWeighted",
-    "fedasync": "asynchronous:FedAsync",
-    "fedbuff": "asynchronous:FedBuff",
-    "fedavg": "fedavg:FedAvg",
-    "fedprox": "fedavg:FedProx",
-    "fedavgm": "fedopt:FedAvgM",
-    "fedadam": "fedopt:FedAdam",
-    "fedyogi": "fedopt:FedYogi",
-    "fedadagrad": "fedopt:FedAdagrad",
-    "median": "robust:Median",
-    "trimmed-mean": "robust:TrimmedMean",
-    "krum": "robust:Krum",
+# Names this package offers, by the module that defines them (imported when first asked for).
+_LAZY = {
+    "base": ("AsyncRule", "Global", "Refused", "RoundRule", "Strategy", "Update"),
+    "aggregate": ("fedasync_mix", "polynomial_staleness", "weighted_mean", "weighted_merge"),
+    "asynchronous": ("AsyncWeighted", "FedAsync"),
+    "fedavg": ("FedAvg",),
 }
+_MODULE_OF = {name: module for module, found in _LAZY.items() for name in found}
 
 
-def names() -> tuple[str, ...]:
-    """Every rule's name, in the registry's order (the `AGGREGATION` choices)."""
-    return tuple(REGISTRY)
-
-
-def parse_name(raw: str) -> str:
-    """`AGGREGATION`'s parser: a rule's name, any case; ValueError with a suggestion."""
-    name = raw.strip().lower()
-    if name in REGISTRY:
-        return name
-    allowed = "one of " + ", ".join(REGISTRY)
-    close = difflib.get_close_matches(name, REGISTRY, n=1)
-    raise ValueError(allowed + (f" (did you mean {close[0]}?)" if close else ""))
-
-
-def rule_class(name: str) -> type[Strategy]:
-    """The class registered as `name`, its module imported on first use."""
-    module, cls = REGISTRY[parse_name(name)].split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
-
-
-def rule_settings() -> tuple[Setting, ...]:
-    """Every rule's setting rows, each key once, in registry order (for fedsim.config)."""
-    rows: dict[str, Setting] = {}
-    for name in REGISTRY:
-        for row in rule_class(name).settings:
-            if rows.setdefault(row.key, row) is not row:
-                raise RuntimeError(f"setting {row.key} is declared twice: share one row")
-    return tuple(rows.values())
-
-
-AGGREGATION = Setting(
-    "AGGREGATION",
-    "async-weighted",
-    parse_name,
-    "the aggregation rule: " + ", ".join(REGISTRY) + " (see the README's table of rules)",
-)
+def __getattr__(name: str) -> Any:
+    """The interface, math and rule names above, each module imported on first use (PEP 562)."""
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build(settings: Any) -> Strategy:
-    """The rule named by `AGGREGATION`, built and checked against the other settings."""
-    try:
-        cls = rule_class(settings.aggregation)
-    except ValueError as exc:
-        raise ConfigError("AGGREGATION", settings.aggregation, str(exc)) from None
-    return cls.from_settings(settings)
+    """The rule named by `AGGREGATION`, built from settings that `check` has passed.
+
+    fedsim.config.load checks them once at start; the aggregator builds once.
+    """
+    return chosen(settings).from_settings(settings)

@@ -27,8 +27,13 @@ from fedsim.aggregator.strategies.base import (
     unpack,
     value,
 )
-from fedsim.aggregator.strategies.rows import SERVER_LEARNING_RATE, integer, number
-from fedsim.config import ConfigError, Setting
+from fedsim.rules import (
+    FEDASYNC_ALPHA,
+    FEDASYNC_STALENESS,
+    FEDBUFF_K,
+    SERVER_LEARNING_RATE,
+)
+from fedsim.settings import ConfigError
 
 
 class AsyncWeighted(AsyncRule):
@@ -48,21 +53,6 @@ class AsyncWeighted(AsyncRule):
         )
 
 
-FEDASYNC_ALPHA = Setting(
-    "FEDASYNC_ALPHA",
-    "0.5",
-    number(0, 1, above=True),
-    "fedasync: mixing rate alpha of a fresh update; 0.5 scored like 0.8 and above 0.3 in the default"
-    " run",
-)
-FEDASYNC_STALENESS = Setting(
-    "FEDASYNC_STALENESS",
-    "0.5",
-    number(0),
-    "fedasync: staleness exponent a in alpha * (t - tau + 1) ** -a; 0.5 as in the paper, 0: constant",
-)
-
-
 class FedAsync(AsyncRule):
     """FedAsync (Xie, Koyejo, Gupta 2019, arXiv:1903.03934, Algorithm 1, polynomial s).
 
@@ -75,7 +65,6 @@ class FedAsync(AsyncRule):
     """
 
     name = "fedasync"
-    settings = (FEDASYNC_ALPHA, FEDASYNC_STALENESS)
 
     def __init__(self, *, alpha: float, a: float) -> None:
         if not 0 < alpha <= 1 or a < 0:
@@ -84,7 +73,9 @@ class FedAsync(AsyncRule):
 
     @classmethod
     def from_settings(cls, settings: Any) -> Self:
-        return cls(alpha=settings.fedasync_alpha, a=settings.fedasync_staleness)
+        return cls(
+            alpha=value(settings, FEDASYNC_ALPHA.key), a=value(settings, FEDASYNC_STALENESS.key)
+        )
 
     def accept(
         self, update: Update, current: Global, base: Global | None = None
@@ -92,14 +83,6 @@ class FedAsync(AsyncRule):
         # t: the current version; tau: the version the client trained from.
         alpha_t = self.alpha * polynomial_staleness(current.version, update.base_version, a=self.a)
         return fedasync_mix(current.tensors, update.tensors, alpha_t=alpha_t)
-
-
-FEDBUFF_K = Setting(
-    "FEDBUFF_K",
-    "10",
-    integer(1),
-    "fedbuff: updates buffered before the server steps (the paper's K)",
-)
 
 
 def updates_in_run(settings: Any) -> int:
@@ -130,7 +113,6 @@ class FedBuff(AsyncRule):
     """
 
     name = "fedbuff"
-    settings = (FEDBUFF_K, SERVER_LEARNING_RATE)
     wants_base = True
     default_eta: ClassVar[float] = 1.0
 
@@ -142,7 +124,7 @@ class FedBuff(AsyncRule):
         self._count = 0
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Self:
+    def check(cls, settings: Any) -> None:
         k = value(settings, FEDBUFF_K.key)
         total = updates_in_run(settings)
         if k > total:
@@ -155,7 +137,13 @@ class FedBuff(AsyncRule):
                 str(k),
                 f"the run makes only {total} updates ({where}), fewer than one buffer: {fix}",
             )
-        return cls(k=k, eta=value(settings, SERVER_LEARNING_RATE.key) or cls.default_eta)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Self:
+        return cls(
+            k=value(settings, FEDBUFF_K.key),
+            eta=value(settings, SERVER_LEARNING_RATE.key) or cls.default_eta,
+        )
 
     @property
     def pending(self) -> int:

@@ -12,9 +12,11 @@ the aggregator runs a rule and what it advertises to workers:
   updates)`; sampling, quorum and timeout are the task queue's, the base checks
   only that a round has as many updates as the rule needs.
 
-Each rule declares the setting rows it adds (`settings`) and builds itself from
-the resolved settings (`from_settings`), refusing impossible values with a
-one-line `ConfigError` that says what to change.
+A rule's setting rows are declared in `registry.py`, beside its name, so the
+settings table never imports a rule. A rule refuses impossible combinations in
+`check` (a one-line `ConfigError` that says what to change), which
+`fedsim.config.load` runs once at start, and builds itself from the checked
+settings in `from_settings`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
-from fedsim.config import ConfigError, Setting
+from fedsim.settings import ConfigError
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -73,11 +75,14 @@ class Strategy:
 
     name: ClassVar[str]
     mode: ClassVar[str]
-    settings: ClassVar[tuple[Setting, ...]] = ()  # the rows this rule adds to fedsim.config
+
+    @classmethod
+    def check(cls, settings: Any) -> None:
+        """Raise ConfigError when the rule cannot run under these settings (Krum's n > 2f + 2)."""
 
     @classmethod
     def from_settings(cls, settings: Any) -> Self:
-        """The rule built from resolved settings; raises ConfigError for impossible values."""
+        """The rule built from settings that `check` has passed."""
         return cls()
 
     def client_settings(self) -> dict[str, Any]:
@@ -137,8 +142,8 @@ class AsyncRule(Strategy):
 class RoundRule(Strategy):
     """A rule that makes one version from the updates of a round.
 
-    `min_updates` is the fewest updates the rule can combine. `from_settings`
-    checks it against the updates a round closes with (`round_quorum`); a round
+    `min_updates` is the fewest updates the rule can combine. `check` compares
+    it with the updates a round closes with (`round_quorum`); a round
     closed by ROUND_TIMEOUT with fewer is refused by `aggregate` (no new version).
     """
 

@@ -13,8 +13,7 @@ import numpy as np
 
 from fedsim.aggregator.strategies.aggregate import weighted_mean
 from fedsim.aggregator.strategies.base import Global, RoundRule, Update, value
-from fedsim.aggregator.strategies.rows import number
-from fedsim.config import Setting
+from fedsim.rules import FEDPROX_MU
 
 
 class FedAvg(RoundRule):
@@ -31,15 +30,6 @@ class FedAvg(RoundRule):
         return weighted_mean([u.tensors for u in updates], [u.num_samples for u in updates])
 
 
-FEDPROX_MU = Setting(
-    "FEDPROX_MU",
-    "0.01",
-    number(0),
-    "fedprox: weight mu of the clients' proximal term (mu/2) * norm(w - w_t)^2; 0.01 is in the"
-    " paper's grid {0.001, 0.01, 0.1, 1}",
-)
-
-
 class FedProx(FedAvg):
     """FedProx (Li et al., MLSys 2020, arXiv:1812.06127, Algorithm 2).
 
@@ -51,7 +41,6 @@ class FedProx(FedAvg):
     """
 
     name = "fedprox"
-    settings = (FEDPROX_MU,)
 
     def __init__(self, *, mu: float) -> None:
         if not mu >= 0:

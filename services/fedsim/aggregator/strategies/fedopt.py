@@ -29,32 +29,12 @@ from fedsim.aggregator.strategies.aggregate import (
 )
 from fedsim.aggregator.strategies.base import Global, Update, check_like, pack, unpack, value
 from fedsim.aggregator.strategies.fedavg import FedAvg
-from fedsim.aggregator.strategies.rows import SERVER_LEARNING_RATE, number
-from fedsim.config import Setting
-
-SERVER_MOMENTUM = Setting(
-    "SERVER_MOMENTUM",
-    "0.9",
-    number(0, 1, below=True),
-    "fedavgm: server momentum beta on the pseudo-gradient; 0.9 is in Hsu et al.'s grid",
-)
-SERVER_BETA1 = Setting(
-    "SERVER_BETA1",
-    "0.9",
-    number(0, 1, below=True),
-    "fedadam, fedyogi, fedadagrad: decay beta1 of the first moment m; 0.9 as in Reddi et al.",
-)
-SERVER_BETA2 = Setting(
-    "SERVER_BETA2",
-    "0.99",
-    number(0, 1, below=True),
-    "fedadam, fedyogi: decay beta2 of the second moment v; 0.99 as in Reddi et al.",
-)
-SERVER_TAU = Setting(
-    "SERVER_TAU",
-    "0.001",
-    number(0, above=True),
-    "fedadam, fedyogi, fedadagrad: adaptivity tau in m / (sqrt(v) + tau); 1e-3 as in Reddi et al.",
+from fedsim.rules import (
+    SERVER_BETA1,
+    SERVER_BETA2,
+    SERVER_LEARNING_RATE,
+    SERVER_MOMENTUM,
+    SERVER_TAU,
 )
 
 
@@ -75,7 +55,6 @@ class FedAvgM(FedAvg):
     """
 
     name = "fedavgm"
-    settings = (SERVER_LEARNING_RATE, SERVER_MOMENTUM)
     default_eta: ClassVar[float] = 1.0
 
     def __init__(self, *, eta: float, beta: float) -> None:
@@ -127,8 +106,8 @@ class FedOpt(FedAvg):
     smaller tau, the more adaptive.
     """
 
-    settings = (SERVER_LEARNING_RATE, SERVER_BETA1, SERVER_BETA2, SERVER_TAU)
     default_eta: ClassVar[float]
+    uses_beta2: ClassVar[bool] = True  # Adagrad's second moment has no decay
 
     def __init__(self, *, eta: float, beta1: float, beta2: float, tau: float) -> None:
         if not eta > 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1 or not tau > 0:
@@ -143,7 +122,7 @@ class FedOpt(FedAvg):
         return cls(
             eta=value(settings, SERVER_LEARNING_RATE.key) or cls.default_eta,
             beta1=value(settings, SERVER_BETA1.key),
-            beta2=value(settings, SERVER_BETA2.key) if SERVER_BETA2 in cls.settings else 0.0,
+            beta2=value(settings, SERVER_BETA2.key) if cls.uses_beta2 else 0.0,
             tau=value(settings, SERVER_TAU.key),
         )
 
@@ -218,7 +197,7 @@ class FedAdagrad(FedOpt):
     """
 
     name = "fedadagrad"
-    settings = (SERVER_LEARNING_RATE, SERVER_BETA1, SERVER_TAU)
+    uses_beta2 = False
     default_eta = 0.1
 
     def second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:

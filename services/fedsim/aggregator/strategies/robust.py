@@ -19,8 +19,7 @@ from fedsim.aggregator.strategies.aggregate import (
     weighted_mean,
 )
 from fedsim.aggregator.strategies.base import Global, RoundRule, Update, value
-from fedsim.aggregator.strategies.rows import integer, number
-from fedsim.config import Setting
+from fedsim.rules import KRUM_F, KRUM_M, TRIM_BETA
 
 
 class Median(RoundRule):
@@ -37,27 +36,17 @@ class Median(RoundRule):
         return coordinate_median([u.tensors for u in updates])
 
 
-TRIM_BETA = Setting(
-    "TRIM_BETA",
-    "0.1",
-    number(0, 0.5, above=True, below=True),
-    "trimmed-mean: fraction beta of each coordinate's values dropped at each end; at least"
-    " the fraction of attackers expected",
-)
-
-
 class TrimmedMean(RoundRule):
     """Coordinate-wise trimmed mean (Yin et al., ICML 2018, arXiv:1803.01498).
 
     For every coordinate j, sort the round's n values w_k[j], drop the
     k = floor(beta * n) largest and smallest, and average the n - 2k left.
-    Tolerates up to k bad updates per round. `from_settings` refuses a beta that
+    Tolerates up to k bad updates per round. `check` refuses a beta that
     trims nothing from a full round; a round closed short by ROUND_TIMEOUT trims
     floor(beta * n) of what it has, possibly none.
     """
 
     name = "trimmed-mean"
-    settings = (TRIM_BETA,)
 
     def __init__(self, *, beta: float) -> None:
         if not 0 < beta < 0.5:
@@ -65,7 +54,7 @@ class TrimmedMean(RoundRule):
         self.beta = beta
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Self:
+    def check(cls, settings: Any) -> None:
         beta = value(settings, TRIM_BETA.key)
         need = math.ceil(1 / beta - 1e-9)  # the smallest n with floor(beta * n) >= 1
         q = settings.round_quorum
@@ -78,24 +67,13 @@ class TrimmedMean(RoundRule):
             f"TRIM_BETA={beta:g} trims nothing from a round of fewer than {need} updates",
             fix,
         )
-        return cls(beta=beta)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Self:
+        return cls(beta=value(settings, TRIM_BETA.key))
 
     def combine(self, current: Global, updates: Sequence[Update]) -> dict[str, np.ndarray]:
         return trimmed_mean([u.tensors for u in updates], self.beta)
-
-
-KRUM_F = Setting(
-    "KRUM_F",
-    "1",
-    integer(0),
-    "krum: attackers f a round tolerates; a round needs n > 2f + 2 updates",
-)
-KRUM_M = Setting(
-    "KRUM_M",
-    "1",
-    integer(1),
-    "krum: updates averaged (multi-Krum); 1 is Krum, which keeps the single best-scored one",
-)
 
 
 class Krum(RoundRule):
@@ -110,7 +88,6 @@ class Krum(RoundRule):
     """
 
     name = "krum"
-    settings = (KRUM_F, KRUM_M)
 
     def __init__(self, *, f: int, m: int) -> None:
         if f < 0 or m < 1:
@@ -119,7 +96,7 @@ class Krum(RoundRule):
         self.min_updates = 2 * f + 3
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Self:
+    def check(cls, settings: Any) -> None:
         f, m = value(settings, KRUM_F.key), value(settings, KRUM_M.key)
         cls.require_round(
             settings,
@@ -135,7 +112,10 @@ class Krum(RoundRule):
             f"KRUM_M={m} with KRUM_F={f} needs at least {m + f} updates per round (m <= n - f)",
             "lower KRUM_M",
         )
-        return cls(f=f, m=m)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Self:
+        return cls(f=value(settings, KRUM_F.key), m=value(settings, KRUM_M.key))
 
     def combine(self, current: Global, updates: Sequence[Update]) -> dict[str, np.ndarray]:
         models = [u.tensors for u in updates]

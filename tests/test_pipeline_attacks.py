@@ -1,4 +1,4 @@
-"""Client-side attacks: by hand on tiny arrays, and label-flip trained on real MNIST."""
+"""The attack stage: by hand on tiny arrays, and label-flip trained on real MNIST."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedsim import models, tfruntime
-from fedsim.client import attacks
+from fedsim.pipeline import attacks
 
 
 def tensors(**arrays: list) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""A stand-in aggregator for dashboard tests, and headless Chromium to look at it.
+"""A stand-in aggregator for the dashboard tests, and headless Chromium to look at it.
 
 `FakeRun` holds a `/v1/status` and a `/v1/history` in the aggregator's shapes
 and moves them on when a test says (a round closes, an update is refused, the

@@ -1,9 +1,11 @@
-"""Client-side attacks, for studying the robust aggregation rules.
+"""The attack stage: what a malicious client does, for studying the robust aggregation rules.
 
 The aggregator picks the malicious logical clients (ATTACKERS of them, with
-SEED) and names the attack in their tasks: {"kind", "scale", "seed"}. The
-worker calls `labels_for` before training and `apply` after it; an honest task
-(no attack) passes through both unchanged. Everything here is pure numpy.
+SEED) and names the attack in their tasks: {"kind", "scale", "seed"}. The stage
+acts on the worker's side only: `labels_for` before training, `apply` after it;
+an honest task (no attack) passes through both unchanged. It runs on every
+worker whatever its own ATTACK says, since the task, not the worker's settings,
+makes a client an attacker. Everything here is pure numpy.
 
 - label-flip: train on labels permuted by y -> 9 - y (`flip_labels`), a data
   poisoning attack (Tolpegin et al., ESORICS 2020, flip a source class to a
@@ -19,6 +21,7 @@ worker calls `labels_for` before training and `apply` after it; an honest task
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping
@@ -26,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["KINDS", "apply", "flip_labels", "labels_for", "noise", "scaled"]
+from fedsim.pipeline.base import Outgoing, Stage, Tensors
 
-Tensors = Mapping[str, np.ndarray]
+__all__ = ["KINDS", "Attack", "apply", "flip_labels", "labels_for", "noise", "scaled"]
 
 KINDS = ("label-flip", "scaled", "noise")  # ATTACK's choices besides "none"
 NUM_CLASSES = 10
@@ -101,6 +104,21 @@ def apply(
         return noise(base, attack["seed"])
     _same_layout(base, trained)
     return _finite_float32(trained, "the trained weights")
+
+
+class Attack(Stage):
+    """Label-flip changes the labels before training; scaled and noise change the weights after."""
+
+    name = "attack"
+
+    def relabel(self, task: Mapping[str, Any], labels: np.ndarray) -> np.ndarray | None:
+        attack = task.get("attack")  # only an attacker's tasks carry one
+        return labels_for(attack, labels) if attack and _kind(attack) == "label-flip" else None
+
+    def worker(self, update: Outgoing) -> Outgoing:
+        # An attacker sends what its attack makes of the honest update from w_t.
+        sent = apply(update.task.get("attack"), update.base, update.tensors)
+        return dataclasses.replace(update, tensors=sent)
 
 
 def _kind(attack: Mapping[str, Any] | None) -> str | None:

@@ -1,0 +1,34 @@
+"""The one harness of the benchmarks in scripts/: each benchmark keeps only its workload.
+
+- guard: the load check (refuse above a 1-minute load of 1.0 unless --force),
+  the figures' load marks, the JSON output;
+- procs: free ports, process groups, memory and CPU from /proc, peak sampling;
+- local: whole local runs (scripts/simulate.sh) and MNIST's folder;
+- serve: a stand-in aggregator under gunicorn, and uploaders (needs fedsim);
+- docker: the Compose and Swarm benchmarks' environment, reset and status.
+
+The benchmarks run as `python scripts/bench_x.py`, which puts scripts/ on the path.
+"""
+
+from .guard import LOAD_LIMIT, Bench, add_arguments, key_values
+from .local import ROOT, child_json, data_dir, local_run, read_history
+from .procs import PeakMemory, cpu_seconds, free_port, start, stop, tree_rss, vm_hwm_kib
+
+__all__ = [
+    "LOAD_LIMIT",
+    "ROOT",
+    "Bench",
+    "PeakMemory",
+    "add_arguments",
+    "child_json",
+    "cpu_seconds",
+    "data_dir",
+    "free_port",
+    "key_values",
+    "local_run",
+    "read_history",
+    "start",
+    "stop",
+    "tree_rss",
+    "vm_hwm_kib",
+]

@@ -1,0 +1,126 @@
+"""A stand-in aggregator under a real gunicorn on 127.0.0.1, and uploaders that load it.
+
+The model folder holds checkpoint 0 of the mlp and the default partition plan
+made from stand-in labels, so neither TensorFlow nor MNIST is needed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+from fedsim import checkpoints, config, tokens
+from fedsim.data import partition
+from fedsim.models import SHAPES
+
+from .procs import free_port, start
+
+ID_WIDTH = 32  # update ids are patched into one pre-encoded body, so they share a width
+TRAIN_IMAGES = 60_000  # MNIST's training set, which the stand-in labels cover
+
+
+def mlp_weights(seed: int) -> dict[str, np.ndarray]:
+    """Seeded float32 tensors of the mlp's layout, of the size of trained weights."""
+    rng = np.random.default_rng(seed)
+    return {n: rng.standard_normal(s).astype(np.float32) * 0.05 for n, s in SHAPES["mlp"]}
+
+
+def stand_in(tmp: Path) -> dict[str, str]:
+    """Checkpoint 0, the partition plan and a tokens file in `tmp`; the settings to serve them."""
+    model_dir = tmp / "models"
+    checkpoints.save(model_dir, 0, mlp_weights(0), {"samples": 0, "model": "mlp"}, keep=5)
+    env = {
+        "MODEL_DIR": str(model_dir),
+        "MODEL": "mlp",
+        "FEDSIM_ENV_FILE": str(tmp / "no.env"),
+        "TOKENS_FILE": str(tmp / "secrets" / "tokens.json"),
+    }
+    settings = config.load(environ=env, env_file=tmp / "no.env")
+    labels = (np.arange(TRAIN_IMAGES) % 10).astype(np.uint8)
+    plan = partition.plan_settings(settings)
+    partition.write(model_dir, partition.manifest(plan, partition.make(plan, labels), labels))
+    tokens.ensure(Path(env["TOKENS_FILE"]))
+    return env
+
+
+def workers_header(env: dict[str, str]) -> dict[str, str]:
+    """The workers' Authorization header from the stand-in's tokens file."""
+    return {"Authorization": f"Bearer {tokens.workers_secret(Path(env['TOKENS_FILE']))}"}
+
+
+def start_gunicorn(
+    tmp: Path, env: dict[str, str], threads: int
+) -> tuple[subprocess.Popen, str, Path]:
+    """The aggregator as the image runs it (1 worker x `threads`); process, URL and log."""
+    port = free_port()
+    log = tmp / "gunicorn.log"
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    argv = [
+        gunicorn,
+        "-c",
+        "python:fedsim.aggregator.gunicorn_conf",
+        "fedsim.aggregator.app:create_app()",
+    ]
+    full = {**os.environ, **env, "BIND": f"127.0.0.1:{port}", "THREADS": str(threads)}
+    return start(argv, env=full, log=log, cwd=tmp), f"http://127.0.0.1:{port}", log
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, ca: str = "") -> None:
+    """Until GET /healthz answers 200; stops the benchmark with the log if it never does."""
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise SystemExit(f"{log.name}: exited {proc.returncode}\n{log.read_text()}")
+        try:
+            if requests.get(url + "/healthz", timeout=2, verify=ca or True).status_code == 200:
+                return
+        except requests.RequestException:  # not up yet, or slow to answer on a busy machine
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} never became healthy\n{log.read_text()}")
+
+
+def uploads(job: tuple[str, int, float, bytes, str, dict[str, str], str]) -> tuple[int, int]:
+    """One uploader: post `body` with a fresh update id each time until the deadline;
+    (accepted, other answers). Ids are `prefix`, the uploader's number, a counter."""
+    url, k, deadline, body, prefix, headers, verify = job
+    template = bytearray(body)
+    at = template.index(b"0" * ID_WIDTH)
+    width = ID_WIDTH - len(prefix) - 4
+    session = requests.Session()
+    accepted = other = i = 0
+    while time.time() < deadline:
+        i += 1
+        template[at : at + ID_WIDTH] = f"{prefix}{k:04d}{i:0{width}d}".encode()
+        response = session.post(
+            url + "/v1/updates",
+            data=bytes(template),
+            headers=headers,
+            timeout=30,
+            verify=verify or True,  # per request: REQUESTS_CA_BUNDLE would beat Session.verify
+        )
+        if response.status_code == 200 and not response.json()["duplicate"]:
+            accepted += 1
+        else:
+            other += 1
+    return accepted, other
+
+
+def for_seconds(
+    target: Callable[[tuple], tuple[int, int]], processes: int, seconds: float, *job: Any
+) -> tuple[int, int]:
+    """`target((job[0], k, deadline, *job[1:]))` in `processes` forked processes for
+    `seconds`, started together half a second from now; the summed (ok, other)."""
+    with mp.get_context("fork").Pool(processes) as pool:
+        deadline = time.time() + 0.5 + seconds  # every process imported and connected first
+        jobs = [(job[0], k, deadline, *job[1:]) for k in range(processes)]
+        counts = pool.map_async(target, jobs).get(timeout=seconds + 120)
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)

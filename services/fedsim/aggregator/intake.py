@@ -1,0 +1,242 @@
+"""How an accepted update reaches a version: taken by an asynchronous rule, or waiting in a round.
+
+An asynchronous rule takes each update as it arrives and makes a version of it
+(or holds it, as fedbuff does until it has K); at the end of the run what it
+still holds is flushed into a last version. A round rule's update waits in its
+round, and the round becomes one version when it is full or times out. Both go
+through the core's `rule_step` (the rule's step, checked) and `apply` (publish).
+The caller holds the state's lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import numpy as np
+
+from fedsim import checkpoints, weights
+from fedsim.aggregator import tasks
+from fedsim.aggregator.evaluations import Evaluations
+from fedsim.aggregator.events import Events
+from fedsim.aggregator.ledger import Ledger
+from fedsim.aggregator.metrics import Recorder
+from fedsim.aggregator.saving import Saver
+from fedsim.aggregator.snapshot import Snapshot
+from fedsim.aggregator.strategies import Global, Refused, Strategy, Update
+from fedsim.aggregator.views import Clients
+from fedsim.config import Settings
+
+log = logging.getLogger("fedsim.aggregator")
+
+Tensors = Mapping[str, np.ndarray]
+
+
+class Core(Protocol):
+    """What the intake uses of the state."""
+
+    settings: Settings
+    strategy: Strategy
+    queue: tasks.Queue
+    snapshot: Snapshot
+    held: list[Update]
+    ledger: Ledger
+    evaluations: Evaluations
+    clients: Clients
+    events: Events
+    metrics: Recorder
+    saver: Saver
+
+    def stamp(self) -> str: ...
+    def base(self, version: int) -> Snapshot | None: ...
+    def current(self) -> Global: ...
+    def rule_step(
+        self, step: Callable[[], Tensors | None], updates: list[Update]
+    ) -> Tensors | None: ...
+    def apply(self, tensors: Tensors, updates: list[Update], now: float) -> None: ...
+
+
+def _metric(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+# --- asynchronous rules ------------------------------------------------------------------
+
+
+def accept(core: Core, update: Update, version: int, now: float) -> None:
+    """An asynchronous rule takes `update`: a new version, or the update held."""
+    strategy = core.strategy
+    base = _base_of(core, update.base_version) if strategy.wants_base else None
+    try:
+        tensors = core.rule_step(
+            lambda: strategy.accept(update, core.current(), base), [*core.held, update]
+        )
+    except Refused:
+        if update.task_id is not None:
+            # The task is spent: handing it out again would make the same update.
+            core.queue.record_update(update.task_id, update.lease)
+        raise
+    if update.task_id is not None:
+        core.queue.record_update(update.task_id, update.lease)
+        core.metrics.task_finished("train")
+    if tensors is None:
+        _hold(core, update, version, now)
+    else:
+        held, core.held = core.held, []
+        core.apply(tensors, [*held, update], now)
+        _log_accepted(core, update)
+        _after_version(core)
+    _flush_if_done(core, now)
+
+
+def _base_of(core: Core, version: int) -> Global | None:
+    """The version an update was trained from: in memory, else its checkpoint file
+    (after a restart), else None (the rule then measures from the current model)."""
+    snap = core.base(version)
+    if snap is not None:
+        return Global(snap.tensors, snap.version, snap.samples)
+    path = checkpoints.path_for(core.settings.model_dir, version)
+    try:
+        ckpt = checkpoints.read(path)
+    except (OSError, weights.WeightsError):
+        return None
+    model = checkpoints.split(ckpt.tensors)[0]
+    return Global(model, ckpt.version, int(ckpt.metadata.get("samples", "0")))
+
+
+def _hold(core: Core, update: Update, version: int, now: float) -> None:
+    """A buffering rule took `update` without making a version yet."""
+    # Only what accounting needs is kept: the rule has folded the tensors in already.
+    core.held.append(dataclasses.replace(update, tensors={}))
+    core.saver.changed(now, held=True)
+    core.clients.see(update, version - update.base_version, core.stamp())
+    log.info(
+        "accepted update from client %s (task %s): base v%d -> buffer (%d waiting), "
+        "%d samples, loss %s, accuracy %s",
+        update.client_id,
+        update.task_id or update.update_id,
+        update.base_version,
+        core.strategy.pending,
+        update.num_samples,
+        _metric(update.meta.get("loss")),
+        _metric(update.meta.get("accuracy")),
+    )
+
+
+def _flush_if_done(core: Core, now: float) -> None:
+    """At the end of the run, apply what a buffering rule still holds."""
+    if not (core.queue.training_done and core.held and core.strategy.pending):
+        return
+    try:
+        tensors = core.rule_step(lambda: core.strategy.flush(core.current()), core.held)
+    except Refused:
+        log.error("the last %d buffered updates were refused: no new version", len(core.held))
+        core.held = []
+        return
+    if tensors is None:
+        return
+    held, core.held = core.held, []
+    core.apply(tensors, held, now)
+    log.info("the last %d buffered updates -> v%d", len(held), core.snapshot.version)
+    _after_version(core)
+
+
+def _log_accepted(core: Core, update: Update) -> None:
+    where = f" slice {update.meta['slice']}" if "slice" in update.meta else ""
+    task = f" (task {update.task_id})" if update.task_id else ""
+    log.info(
+        "accepted update from client %s%s%s: base v%d -> v%d, %d samples, "
+        "loss %s, accuracy %s, total %d samples",
+        update.client_id,
+        where,
+        task,
+        update.base_version,
+        core.snapshot.version,
+        update.num_samples,
+        _metric(update.meta.get("loss")),
+        _metric(update.meta.get("accuracy")),
+        core.snapshot.samples,
+    )
+
+
+def _after_version(core: Core) -> None:
+    """Queue the score a new version calls for: every EVAL_EVERY versions
+    (version % EVAL_EVERY == 0), and the final model."""
+    snap, done = core.snapshot, core.queue.training_done
+    if snap.version % core.settings.evaluate_every == 0 or done:
+        core.evaluations.want(snap, None, core.ledger.total)
+    if done:
+        log.info("all training tasks are done at version %d; scoring the final model", snap.version)
+
+
+# --- round rules -------------------------------------------------------------------------
+
+
+def add_to_round(core: Core, update: Update, version: int, now: float) -> None:
+    """A round rule's update waits in its round, which closes when due."""
+    queue = core.queue
+    assert isinstance(queue, tasks.RoundQueue) and update.task_id is not None
+    queue.add_update(update.task_id, update, now)
+    queue.record_update(update.task_id, update.lease)
+    core.metrics.task_finished("train")
+    r = queue.round
+    assert r is not None
+    log.info(
+        "accepted update from %s (task %s): base v%d -> round %d (%d/%d), "
+        "%d samples, loss %s, accuracy %s",
+        update.client_id,
+        update.task_id,
+        update.base_version,
+        r.number,
+        len(r.updates),
+        len(r.sampled),
+        update.num_samples,
+        _metric(update.meta.get("loss")),
+        _metric(update.meta.get("accuracy")),
+    )
+    core.clients.see(update, version - update.base_version, core.stamp())
+    close_round_if_due(core, now)
+
+
+def close_round_if_due(core: Core, now: float) -> None:
+    """Close the open round when it is full or timed out: one version from its updates."""
+    queue = core.queue
+    if not isinstance(queue, tasks.RoundQueue):
+        return
+    why = queue.due(now)
+    if why is None:
+        return
+    r = queue.close()
+    updates = [r.updates[n] for n in r.sampled if n in r.updates]
+    started = time.perf_counter()
+    try:
+        tensors = core.rule_step(lambda: core.strategy.aggregate(core.current(), updates), updates)
+    except Refused as exc:  # no version, so the server optimizer does not move
+        log.error("round %d produced no new version: %s", r.number, exc.reason)
+        core.events.add("round", f"round {r.number} refused: {exc.reason}")
+        return
+    assert tensors is not None
+    core.apply(tensors, updates, now)
+    core.metrics.aggregation_seconds(time.perf_counter() - started)
+    snap = core.snapshot
+    log.info(
+        "round %d closed (%s): %d of %d sampled clients, %d samples -> v%d, total %d samples%s",
+        r.number,
+        why,
+        len(updates),
+        len(r.sampled),
+        sum(u.num_samples for u in updates),
+        snap.version,
+        snap.samples,
+        "; all rounds done" if queue.training_done else "",
+    )
+    core.events.add(
+        "round",
+        f"round {r.number} closed ({why}): {len(updates)}/{len(r.sampled)} clients -> "
+        f"v{snap.version}",
+    )
+    core.metrics.set_round(min(queue.rounds_done + 1, queue.rounds))
+    core.evaluations.want(snap, r.number, core.ledger.total)

@@ -1,0 +1,204 @@
+"""When a checkpoint is written, and the writing of it.
+
+A checkpoint is due when something is unsaved (a newer version, or a change to
+a buffering rule's held updates) and one of these holds, in this order:
+shutdown; a retry after a failed write; the run finished; SAVE_MODEL updates
+aggregated since the last one (updates, not versions: a round is one version
+of several updates); IDLE_SAVE_SECONDS without a change.
+
+It is written outside the state's lock (under `_save_lock`, which only
+serialises disk writes), from a consistent view captured under it. While a
+write fails, `disk_error` says why and new updates are refused (503) until one
+succeeds: an update acknowledged but never saved could be lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from fedsim import checkpoints, weights
+from fedsim.aggregator import tasks
+from fedsim.aggregator.events import Events, iso
+from fedsim.aggregator.ledger import Ledger
+from fedsim.aggregator.metrics import Recorder
+from fedsim.aggregator.snapshot import Snapshot
+from fedsim.aggregator.strategies import Strategy, Update
+from fedsim.config import Settings
+
+log = logging.getLogger("fedsim.aggregator")
+
+
+class Core(Protocol):
+    """What a checkpoint is made of, read from the state under its lock."""
+
+    settings: Settings
+    snapshot: Snapshot
+    strategy: Strategy
+    queue: tasks.Queue
+    ledger: Ledger
+    held: list[Update]
+    events: Events
+    metrics: Recorder
+
+
+@dataclass(frozen=True)
+class _View:
+    snapshot: Snapshot
+    metadata: dict[str, object]
+    updates_total: int
+    rule_tensors: dict[str, np.ndarray]  # the rule's server state, beside the model's
+
+
+class Saver:
+    """The checkpoint schedule of one state, and its writes."""
+
+    def __init__(
+        self,
+        core: Core,
+        lock: threading.Lock,
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+    ) -> None:
+        self._core, self._lock, self._clock, self._wall = core, lock, clock, wall
+        self._save_lock = threading.Lock()
+        self._save_wanted = False
+        self.disk_error: str | None = None  # why the last checkpoint write failed, until one works
+        self._changed_at = clock()
+        self._held_changed = False  # a buffering rule's held updates changed since the last write
+
+    def changed(self, now: float, *, held: bool = False) -> None:
+        """Something to save happened at `now` (the idle timer restarts). Caller holds the lock."""
+        self._changed_at = now
+        self._held_changed = self._held_changed or held
+
+    def reason(self, now: float, force: bool) -> str | None:
+        """Why a checkpoint is due now, or None. Caller holds the lock."""
+        core, settings = self._core, self._core.settings
+        if core.snapshot.version <= core.ledger.saved_version and not self._held_changed:
+            return None
+        if force:
+            return "shutdown"
+        if self.disk_error is not None:
+            return "retry after a failed write"
+        if core.queue.training_done:
+            return "run finished"
+        if core.ledger.unsaved() >= settings.save_model:
+            return f"SAVE_MODEL={settings.save_model}"
+        if now - self._changed_at >= settings.idle_save_seconds:
+            return "idle"
+        return None
+
+    def save_if_due(self, *, force: bool = False, wait: bool = True) -> Path | None:
+        """Write a checkpoint when one is due; with wait=False leave it to a write running.
+
+        A caller that finds a write running sets `_save_wanted` and returns; the
+        writer looks again once it is done, so no due checkpoint is skipped (an
+        update applied during a write is saved right after it, not at the next one).
+        """
+        path = None
+        while True:
+            self._save_wanted = True
+            if not self._save_lock.acquire(blocking=wait):
+                return path
+            try:
+                self._save_wanted = False
+                path = self._save_once(force) or path
+            finally:
+                self._save_lock.release()
+            if not self._save_wanted:
+                return path
+
+    def _save_once(self, force: bool) -> Path | None:
+        """One checkpoint if due. Caller holds _save_lock."""
+        core = self._core
+        with self._lock:
+            reason = self.reason(self._clock(), force)
+            if reason is None:
+                return None
+            view = self._view()
+            self._held_changed = False
+        snap = view.snapshot
+        started = time.perf_counter()
+        try:
+            path = checkpoints.save(
+                core.settings.model_dir,
+                snap.version,
+                {**snap.tensors, **view.rule_tensors},
+                view.metadata,
+                keep=core.settings.keep_checkpoints,
+            )
+        except (OSError, weights.WeightsError) as exc:
+            self._failed(snap, getattr(exc, "strerror", None) or str(exc))
+            return None
+        with self._lock:
+            if self.disk_error is not None:
+                log.info("checkpoints can be written again: taking updates")
+                core.events.add("checkpoint", "checkpoints can be written again")
+            self.disk_error = None
+            unsaved = view.updates_total - core.ledger.saved_total
+            core.ledger.saved(snap.version, view.updates_total, str(view.metadata["time"]))
+            core.events.add("checkpoint", f"checkpoint v{snap.version} ({reason})")
+        core.metrics.checkpoint_written(seconds=time.perf_counter() - started)
+        log.info(
+            "checkpoint v%d written to %s (%s; %d samples, %d updates since the last)",
+            snap.version,
+            path,
+            reason,
+            snap.samples,
+            unsaved,
+        )
+        return path
+
+    def _failed(self, snap: Snapshot, reason: str) -> None:
+        """A write failed: keep what it held unsaved and say so (loudly the first time)."""
+        core = self._core
+        with self._lock:
+            self._held_changed = True  # still unsaved
+            first = self.disk_error is None
+            self.disk_error = reason
+            if first:
+                core.events.add("checkpoint", f"checkpoint v{snap.version} failed: {reason}")
+        if first:
+            log.error(
+                "checkpoint v%d could not be written to %s (%s): new updates get 503 "
+                "until a write succeeds; retrying",
+                snap.version,
+                core.settings.model_dir,
+                reason,
+            )
+        core.metrics.checkpoint_failed()
+
+    def _view(self) -> _View:
+        """What a checkpoint of the current version holds. Caller holds the lock."""
+        core = self._core
+        metadata: dict[str, object] = {
+            # Updates a buffering rule holds: in its saved buffer, so counted once on resume.
+            "held": json.dumps(
+                [
+                    [u.update_id, u.client_id, u.num_samples, u.base_version, u.task_id]
+                    for u in core.held
+                ]
+            ),
+            "samples": core.snapshot.samples,
+            "model": core.settings.model,
+            "strategy": core.strategy.name,
+            "strategy_state": json.dumps(core.strategy.state_dict()),
+            "tasks_state": json.dumps(core.queue.state_dict()),
+            "updates": core.ledger.total,
+            "applied_ids": json.dumps(core.ledger.recent()),
+            "time": iso(self._wall()),
+        }
+        rule = {
+            checkpoints.STRATEGY_PREFIX + name: tensor
+            for name, tensor in core.strategy.tensor_state().items()
+        }
+        return _View(core.snapshot, metadata, core.ledger.total, rule)

@@ -1,0 +1,30 @@
+"""The task queue: the aggregator decides which logical client trains what, and when to score.
+
+A worker asks for work and gets a task with a lease; it finishes the task within
+TASK_TIMEOUT or the task goes to another worker, and a result under the old
+lease is refused. ids.py names the work (task ids, seeds), leases.py tracks
+workers and leases, queues.py and rounds.py hold the three plans.
+"""
+
+from fedsim.aggregator.tasks.ids import Client, choose_attackers, sample, task_seed
+from fedsim.aggregator.tasks.leases import MAX_WORKERS, WORKER_LIVE_SECONDS, Lease, Worker
+from fedsim.aggregator.tasks.queues import Queue, SampledQueue, SliceQueue
+from fedsim.aggregator.tasks.rounds import Round, RoundQueue
+from fedsim.protocol import Offer
+
+__all__ = [
+    "MAX_WORKERS",
+    "WORKER_LIVE_SECONDS",
+    "Client",
+    "Lease",
+    "Offer",
+    "Queue",
+    "Round",
+    "RoundQueue",
+    "SampledQueue",
+    "SliceQueue",
+    "Worker",
+    "choose_attackers",
+    "sample",
+    "task_seed",
+]

@@ -1,0 +1,138 @@
+"""Workers and leases: who holds which task, until when.
+
+A worker is a process known by the id it sends (host, pid, random) and shown by
+a short name (w1, w2, ... in order of first contact). A task handed out holds a
+lease: a random token and an expiry TASK_TIMEOUT later. A result counts only
+under the task's current lease; a lease that runs out frees the task for
+another worker, and its (task, worker) is kept for the events until drained.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from fedsim.aggregator.strategies import Refused
+
+WORKER_LIVE_SECONDS = 60.0  # a worker not heard from for this long is no longer counted
+MAX_WORKERS = 10_000  # worker records kept; the least recently seen go first
+
+
+@dataclass
+class Lease:
+    token: str
+    worker: str  # the worker's short name
+    expires: float
+
+
+@dataclass
+class Worker:
+    name: str  # w1, w2, ... in order of first contact
+    last_seen: float
+    task: str | None = None
+    client: str | None = None
+    tasks_done: int = 0
+    retries: int = 0
+    trained: int = 0  # training tasks received, done or not
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+class Leases:
+    """The worker registry and the leases of the tasks handed out."""
+
+    def __init__(
+        self, *, task_timeout: float, clock: Callable[[], float], wall: Callable[[], float]
+    ) -> None:
+        self.task_timeout = task_timeout
+        self._clock, self._wall = clock, wall
+        self.leases: dict[str, Lease] = {}  # by task id
+        self.workers: dict[str, Worker] = {}  # by the id the worker sent, least recent first
+        self._names = 0
+        self._expired: list[tuple[str, str]] = []  # (task, worker) of leases that ran out
+
+    # --- workers --------------------------------------------------------------------
+
+    def worker(self, uid: str, now: float) -> Worker:
+        """The record of worker `uid`, made on first contact, marked seen `now`."""
+        record = self.workers.pop(uid, None)
+        if record is None:
+            self._names += 1
+            record = Worker(f"w{self._names}", now)
+        record.last_seen = now
+        self.workers[uid] = record  # most recently seen last
+        while len(self.workers) > MAX_WORKERS:
+            self.workers.pop(next(iter(self.workers)))
+        return record
+
+    def live_workers(self, now: float) -> int:
+        """Workers heard from within WORKER_LIVE_SECONDS."""
+        return sum(1 for w in self.workers.values() if now - w.last_seen < WORKER_LIVE_SECONDS)
+
+    def workers_status(self) -> list[dict[str, Any]]:
+        now, wall = self._clock(), self._wall()
+        return [
+            {
+                "id": w.name,
+                "task": w.task,
+                "client": w.client,
+                "tasks_done": w.tasks_done,
+                "retries": w.retries,
+                "last_seen": _iso(wall - (now - w.last_seen)),
+            }
+            for w in self.workers.values()
+        ]
+
+    # --- leases ---------------------------------------------------------------------
+
+    def _expire(self, now: float) -> list[str]:
+        """Drop the leases with expires <= now; their tasks."""
+        gone = [task for task, lease in self.leases.items() if lease.expires <= now]
+        for task in gone:
+            self._expired.append((task, self.leases.pop(task).worker))
+        return gone
+
+    def drain_expired(self) -> list[tuple[str, str]]:
+        """(task, worker) of the leases that ran out since the last call."""
+        out, self._expired = self._expired, []
+        return out
+
+    def _lease(self, task_id: str, worker: Worker, now: float) -> str:
+        """Give `task_id` to `worker` until now + TASK_TIMEOUT; the lease's token."""
+        token = secrets.token_hex(8)
+        self.leases[task_id] = Lease(token, worker.name, now + self.task_timeout)
+        worker.task = task_id
+        return token
+
+    def _check_lease(self, task_id: str, lease: str) -> None:
+        """Refuse a result under a lease that is not the task's current one."""
+        current = self.leases.get(task_id)
+        if current is not None and current.token != lease:
+            raise Refused(
+                "reassigned",
+                f"task {task_id} was given to worker {current.worker} after this lease "
+                f"ran out (TASK_TIMEOUT={self.task_timeout:g}s); its result is not counted",
+            )
+
+    def _release(self, task_id: str, lease: str) -> None:
+        """The task is done under `lease`: free it and count it for its worker."""
+        current = self.leases.get(task_id)
+        if current is not None and current.token == lease:
+            del self.leases[task_id]
+            for w in self.workers.values():
+                if w.name == current.worker:
+                    w.tasks_done += 1
+                    if w.task == task_id:
+                        w.task = None
+
+    def _revoke(self, task_id: str) -> None:
+        """Take `task_id` back without counting it (its round closed without it)."""
+        if self.leases.pop(task_id, None) is not None:
+            for w in self.workers.values():
+                if w.task == task_id:
+                    w.task = None

@@ -1,0 +1,44 @@
+"""The update pipeline: an update's path from local training to the rule, and the aggregate's
+from the rule to the served model, as an ordered list of stages.
+
+```
+worker:      [relabel] -> train -> delta -> attack -> [clip] -> [local noise] -> [compress]
+             -> [mask] -> push
+aggregator:  receive -> validate -> [unmask, per round] -> [decompress] -> [clip re-check]
+             -> rule.aggregate -> [central noise] -> finite -> publish
+```
+
+Each stage is one module with a worker side and an aggregator side (`base.Stage`);
+`registry.build(settings)` picks those that run and orders them. The aggregator's
+state, the task queue and the rules do not know which stages run: a new stage is
+its module, its line in `registry.REGISTRY` and its tests. Importable by both
+processes: numpy and safetensors only, no Flask, no TensorFlow, nothing from the
+aggregator.
+
+| stage | module | worker side | aggregator side |
+|---|---|---|---|
+| attack | attacks.py | label-flip before training; scaled, noise after | none |
+| validate | checks.py | none | layout, float32, finite, abs(w) <= MAX_WEIGHT |
+| finite | checks.py | none | the aggregate finite and bounded |
+"""
+
+from __future__ import annotations
+
+from fedsim.pipeline.base import Outgoing, Rejected, Stage
+from fedsim.pipeline.checks import MAX_WEIGHT, check_update, publishable
+from fedsim.pipeline.registry import REGISTRY, Pipeline, build, names, parse_names, stage_class
+
+__all__ = [
+    "MAX_WEIGHT",
+    "REGISTRY",
+    "Outgoing",
+    "Pipeline",
+    "Rejected",
+    "Stage",
+    "build",
+    "check_update",
+    "names",
+    "parse_names",
+    "publishable",
+    "stage_class",
+]

@@ -1,0 +1,225 @@
+"""The work a worker is given: a training or an evaluation task, in the answer `Offer`."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from fedsim.protocol.base import (
+    LEASE,
+    Invalid,
+    client_number,
+    count,
+    optional,
+    record_json,
+    typed,
+    valid_id,
+)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a client trains: the aggregator's settings, plus what its rule adds (FedProx's μ).
+
+    `proximal_mu` None (absent) and 0 both train the plain model; `model` None
+    leaves the choice to the worker's own MODEL. A rule's client settings
+    (`Strategy.client_settings`) must be fields here: other keys are not sent.
+    """
+
+    OMITTED: ClassVar[tuple[str, ...]] = ("model", "proximal_mu")
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str
+    model: str | None = None
+    proximal_mu: float | None = None
+
+    @property
+    def mu(self) -> float:
+        return self.proximal_mu or 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return record_json(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TrainSettings:
+        mu = data.get("proximal_mu")
+        if mu is not None and (
+            isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not 0 <= mu < math.inf
+        ):
+            raise Invalid("bad_task", f"proximal_mu must be a finite number >= 0, got {mu!r}")
+        rate = typed(data, "learning_rate", int, float)
+        if not 0 < rate < math.inf:
+            raise Invalid("bad_task", f"learning_rate must be a finite number > 0, got {rate!r}")
+        return cls(
+            epochs=count(data, "epochs", lo=1),
+            batch_size=count(data, "batch_size", lo=1),
+            learning_rate=float(rate),
+            optimizer=typed(data, "optimizer", str),
+            model=optional(data, "model", str),
+            proximal_mu=None if mu is None else float(mu),
+        )
+
+    @classmethod
+    def of(cls, value: TrainSettings | Mapping[str, Any]) -> TrainSettings:
+        """`value` itself, or the settings its JSON form describes."""
+        return value if isinstance(value, TrainSettings) else cls.from_json(value)
+
+
+@dataclass(frozen=True)
+class Attack:
+    """What an attacking client does to its update (`fedsim.pipeline.attacks`), and its seed."""
+
+    kind: str
+    scale: float
+    seed: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "scale": self.scale, "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Attack:
+        scale = float(typed(data, "scale", int, float))
+        return cls(typed(data, "kind", str), scale, count(data, "seed"))
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """Train logical client `client` on its samples from `base_version`, then push.
+
+    Its samples: the client's part of `partition` (the plan's settings), checked
+    against `sha256`; under PARTITION=slices only slice `slice` of the range
+    `slices`. `samples` is how many images that is, `seed` the task's shuffling.
+    """
+
+    kind: ClassVar[str] = "train"
+    OMITTED: ClassVar[tuple[str, ...]] = ("slice", "slices", "attack")
+    id: str
+    lease: str
+    client: str
+    samples: int
+    sha256: str
+    base_version: int
+    seed: int
+    train: TrainSettings
+    partition: dict[str, Any]
+    round: int | None = None  # round rules: the round it belongs to
+    slice: int | None = None
+    slices: str | None = None  # "5-8": the client's range, for log lines
+    attack: Attack | None = None  # only an attacker's tasks carry one
+    worker: str = ""  # the short name of the worker it was given to
+    timeout: float = 0.0  # TASK_TIMEOUT: the lease runs out after it
+
+    @property
+    def client_number(self) -> int:
+        number = client_number(self.client)
+        assert number is not None
+        return number
+
+    def to_json(self) -> dict[str, Any]:
+        return record_json(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TrainTask:
+        task_id, lease = _task_head(data)
+        client = typed(data, "client", str)
+        if client_number(client) is None:
+            raise Invalid("bad_task", f"task {task_id} names {client!r:.40}, not client-N")
+        attack = optional(data, "attack", dict)
+        return cls(
+            id=task_id,
+            lease=lease,
+            client=client,
+            samples=count(data, "samples"),
+            sha256=typed(data, "sha256", str),
+            base_version=count(data, "base_version"),
+            seed=count(data, "seed"),
+            train=TrainSettings.from_json(typed(data, "train", dict)),
+            partition=typed(data, "partition", dict),
+            round=optional(data, "round", int),
+            slice=optional(data, "slice", int),
+            slices=optional(data, "slices", str),
+            attack=None if attack is None else Attack.from_json(attack),
+            **_task_tail(data),
+        )
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """Score global model version `version` on the test set, then report an `Evaluation`."""
+
+    kind: ClassVar[str] = "evaluate"
+    id: str
+    lease: str
+    version: int
+    worker: str = ""
+    timeout: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return record_json(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EvalTask:
+        task_id, lease = _task_head(data)
+        return cls(task_id, lease, count(data, "version"), **_task_tail(data))
+
+
+Task = TrainTask | EvalTask
+
+
+def task_from_json(data: Mapping[str, Any]) -> Task:
+    """The task a JSON object describes, by its `kind`."""
+    kind = data.get("kind")
+    if kind == TrainTask.kind:
+        return TrainTask.from_json(data)
+    if kind == EvalTask.kind:
+        return EvalTask.from_json(data)
+    raise Invalid("bad_task", f"a task of unknown kind {kind!r:.40}")
+
+
+def _task_head(data: Mapping[str, Any]) -> tuple[str, str]:
+    task_id = typed(data, "id", str)
+    if not valid_id(task_id):
+        raise Invalid("bad_task", "a task id must be 1-128 characters, none of them control")
+    lease = typed(data, "lease", str)
+    if not LEASE.fullmatch(lease):
+        raise Invalid("bad_task", f"task {task_id}: its lease must be 1-64 hex digits")
+    return task_id, lease
+
+
+def _task_tail(data: Mapping[str, Any]) -> dict[str, Any]:
+    timeout = data.get("timeout") or 0.0
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise Invalid("bad_task", f"timeout must be a number, got {timeout!r:.40}")
+    return {"worker": str(data.get("worker") or ""), "timeout": float(timeout)}
+
+
+@dataclass(frozen=True)
+class Offer:
+    """The answer to a request for work: a task, or why there is none and when to ask again."""
+
+    task: Task | None
+    finished: bool = False  # the run is over: the worker exits
+    surplus: bool = False  # all the work is held by other workers: it may exit
+    reason: str = ""
+    retry_after: float = 0.5
+    worker: str = ""  # the asking worker's short name
+
+    def to_json(self) -> dict[str, Any]:
+        return record_json(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Offer:
+        """Lenient but for the task: a task that breaks the protocol raises Invalid."""
+        task = data.get("task")
+        return cls(
+            task_from_json(task) if isinstance(task, dict) else None,
+            finished=bool(data.get("finished")),
+            surplus=bool(data.get("surplus")),
+            reason=str(data.get("reason") or ""),
+            retry_after=float(data.get("retry_after") or 0.5),
+            worker=str(data.get("worker") or ""),
+        )

@@ -1,0 +1,161 @@
+"""The aggregator's HTTP routes through Flask's test client, with a fake clock and no
+TensorFlow: health, the model and its ETag, unknown routes, the history, past versions,
+and whole snapshots under concurrent reads and writes."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from flask.testing import FlaskClient
+
+from fedsim import weights
+from helpers import ask, post, served, state_of, tensors, upload
+
+# --- routes ---------------------------------------------------------------------------
+
+
+def test_healthz(client: FlaskClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok", "version": 0}
+
+
+def test_model_is_safetensors_with_version_samples_model_and_etag(client: FlaskClient) -> None:
+    response = client.get("/v1/model")
+    assert response.status_code == 200
+    assert response.content_type == "application/octet-stream"
+    assert response.headers["ETag"].startswith('"0-')  # the version and a digest of the bytes
+    assert response.headers["X-Fedsim-Version"] == "0"
+    got, meta = weights.decode(response.data)
+    assert meta == {"version": "0", "samples": "0", "model": "mlp"}
+    np.testing.assert_array_equal(got["hidden1/kernel"], tensors("mlp")["hidden1/kernel"])
+
+
+def test_if_none_match_gives_304_until_the_model_changes(client: FlaskClient) -> None:
+    etag = client.get("/v1/model").headers["ETag"]
+    not_modified = client.get("/v1/model", headers={"If-None-Match": etag})
+    assert not_modified.status_code == 304
+    assert not_modified.data == b""
+    assert post(client, upload(1.0)).status_code == 200
+    changed = client.get("/v1/model", headers={"If-None-Match": etag})
+    assert changed.status_code == 200
+    assert changed.headers["ETag"].startswith('"1-')
+
+
+def test_etag_differs_when_a_restart_remakes_a_version_from_other_weights(make_app) -> None:
+    # Prepare: version 1 made from one update, then lost in a crash (never saved).
+    app = make_app()
+    client = app.test_client()
+    assert post(client, upload(1.0)).status_code == 200
+    first = client.get("/v1/model").headers["ETag"]
+    # Execute: a restart re-makes version 1 from another update.
+    client = make_app().test_client()
+    assert post(client, upload(2.0)).status_code == 200
+    # Assert: a worker holding the first version 1 downloads the new one.
+    again = client.get("/v1/model", headers={"If-None-Match": first})
+    assert again.status_code == 200
+    assert again.headers["X-Fedsim-Version"] == "1"
+
+
+def test_model_is_encoded_once_per_version_not_per_request(client, monkeypatch) -> None:
+    body = upload(1.0)
+    calls = []
+    real = weights.encode
+    monkeypatch.setattr(weights, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = client.get("/v1/model").data
+    assert client.get("/v1/model").data == first
+    assert calls == []
+    post(client, body)
+    for _ in range(3):
+        client.get("/v1/model")
+    assert len(calls) == 1
+
+
+def test_duplicate_update_id_is_acknowledged_and_aggregated_once(client: FlaskClient) -> None:
+    body = upload(2.0, update_id="retry-me", num_samples=100)
+    assert post(client, body).get_json() == {
+        "accepted": True,
+        "version": 1,
+        "duplicate": False,
+        "seq": 1,
+    }
+    again = post(client, body)
+    assert again.status_code == 200
+    assert again.get_json() == {"accepted": True, "version": 1, "duplicate": True, "seq": 1}
+    _, version, samples = served(client)
+    assert (version, samples) == (1, 100)
+    assert client.get("/v1/status").get_json()["clients"][0]["updates"] == 1
+
+
+def test_unknown_route_and_method_are_json(client: FlaskClient) -> None:
+    missing = client.get("/nope")
+    assert missing.status_code == 404
+    assert missing.get_json()["error"] == "not_found"
+    wrong = client.get("/v1/updates")
+    assert wrong.status_code == 405
+    assert set(wrong.get_json()) == {"error", "detail"}
+
+
+# --- history and past versions --------------------------------------------------------
+
+
+def test_history_json_and_csv(make_app) -> None:
+    client = make_app().test_client()
+    task = ask(client)["task"]
+    body = {
+        "worker": "wk-1",
+        "task": task["id"],
+        "lease": task["lease"],
+        "accuracy": 0.1,
+        "loss": 2.3,
+    }
+    assert client.post("/v1/evaluations", json=body).get_json()["recorded"] is True
+    again = client.post("/v1/evaluations", json=body)
+    assert again.status_code == 409  # scored once
+    entries = client.get("/v1/history").get_json()["history"]
+    assert [(e["version"], e["accuracy"], e["round"]) for e in entries] == [(0, 0.1, None)]
+    csv = client.get("/v1/history?format=csv").get_data(as_text=True).splitlines()
+    assert csv[0] == "version,round,time,accuracy,loss,samples,updates,clients"
+    assert csv[1].startswith("0,,") and ",0.1,2.3,0,0," in csv[1]
+    assert client.get("/v1/history?format=xml").status_code == 400
+
+
+def test_past_versions_are_served_for_their_evaluation(make_app) -> None:
+    client = make_app(EVAL_EVERY=1).test_client()
+    ask(client)  # eval.v0 leased, not answered
+    post(client, upload(3.0))  # version 1 (wants eval.v1 too)
+    old = client.get("/v1/model?version=0")
+    assert old.status_code == 200 and old.headers["X-Fedsim-Version"] == "0"
+    assert client.get("/v1/model?version=5").status_code == 404
+    assert client.get("/v1/model?version=x").status_code == 400
+
+
+# --- concurrency ----------------------------------------------------------------------
+
+
+def test_readers_see_whole_consistent_snapshots_under_concurrent_updates(client) -> None:
+    errors: list[str] = []
+
+    def writer(k: int) -> None:
+        for i in range(5):
+            response = post(client, upload(float(k), client_id=f"w{k}", update_id=f"{k}-{i}"))
+            if response.status_code != 200:
+                errors.append(response.get_data(as_text=True))
+
+    def reader() -> None:
+        for _ in range(20):
+            response = client.get("/v1/model")
+            got, meta = weights.decode(response.data)
+            if not response.headers["ETag"].startswith(f'"{meta["version"]}-'):
+                errors.append(f"ETag {response.headers['ETag']} for version {meta['version']}")
+            weights.validate(got, state_of(client.application).layout)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+    threads += [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert client.get("/healthz").get_json()["version"] == 15

@@ -1,0 +1,214 @@
+"""scripts/benchlib, the benchmarks' harness: the load check, the marks, the JSON, the ports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchlib import (  # noqa: E402
+    LOAD_LIMIT,
+    Bench,
+    PeakMemory,
+    add_arguments,
+    free_port,
+    key_values,
+)
+from benchlib.docker import COMPOSE_RESET, clean_env, mnist_files, status  # noqa: E402
+from benchlib.local import read_history, run_env  # noqa: E402
+from benchlib.procs import cpu_seconds, tree_rss  # noqa: E402
+
+
+def fake_load(*values: float):
+    """A stand-in for os.getloadavg giving `values` one after another (the last repeats)."""
+    queue = list(values)
+
+    def loadavg() -> tuple[float, float, float]:
+        value = queue.pop(0) if len(queue) > 1 else queue[0]
+        return (value, 0.0, 0.0)
+
+    return loadavg
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+# --- the load check -------------------------------------------------------------------
+
+
+def test_above_the_limit_a_benchmark_refuses_with_one_line():
+    with pytest.raises(SystemExit) as refused:
+        Bench("bench_x", loadavg=fake_load(1.37))
+
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith("bench_x: the 1-minute load is 1.37, above 1")
+    assert "--force" in message
+
+
+def test_at_the_limit_it_runs_and_its_figures_are_not_marked():
+    bench = Bench("bench_x", loadavg=fake_load(LOAD_LIMIT, 0.4))
+
+    assert bench.load_start == LOAD_LIMIT and not bench.loaded
+    assert bench.figure({"accuracy": 0.97}) == {"accuracy": 0.97, "load": 0.4, "loaded": False}
+    assert bench.mark("accuracy 0.97") == "accuracy 0.97"
+
+
+def test_forced_above_the_limit_every_figure_carries_its_load_and_loaded(capsys):
+    bench = Bench("bench_x", force=True, loadavg=fake_load(2.5, 3.25))
+
+    assert bench.loaded
+    assert bench.figure({"seconds": 12.0}) == {"seconds": 12.0, "load": 3.25, "loaded": True}
+    assert bench.figure({"seconds": 9.0}, load=2.5) == {"seconds": 9.0, "load": 2.5, "loaded": True}
+    assert bench.mark("wall 12 s", load=2.5) == "wall 12 s  [loaded: load 2.50]"
+    bench.say("wall 12 s", load=2.5)
+    bench.mark_table()
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "wall 12 s  [loaded: load 2.50]",
+        "[loaded: the figures above were taken from load 2.50]",
+    ]
+
+
+def test_forced_below_the_limit_nothing_is_marked():
+    bench = Bench("bench_x", force=True, loadavg=fake_load(0.2))
+
+    assert not bench.loaded
+    assert bench.figure({"n": 1})["loaded"] is False
+
+
+def test_a_child_benchmark_judges_by_its_callers_start_load():
+    # The caller started idle; its own run has raised the load since.
+    parent = Bench("parent", loadavg=fake_load(0.3))
+    args = parse(*parent.child_args())
+    child = Bench.from_args("child", args, loadavg=fake_load(1.9))
+    assert child.load_start == 0.3 and not child.loaded
+
+    # A forced caller hands on --force, so the child runs and marks its figures too.
+    forced = Bench("parent", force=True, loadavg=fake_load(1.6))
+    child = Bench.from_args("child", parse(*forced.child_args()), loadavg=fake_load(0.1))
+    assert child.load_start == 1.6 and child.loaded
+
+
+def test_options_force_json_and_a_hidden_start_load(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert "--start-load" not in parser.format_help()
+    assert "--force" in parser.format_help()
+    args = parser.parse_args(["--force", "--json", str(tmp_path / "out.json")])
+    assert args.force and args.json == tmp_path / "out.json" and args.start_load is None
+
+
+def test_set_options_become_settings_and_a_malformed_one_is_a_usage_error(capsys):
+    parser = argparse.ArgumentParser(prog="bench_x")
+    assert key_values(parser, ["EPOCHS=1", "MNIST_MIRRORS=a=b"]) == {
+        "EPOCHS": "1",
+        "MNIST_MIRRORS": "a=b",
+    }
+    with pytest.raises(SystemExit):
+        key_values(parser, ["EPOCHS"])
+    assert "--set takes KEY=VALUE, got 'EPOCHS'" in capsys.readouterr().err
+
+
+# --- the JSON output ------------------------------------------------------------------
+
+
+def test_json_output_carries_the_load_at_start_and_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["scripts/bench_x.py", "--rounds", "2"])
+    path = tmp_path / "out.json"
+    bench = Bench("bench_x", json_path=path, loadavg=fake_load(0.5, 0.75, 0.9))
+    results = [bench.figure({"accuracy": 0.9})]
+
+    doc = bench.finish(results)
+
+    assert json.loads(path.read_text()) == doc
+    assert doc == {
+        "benchmark": "bench_x",
+        "command": ["scripts/bench_x.py", "--rounds", "2"],
+        "cpus": os.cpu_count(),
+        "load_start": 0.5,
+        "load_end": 0.9,
+        "load_limit": LOAD_LIMIT,
+        "forced": False,
+        "loaded": False,
+        "results": [{"accuracy": 0.9, "load": 0.75, "loaded": False}],
+    }
+
+
+def test_without_json_path_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    doc = Bench("bench_x", loadavg=fake_load(0.1)).finish({"a": 1})
+    assert doc["results"] == {"a": 1} and list(tmp_path.iterdir()) == []
+
+
+# --- ports, processes, runs -----------------------------------------------------------
+
+
+def test_free_port_is_free_to_bind():
+    port = free_port()
+    assert 1024 <= port <= 65535
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_memory_and_cpu_of_this_process():
+    assert tree_rss(os.getpid()) > 10 * 2**20
+    assert cpu_seconds(os.getpid()) > 0
+    with PeakMemory(os.getpid(), every=0.01) as memory:
+        pass
+    assert memory.peak >= memory.last > 0
+
+
+def test_a_torn_last_line_of_the_history_is_skipped(tmp_path):
+    path = tmp_path / "history.jsonl"
+    path.write_text('{"version": 1, "accuracy": 0.9}\n{"version": 2, "accu')
+    assert read_history(path) == [{"version": 1, "accuracy": 0.9}]
+    assert read_history(tmp_path / "none.jsonl") == []
+
+
+def test_a_run_has_its_own_folders_and_port(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA_DIR", str(ROOT.parent / "shared" / "mnist"))
+    if not (ROOT.parent / "shared" / "mnist" / "t10k-labels-idx1-ubyte.gz").is_file():
+        pytest.skip("no MNIST beside the project")
+    env = run_env(tmp_path, {"ROUNDS": "2"})
+    assert env["MODEL_DIR"] == str(tmp_path / "models")
+    assert env["TOKENS_FILE"] == str(tmp_path / "tokens.json")
+    assert env["FEDSIM_ENV_FILE"] == str(tmp_path / "no.env")
+    assert env["AGGREGATOR_URL"].startswith("http://127.0.0.1:") and env["ROUNDS"] == "2"
+
+
+# --- Compose and Swarm ----------------------------------------------------------------
+
+
+def test_the_reset_takes_every_profile_and_the_volumes():
+    assert COMPOSE_RESET == ("--profile", "*", "down", "-v", "--remove-orphans")
+
+
+def test_clean_env_drops_fedsim_and_compose_settings(monkeypatch):
+    monkeypatch.setenv("AGGREGATION", "krum")
+    monkeypatch.setenv("COMPOSE_PROJECT_NAME", "x")
+    monkeypatch.setenv("STACK", "y")
+    env = clean_env(AGGREGATOR_PORT="1234")
+    assert not {"AGGREGATION", "COMPOSE_PROJECT_NAME", "STACK"} & set(env)
+    assert env["AGGREGATOR_PORT"] == "1234" and env["PATH"] == os.environ["PATH"]
+
+
+def test_mnist_files_plain_or_gzipped_and_status_of_a_closed_port(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"")
+    found = mnist_files(tmp_path)
+    assert found["train-images-idx3-ubyte"] == tmp_path / "train-images-idx3-ubyte.gz"
+    assert found["t10k-labels-idx1-ubyte"] == tmp_path / "t10k-labels-idx1-ubyte"
+    assert found["train-labels-idx1-ubyte"] is None
+    assert status(free_port()) is None
