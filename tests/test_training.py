@@ -244,3 +244,31 @@ def test_train_uses_the_labels_it_is_given_for_the_indices(trainer):
 def test_bad_labels_are_refused_in_one_line(trainer, labels, message):
     with pytest.raises(ValueError, match=message):
         trainer.train(models.initial_weights("mlp", 1), np.arange(10), SETTINGS, 0, labels=labels)
+
+
+def test_a_worker_process_imports_tensorflow_without_pyplot() -> None:
+    """Keras imports matplotlib.pyplot when it can, which builds a font cache in a fresh
+    container; a worker draws nothing, so its start keeps pyplot out. Without the guard the
+    same import loads it (so the check below can fail)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from fedsim import tfruntime\n"
+        "{guard}"
+        "tfruntime.import_tensorflow()\n"
+        "import keras\n"
+        "print('matplotlib.pyplot' in sys.modules and sys.modules['matplotlib.pyplot'] is not None)\n"
+    )
+    outputs = []
+    for guard in ("tfruntime.keep_pyplot_out()\n", ""):
+        done = subprocess.run(
+            [sys.executable, "-c", probe.format(guard=guard)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        outputs.append(done.stdout.strip().splitlines()[-1])
+    assert outputs == ["False", "True"]

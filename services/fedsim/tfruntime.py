@@ -7,6 +7,18 @@ Both must be set before TensorFlow starts its runtime (its first operation), so
 from __future__ import annotations
 
 import os
+import sys
+
+
+def keep_pyplot_out() -> None:
+    """Stop Keras importing matplotlib.pyplot in a process that draws nothing (a worker).
+
+    Keras imports pyplot at start when matplotlib is installed (the client image has it for
+    evaluate's PNGs); in a fresh container that builds matplotlib's font cache, seconds of
+    a worker's start-up. With the module marked absent, Keras takes its ImportError path.
+    Call before importing TensorFlow; fedsim's own plots use matplotlib.figure, not pyplot.
+    """
+    sys.modules.setdefault("matplotlib.pyplot", None)  # type: ignore[arg-type]
 
 
 def quiet() -> None:

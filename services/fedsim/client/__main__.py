@@ -21,6 +21,8 @@ def _main() -> int:
     from fedsim import tfruntime
     from fedsim.client import handstart, outbox, transport, worker
 
+    tfruntime.keep_pyplot_out()  # a worker draws nothing: no font cache at its start
+
     typed = handstart.ask(settings, input, print) if sys.stdin.isatty() else None
     policy = transport.RetryPolicy(settings.max_retry, settings.max_wait)
     token = settings.client_token or tokens.workers_secret(settings.tokens_file)
