@@ -8,6 +8,7 @@ Measures and prints:
   - bytes on the wire per mlp update against its 796,840 bytes of float32 weights.
 
     .venv/bin/python scripts/bench_aggregator.py [--seconds 10] [--clients 8] [--threads 8]
+        [--save-model 2] [--durable]
 
 It writes a version-0 checkpoint of the mlp layout into a temporary MODEL_DIR,
 so it needs neither TensorFlow nor MNIST (scripts/benchlib's stand-in). Refuses to start
@@ -106,6 +107,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8, help="concurrent uploaders/downloaders")
     parser.add_argument("--threads", type=int, default=8, help="gunicorn threads")
     parser.add_argument("--save-model", type=int, default=2, help="SAVE_MODEL (default 2)")
+    parser.add_argument(
+        "--durable", action="store_true", help="DURABLE=true: acknowledge once in the journal"
+    )
     add_arguments(parser)
     args = parser.parse_args()
     bench = Bench.from_args("bench_aggregator", args)
@@ -116,6 +120,7 @@ def main() -> int:
         tmp = Path(name)
         env = serve.stand_in(tmp)
         env |= {"AGGREGATION": "async-weighted", "SAVE_MODEL": str(args.save_model)}
+        env |= {"DURABLE": "true" if args.durable else "false"}
         headers = serve.workers_header(env)
         proc, url, log = serve.start_gunicorn(tmp, env, args.threads)
         try:
@@ -123,7 +128,8 @@ def main() -> int:
             worker = worker_pid(proc.pid)
             print(
                 f"setup: gunicorn 1 worker x {args.threads} threads, "
-                f"SAVE_MODEL={args.save_model}, {args.clients} client processes, "
+                f"SAVE_MODEL={args.save_model}, DURABLE={str(args.durable).lower()}, "
+                f"{args.clients} client processes, "
                 f"{args.seconds:g} s per phase; worker RSS at start {vm_hwm_kib(worker) / 1024:.0f} MiB"
             )
             secs = args.seconds

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import time
 import urllib.request
@@ -342,6 +343,26 @@ def test_bad_env_value_stops_compose_up(project):
     print(result.stdout)
 
 
+def test_the_tokens_file_is_the_services_users_alone(project, mnist_dir):
+    p = project(SMALL)
+    p.add_mnist(mnist_dir)
+    tokens_file = p.folder / "secrets" / "tokens.json"
+
+    p.compose("run", "--rm", "prepare", timeout=600)
+    info = tokens_file.stat()
+    # 0600 and owned by the images' user (UID 10001 in both): no other user of the host
+    # reads the workers' token.
+    assert (stat.S_IMODE(info.st_mode), info.st_uid) == (0o600, 10001), info
+    # A token added the documented way stays so, and the non-root aggregator reads it.
+    p.compose("run", "--rm", "prepare", "python", "-m", "fedsim.tokens", "add", "alice")
+    info = tokens_file.stat()
+    assert (stat.S_IMODE(info.st_mode), info.st_uid) == (0o600, 10001), info
+    p.compose("up", "-d", "aggregator")
+    p.wait_healthy()
+    listed = p.compose("exec", "-T", "aggregator", "python", "-m", "fedsim.tokens", "list")
+    assert "alice: alice" in listed.stdout and "workers: *" in listed.stdout, listed.stdout
+
+
 def test_missing_data_stops_compose_up_with_where_to_put_it(project):
     # ./data empty and no mirror reachable (port 9 on the container itself refuses).
     p = project({**SMALL, "MNIST_MIRRORS": "http://127.0.0.1:9/"})
@@ -387,3 +408,40 @@ def test_reset_leaves_no_container_network_or_volume_of_the_project(project, mni
     p.down()
 
     assert leftovers(label) == {"containers": [], "networks": [], "volumes": []}
+
+
+def test_compose_run_with_central_dp_ends_with_epsilon_in_the_report(project, mnist_dir):
+    settings = {
+        "PARTITION": "iid",
+        "NUM_CLIENTS": "10",
+        "CLIENTS_PER_ROUND": "5",
+        "AGGREGATION": "fedavg",
+        "ROUNDS": "3",
+        "EPOCHS": "1",
+        "DP": "central",
+        "DP_CLIP": "1",
+        "DP_NOISE": "1",
+    }
+    p: Project = project(settings)
+    p.add_mnist(mnist_dir)
+    p.compose("up", "-d", "--build", "--scale", "client=2")
+    clients = p.wait_exited("client", 2)
+    assert [c["ExitCode"] for c in clients] == [0, 0], p.logs()
+    status = p.status()
+    assert (status["version"], status["finished"]) == (3, True), status
+    privacy = status["privacy"]
+    assert privacy["mode"] == "central" and privacy["rounds_composed"] == 3, privacy
+    assert privacy["epsilon"] > 0, privacy
+    history = json.loads(_get(p, "/v1/history")[1])["history"]
+    assert [e["round"] for e in history] == [None, 1, 2, 3], history
+    assert history[-1]["epsilon"] == pytest.approx(privacy["epsilon"]), history
+    metrics = _get(p, "/metrics")[1].decode()
+    assert re.search(r"^fedsim_dp_epsilon \d", metrics, re.M), metrics
+    evaluation = p.run("scripts/evaluate.sh", timeout=300)
+    shown = re.search(
+        r"^privacy: ε = (\d+\.\d+) at δ = \S+ after round 3 \(version 3\)$", evaluation.stdout, re.M
+    )
+    assert shown, evaluation.stdout
+    assert float(shown.group(1)) == pytest.approx(privacy["epsilon"], abs=1e-3)
+    report = json.loads(next((p.folder / "reports").glob("evaluation-*.json")).read_text())
+    assert report["privacy"]["epsilon"] == pytest.approx(privacy["epsilon"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,6 +66,63 @@ def test_real_bad_requests_change_nothing(server: Server) -> None:
     accepted = session.post(url, data=upload(2.0, update_id="x"), timeout=10).json()
     assert accepted == {"accepted": True, "version": 2, "duplicate": False, "seq": 2}
     assert "refused update" in server.output()
+
+
+def raw_request(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `data` as it is on a new connection; the status, headers and body answered. The
+    server closes the connection after a framing error, which ends the read."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body[: int(headers["content-length"])]
+
+
+def _framings() -> list[tuple[str, bytes, bytes, str]]:
+    """(name, framing headers, body, error code) of uploads whose framing is broken."""
+    data = upload(7.0, update_id="framed")
+    chunked = b"Transfer-Encoding: chunked\r\n"
+    return [
+        ("size zz", chunked, b"zz\r\n" + data[:16] + b"\r\n0\r\n\r\n", "bad_framing"),
+        ("size -1", chunked, b"-1\r\n" + data[:16] + b"\r\n0\r\n\r\n", "bad_framing"),
+        ("size 0x10", chunked, b"0x10\r\n" + data[:16] + b"\r\n0\r\n\r\n", "bad_framing"),
+        ("leading space", chunked, b" 10\r\n" + data[:16] + b"\r\n0\r\n\r\n", "bad_framing"),
+        ("no CRLF after data", chunked, b"10\r\n" + data[:16] + b"0\r\n\r\n", "bad_framing"),
+        ("longer than its size", chunked, b"10\r\n" + data[:40] + b"\r\n0\r\n\r\n", "bad_framing"),
+        ("length zz", b"Content-Length: zz\r\n", data, "bad_request"),
+        ("length -1", b"Content-Length: -1\r\n", data, "bad_request"),
+        ("length 0x10", b"Content-Length: 0x10\r\n", data[:16], "bad_request"),
+        ("length +16", b"Content-Length: +16\r\n", data[:16], "bad_request"),
+        ("both", b"Content-Length: 16\r\n" + chunked, b"10\r\n" + data[:16], "bad_request"),
+    ]  # fmt: skip
+
+
+def test_every_broken_framing_is_a_json_400_and_changes_nothing(server: Server) -> None:
+    head = (
+        "POST /v1/updates HTTP/1.1\r\nHost: aggregator\r\n"
+        f"Authorization: Bearer {WORKERS_TOKEN}\r\nContent-Type: application/octet-stream\r\n"
+    ).encode()
+    before = model_state(server)
+    for name, framing, body, code in _framings():
+        status, headers, answer = raw_request(server.port, head + framing + b"\r\n" + body)
+        assert status == 400, (name, answer)
+        assert headers["content-type"] == "application/json", name
+        refusal = json.loads(answer)
+        assert refusal["error"] == code and refusal["detail"], (name, refusal)
+    assert model_state(server) == before
+    assert "Traceback" not in server.output() and "Error handling request" not in server.output()
+    # The refused id was not remembered: the same update, framed right, is new.
+    good = requests.post(
+        server.url + "/v1/updates",
+        data=upload(7.0, update_id="framed"),
+        headers={"Authorization": f"Bearer {WORKERS_TOKEN}"},
+        timeout=10,
+    )
+    assert good.json()["duplicate"] is False
 
 
 def test_model_etag_and_304_over_http(server: Server) -> None:

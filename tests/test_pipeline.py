@@ -41,7 +41,7 @@ class Traced(Stage):
         self.trace.append(f"receive {self.name}")
         return tensors
 
-    def gather(self, batch):
+    def gather(self, batch, base, round_no):
         self.trace.append(f"gather {self.name}")
         return batch
 
@@ -110,7 +110,7 @@ def settings(**overrides) -> SimpleNamespace:
 
 
 def test_todays_stages_in_the_workers_order(make_settings):
-    assert pipeline.names() == ("attack", "validate", "finite")
+    assert pipeline.names() == ("attack", "clip", "dp", "validate", "finite")
     assert pipeline.build(make_settings()).names == ("attack", "validate", "finite")
 
 
@@ -126,7 +126,7 @@ def test_the_worker_goes_in_order_the_aggregator_receives_in_reverse(registered)
     stages = pipeline.build(settings(clip_norm=1.0, trace=trace))
     sent = stages.worker(Outgoing(mlp(0.0), mlp(0.25), {}))
     stages.receive(sent.tensors)
-    stages.gather([sent.tensors])
+    stages.gather([sent.tensors], mlp(0.0), 1)
     stages.publish(sent.tensors)
     assert trace == [
         "worker clip",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -322,3 +324,18 @@ def test_a_bad_partition_plan_skips_only_its_plot(tmp_path, capsys):
         f"fedsim evaluate: warning: clients plot skipped: {model_dir / 'partitions.json'}: "
         "partition manifest client 1 has no label histogram of 10 non-negative counts"
     )
+
+
+def test_prepare_makes_a_tokens_file_others_could_read_owner_only(env, tmp_path, caplog):
+    path = tmp_path / "secrets" / "tokens.json"
+    env.setenv("TOKENS_FILE", str(path))
+    assert prepare._main() == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # created so
+    path.chmod(0o644)  # as an older version left it
+    secret = path.read_text()
+
+    with caplog.at_level(logging.INFO):
+        assert prepare._main() == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text() == secret
+    assert "made readable by its owner only" in caplog.text

@@ -21,6 +21,7 @@ from fedsim.protocol import (
     UpdateMeta,
     client_id,
     client_number,
+    digits,
     task_from_json,
     valid_id,
     worker_id,
@@ -378,3 +379,33 @@ def test_the_protocol_imports_nothing_heavy() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
     assert out.stdout.strip() == "[] []"
+
+
+# --- numbers: ASCII digits alone ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["5000\n", " 5000", "5000 ", "+5000", "-5000", "5_000", "\u0665\u0660\u0660\u0660",
+     "\uff15\uff10\uff10\uff10", "5e3", "0x10", "", "1" * 19],
+)  # fmt: skip
+def test_an_integer_is_ascii_digits_alone(raw: str) -> None:
+    assert digits(raw) is None
+    with pytest.raises(Invalid) as refused:
+        read({**GOOD_META, "num_samples": raw})
+    assert (refused.value.status, refused.value.code) == (422, "bad_num_samples")
+    with pytest.raises(Invalid) as version:
+        read({**GOOD_META, "base_version": raw})
+    assert (version.value.status, version.value.code) == (400, "bad_metadata")
+
+
+def test_plain_digits_are_read() -> None:
+    assert [digits(raw) for raw in ("0", "007", "5000", "9" * 18)] == [0, 7, 5000, 10**18 - 1]
+    assert read({**GOOD_META, "num_samples": "5000", "base_version": "12"}).num_samples == 5000
+
+
+@pytest.mark.parametrize("raw", [" 0.5", "0.5\n", "+0.5", "1_0.5", "inf", "1e3", "\u0660.5", "."])
+def test_a_metric_is_a_plain_decimal(raw: str) -> None:
+    with pytest.raises(Invalid, match="loss must be a finite number in ASCII digits"):
+        read({**GOOD_META, "loss": raw})
+    assert read({**GOOD_META, "loss": "0.125000"}).loss == 0.125

@@ -109,7 +109,7 @@ def test_stale_and_finished_updates_are_409_and_change_nothing(make_app) -> None
     late = post(
         client, upload(2.0, client_id=a["client"], update_id="r1.cx", task="r1.cx", lease="ab")
     )
-    assert late.status_code == 409 and late.get_json()["error"] == "unknown_task"
+    assert late.status_code == 409 and late.get_json()["error"] == "not_leased"
     again = post(client, answer(a, 3.0))  # already counted: acknowledged
     assert again.status_code == 200 and again.get_json()["duplicate"] is True
     assert served(client) == before
@@ -249,13 +249,13 @@ def test_a_task_update_is_checked_against_its_task(make_app) -> None:
             "/v1/evaluations",
             b'{"worker": "w", "task": "eval.v0", "lease": "ab", "accuracy": 0.5, "loss": 1}',
             409,
-            "reassigned",
+            "not_leased",
         ),
         (
             "/v1/evaluations",
             b'{"worker": "w", "task": "eval.v7", "lease": "ab", "accuracy": 0.5, "loss": 1}',
             409,
-            "task_done",
+            "not_leased",
         ),
     ],
 )

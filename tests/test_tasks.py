@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import stat
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -40,6 +42,12 @@ def sliced(n: int = 2, per: int = 2) -> list[tasks.Client]:
 
 def plain(n: int = 4) -> list[tasks.Client]:
     return [tasks.Client(c, 100 * c, f"h{c}") for c in range(1, n + 1)]
+
+
+def signed(q: tasks.Queue, task_id: str) -> str:
+    """A lease of `task_id` as the queue signs them, never handed out."""
+    nonce = "0" * 24
+    return nonce + q._sign(task_id, nonce)
 
 
 def take(q: tasks.Queue, uid: str = "host-1-aa", version: int = 0) -> TrainTask | EvalTask:
@@ -176,8 +184,46 @@ def test_a_result_under_the_current_lease_frees_the_worker_and_counts_for_it() -
     q.record_update(task.id, task.lease)
     record = q.workers["a"]
     assert (record.task, record.tasks_done, q.leases) == (None, 1, {})
-    # The same result again is acknowledged as counted, whatever its lease.
-    assert q.check_update(task.id, "beef", task.client, 0, 0, 1) is False
+    # The same result again under its lease is acknowledged as counted; under a lease
+    # never handed out with the task it is refused, never taken for a repeat.
+    assert q.check_update(task.id, task.lease, task.client, 0, 0, 1) is False
+    with pytest.raises(Refused) as forged:
+        q.check_update(task.id, "beef", task.client, 0, 0, 1)
+    assert forged.value.code == "not_leased" and task.id in forged.value.reason
+
+
+def test_a_lease_is_the_tasks_alone_and_unguessable_from_its_id() -> None:
+    q = queue(tasks.SampledQueue, plain())
+    one, two = take(q, "a"), take(q, "b")
+    assert one.lease != two.lease and len(one.lease) == 64
+    assert q.genuine(one.id, one.lease) and q.genuine(two.id, two.lease)
+    assert not q.genuine(two.id, one.lease)  # another task's lease
+    assert not q.genuine(one.id, one.lease[:24] + two.lease[24:])  # its nonce, another's MAC
+    with pytest.raises(Refused) as refused:
+        q.check_update(two.id, one.lease, two.client, 0, 0, 1)
+    assert refused.value.code == "not_leased"
+    assert q.leases[two.id].token == two.lease  # a refused claim took nothing from its holder
+
+
+def test_leases_are_recognised_after_a_restart_through_the_key_file(tmp_path) -> None:
+    # Prepare: a lease handed out under the key in MODEL_DIR.
+    key = tasks.lease_key(tmp_path)
+    assert stat.S_IMODE((tmp_path / "leases.key").stat().st_mode) == 0o600
+    task = take(queue(tasks.SampledQueue, plain(), key=key), "a")
+    # Act: a new queue, as after a restart, reads the same key back.
+    again = queue(tasks.SampledQueue, plain(), key=tasks.lease_key(tmp_path))
+    # Assert: the worker's result counts there; under another key it does not.
+    assert again.check_update(task.id, task.lease, task.client, 0, 0, 1) is True
+    with pytest.raises(Refused) as refused:
+        queue(tasks.SampledQueue, plain()).check_update(task.id, task.lease, task.client, 0, 0, 1)
+    assert refused.value.code == "not_leased"
+
+
+def test_a_broken_key_file_is_replaced(tmp_path) -> None:
+    (tmp_path / "leases.key").write_text("not hex\n")
+    key = tasks.lease_key(tmp_path)
+    assert len(key) == 32 and (tmp_path / "leases.key").read_text() == key.hex() + "\n"
+    assert tasks.lease_key(tmp_path) == key
 
 
 def test_the_status_lists_workers_and_leases() -> None:
@@ -228,7 +274,7 @@ def test_evaluations_go_first_and_are_checked_against_their_lease() -> None:
     task = take(q, "a")
     assert isinstance(task, EvalTask) and (task.id, task.version) == ("eval.v3", 3)
     assert q.workers["a"].client is None
-    with pytest.raises(Refused, match="was given to worker w1 after this lease"):
+    with pytest.raises(Refused, match=r"this lease was not handed out with task eval\.v3"):
         q.check_evaluation(task.id, "0")
     with pytest.raises(Refused) as unknown:
         q.check_evaluation("r1.c1", task.lease)
@@ -281,7 +327,7 @@ def test_slices_are_trained_in_order_each_client_keeping_its_worker() -> None:
     assert take(q, "hostA-1-aa").id == "c1.s2"  # its own client's next slice
     # An update for a later slice before the current one is out of order.
     with pytest.raises(Refused) as early:
-        q.check_update("c2.s4", "ab", "client-2", 0, 0, 1)
+        q.check_update("c2.s4", signed(q, "c2.s4"), "client-2", 0, 0, 1)
     assert early.value.code == "out_of_order" and "slice 3 comes next" in early.value.reason
 
 

@@ -3,14 +3,26 @@ and through the API who may change the aggregator's state, for which clients."""
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
 
 from fedsim import tokens
 from fedsim.aggregator.app import create_app
-from helpers import TYPED_TOKEN, bearer, post, served, state_of, upload, write_plan, write_v0
+from helpers import (
+    TYPED_TOKEN,
+    WORKERS_TOKEN,
+    bearer,
+    post,
+    served,
+    state_of,
+    upload,
+    write_plan,
+    write_v0,
+)
 
 # --- through the API ------------------------------------------------------------------
 
@@ -216,3 +228,69 @@ def test_the_command_line_inits_lists_and_adds(tmp_path: Path, capsys) -> None:
     assert secret not in listed  # names and client ids, never the secrets
     assert tokens.main(["--file", str(path), "add", "lab"]) == 1
     assert capsys.readouterr().err.startswith("fedsim tokens: error: ")
+
+
+def test_the_file_is_owner_only_from_its_first_byte_whatever_the_umask(
+    tmp_path: Path, monkeypatch
+) -> None:
+    path = tmp_path / "secrets" / "tokens.json"
+    opened: list[tuple[str, int, int]] = []
+    real_open = os.open
+
+    def recording_open(file, flags, mode=0o777, *args, **kwargs):
+        opened.append((os.fspath(file), flags, mode))
+        return real_open(file, flags, mode, *args, **kwargs)
+
+    def no_chmod(*args, **kwargs):
+        raise AssertionError("the mode is set when the file is created, not changed after")
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    monkeypatch.setattr(os, "fchmod", no_chmod)
+    old = os.umask(0)
+    try:
+        tokens.ensure(path)
+        tokens.add(path, "alice", [])
+    finally:
+        os.umask(old)
+
+    created = [(f, mode) for f, flags, mode in opened if flags & os.O_CREAT]
+    assert len(created) == 2 and all(Path(f).parent == path.parent for f, _ in created)
+    assert all(mode == 0o600 for _, mode in created), created
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [t.name for t in tokens.read(path)] == ["workers", "alice"]
+
+
+# --- the token travels in the Authorization header ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "detail"),
+    [
+        ({"Authorization": ""}, "(not ?access_token=)"),
+        ({"Authorization": "Bearer"}, "send `Authorization: Bearer <token>`"),
+        ({"Authorization": "Bearer   "}, "send `Authorization: Bearer <token>`"),
+        ({"Authorization": "Basic " + WORKERS_TOKEN}, "send `Authorization: Bearer <token>`"),
+    ],
+    ids=["query-only", "bare-bearer", "blank-bearer", "other-scheme"],
+)
+def test_a_token_in_the_query_never_changes_state(client, headers, detail) -> None:
+    before = served(client)
+    query = "?access_token=" + WORKERS_TOKEN
+    for response in (
+        client.post("/v1/updates" + query, data=upload(3.0), headers=headers),
+        client.post("/v1/tasks" + query, json={"worker": "w"}, headers=headers),
+        client.post("/v1/workers" + query, json={"worker": "w"}, headers=headers),
+    ):
+        assert response.status_code == 401, response.get_json()
+        assert response.get_json()["error"] == "unauthorized"
+        assert detail in response.get_json()["detail"]
+    assert served(client) == before
+    assert client.get("/v1/status").get_json()["workers"] == []
+
+
+def test_a_read_takes_the_query_token_only_without_a_header(make_app) -> None:
+    guarded = make_app(AUTH_READS="true").test_client()
+    query = "/v1/status?access_token=" + WORKERS_TOKEN
+    assert guarded.get(query, headers={"Authorization": ""}).status_code == 200
+    assert guarded.get(query, headers={"Authorization": "Bearer"}).status_code == 401

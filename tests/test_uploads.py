@@ -3,14 +3,26 @@ and the set of known update ids as they were; odd numbers are 400s, not 500s."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
-from fedsim import weights
-from helpers import post, served, st_bytes, state_of, tensors, upload
+from fedsim import tokens, weights
+from helpers import (
+    answer,
+    ask,
+    bearer,
+    model_dir,
+    post,
+    served,
+    st_bytes,
+    state_of,
+    tensors,
+    upload,
+)
 
 # --- errors never change the model, version, samples or dedup set ---------------------
 
@@ -176,3 +188,140 @@ def test_odd_numbers_are_400_not_500(client, path: str, body: bytes | None) -> N
     else:
         response = client.post(path, data=body, content_type="application/json")
     assert response.status_code == 400
+
+
+# --- numbers: ASCII digits alone ------------------------------------------------------------
+
+LENIENT = [
+    "5000\n",
+    " 5000",
+    "5000 ",
+    "+5000",
+    "5_000",
+    "\u0665\u0660\u0660\u0660",
+    "\uff15\uff10\uff10\uff10",
+]
+
+
+@pytest.mark.parametrize(
+    "raw", LENIENT, ids=["newline", "space", "trailing", "sign", "_", "ar", "fw"]
+)
+def test_a_count_that_int_would_take_is_refused(client, after_one_update, raw: str) -> None:
+    sample_count = post(client, upload(update_id="bad", base_version=1, num_samples=raw))
+    assert sample_count.status_code == 422
+    assert sample_count.get_json()["error"] == "bad_num_samples"
+    assert f"got {raw!r} (ASCII digits alone" in sample_count.get_json()["detail"]
+    version = post(client, upload(update_id="bad", base_version=raw.replace("5000", "1")))
+    assert version.status_code == 400 and version.get_json()["error"] == "bad_metadata"
+    assert "base_version must be an integer >= 0" in version.get_json()["detail"]
+    retries = post(client, upload(update_id="bad", base_version=1, retries=raw))
+    assert retries.status_code == 400 and "retries must be" in retries.get_json()["detail"]
+    assert_error_changed_nothing(client, after_one_update, "bad")
+
+
+@pytest.mark.parametrize("raw", ["+1", " 1", "1_0", "\u0661", "\uff11"])
+def test_numbers_in_the_query_are_ascii_digits_too(client, after_one_update, raw: str) -> None:
+    version = client.get("/v1/model", query_string={"version": raw})
+    assert version.status_code == 400 and version.get_json()["error"] == "bad_version"
+    seq = client.get("/v1/updates/u1", query_string={"seq": raw})
+    assert seq.status_code == 400 and seq.get_json()["error"] == "bad_seq"
+    assert served(client) == after_one_update
+
+
+# --- claims to a task: only its lease holder's result counts ------------------------------
+
+
+def saved_files(app) -> dict[str, str]:
+    """What MODEL_DIR holds: each file's name and a digest of its bytes."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(model_dir(app).iterdir())
+        if p.is_file()
+    }
+
+
+def squat(client: FlaskClient, token: str, task_id: str, lease: str) -> list:
+    """What a client holding `token` (for "typed" and client-2) tries with `task_id`."""
+    headers = bearer(token)
+    return [
+        # Its own client id, the task's id as its update id, no task.
+        post(client, upload(4.0, client_id="typed", update_id=task_id), headers=headers),
+        # The task's client, the task's id, and a lease of its own making.
+        post(
+            client,
+            upload(4.0, client_id="client-2", update_id=task_id, task=task_id, lease=lease),
+            headers=headers,
+        ),
+    ]
+
+
+def assert_squat_refused(responses: list, task_id: str) -> None:
+    no_task, forged = responses
+    assert no_task.status_code == 403 and no_task.get_json()["error"] == "reserved_id"
+    assert f"update_id {task_id} is spelt as a task id" in no_task.get_json()["detail"]
+    assert forged.status_code == 409 and forged.get_json()["error"] == "not_leased"
+    assert f"not handed out with task {task_id}" in forged.get_json()["detail"]
+
+
+def test_a_restricted_client_cannot_take_a_task_before_or_after_it_is_handed_out(
+    make_app, make_settings
+) -> None:
+    # Prepare: the default plan (client-2 trains slices 5-8: its first task is c2.s5), a
+    # checkpoint per update, and a token for "typed" and client-2.
+    app = make_app(SAVE_MODEL=1)
+    client = app.test_client()
+    secret = tokens.add(state_of(app).settings.tokens_file, "squatter", ["typed", "client-2"])
+    before, files = served(client), saved_files(app)
+
+    # Before any worker asked for it, and with a task never handed out.
+    assert_squat_refused(squat(client, secret.secret, "c2.s5", "a" * 64), "c2.s5")
+    assert_squat_refused(squat(client, secret.secret, "c2.s6", "a" * 64), "c2.s6")
+    assert served(client) == before and saved_files(app) == files
+
+    # After: the task is handed out; its lease is the worker's alone.
+    handed = [ask(client, f"wk-{n}")["task"] for n in range(4)]
+    task = next(t for t in handed if t["id"] == "c2.s5")
+    other = next(t for t in handed if t["kind"] == "train" and t["id"] != "c2.s5")
+    assert_squat_refused(squat(client, secret.secret, "c2.s5", other["lease"]), "c2.s5")
+    assert served(client) == before and saved_files(app) == files
+
+    # The worker's result counts once, and a repeat from it is acknowledged.
+    first = post(client, answer(task, 1.0))
+    assert first.get_json() == {"accepted": True, "version": 1, "duplicate": False, "seq": 1}
+    again = post(client, answer(task, 1.0))
+    assert again.status_code == 200 and again.get_json()["duplicate"] is True
+    # Once done, the task still answers a squatter with a refusal, never "duplicate".
+    after = served(client)
+    assert_squat_refused(squat(client, secret.secret, "c2.s5", other["lease"]), "c2.s5")
+    assert served(client) == after
+
+
+def test_another_tasks_lease_does_not_carry_over(client) -> None:
+    handed = [ask(client, f"wk-{n}")["task"] for n in range(3)]
+    one, two = (t for t in handed if t["kind"] == "train")
+    before = served(client)
+    swapped = post(client, answer({**two, "lease": one["lease"]}, 5.0))
+    assert swapped.status_code == 409 and swapped.get_json()["error"] == "not_leased"
+    report = client.post(
+        "/v1/evaluations",
+        json={"worker": "wk-0", "task": "eval.v0", "lease": one["lease"], "accuracy": 1, "loss": 0},
+    )
+    assert report.status_code == 409 and report.get_json()["error"] == "not_leased"
+    assert served(client) == before and client.get("/v1/history").get_json() == {"history": []}
+
+
+def test_a_lease_survives_a_restart(make_app) -> None:
+    # Prepare: a task handed out, then the aggregator restarts before its result arrives.
+    app = make_app(SAVE_MODEL=1)
+    client = app.test_client()
+    task = next(
+        t for t in (ask(client, f"wk-{n}")["task"] for n in range(2)) if t["kind"] == "train"
+    )
+    again = make_app(SAVE_MODEL=1, MODEL_DIR=str(model_dir(app))).test_client()
+    # The worker pushes from its outbox: the lease is recognised, the result counts once.
+    first = post(again, answer(task, 1.0))
+    assert first.status_code == 200 and first.get_json()["duplicate"] is False
+    repeat = post(
+        make_app(SAVE_MODEL=1, MODEL_DIR=str(model_dir(app))).test_client(), answer(task, 1.0)
+    )
+    assert repeat.status_code == 200 and repeat.get_json()["duplicate"] is True

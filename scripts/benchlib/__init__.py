@@ -2,12 +2,15 @@
 
 - guard: the load check (refuse above a 1-minute load of 1.0 unless --force),
   the figures' load marks, the JSON output;
-- procs: free ports, process groups, memory and CPU from /proc, peak sampling;
-- local: whole local runs (scripts/simulate.sh) and MNIST's folder;
+- procs: free ports, process groups, memory and CPU from /proc, peak sampling
+  (fedsim.experiment.procs, shared with the experiment runner);
+- local: whole local runs (scripts/simulate.sh), MNIST's folder, the history;
 - serve: a stand-in aggregator under gunicorn, and uploaders (needs fedsim);
 - docker: the Compose and Swarm benchmarks' environment, reset and status.
 
-The benchmarks run as `python scripts/bench_x.py`, which puts scripts/ on the path.
+The benchmarks run as `.venv/bin/python scripts/bench_x.py`, which puts scripts/ on the
+path; they need fedsim installed. Sweeps of whole runs over settings and seeds are
+experiment files instead (experiments/, docs/experiments.md).
 """
 
 from .guard import LOAD_LIMIT, Bench, add_arguments, key_values

@@ -18,7 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedsim.experiment.local import read_history  # one per version; a torn line skipped
+
 from .procs import PeakMemory, free_port, start, stop
+
+__all__ = ["ROOT", "LocalRun", "child_json", "data_dir", "local_run", "read_history", "run_env"]
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -34,21 +38,6 @@ def data_dir() -> str:
         if candidate and (Path(candidate) / "t10k-labels-idx1-ubyte.gz").is_file():
             return str(candidate)
     sys.exit(f"{Path(sys.argv[0]).stem}: no MNIST files found; set DATA_DIR")
-
-
-def read_history(path: Path) -> list[dict]:
-    """The history's entries; a torn last line (mid-append) is skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except FileNotFoundError:
-        return []
-    entries = []
-    for line in lines:
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return entries
 
 
 def run_env(tmp: Path, overrides: dict[str, str]) -> dict[str, str]:

@@ -1,126 +1,26 @@
-"""Processes: free ports, starting a process group, and what its processes use (memory, CPU).
+"""Processes: free ports, process groups, memory and CPU from /proc, peak sampling.
 
-Everything is read from /proc, so a figure is the processes' own, whatever the
-machine's load.
+They live in fedsim.experiment.procs, which the experiment runner uses too.
 """
 
-from __future__ import annotations
+from fedsim.experiment.procs import (
+    PeakMemory,
+    children,
+    cpu_seconds,
+    free_port,
+    start,
+    stop,
+    tree_rss,
+    vm_hwm_kib,
+)
 
-import os
-import signal
-import socket
-import subprocess
-import threading
-from collections.abc import Sequence
-from pathlib import Path
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(
-    argv: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path | None = None
-) -> subprocess.Popen:
-    """`argv` in its own process group (stopped as one by stop()), output into `log`."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [str(a) for a in argv],
-            cwd=cwd,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM to the process group (a script, gunicorn, its workers), then SIGKILL."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def children(pid: int) -> list[int]:
-    """The direct children of a process (none when it is gone)."""
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def tree_rss(root: int) -> int:
-    """Resident bytes of a process and all its descendants."""
-    kids: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        pid = int(entry.name)
-        kids.setdefault(int(fields["PPid"]), []).append(pid)
-        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo.extend(kids.get(pid, []))
-    return total
-
-
-def vm_hwm_kib(pid: int) -> int:
-    """A process's peak resident memory (VmHWM), as the kernel keeps it."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmHWM for {pid}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its direct children (nginx's workers)."""
-    ticks = 0
-    for p in [pid, *children(pid)]:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-class PeakMemory(threading.Thread):
-    """Samples tree_rss(pid) every `every` seconds until stopped: the last and the peak."""
-
-    def __init__(self, pid: int, every: float = 0.5) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.every = pid, every
-        self.last = self.peak = 0
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while True:
-            self.last = tree_rss(self.pid)
-            self.peak = max(self.peak, self.last)
-            if self._done.wait(self.every):
-                return
-
-    def __enter__(self) -> PeakMemory:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self.join()
+__all__ = [
+    "PeakMemory",
+    "children",
+    "cpu_seconds",
+    "free_port",
+    "start",
+    "stop",
+    "tree_rss",
+    "vm_hwm_kib",
+]

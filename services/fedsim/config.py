@@ -115,9 +115,11 @@ class Settings:
     round_timeout: float
     rounds: int
     save_model: int
+    durable: bool
     keep_checkpoints: int
     idle_save_seconds: float
     max_update_bytes: int
+    client_quota_versions: int
     aggregator_url: str
     data_dir: Path
     model_dir: Path
@@ -128,11 +130,21 @@ class Settings:
     attack: str
     attackers: int
     attack_scale: float
+    dp: str
+    dp_clip: float
+    dp_noise: float
+    dp_delta: float
+    dp_clip_at: str
+    dp_clip_quantile: float
+    dp_clip_lr: float
+    dp_clip_count_noise: float
+    dp_epsilon_budget: float
     tls: bool
     tls_ca: Path | None
     tokens_file: Path
     client_token: str
     auth_reads: bool
+    run_label: str
     # The rules' own settings (FEDPROX_MU, KRUM_F, ...) by lower-case key; read them
     # as attributes, e.g. settings.krum_f.
     rules: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -168,6 +180,16 @@ class Settings:
     def round_quorum(self) -> int:
         """Updates that close a fedavg round: MIN_CLIENTS, else every sampled client."""
         return min(self.min_clients, self.per_round) if self.min_clients else self.per_round
+
+    @property
+    def delta(self) -> float:
+        """DP_DELTA resolved: 0 means 1 / K^1.1 for K logical clients."""
+        return self.dp_delta or 1.0 / self.logical_clients**1.1
+
+    @property
+    def count_noise(self) -> float:
+        """DP_CLIP_COUNT_NOISE resolved: 0 means m / 20 (Andrew et al. 2021)."""
+        return self.dp_clip_count_noise or self.per_round / 20
 
     @property
     def evaluate_every(self) -> int:
@@ -298,4 +320,7 @@ def _check_combinations(s: Settings) -> None:
             str(s.clients_per_round),
             f"more than the {s.logical_clients} logical clients ({where})",
         )
+    from fedsim.pipeline.dp import check_settings  # DP against the rule and the attack
+
+    check_settings(s)  # first: a rule DP refuses needs no advice on its own settings
     rules.check(s)  # the rule's own, against the rest (Krum's n > 2f + 2)

@@ -76,6 +76,21 @@ def history_line(entries: list[dict[str, Any]], model_dir: Path) -> str:
     )
 
 
+def privacy_of(entries: list[dict[str, Any]], version: int) -> dict[str, Any] | None:
+    """Differential privacy's epsilon at delta for `version`, from the newest history entry up to
+    it (None when the run has no DP); epsilon None is no bound (DP_NOISE=0)."""
+    kept = [e for e in entries if "epsilon" in e and e["version"] <= version]
+    if not kept:
+        return None
+    last = kept[-1]
+    return {k: last.get(k) for k in ("epsilon", "delta", "round", "version")}
+
+
+def privacy_line(dp: Mapping[str, Any]) -> str:
+    eps = "∞" if dp["epsilon"] is None else f"{dp['epsilon']:.3f}"
+    return f"privacy: ε = {eps} at δ = {dp['delta']:.3g} after {_when(dp)}"
+
+
 def render(report: dict[str, Any]) -> str:
     lines = [
         f"checkpoint: {report['checkpoint']} (version {report['version']}, "
@@ -85,6 +100,8 @@ def render(report: dict[str, Any]) -> str:
     ]
     if "history" in report:
         lines.append(history_line(report["history"], Path(report["checkpoint"]).parent))
+    if report.get("privacy"):
+        lines.append(privacy_line(report["privacy"]))
     lines += [
         "per-class accuracy:",
         "  " + "  ".join(f"{d}: {a:.4f}" for d, a in list(report["per_class"].items())[:5]),
@@ -153,6 +170,7 @@ def _main(argv: list[str] | None = None) -> int:
     if saved.is_file():
         report["settings"] = json.loads(saved.read_text())
     report["history"] = history.read(checkpoint.path.parent)
+    report["privacy"] = privacy_of(report["history"], checkpoint.version)
     print(render(report), flush=True)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import sys
+from pathlib import Path
 
 from fedsim import checkpoints, cli, config, models, tokens, weights
 from fedsim.data import mnist, partition
@@ -23,6 +26,16 @@ log = logging.getLogger("fedsim.prepare")
 
 def _reset_hint(settings: config.Settings) -> str:
     return f"reset with `docker compose down -v` (local runs: delete {settings.model_dir})"
+
+
+def _owner_only(path: Path) -> bool:
+    """Make an existing tokens file readable by its owner only (an older run made it 0644).
+    True when its mode changed. A new one is created 0600 (tokens.ensure)."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & 0o077:
+        return False
+    os.chmod(path, mode & 0o600)
+    return True
 
 
 def _ensure_partitions(settings: config.Settings) -> None:
@@ -94,6 +107,11 @@ def _main() -> int:
 
     if tokens.ensure(settings.tokens_file):
         log.info("wrote %s with a token for the workers", settings.tokens_file)
+    elif _owner_only(settings.tokens_file):
+        log.info(
+            "tokens in %s: readable by others until now, made readable by its owner only",
+            settings.tokens_file,
+        )
     else:
         log.info("tokens in %s: left as they are", settings.tokens_file)
 

@@ -30,6 +30,7 @@ MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("slices", "iid", "shards", "dirichlet")
 ATTACKS = ("none", "label-flip", "scaled", "noise")  # fedsim.pipeline.attacks.KINDS and none
+DP_MODES = ("off", "central", "local")  # fedsim.pipeline.dp
 DEFAULT_SLICES = "1-4 5-8 9-12"  # CLIENT_SLICES when empty: three clients of four slices
 
 
@@ -37,6 +38,13 @@ def _secret(raw: str) -> str:
     value = raw.strip()
     if value and not re.fullmatch(r"[0-9a-f]{32,128}", value):
         raise ValueError("32-128 lowercase hex digits, as `python -m fedsim.tokens add` prints")
+    return value
+
+
+def _label(raw: str) -> str:
+    value = raw.strip()
+    if len(value) > 200 or not value.isprintable():
+        raise ValueError("one line of at most 200 printable characters")
     return value
 
 
@@ -142,6 +150,34 @@ GROUPS: tuple[Group, ...] = (
         ),
     ),
     Group(
+        "Differential privacy (round rules; docs/privacy.md)",
+        (
+            Setting("DP", "off", choice(*DP_MODES),
+                "off; central: clipped updates averaged with equal weights, Gaussian noise on the"
+                " mean (DP-FedAvg); local: each worker noises its own clipped update"),
+            Setting("DP_CLIP", "1", number(0, above=True),
+                "the L2 norm S each client's update w - w_t is clipped to"),
+            Setting("DP_NOISE", "1", number(0),
+                "noise multiplier z: std z x DP_CLIP / m on the mean of m updates (central), z x"
+                " DP_CLIP on each update (local); 0 with central: no noise, epsilon infinite"),
+            Setting("DP_DELTA", "0", number(0, 1, below=True),
+                "the delta epsilon is reported at; 0: 1 / K^1.1 for K logical clients"),
+            Setting("DP_CLIP_AT", "worker", choice("worker", "aggregator"),
+                "central: where updates are clipped; the aggregator re-checks the norm either way"),
+            Setting("DP_CLIP_QUANTILE", "0", number(0, 1, below=True),
+                "central, DP_CLIP_AT=aggregator: adaptive clipping (Andrew et al. 2021), the clip"
+                " norm follows this quantile of the update norms from DP_CLIP; 0: a fixed norm"),
+            Setting("DP_CLIP_LR", "0.2", number(0, above=True),
+                "adaptive clipping: the clip norm's geometric step size eta (0.2 in the paper)"),
+            Setting("DP_CLIP_COUNT_NOISE", "0", number(0),
+                "adaptive clipping: std of the noise on the count of unclipped updates; 0: m / 20"
+                " (the paper's); must exceed DP_NOISE / 2"),
+            Setting("DP_EPSILON_BUDGET", "0", number(0),
+                "stop the run (checkpoint, one-line reason) before a round would take epsilon past"
+                " this; 0: no budget"),
+        ),
+    ),
+    Group(
         "TLS",
         (
             Setting("TLS", "false", boolean,
@@ -170,12 +206,27 @@ GROUPS: tuple[Group, ...] = (
         (
             Setting("SAVE_MODEL", "2", integer(1),
                 "checkpoint every this many accepted updates (original: 2)"),
+            Setting("DURABLE", "false", boolean,
+                "acknowledge an update only once it is in a checkpoint or the fsynced"
+                " journal (MODEL_DIR/journal.bin): none is lost at a kill; costs an fsync"
+                " per group of concurrent updates"),
             Setting("KEEP_CHECKPOINTS", "5", integer(1),
                 "checkpoints kept on disk; older ones are deleted"),
             Setting("IDLE_SAVE_SECONDS", "10", number(0, above=True),
                 "checkpoint unsaved updates after this many idle seconds"),
             Setting("MAX_UPDATE_BYTES", "16777216", integer(1024),
                 "largest accepted upload in bytes; 16 MiB fits the cnn (6.7 MB) with room"),
+            Setting("CLIENT_QUOTA_VERSIONS", "10", integer(1, 1_000_000),
+                "asynchronous rules: a client contributes at most its partition's samples to any"
+                " this many consecutive versions; beyond, 429 (docs/api.md)"),
+        ),
+    ),
+    Group(
+        "Experiments (scripts/experiment.sh; docs/experiments.md)",
+        (
+            Setting("RUN_LABEL", "", _label,
+                "a name for this run, shown on the dashboard and in /v1/status; an experiment"
+                " sets it to its cell and seed"),
         ),
     ),
     Group(

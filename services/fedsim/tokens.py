@@ -102,6 +102,8 @@ def _write(path: Path, tokens: Iterable[Token]) -> None:
         ],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
+    # write_atomic creates the file with os.open(..., 0o600) (mkstemp) before the first
+    # byte: the secrets are never readable by another user, whatever the umask.
     write_atomic(path, (json.dumps(body, indent=2) + "\n").encode())
 
 

@@ -17,7 +17,7 @@ from werkzeug.routing import PathConverter
 from fedsim.aggregator import history, uploads
 from fedsim.aggregator.state import State
 from fedsim.aggregator.strategies import Refused
-from fedsim.protocol import Ask, Evaluation, Invalid, valid_id, worker_id
+from fedsim.protocol import Ask, Evaluation, Invalid, digits, valid_id, worker_id
 
 log = logging.getLogger("fedsim.aggregator")
 
@@ -47,21 +47,33 @@ OPEN_PATHS = frozenset({"/healthz"})  # probes never need a token
 
 def _authenticate() -> Response | None:
     """401 without a token, 403 with an unknown one, for every request that changes
-    state (and every read too under AUTH_READS). The token found is `g.token`."""
+    state (and every read too under AUTH_READS). The token found is `g.token`.
+
+    A request that changes state carries its token in the Authorization header only:
+    a query string ends up in proxy and access logs. `?access_token=` (RFC 6750) is
+    taken for reads alone (the dashboard under AUTH_READS), and never beside a header.
+    """
     g.token = None
     reading = request.method in ("GET", "HEAD")
     if request.path in OPEN_PATHS or (reading and not _state().settings.auth_reads):
         return None
     if reading and request.path.startswith("/static/"):
         return None  # the page's own scripts and styles hold nothing of the run
-    header = request.headers.get("Authorization", "")
-    presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
-    presented = presented or request.args.get("access_token", "")  # RFC 6750, for the page
+    header = request.headers.get("Authorization", "").strip()
+    if header:
+        scheme, _, presented = header.partition(" ")
+        presented = presented.strip() if scheme.lower() == "bearer" else ""
+    elif reading:
+        presented = request.args.get("access_token", "")
+    else:
+        presented = ""
     if not presented:
+        where = "" if reading or "access_token" not in request.args else " (not ?access_token=)"
         return error(
             401,
             "unauthorized",
-            "this request needs a token: send `Authorization: Bearer <token>` (see TOKENS_FILE)",
+            "this request needs a token: send `Authorization: Bearer <token>`"
+            f"{where} (see TOKENS_FILE)",
         )
     token = current_app.extensions["fedsim_tokens"].find(presented)
     if token is None:
@@ -95,11 +107,28 @@ def _http_error(exc: HTTPException) -> Response:
     return error(exc.code or 500, code, exc.description or exc.name)
 
 
+def _read_body() -> bytes:
+    """The request's body, or Invalid (400) when its framing is broken.
+
+    The server reads the body as the app asks for it: a chunked body with a bad chunk
+    size ("zz", "-1", "0x10", " 5"), data not ended by CRLF or longer than its size,
+    or a cut trailer raises from gunicorn's reader here (the connection is closed
+    after the answer). Werkzeug's own refusals (413 over the cap, 400 a body cut
+    short) are HTTP errors and pass on to `_http_error`.
+    """
+    try:
+        return request.get_data(cache=False)
+    except HTTPException:
+        raise
+    except Exception as exc:  # the server's body reader; nothing of the body was used
+        raise Invalid("bad_framing", f"the request body's framing is broken: {exc}"[:200]) from None
+
+
 def _json_body() -> dict[str, Any]:
     """A small JSON object body, or Invalid (413 too large, 400 not a JSON object)."""
     if request.content_length is not None and request.content_length > MAX_JSON_BYTES:
         raise Invalid("too_large", f"body is over {MAX_JSON_BYTES} bytes", 413)
-    raw = request.get_data(cache=False)
+    raw = _read_body()
     if len(raw) > MAX_JSON_BYTES:
         raise Invalid("too_large", f"body is over {MAX_JSON_BYTES} bytes", 413)
     try:
@@ -132,9 +161,13 @@ def model() -> Response:
     snap = state.poll()
     raw = request.args.get("version")
     if raw is not None:
-        wanted = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else -1
-        if wanted < 0:
-            return error(400, "bad_version", f"version must be an integer >= 0, got {raw[:40]!r}")
+        wanted = digits(raw)
+        if wanted is None:
+            return error(
+                400,
+                "bad_version",
+                f"version must be an integer >= 0 in ASCII digits, got {raw[:40]!r}",
+            )
         kept = state.snapshot_of(wanted)
         if kept is None:
             return error(
@@ -210,7 +243,10 @@ def post_update() -> Response:
             "too_large",
             f"body of {request.content_length} bytes is over MAX_UPDATE_BYTES={limit}",
         )
-    body = request.get_data(cache=False)
+    try:
+        body = _read_body()
+    except Invalid as exc:
+        return _refused(exc.status, exc.code, exc.detail)
     state.metrics.bytes_received(len(body))
     if len(body) > limit:
         return _refused(413, "too_large", f"body is over MAX_UPDATE_BYTES={limit}")
@@ -225,11 +261,12 @@ def post_update() -> Response:
             403, "forbidden", f"token {name!r} may not speak for client {update.client_id}", update
         )
     try:
+        uploads.check_claim(update, state.queue.check_genuine)  # a task's id needs its lease
         result = state.submit(update)
     except Refused as exc:
         response = _refused(exc.status, exc.code, exc.reason, update=update)
-        if exc.status == 503:
-            response.headers["Retry-After"] = "5"
+        if exc.status in (429, 503):
+            response.headers["Retry-After"] = str(getattr(exc, "retry_after", 5))
         return response
     state.save_if_due(wait=False)
     return jsonify(
@@ -245,12 +282,11 @@ def get_update(update_id: str) -> Response:
             400, "bad_update_id", "update_id must be 1-128 characters, none of them control"
         )
     raw = request.args.get("seq")
-    try:
-        seq = int(raw) if raw is not None and len(raw) <= 18 else (None if raw is None else -1)
-    except ValueError:
-        seq = -1
-    if seq is not None and seq < 1:
-        return error(400, "bad_seq", f"seq must be an integer >= 1, got {raw[:40]!r}")
+    seq = None if raw is None else digits(raw)
+    if raw is not None and not seq:
+        return error(
+            400, "bad_seq", f"seq must be an integer >= 1 in ASCII digits, got {raw[:40]!r}"
+        )
     answer = _state().lookup(update_id, seq)
     if answer["state"] == "unknown":
         detail = (

@@ -13,7 +13,7 @@ from typing import Any
 from flask import Flask
 
 from fedsim import config, tokens
-from fedsim.aggregator import api, dashboard
+from fedsim.aggregator import api, dashboard, privacy
 from fedsim.aggregator.metrics import Guarded, Metrics
 from fedsim.aggregator.state import StartupError, State
 
@@ -51,6 +51,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     state.metrics = Guarded(metrics)
     metrics.set_version(state.snapshot.version)
     metrics.set_finished(state.queue.finished)
+    if state.privacy is not None:  # epsilon of the rounds closed so far, after a resume too
+        privacy.announce(state)
+        metrics.dp_epsilon(state.privacy.epsilon(privacy.rounds_done(state)))
     api.init_app(app)
     dashboard.init_app(app, summary=state.summary)
     if app.config["FEDSIM_TICKER"]:

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from fedsim.aggregator import history, tasks
+from fedsim.aggregator import history, privacy, tasks
 from fedsim.aggregator.events import Events
 from fedsim.aggregator.metrics import Recorder
 from fedsim.aggregator.snapshot import Snapshot
@@ -140,6 +140,10 @@ class Evaluations:
         }
         if self._attackers:
             entry["attackers"] = [c for c in entry["clients"] if c in self._attackers]
+        account = getattr(self._core, "privacy", None)
+        if account is not None:  # epsilon after the rounds that made this version (null: no bound)
+            entry["epsilon"] = privacy.shown(account.epsilon(entry["round"] or 0))
+            entry["delta"] = account.delta
         return entry
 
     def last(self) -> dict[str, Any] | None:

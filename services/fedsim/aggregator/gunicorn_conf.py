@@ -10,6 +10,7 @@ environment; command-line flags (e.g. `-b`) override them.
 
 from __future__ import annotations
 
+import json
 import os
 
 # One BLAS thread: the aggregator's numpy work (means, medians, Krum's distances) is
@@ -78,3 +79,25 @@ def worker_exit(server, worker) -> None:
     state = getattr(app, "extensions", {}).get("fedsim") if app is not None else None
     if state is not None:
         state.close()
+
+
+def _json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's own refusals, in the API's JSON form: a request it cannot parse before
+    the app sees it (a Content-Length of "zz", "-1", "0x10" or " 5", both Content-Length
+    and Transfer-Encoding, a bad request line) gets `{"error", "detail"}` like the app's."""
+    from gunicorn import util
+
+    code = reason.lower().replace(" ", "_")
+    body = json.dumps({"error": code, "detail": mesg}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+def post_worker_init(worker) -> None:
+    """Answer what gunicorn refuses itself in JSON (see _json_error)."""
+    from gunicorn import util
+
+    util.write_error = _json_error

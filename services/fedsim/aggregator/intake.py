@@ -18,8 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-from fedsim import checkpoints, weights
-from fedsim.aggregator import tasks
+from fedsim import checkpoints, pipeline, weights
+from fedsim.aggregator import privacy, tasks
 from fedsim.aggregator.evaluations import Evaluations
 from fedsim.aggregator.events import Events
 from fedsim.aggregator.ledger import Ledger
@@ -49,6 +49,8 @@ class Core(Protocol):
     events: Events
     metrics: Recorder
     saver: Saver
+    stages: pipeline.Pipeline
+    privacy: privacy.Privacy | None
 
     def stamp(self) -> str: ...
     def base(self, version: int) -> Snapshot | None: ...
@@ -66,10 +68,19 @@ def _metric(value: float | None) -> str:
 # --- asynchronous rules ------------------------------------------------------------------
 
 
-def accept(core: Core, update: Update, version: int, now: float) -> None:
-    """An asynchronous rule takes `update`: a new version, or the update held."""
+def accept(
+    core: Core,
+    update: Update,
+    version: int,
+    now: float,
+    base: Global | None = None,
+    look: bool = True,
+) -> None:
+    """An asynchronous rule takes `update`: a new version, or the update held. The base
+    model is `base`, else looked up when the rule wants one and `look` (a replay says)."""
     strategy = core.strategy
-    base = _base_of(core, update.base_version) if strategy.wants_base else None
+    if base is None and look and strategy.wants_base:
+        base = _base_of(core, update.base_version)
     try:
         tensors = core.rule_step(
             lambda: strategy.accept(update, core.current(), base), [*core.held, update]
@@ -79,6 +90,7 @@ def accept(core: Core, update: Update, version: int, now: float) -> None:
             # The task is spent: handing it out again would make the same update.
             core.queue.record_update(update.task_id, update.lease)
         raise
+    core.saver.log_update(update, step=True, base=base)
     if update.task_id is not None:
         core.queue.record_update(update.task_id, update.lease)
         core.metrics.task_finished("train")
@@ -180,6 +192,7 @@ def add_to_round(core: Core, update: Update, version: int, now: float) -> None:
     queue = core.queue
     assert isinstance(queue, tasks.RoundQueue) and update.task_id is not None
     queue.add_update(update.task_id, update, now)
+    core.saver.log_update(update, step=False)
     queue.record_update(update.task_id, update.lease)
     core.metrics.task_finished("train")
     r = queue.round
@@ -207,14 +220,26 @@ def close_round_if_due(core: Core, now: float) -> None:
     if not isinstance(queue, tasks.RoundQueue):
         return
     why = queue.due(now)
-    if why is None:
-        return
+    if why is not None:
+        close_round(core, now, why)
+
+
+def close_round(core: Core, now: float, why: str) -> None:
+    """Close the open round (it has an update): one version from its updates, or none when
+    the rule refuses them."""
+    queue = core.queue
+    assert isinstance(queue, tasks.RoundQueue)
     r = queue.close()
+    core.saver.log_close(r.number)
     updates = [r.updates[n] for n in r.sampled if n in r.updates]
     started = time.perf_counter()
     try:
-        tensors = core.rule_step(lambda: core.strategy.aggregate(core.current(), updates), updates)
-    except Refused as exc:  # no version, so the server optimizer does not move
+        # The pipeline's gather sides see the round's updates with its model first (the clip
+        # re-check, DP's noised mean: pipeline/dp.py), then the rule.
+        batch = core.stages.gather([u.tensors for u in updates], core.current().tensors, r.number)
+        gathered = [dataclasses.replace(u, tensors=t) for u, t in zip(updates, batch, strict=True)]
+        tensors = core.rule_step(lambda: core.strategy.aggregate(core.current(), gathered), updates)
+    except (Refused, pipeline.Rejected) as exc:  # no version: the server optimizer stays
         log.error("round %d produced no new version: %s", r.number, exc.reason)
         core.events.add("round", f"round {r.number} refused: {exc.reason}")
         return
@@ -239,4 +264,5 @@ def close_round_if_due(core: Core, now: float) -> None:
         f"v{snap.version}",
     )
     core.metrics.set_round(min(queue.rounds_done + 1, queue.rounds))
+    privacy.after_round(core, r.number)
     core.evaluations.want(snap, r.number, core.ledger.total)

@@ -122,6 +122,9 @@ class Recorder:
     def evaluation(self, accuracy: float, loss: float, version: int | None = None) -> None:
         """The test-set scores of a version (the newest evaluated one)."""
 
+    def dp_epsilon(self, epsilon: float) -> None:
+        """Differential privacy's epsilon at DP_DELTA after the rounds closed (inf: no bound)."""
+
     # Checkpoints.
     def checkpoint_written(self, seconds: float) -> None:
         """A checkpoint was written in `seconds`."""
@@ -214,6 +217,10 @@ class Metrics(Recorder):
         self._evaluated = gauge(
             "fedsim_evaluated_version", "Version whose test scores are exported."
         )
+        self._epsilon = gauge(
+            "fedsim_dp_epsilon",
+            "Differential privacy's epsilon at DP_DELTA after the rounds closed; +Inf: no bound.",
+        )
 
         # Checkpoints.
         self._checkpoint = histogram(
@@ -288,6 +295,9 @@ class Metrics(Recorder):
         self._loss.set(loss)
         if version is not None:
             self._evaluated.set(_count("evaluated version", version))
+
+    def dp_epsilon(self, epsilon: float) -> None:
+        self._epsilon.set(_number("epsilon", epsilon, lambda v: v >= 0, "a number >= 0 or inf"))
 
     # Checkpoints -----------------------------------------------------------
 

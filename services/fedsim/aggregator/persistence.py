@@ -12,11 +12,11 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from fedsim import checkpoints, weights
-from fedsim.aggregator import history, strategies, tasks
+from fedsim import checkpoints, pipeline, weights
+from fedsim.aggregator import history, privacy, strategies, tasks
 from fedsim.aggregator.strategies import Strategy
 from fedsim.aggregator.tasks import Client
 from fedsim.config import Settings
@@ -32,6 +32,7 @@ JSON_METADATA = {
     "tasks_state": dict,
     "applied_ids": list,
     "held": list,
+    "stages_state": dict,
 }
 
 
@@ -52,6 +53,7 @@ class Start:
     manifest: dict[str, Any]
     clients: list[Client]
     history: list[dict[str, Any]]
+    stages_state: dict[str, Any] = field(default_factory=dict)  # the pipeline's stages' state
 
 
 def _reset_hint(settings: Settings) -> str:
@@ -182,7 +184,19 @@ def load(settings: Settings, rule: str) -> Start:
         manifest=manifest,
         clients=clients,
         history=kept,
+        stages_state=_json_meta(meta, "stages_state", {}) if same_rule else {},
     )
+
+
+def stages(settings: Settings, start: Start) -> pipeline.Pipeline:
+    """The update pipeline's stages, with the state the checkpoint saved of them (adaptive
+    clipping's norm). Raises StartupError."""
+    built = pipeline.build(settings)
+    try:
+        built.load_state_dict(start.stages_state if isinstance(start.stages_state, dict) else {})
+    except (ValueError, TypeError) as exc:
+        raise StartupError(f"checkpoint has a bad pipeline state: {exc}") from None
+    return built
 
 
 def restore(
@@ -224,8 +238,10 @@ def make_queue(
     common = {
         "seed": settings.seed,
         "per_round": settings.per_round,
-        "rounds": settings.rounds,
+        # Under DP, DP_EPSILON_BUDGET may stop the run before ROUNDS (aggregator/privacy.py).
+        "rounds": privacy.rounds_allowed(settings),
         "task_timeout": settings.task_timeout,
+        "key": tasks.lease_key(settings.model_dir),  # leases signed before a restart still count
         "training": {
             "model": settings.model,
             "epochs": settings.epochs,

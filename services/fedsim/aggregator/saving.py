@@ -10,10 +10,17 @@ It is written outside the state's lock (under `_save_lock`, which only
 serialises disk writes), from a consistent view captured under it. While a
 write fails, `disk_error` says why and new updates are refused (503) until one
 succeeds: an update acknowledged but never saved could be lost.
+
+Under DURABLE=true the saver also keeps the journal (journal.py): the intake
+logs each update the rule takes and each round it closes (`log_update`,
+`log_close`, under the state's lock), `sync` returns once they are fsynced (the
+state acknowledges an update only then), a checkpoint saves how far it covers
+the journal (`journal_seq`) and cuts what it covers off it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -25,16 +32,20 @@ from typing import Protocol
 
 import numpy as np
 
-from fedsim import checkpoints, weights
+from fedsim import checkpoints, pipeline, weights
 from fedsim.aggregator import tasks
 from fedsim.aggregator.events import Events, iso
+from fedsim.aggregator.journal import Journal
 from fedsim.aggregator.ledger import Ledger
 from fedsim.aggregator.metrics import Recorder
 from fedsim.aggregator.snapshot import Snapshot
-from fedsim.aggregator.strategies import Strategy, Update
+from fedsim.aggregator.strategies import Global, Refused, Strategy, Update
 from fedsim.config import Settings
 
 log = logging.getLogger("fedsim.aggregator")
+
+BASE = "base/"  # the prefix of a base model's tensors in a journal record
+COVERED = "journal_seq"  # the checkpoint metadata: the journal records it holds
 
 
 class Core(Protocol):
@@ -48,6 +59,7 @@ class Core(Protocol):
     held: list[Update]
     events: Events
     metrics: Recorder
+    stages: pipeline.Pipeline
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,7 @@ class _View:
     metadata: dict[str, object]
     updates_total: int
     rule_tensors: dict[str, np.ndarray]  # the rule's server state, beside the model's
+    covered: int  # the journal records up to this number are in it
 
 
 class Saver:
@@ -74,11 +87,61 @@ class Saver:
         self.disk_error: str | None = None  # why the last checkpoint write failed, until one works
         self._changed_at = clock()
         self._held_changed = False  # a buffering rule's held updates changed since the last write
+        # The journal (replay.py opens it at start), the records the newest checkpoint holds,
+        # and the version of the newest checkpoint taken: an update trained from an older
+        # version has its base model logged with it, as a replay could not find it.
+        self.journal: Journal | None = None
+        self.replaying = False
+        self.covered = 0
+        self._floor = core.snapshot.version
 
     def changed(self, now: float, *, held: bool = False) -> None:
         """Something to save happened at `now` (the idle timer restarts). Caller holds the lock."""
         self._changed_at = now
         self._held_changed = self._held_changed or held
+
+    def log_update(self, update: Update, *, step: bool, base: Global | None = None) -> None:
+        """Journal an update the rule took (step: its state now holds it; False for one
+        waiting in a round), with the base model it was measured against when that is older
+        than the newest checkpoint. Caller holds the lock."""
+        journal = self.journal
+        if journal is None or self.replaying:
+            return
+        fields = {
+            f.name: getattr(update, f.name)
+            for f in dataclasses.fields(update)
+            if f.name not in ("tensors", "lease")
+        }
+        fields["meta"] = dict(update.meta)
+        fields["base_used"] = base is not None
+        tensors = dict(update.tensors)
+        if base is not None and base.version < self._floor:
+            tensors.update({BASE + name: t for name, t in base.tensors.items()})
+            fields["base_samples"] = base.samples
+        journal.append("update", fields, tensors, step=step)
+
+    def log_close(self, round_no: int) -> None:
+        """Journal that round `round_no` closed. Caller holds the lock."""
+        if self.journal is not None and not self.replaying:
+            self.journal.append("close", {"round": round_no}, step=True)
+
+    def sync(self) -> None:
+        """Return once every change journaled so far is fsynced (at once without a journal).
+        Raises Refused (503) when the journal cannot be written: the update is then not
+        acknowledged; its retry is, as a duplicate, once a write succeeds."""
+        journal = self.journal
+        if journal is None:
+            return
+        try:
+            journal.commit()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            log.error("journal %s could not be written (%s)", journal.path, reason)
+            raise Refused(
+                "unavailable",
+                f"the journal cannot be written ({reason}); try again later",
+                status=503,
+            ) from None
 
     def reason(self, now: float, force: bool) -> str | None:
         """Why a checkpoint is due now, or None. Caller holds the lock."""
@@ -126,6 +189,7 @@ class Saver:
                 return None
             view = self._view()
             self._held_changed = False
+            self._floor = view.snapshot.version
         snap = view.snapshot
         started = time.perf_counter()
         try:
@@ -147,7 +211,9 @@ class Saver:
             unsaved = view.updates_total - core.ledger.saved_total
             core.ledger.saved(snap.version, view.updates_total, str(view.metadata["time"]))
             core.events.add("checkpoint", f"checkpoint v{snap.version} ({reason})")
+            self.covered = view.covered
         core.metrics.checkpoint_written(seconds=time.perf_counter() - started)
+        self._cut_journal(view.covered)
         log.info(
             "checkpoint v%d written to %s (%s; %d samples, %d updates since the last)",
             snap.version,
@@ -157,6 +223,25 @@ class Saver:
             unsaved,
         )
         return path
+
+    def _cut_journal(self, covered: int) -> None:
+        """Drop the journal records a checkpoint now holds. Without DURABLE (a journal left
+        by a run that had it), the journal goes once it is empty. Caller holds _save_lock."""
+        journal = self.journal
+        if journal is None:
+            return
+        try:
+            journal.truncate(covered)
+        except OSError as exc:  # the records stay: a replay skips those the checkpoint holds
+            log.warning("journal %s could not be cut (%s)", journal.path, exc.strerror or exc)
+            return
+        if not self._core.settings.durable:
+            with self._lock:
+                if journal.empty:
+                    self.journal = None
+                    journal.close()
+                    journal.path.unlink(missing_ok=True)
+                    log.info("journal %s: every record is in a checkpoint; removed", journal.path)
 
     def _failed(self, snap: Snapshot, reason: str) -> None:
         """A write failed: keep what it held unsaved and say so (loudly the first time)."""
@@ -193,12 +278,14 @@ class Saver:
             "strategy": core.strategy.name,
             "strategy_state": json.dumps(core.strategy.state_dict()),
             "tasks_state": json.dumps(core.queue.state_dict()),
+            "stages_state": json.dumps(core.stages.state_dict()),  # e.g. adaptive clipping's norm
             "updates": core.ledger.total,
             "applied_ids": json.dumps(core.ledger.recent()),
             "time": iso(self._wall()),
+            COVERED: self.journal.step if self.journal is not None else self.covered,
         }
         rule = {
             checkpoints.STRATEGY_PREFIX + name: tensor
             for name, tensor in core.strategy.tensor_state().items()
         }
-        return _View(core.snapshot, metadata, core.ledger.total, rule)
+        return _View(core.snapshot, metadata, core.ledger.total, rule, int(metadata[COVERED]))

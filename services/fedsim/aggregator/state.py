@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from fedsim import pipeline
-from fedsim.aggregator import intake, persistence, tasks, views
+from fedsim.aggregator import intake, persistence, privacy, quota, replay, tasks, views
 from fedsim.aggregator.evaluations import MAX_WAITING_EVALUATIONS, Evaluations
 from fedsim.aggregator.events import Events, iso
 from fedsim.aggregator.ledger import Ledger
@@ -70,7 +70,8 @@ class State:
         self.layout = SHAPES[settings.model]
         # The update pipeline: each upload goes through `stages.receive` (uploads.py), each
         # aggregate through `stages.publish` before it is served.
-        self.stages = pipeline.build(settings)
+        self.stages = persistence.stages(settings, start)  # with their saved state
+        self.privacy = privacy.Privacy.of(settings)  # the DP accountant; None when DP is off
         self.strategy, self.queue = persistence.restore(settings, start, clock=clock, wall=wall)
         ckpt = start.checkpoint
         self.snapshot = Snapshot.of(ckpt.tensors, ckpt.version, start.samples, settings.model)
@@ -92,6 +93,7 @@ class State:
         self.recent: deque[dict[str, Any]] = deque(maxlen=views.HISTORY)
         self.events = Events(wall)
         self.saver = Saver(self, self._lock, clock, wall)
+        self.quota = quota.Quota.of(start.clients, settings, self.strategy.mode, clock)
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         if self.attackers:
@@ -107,6 +109,8 @@ class State:
         )
         if not self.evaluations.scored(ckpt.version):
             self.evaluations.want(self.snapshot, None, self.ledger.total)
+        with self._lock:  # DURABLE: what the journal holds beyond the checkpoint
+            replay.resume(self, start, clock())
         if self.queue.training_done and self.evaluations.entries and not self.queue.evals:
             log.info("the run is finished: nothing left to train or score")
 
@@ -230,6 +234,11 @@ class State:
 
     def submit(self, update: Update) -> Result:
         """Aggregate a validated update once. Raises Refused (nothing changes then)."""
+        result = self._submit(update)
+        self.saver.sync()  # DURABLE: acknowledged once it is in the fsynced journal
+        return result
+
+    def _submit(self, update: Update) -> Result:
         with self._lock:
             if self.saver.disk_error is not None:
                 # Acknowledging an update that cannot be saved could lose it: refuse it
@@ -250,10 +259,11 @@ class State:
                     update.client_id,
                 )
                 return Result(version, True, self.ledger.number(update.update_id))
-            if self.strategy.mode == "async":
-                intake.accept(self, update, version, now)
-            else:
-                intake.add_to_round(self, update, version, now)
+            with self.quota.charge(update, version):  # 429 beyond one client's share
+                if self.strategy.mode == "async":
+                    intake.accept(self, update, version, now)
+                else:
+                    intake.add_to_round(self, update, version, now)
             return Result(self.snapshot.version, False, self.ledger.number(update.update_id))
 
     def _seen(self, update: Update, version: int) -> bool:

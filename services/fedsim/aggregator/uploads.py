@@ -3,7 +3,9 @@
 Every 4xx an upload can get is decided here: unreadable bytes (400), metadata
 that breaks the protocol (`fedsim.protocol.UpdateMeta`: 400, or 422 for
 num_samples), weights of the wrong layout, not finite or out of bounds (422, the
-pipeline's validate stage). The checks run outside the state lock, so a slow or
+pipeline's validate stage), and a claim to a task the sender does not hold
+(`check_claim`: 403 for a task's id without its lease, 409 for a lease never
+handed out with the task). The checks run outside the state lock, so a slow or
 bad upload never holds up the others.
 """
 
@@ -12,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedsim import pipeline, weights
-from fedsim.aggregator.strategies import Update
+from fedsim.aggregator.strategies import Refused, Update
+from fedsim.aggregator.tasks import ids
 from fedsim.config import TRAIN_IMAGES
 from fedsim.protocol import Invalid, UpdateMeta
 
@@ -54,3 +57,24 @@ def parse(body: bytes, receive: Callable[[Tensors], Tensors]) -> Update:
         meta.task,
         meta.lease,
     )
+
+
+def check_claim(update: Update, check_genuine: Callable[[str, str], None]) -> None:
+    """Refuse an update that claims a task its sender does not hold (nothing changes).
+
+    Task ids are predictable: an update without a task may not take one (403), so a
+    hand-started client's ids (a UUID each) never collide with a task's; a task's update
+    needs a lease handed out with that task (`check_genuine`, the queue's: 409), also
+    when the task is done, so that a repeat is acknowledged only to its holder.
+    """
+    if update.task_id is None:
+        if ids.is_task(update.update_id):
+            raise Refused(
+                "reserved_id",
+                f"update_id {update.update_id} is spelt as a task id: only the worker that "
+                "holds that task's lease may send its result; an update without a task "
+                "needs an id of its own (the hand-started client sends a UUID)",
+                status=403,
+            )
+        return
+    check_genuine(update.task_id, update.lease)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import Any, Protocol
 
-from fedsim.aggregator import tasks
+from fedsim.aggregator import privacy, tasks
 from fedsim.aggregator.evaluations import Evaluations
 from fedsim.aggregator.events import Events
 from fedsim.aggregator.ledger import Ledger
@@ -103,6 +103,7 @@ class Core(Protocol):
     events: Events
     recent: deque[dict[str, Any]]
     held: list[Update]
+    privacy: privacy.Privacy | None
 
 
 def status(core: Core) -> dict[str, Any]:
@@ -116,6 +117,7 @@ def status(core: Core) -> dict[str, Any]:
     return {
         "version": snap.version,
         "samples": snap.samples,
+        "label": s.run_label,  # RUN_LABEL: an experiment's cell and seed; "" when unset
         "model": s.model,
         "strategy": core.strategy.name,
         "mode": core.strategy.mode,
@@ -139,6 +141,8 @@ def status(core: Core) -> dict[str, Any]:
         "history": list(core.recent),
         "events": core.events.rows(),
         "last_checkpoint": dict(core.ledger.last_checkpoint),
+        # Differential privacy (aggregator/privacy.py): epsilon so far; None when DP is off.
+        "privacy": privacy.status_of(core),
     }
 
 

@@ -2,10 +2,11 @@
 from the rule to the served model, as an ordered list of stages.
 
 ```
-worker:      [relabel] -> train -> delta -> attack -> [clip] -> [local noise] -> [compress]
+worker:      [relabel] -> train -> delta -> attack -> clip -> local noise -> [compress]
              -> [mask] -> push
-aggregator:  receive -> validate -> [unmask, per round] -> [decompress] -> [clip re-check]
-             -> rule.aggregate -> [central noise] -> finite -> publish
+aggregator:  receive -> validate -> [unmask, per round] -> [decompress]
+             -> clip re-check, per round -> equal-weight mean + central noise, per round
+             -> rule.aggregate -> finite -> publish
 ```
 
 Each stage is one module with a worker side and an aggregator side (`base.Stage`);
@@ -18,6 +19,8 @@ aggregator.
 | stage | module | worker side | aggregator side |
 |---|---|---|---|
 | attack | attacks.py | label-flip before training; scaled, noise after | none |
+| clip | clip.py | clip w - w_t to DP_CLIP; DP=local: then noise | none |
+| dp | dp.py | none | gather: clip every update again, equal-weight mean, central noise |
 | validate | checks.py | none | layout, float32, finite, abs(w) <= MAX_WEIGHT |
 | finite | checks.py | none | the aggregate finite and bounded |
 """

@@ -7,7 +7,8 @@ its input through), so a stage overrides only where it acts:
 - worker: `relabel` before training (data poisoning), `worker` after it (the
   update's weights on their way to the push);
 - aggregator: `receive` for each update before the rule (outside the lock),
-  `gather` for a round's batch (what only the whole round can undo, e.g. masks),
+  `gather` for a round's batch, with the round's base model (what only the whole
+  round can undo, e.g. masks; the clip re-check and central DP noise),
   `publish` for the aggregate after the rule.
 
 Its own state (an error-feedback residual, an accountant, a key) is saved as a
@@ -76,8 +77,9 @@ class Stage:
         """One pushed update's weights, checked or decoded; raises Rejected."""
         return tensors
 
-    def gather(self, batch: Sequence[Tensors]) -> Sequence[Tensors]:
-        """A round's updates before the rule sees them; raises Rejected."""
+    def gather(self, batch: Sequence[Tensors], base: Tensors, round_no: int) -> Sequence[Tensors]:
+        """Round `round_no`'s updates, all trained from `base`, before the rule sees them;
+        raises Rejected. The batch keeps its length and order (one entry per update)."""
         return batch
 
     def publish(self, tensors: Tensors) -> Tensors:

@@ -20,6 +20,8 @@ from fedsim.pipeline.base import Outgoing, Stage, Tensors
 
 REGISTRY: dict[str, str] = {
     "attack": "fedsim.pipeline.attacks:Attack",
+    "clip": "fedsim.pipeline.clip:Clip",  # DP: the worker clips, then (DP=local) noises
+    "dp": "fedsim.pipeline.dp:CentralNoise",  # DP: on gather, re-clip, mean, central noise
     "validate": "fedsim.pipeline.checks:Validate",
     "finite": "fedsim.pipeline.checks:Finite",
 }
@@ -92,9 +94,9 @@ class Pipeline:
             tensors = stage.receive(tensors)
         return tensors
 
-    def gather(self, batch: Sequence[Tensors]) -> Sequence[Tensors]:
+    def gather(self, batch: Sequence[Tensors], base: Tensors, round_no: int) -> Sequence[Tensors]:
         for stage in reversed(self.stages):
-            batch = stage.gather(batch)
+            batch = stage.gather(batch, base, round_no)
         return batch
 
     def publish(self, tensors: Tensors) -> Tensors:

@@ -15,7 +15,7 @@ base.py holds the refusal, the id grammar and typed JSON fields; tasks.py what a
 worker is given; reports.py what it sends.
 """
 
-from fedsim.protocol.base import Invalid, client_id, client_number, valid_id
+from fedsim.protocol.base import Invalid, client_id, client_number, digits, valid_id
 from fedsim.protocol.reports import Ask, Evaluation, UpdateMeta, worker_id
 from fedsim.protocol.tasks import (
     Attack,
@@ -40,6 +40,7 @@ __all__ = [
     "UpdateMeta",
     "client_id",
     "client_number",
+    "digits",
     "task_from_json",
     "valid_id",
     "worker_id",

@@ -13,8 +13,11 @@ from typing import Any
 _ID = re.compile(
     r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]{1,128}$"
 )
-LEASE = re.compile(r"^[0-9a-f]{1,64}$")  # secrets.token_hex: a task's lease
+LEASE = re.compile(r"^[0-9a-f]{1,64}$")  # a task's lease: a nonce and its HMAC, in hex
 _CLIENT = re.compile(r"^client-([1-9][0-9]*)$")
+# An integer on the wire: ASCII digits only, at most 18 (no sign, space, "_" or other
+# scripts' digits, all of which Python's int() takes), far below int()'s 4,300-digit limit.
+_DIGITS = re.compile(r"^[0-9]{1,18}$")
 
 
 class Invalid(ValueError):
@@ -28,6 +31,12 @@ class Invalid(ValueError):
 def valid_id(value: str) -> bool:
     """Whether `value` is acceptable as a client, update, task or worker id."""
     return _ID.fullmatch(value) is not None  # fullmatch: `$` would let a final newline in
+
+
+def digits(raw: object) -> int | None:
+    """The integer `raw` spells in ASCII digits alone, else None (a sign, a space, a final
+    newline, an underscore or another script's digits)."""
+    return int(raw) if isinstance(raw, str) and _DIGITS.fullmatch(raw) else None
 
 
 def client_id(number: int) -> str:

@@ -8,10 +8,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from fedsim.protocol.base import LEASE, Invalid, record_json, valid_id
+from fedsim.protocol.base import LEASE, Invalid, digits, record_json, valid_id
 
 _SLICES = re.compile(r"^[0-9 ,-]{1,64}$")
-_DIGITS = 18  # integers in metadata: enough for any count, far below Python's 4,300-digit limit
+# A metric in metadata, as `f"{value:.6f}"` writes it: ASCII digits and one point, no sign,
+# space or exponent (Python's float() would also take " 1.5", "1_0", "inf" and other digits).
+_DECIMAL = re.compile(r"^[0-9]{1,40}(\.[0-9]{1,40})?$")
 
 
 def worker_id(data: Mapping[str, Any]) -> str:
@@ -59,7 +61,7 @@ class Evaluation:
         task, lease = data.get("task"), data.get("lease")
         if not isinstance(task, str) or not valid_id(task):
             raise Invalid("bad_task", "task must be the evaluation task's id")
-        if not isinstance(lease, str) or not lease.isalnum() or len(lease) > 64:
+        if not isinstance(lease, str) or not LEASE.fullmatch(lease):
             raise Invalid("bad_task", "lease must be the task's lease")
         scores = {}
         for key, hi in cls.BOUNDS:
@@ -132,12 +134,12 @@ class UpdateMeta:
                 extra[key] = meta[key]
         for key in ("loss", "accuracy"):
             if key in meta:
-                try:
-                    extra[key] = float(meta[key])
-                except ValueError:
-                    extra[key] = math.nan
-                if not math.isfinite(extra[key]):
-                    raise Invalid("bad_metadata", f"{key} must be a finite number")
+                if not _DECIMAL.fullmatch(meta[key]):
+                    raise Invalid(
+                        "bad_metadata",
+                        f"{key} must be a finite number in ASCII digits, such as 0.125000",
+                    )
+                extra[key] = float(meta[key])
         if "retries" in meta:
             extra["retries"] = _integer(meta, "retries", lo=0)
         num_samples = _integer(
@@ -151,8 +153,7 @@ class UpdateMeta:
                 raise Invalid("bad_metadata", "lease must be the task's lease (1-64 hex digits)")
             if update_id != task:
                 raise Invalid("bad_metadata", "update_id must be the task id for a task's update")
-        raw = meta.get("round", "")
-        round_no = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= _DIGITS else None
+        round_no = digits(meta.get("round"))
         stages = {k: v for k, v in meta.items() if k not in _META_KEYS}
         return cls(
             client_id, update_id, base_version, num_samples, task, lease, **extra,
@@ -182,12 +183,11 @@ def _integer(
     code: str = "bad_metadata",
 ) -> int:
     raw = meta.get(key)
-    try:
-        value = int(raw) if raw is not None and len(raw) <= _DIGITS else None
-    except ValueError:
-        value = None
+    value = digits(raw)  # ASCII digits alone: no sign, space, "_" or other scripts' digits
     if value is None or value < lo or (hi is not None and value > hi):
         shown = raw if raw is None or len(raw) <= 40 else raw[:40] + "..."
         bound = f" and <= {hi}" if hi is not None else ""
-        raise Invalid(code, f"{key} must be an integer >= {lo}{bound}, got {shown!r}", status)
+        plain = raw is None or (raw.isascii() and raw.isdigit())
+        how = "" if plain else " (ASCII digits alone: no sign, space or _)"
+        raise Invalid(code, f"{key} must be an integer >= {lo}{bound}, got {shown!r}{how}", status)
     return value

@@ -7,7 +7,13 @@ workers and leases, queues.py and rounds.py hold the three plans.
 """
 
 from fedsim.aggregator.tasks.ids import Client, choose_attackers, sample, task_seed
-from fedsim.aggregator.tasks.leases import MAX_WORKERS, WORKER_LIVE_SECONDS, Lease, Worker
+from fedsim.aggregator.tasks.leases import (
+    MAX_WORKERS,
+    WORKER_LIVE_SECONDS,
+    Lease,
+    Worker,
+    lease_key,
+)
 from fedsim.aggregator.tasks.queues import Queue, SampledQueue, SliceQueue
 from fedsim.aggregator.tasks.rounds import Round, RoundQueue
 from fedsim.protocol import Offer
@@ -25,6 +31,7 @@ __all__ = [
     "SliceQueue",
     "Worker",
     "choose_attackers",
+    "lease_key",
     "sample",
     "task_seed",
 ]

@@ -2,23 +2,36 @@
 
 A worker is a process known by the id it sends (host, pid, random) and shown by
 a short name (w1, w2, ... in order of first contact). A task handed out holds a
-lease: a random token and an expiry TASK_TIMEOUT later. A result counts only
-under the task's current lease; a lease that runs out frees the task for
-another worker, and its (task, worker) is kept for the events until drained.
+lease: a token and an expiry TASK_TIMEOUT later. A result counts only under the
+task's current lease; a lease that runs out frees the task for another worker,
+and its (task, worker) is kept for the events until drained.
+
+A lease is a random nonce (secrets.token_hex) and an HMAC of (task id, nonce)
+under the aggregator's lease key: only the worker the task was handed
+to can present one, since task ids are predictable and leases are not, and it
+is recognised after a restart too (the key is kept in MODEL_DIR/leases.key,
+mode 0600), so a worker's result pushed again from its outbox still counts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from fedsim.aggregator.strategies import Refused
+from fedsim.checkpoints import write_atomic
 
 WORKER_LIVE_SECONDS = 60.0  # a worker not heard from for this long is no longer counted
 MAX_WORKERS = 10_000  # worker records kept; the least recently seen go first
+KEY_FILE = "leases.key"  # in MODEL_DIR: 64 hex digits
+_NONCE = 12  # random bytes of a lease: 24 hex digits, then 40 of its HMAC (64 in all, as
+_MAC = 20  # the protocol's lease grammar has always allowed)
 
 
 @dataclass
@@ -43,14 +56,38 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
+def lease_key(model_dir: Path) -> bytes:
+    """The key leases are signed with: MODEL_DIR/leases.key, made on first use (mode 0600).
+    A file that is not 64 hex digits is replaced: leases handed out before are then refused,
+    and their tasks go to workers again."""
+    path = model_dir / KEY_FILE
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, ValueError):
+        text = ""
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+        return bytes.fromhex(text)
+    key = secrets.token_bytes(32)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, key.hex().encode() + b"\n")  # mkstemp: mode 0600
+    return key
+
+
 class Leases:
     """The worker registry and the leases of the tasks handed out."""
 
     def __init__(
-        self, *, task_timeout: float, clock: Callable[[], float], wall: Callable[[], float]
+        self,
+        *,
+        task_timeout: float,
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+        key: bytes | None = None,
     ) -> None:
         self.task_timeout = task_timeout
         self._clock, self._wall = clock, wall
+        # None: a key of this process alone (its leases are not recognised after a restart).
+        self._key = key or secrets.token_bytes(32)
         self.leases: dict[str, Lease] = {}  # by task id
         self.workers: dict[str, Worker] = {}  # by the id the worker sent, least recent first
         self._names = 0
@@ -102,9 +139,31 @@ class Leases:
         out, self._expired = self._expired, []
         return out
 
+    def _sign(self, task_id: str, nonce: str) -> str:
+        mac = hmac.new(self._key, f"{task_id}\n{nonce}".encode(), hashlib.sha256)
+        return mac.hexdigest()[: 2 * _MAC]
+
+    def genuine(self, task_id: str, lease: str) -> bool:
+        """Whether `lease` is one this aggregator handed out with `task_id` (now or before a
+        restart): compared in constant time, it needs no record of the lease."""
+        size = 2 * _NONCE
+        if len(lease) != size + 2 * _MAC or not lease.isascii():
+            return False
+        return hmac.compare_digest(lease[size:], self._sign(task_id, lease[:size]))
+
+    def check_genuine(self, task_id: str, lease: str) -> None:
+        """Refuse a result under a lease that was never handed out with `task_id`."""
+        if not self.genuine(task_id, lease):
+            raise Refused(
+                "not_leased",
+                f"this lease was not handed out with task {task_id}: only the worker that "
+                "holds the task may send its result, which is not counted",
+            )
+
     def _lease(self, task_id: str, worker: Worker, now: float) -> str:
         """Give `task_id` to `worker` until now + TASK_TIMEOUT; the lease's token."""
-        token = secrets.token_hex(8)
+        nonce = secrets.token_hex(_NONCE)
+        token = nonce + self._sign(task_id, nonce)
         self.leases[task_id] = Lease(token, worker.name, now + self.task_timeout)
         worker.task = task_id
         return token

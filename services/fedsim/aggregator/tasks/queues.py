@@ -47,8 +47,9 @@ class Queue(Leases):
         wall: Callable[[], float],
         attack: Mapping[str, Any] | None = None,
         attackers: Sequence[int] = (),
+        key: bytes | None = None,
     ) -> None:
-        super().__init__(task_timeout=task_timeout, clock=clock, wall=wall)
+        super().__init__(task_timeout=task_timeout, clock=clock, wall=wall, key=key)
         self.clients = {c.number: c for c in clients}
         self.attack = dict(attack) if attack else None  # {"kind", "scale"}, for the attackers
         self.attackers = frozenset(attackers)
@@ -128,8 +129,10 @@ class Queue(Leases):
     ) -> bool:
         """Whether an update for `task_id` may count: True new, False already counted.
 
-        Raises Refused for a task not in this run, a lease that was reassigned, a
-        closed round or a finished run, and for more samples than the task holds.
+        Raises Refused for a task not in this run, a lease never handed out with the
+        task or reassigned since, a closed round or a finished run, and for more
+        samples than the task holds. A done task's result is a repeat (False) only
+        under a lease handed out with it.
         """
         self._expire(self._clock())
         client = self._client_of(task_id)
@@ -144,6 +147,7 @@ class Queue(Leases):
                 f"num_samples={num_samples} but task {task_id} holds {held} images",
                 status=422,
             )
+        self.check_genuine(task_id, lease)
         if self._is_done(task_id):
             return False
         self._check_lease(task_id, lease)
@@ -161,6 +165,7 @@ class Queue(Leases):
         version = ids.parse_eval(task_id)
         if version is None:
             raise Refused("unknown_task", f"task {task_id} is not an evaluation task")
+        self.check_genuine(task_id, lease)
         if version not in self.evals:
             raise Refused("task_done", f"version {version} is already scored or not wanted")
         self._check_lease(task_id, lease)

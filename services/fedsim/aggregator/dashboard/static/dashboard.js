@@ -114,6 +114,9 @@ function renderCards(st) {
     (st.mode === "async" ? "-" : dash(run.rounds)) +
     (run.eval_every ? " · evaluate every " + run.eval_every : "") +
     (run.task_timeout ? " · task timeout " + run.task_timeout + " s" : "");
+  // RUN_LABEL: the cell and seed an experiment's sweep is on.
+  $("label-row").hidden = !st.label;
+  $("set-label").textContent = st.label || "";
 }
 
 // --- tables and events -----------------------------------------------------
@@ -208,6 +211,8 @@ function makeChart() {
         backgroundColor: "#4e79a7", pointRadius: 2, tension: 0 },
       { label: "test loss", data: [], yAxisID: "loss", borderColor: "#e15759",
         backgroundColor: "#e15759", borderDash: [5, 3], pointRadius: 2, tension: 0 },
+      { label: "ε (privacy)", data: [], yAxisID: "eps", borderColor: "#59a14f", hidden: true,
+        backgroundColor: "#59a14f", borderDash: [2, 2], pointRadius: 2, tension: 0 },
     ] },
     options: {
       animation: false, maintainAspectRatio: false, normalized: true,
@@ -218,6 +223,8 @@ function makeChart() {
                ticks: { callback: (v) => Math.round(v * 1000) / 10 + "%" } },
         loss: { position: "right", beginAtZero: true, title: { display: true, text: "loss" },
                 grid: { drawOnChartArea: false } },
+        eps: { position: "right", beginAtZero: true, display: false,
+               title: { display: true, text: "ε" }, grid: { drawOnChartArea: false } },
       },
     },
   });
@@ -227,10 +234,15 @@ function renderHistory(history, st) {
   const scored = history.filter((h) => h.accuracy !== null && h.accuracy !== undefined);
   const last = scored[scored.length - 1];
   $("accuracy").textContent = last ? pct(last.accuracy) : "-";
+  // Under DP each entry carries epsilon at delta; null is no bound (DP_NOISE=0).
+  const dp = (h) => (h && "epsilon" in h ? (h.epsilon === null ? Infinity : h.epsilon) : null);
+  const eps = (h) => (dp(h) === Infinity ? "∞" : Number(dp(h)).toFixed(2));
   $("accuracy-detail").textContent = last
-    ? "version " + last.version + " · loss " + Number(last.loss).toFixed(3) : "not evaluated yet";
+    ? "version " + last.version + " · loss " + Number(last.loss).toFixed(3)
+      + (dp(last) === null ? "" : " · ε = " + eps(last) + " at δ = " + Number(last.delta).toPrecision(2))
+    : "not evaluated yet";
   const byRound = st.mode === "rounds";
-  const key = byRound + ":" + scored.map((h) => h.version + "/" + h.accuracy).join(",");
+  const key = byRound + ":" + scored.map((h) => h.version + "/" + h.accuracy + "/" + dp(h)).join(",");
   if (key === historyKey) return;
   historyKey = key;
   const x = (h) => (byRound ? (h.round === null || h.round === undefined ? 0 : h.round) : h.version);
@@ -239,6 +251,10 @@ function renderHistory(history, st) {
   if (!chart) return;
   chart.data.datasets[0].data = scored.map((h) => ({ x: x(h), y: h.accuracy }));
   chart.data.datasets[1].data = scored.map((h) => ({ x: x(h), y: h.loss }));
+  const bounded = scored.filter((h) => dp(h) !== null && dp(h) !== Infinity);
+  chart.data.datasets[2].data = bounded.map((h) => ({ x: x(h), y: dp(h) }));
+  chart.data.datasets[2].hidden = !bounded.length;
+  chart.options.scales.eps.display = bounded.length > 0;
   chart.options.scales.x.title.text = byRound ? "round" : "version";
   chart.update("none");
   if (scored.length && window.fedsimDashboard.chartShownMs === null)

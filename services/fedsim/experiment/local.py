@@ -1,0 +1,190 @@
+"""The local engine: a run as local processes, started as scripts/simulate.sh starts them.
+
+prepare, then the aggregator under gunicorn on 127.0.0.1 (a free port), then
+the workers, each `python -m fedsim.client` with the run's settings and its own
+log. The settings are the code's defaults, then the run's: no `.env` is read,
+and the caller's environment keeps no fedsim setting. Each process runs in its
+own process group, so an interrupted sweep stops all of them. The run's model
+folder (checkpoints) is removed at the end; its history and logs are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fedsim import config
+from fedsim.experiment.outcome import Raw
+from fedsim.experiment.procs import PeakMemory, free_port, start, stop, tree_rss
+from fedsim.experiment.watch import Job, RunFailed, follow, load, tail
+
+HEALTH_SECONDS = 120  # the aggregator answers /healthz within this, or the run fails
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The history's entries, one per version, oldest first; a torn last line (mid-append)
+    and anything that is not an entry are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    by_version: dict[int, dict[str, Any]] = {}
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("version"), int):
+            by_version[entry["version"]] = entry
+    return [by_version[v] for v in sorted(by_version)]
+
+
+def clean_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The caller's environment without any fedsim or Compose setting."""
+    drop = config.KNOWN_KEYS | config.COMPOSE_KEYS | {"FEDSIM_ENV_FILE"}
+    return {k: v for k, v in (os.environ if environ is None else environ).items() if k not in drop}
+
+
+def get(url: str, timeout: float = 5) -> bytes | None:
+    """GET `url`'s body; None when nothing answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read()
+    except OSError:
+        return None
+
+
+class LocalEngine:
+    name = "local"
+
+    def __init__(self, root: Path, environ: Mapping[str, str] | None = None) -> None:
+        self.root = root  # the project folder: the processes' working directory
+        self.base = clean_environ(environ)
+        given = (os.environ if environ is None else environ).get("DATA_DIR")
+        self.data_dir = given or str(root / "data")
+
+    def environment(self, job: Job) -> dict[str, str]:
+        """What every process of `job` gets: the run's own folders, port and label."""
+        return {
+            **self.base,
+            "PYTHONUNBUFFERED": "1",
+            "FEDSIM_ENV_FILE": os.devnull,
+            "DATA_DIR": self.data_dir,
+            "MODEL_DIR": str(job.folder / "models"),
+            "TOKENS_FILE": str(job.folder / "models" / "tokens.json"),
+            "AGGREGATOR_URL": f"http://127.0.0.1:{free_port()}",
+            **job.settings,
+            "RUN_LABEL": job.label,
+        }
+
+    def prepare(self) -> None:
+        """Nothing to build for local runs."""
+
+    def run(self, job: Job, on_entry: Callable[[dict[str, Any]], None]) -> Raw:
+        env = self.environment(job)
+        job.logs.mkdir(parents=True, exist_ok=True)
+        model_dir = Path(env["MODEL_DIR"])
+        started, clock = time.time(), time.monotonic()
+        load_start = load()
+        python = sys.executable
+        log = job.logs / "prepare.log"
+        with log.open("wb") as out:
+            done = subprocess.run(
+                [python, "-m", "fedsim.prepare"],
+                cwd=self.root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        if done.returncode != 0:
+            raise RunFailed(f"prepare exited {done.returncode} ({log}): {tail(log)}")
+        port = env["AGGREGATOR_URL"].rsplit(":", 1)[1]
+        procs: list[subprocess.Popen] = []
+        try:
+            aggregator = start(
+                [python, "-m", "gunicorn", "-c", "python:fedsim.aggregator.gunicorn_conf",
+                 "fedsim.aggregator.app:create_app()"],
+                env={**env, "BIND": f"127.0.0.1:{port}"},
+                log=job.logs / "aggregator.log",
+                cwd=self.root,
+            )  # fmt: skip
+            procs.append(aggregator)
+            self._wait_healthy(env["AGGREGATOR_URL"], aggregator, job.logs / "aggregator.log")
+            workers = [
+                start(
+                    [python, "-m", "fedsim.client"],
+                    env=env,
+                    log=job.logs / f"worker-{i}.log",
+                    cwd=self.root,
+                )
+                for i in range(1, job.workers + 1)
+            ]
+            procs += workers
+
+            def finished() -> bool:
+                if aggregator.poll() is not None:
+                    path = job.logs / "aggregator.log"
+                    raise RunFailed(
+                        f"the aggregator exited {aggregator.returncode} ({path}): {tail(path)}"
+                    )
+                codes = [w.poll() for w in workers]
+                for i, code in enumerate(codes, 1):
+                    if code not in (None, 0):
+                        path = job.logs / f"worker-{i}.log"
+                        raise RunFailed(f"worker-{i} exited {code} ({path}): {tail(path)}")
+                return all(code == 0 for code in codes)
+
+            pids = [p.pid for p in procs]
+            with PeakMemory(lambda: tree_rss(*pids)) as memory:
+                status, entries, memory_at = follow(
+                    job,
+                    entries=lambda: read_history(model_dir / "history.jsonl"),
+                    done=finished,
+                    memory=lambda: memory.last,
+                    on_entry=on_entry,
+                )
+                seconds = time.monotonic() - clock
+                metrics = get(env["AGGREGATOR_URL"] + "/metrics") or b""
+            peak = memory.peak
+        finally:
+            for proc in reversed(procs):  # the workers first, then the aggregator
+                stop(proc)
+        entries = read_history(model_dir / "history.jsonl") or entries
+        raw = Raw(
+            status=status,
+            started=started,
+            seconds=seconds,
+            entries=entries,
+            memory_at=memory_at,
+            peak_memory=peak,
+            worker_logs="".join(
+                (job.logs / f"worker-{i}.log").read_text(errors="replace")
+                for i in range(1, job.workers + 1)
+            ),
+            aggregator_log=(job.logs / "aggregator.log").read_text(errors="replace"),
+            metrics=metrics.decode("utf-8", "replace"),
+            load_start=load_start,
+            load_end=load(),
+        )
+        shutil.rmtree(model_dir, ignore_errors=True)  # checkpoints: megabytes a run
+        return raw
+
+    @staticmethod
+    def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
+        deadline = time.monotonic() + HEALTH_SECONDS
+        while get(url + "/healthz", timeout=2) is None:
+            if proc.poll() is not None:
+                raise RunFailed(f"the aggregator exited {proc.returncode} ({log}): {tail(log)}")
+            if time.monotonic() > deadline:
+                raise RunFailed(f"no answer from {url}/healthz in {HEALTH_SECONDS} s ({log})")
+            time.sleep(0.3)

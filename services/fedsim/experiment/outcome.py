@@ -1,0 +1,152 @@
+"""What one run measured, from what it left: its history, its logs, its metrics, its memory.
+
+Both engines hand over the same `Raw` record; `measure` turns it into the
+figures of a row of runs.csv and the run's curve (one point per evaluated
+version). A point's `x` is its round, or under an asynchronous rule the
+updates aggregated so far divided by the clients of a round, so every rule is
+read on the same axis.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+STATUSES = ("finished", "target", "timeout")  # ran to its end, stopped at the target, timed out
+# A worker's line for a trained task: "... train samples 600 loss 0.31 acc 0.91 (1.2s)".
+TRAIN_LINE = re.compile(r" train samples \d+ loss \S+ acc \S+ \((\d+(?:\.\d+)?)s\)")
+# A worker's last line: "... worker-1 done: 4 updates trained ..., 0 retries, 31.2s".
+WORKER_DONE = re.compile(r" done: \d+ updates trained.*, (\d+(?:\.\d+)?)s$", re.M)
+REFUSED_LINE = "refused aggregate:"  # the aggregator's line for a non-finite or exploding model
+GROWTH_FROM_ROUND = 5  # memory growth is read from this round (TensorFlow has warmed up) on
+
+
+@dataclass
+class Raw:
+    """What an engine collected during a run."""
+
+    status: str
+    started: float  # wall clock (time.time()) when the run started
+    seconds: float  # from the start to the end of training (the workers done, or stopped)
+    entries: list[dict[str, Any]]  # the history, oldest version first
+    memory_at: dict[int, int] = field(default_factory=dict)  # version -> bytes when it arrived
+    peak_memory: int = 0
+    worker_logs: str = ""
+    aggregator_log: str = ""
+    metrics: str = ""  # the aggregator's /metrics text at the end
+    load_start: float = 0.0
+    load_end: float = 0.0
+
+
+@dataclass
+class Point:
+    x: float
+    round: int | None
+    version: int
+    accuracy: float
+    loss: float
+    seconds: float | None  # since the run's start
+    memory: int | None
+
+
+def metric(text: str, name: str) -> int | None:
+    """A counter's value in Prometheus' text format; None when it is absent."""
+    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)
+    return None if match is None else round(float(match.group(1)))
+
+
+def stamp(entry: Mapping[str, Any]) -> float | None:
+    try:
+        return datetime.fromisoformat(str(entry["time"])).timestamp()
+    except (KeyError, ValueError):
+        return None
+
+
+def curve(raw: Raw, per_round: int) -> list[Point]:
+    points = []
+    for e in raw.entries:
+        rnd = e.get("round")
+        x = float(rnd) if isinstance(rnd, int) else (e.get("updates") or 0) / per_round
+        at = stamp(e)
+        points.append(
+            Point(
+                round(x, 4),
+                rnd if isinstance(rnd, int) else None,
+                int(e["version"]),
+                float(e["accuracy"]),
+                float(e["loss"]),
+                None if at is None else round(max(0.0, at - raw.started), 2),
+                raw.memory_at.get(int(e["version"])),
+            )
+        )
+    return points
+
+
+def _per_round(points: Sequence[Point]) -> float | None:
+    """Mean seconds between evaluations from round 1 on (TensorFlow's start-up left out)."""
+    timed = [p for p in points if p.x >= 1 and p.seconds is not None]
+    if len(timed) < 2 or timed[-1].x == timed[0].x:
+        return None
+    return round((timed[-1].seconds - timed[0].seconds) / (timed[-1].x - timed[0].x), 3)
+
+
+def _growth(points: Sequence[Point]) -> int | None:
+    """Memory at the last evaluation less memory at round GROWTH_FROM_ROUND."""
+    start = next((p for p in points if p.x >= GROWTH_FROM_ROUND and p.memory), None)
+    last = points[-1] if points else None
+    if start is None or last is None or last is start or not last.memory:
+        return None
+    return last.memory - start.memory
+
+
+def measure(
+    raw: Raw, *, per_round: int, workers: int, target: float | None, also: Sequence[float] = ()
+) -> dict[str, Any]:
+    """The figures of a run: a row of runs.csv (less the settings) and its curve; `also`:
+    further targets, each with its rounds and seconds to it."""
+    points = curve(raw, per_round)
+    scored = [p for p in points if p.version > 0] or points
+    final = scored[-1] if scored else None
+    best = max(scored, key=lambda p: (p.accuracy, -p.version)) if scored else None
+    reached = None
+    if target is not None:
+        reached = next((p for p in scored if p.accuracy >= target), None)
+    further = []
+    for t in also:
+        hit = next((p for p in scored if p.accuracy >= t), None)
+        further.append(
+            {"target": t, "rounds": None if hit is None else hit.x,
+             "seconds": None if hit is None else hit.seconds}
+        )  # fmt: skip
+    train = sum(float(s) for s in TRAIN_LINE.findall(raw.worker_logs))
+    worker_seconds_each = [float(s) for s in WORKER_DONE.findall(raw.worker_logs)]
+    worker_seconds = workers * raw.seconds
+    return {
+        "status": raw.status,
+        "rounds": final.x if final else 0,
+        "evaluations": len(scored),
+        "final_accuracy": final.accuracy if final else None,
+        "final_loss": final.loss if final else None,
+        "best_accuracy": best.accuracy if best else None,
+        "best_round": best.x if best else None,
+        "target": target,
+        "rounds_to_target": reached.x if reached else None,
+        "seconds_to_target": reached.seconds if reached else None,
+        "also": further,
+        "seconds": round(raw.seconds, 2),
+        "seconds_per_round": _per_round(points),
+        "train_seconds": round(train, 2),
+        "slowest_worker_seconds": max(worker_seconds_each, default=None),
+        "outside_training": round(1 - train / worker_seconds, 4) if worker_seconds > 0 else None,
+        "bytes_to_workers": metric(raw.metrics, "fedsim_sent_bytes_total"),
+        "bytes_from_workers": metric(raw.metrics, "fedsim_received_bytes_total"),
+        "peak_memory_bytes": raw.peak_memory or None,
+        "memory_growth_bytes": _growth(points),
+        "refused_aggregates": raw.aggregator_log.count(REFUSED_LINE),
+        "load_start": raw.load_start,
+        "load_end": raw.load_end,
+        "curve": [asdict(p) for p in points],
+    }

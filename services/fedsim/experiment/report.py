@@ -1,0 +1,273 @@
+"""The report of a sweep: runs.csv, summary.md and curves.png, from the runs' result.json.
+
+- runs.csv: one row per cell and seed: the grid's values, the settings, the
+  figures of outcome.measure, the load the run was taken under.
+- summary.md: fedsim's version, the machine and its load; a table of the cells
+  (mean ± standard deviation over the seeds, the best cell in bold,
+  rounds-to-target with how many seeds reached it); then a table per grid
+  axis when there are several: its values down, the other axes' combinations
+  across, the final accuracy in each.
+- curves.png: test accuracy per round, a line per cell and the spread over
+  the seeds as a band (curves.py).
+
+The standard deviation is the sample one (n - 1); one seed shows its value alone.
+`python -m fedsim.experiment --report results/<name>` writes them again from the
+runs' files without running anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedsim.experiment.spec import Experiment
+
+FIGURES = (
+    "status", "rounds", "evaluations", "final_accuracy", "final_loss", "best_accuracy",
+    "best_round", "target", "rounds_to_target", "seconds_to_target", "seconds",
+    "seconds_per_round", "train_seconds", "slowest_worker_seconds", "outside_training",
+    "bytes_to_workers",
+    "bytes_from_workers", "peak_memory_bytes", "memory_growth_bytes", "refused_aggregates",
+    "load_start", "load_end",
+)  # fmt: skip
+MACHINE = ("fedsim", "cpus", "memory_bytes", "finished_at")
+
+
+def pairs(settings: dict[str, str]) -> str:
+    """KEY=VALUE KEY="A VALUE" ..., as in .env."""
+    return " ".join(f'{k}="{v}"' if " " in v or not v else f"{k}={v}" for k, v in settings.items())
+
+
+def further(t: float) -> tuple[str, str]:
+    """runs.csv's columns for a further target: rounds_to_0.95, seconds_to_0.95."""
+    return f"rounds_to_{t:g}", f"seconds_to_{t:g}"
+
+
+def columns(e: Experiment) -> list[str]:
+    extra = [c for t in e.also for c in further(t)]
+    return ["experiment", "cell", *e.axes, "seed", "workers", "engine", "settings",
+            *FIGURES, *extra, *MACHINE]  # fmt: skip
+
+
+def rows(e: Experiment, results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in results:
+        row = {k: r.get(k) for k in columns(e)}
+        row.update({axis: r["axes"].get(axis) for axis in e.axes})
+        row["settings"] = pairs(r["settings"])
+        for hit in r.get("also", []):
+            rounds, seconds = further(hit["target"])
+            if rounds in row:
+                row[rounds], row[seconds] = hit["rounds"], hit["seconds"]
+        out.append(row)
+    return out
+
+
+def write_csv(e: Experiment, results: Sequence[dict[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns(e), lineterminator="\n")
+        writer.writeheader()
+        for row in rows(e, results):
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+# --- numbers ---------------------------------------------------------------------------
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float | None] | None:
+    """Mean and sample standard deviation; sd None for one value; None for none."""
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def shown(values: Sequence[float], fmt: str = "{:.2%}", scale: float = 1.0) -> str:
+    """Mean ± spread, e.g. 91.45% ± 0.32%; one value alone; "-" for none."""
+    got = mean_sd([v / scale for v in values])
+    if got is None:
+        return "-"
+    m, sd = got
+    return fmt.format(m) + ("" if sd is None else " ± " + fmt.format(sd))
+
+
+def of(runs: Sequence[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] for r in runs if r.get(key) is not None]
+
+
+def reached(runs: Sequence[dict[str, Any]], key: str) -> str:
+    """Mean ± sd over the seeds that reached the target, and how many did: "12 ± 2 (2/3)"."""
+    values = of(runs, key)
+    if not values:
+        return f"not reached (0/{len(runs)})"
+    return f"{shown(values, '{:.1f}')} ({len(values)}/{len(runs)})"
+
+
+def load_range(runs: Sequence[dict[str, Any]]) -> str:
+    loads = of(runs, "load_start") + of(runs, "load_end")
+    return f"{min(loads):.2f}-{max(loads):.2f}" if loads else "-"
+
+
+# --- tables ----------------------------------------------------------------------------
+
+
+def by_cell(e: Experiment, results: Sequence[dict[str, Any]]) -> dict[int, list[dict]]:
+    cells: dict[int, list[dict]] = {c.number: [] for c in e.cells}
+    for r in results:
+        cells.setdefault(r["cell"], []).append(r)
+    return {n: runs for n, runs in cells.items() if runs}
+
+
+def best(cells: dict[Any, list[dict]]) -> set[Any]:
+    """The cells with the highest mean final accuracy (all of them when tied)."""
+    means = {n: statistics.fmean(of(runs, "final_accuracy")) for n, runs in cells.items()
+             if of(runs, "final_accuracy")}  # fmt: skip
+    top = max(means.values(), default=None)
+    return {n for n, m in means.items() if m == top}
+
+
+def bold(text: str, yes: bool) -> str:
+    return f"**{text}**" if yes else text
+
+
+def table(head: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        *("| " + " | ".join(row) + " |" for row in body),
+    ]
+
+
+def cells_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
+    t = f"{e.target:.0%}" if e.target is not None else None
+    head = ["cell", *e.axes, "seeds", "final accuracy", "best accuracy"]
+    if t:
+        head += [f"rounds to {t}", f"seconds to {t}"]
+    head += [f"rounds to {a:.0%}" for a in e.also]
+    head += ["rounds", "seconds", "MB to / from workers", "peak memory (GB)", "load"]
+    top = best(cells)
+    titles = {c.number: c.axes for c in e.cells}
+    body = []
+    for n, runs in cells.items():
+        axes = titles.get(n) or runs[0]["axes"]
+        row = [bold(str(n), n in top), *(f"`{axes.get(a, '')}`" for a in e.axes), str(len(runs))]
+        row += [bold(shown(of(runs, "final_accuracy")), n in top), shown(of(runs, "best_accuracy"))]
+        if t:
+            row += [reached(runs, "rounds_to_target"), reached(runs, "seconds_to_target")]
+        for a in e.also:
+            hits = [{"r": h["rounds"]} for r in runs for h in r.get("also", []) if h["target"] == a]
+            row.append(reached(hits, "r"))
+        mb = (shown(of(runs, "bytes_to_workers"), "{:.1f}", 1e6) + " / "
+              + shown(of(runs, "bytes_from_workers"), "{:.1f}", 1e6))  # fmt: skip
+        row += [
+            shown(of(runs, "rounds"), "{:g}"),
+            shown(of(runs, "seconds"), "{:.0f}"),
+            mb,
+            shown(of(runs, "peak_memory_bytes"), "{:.2f}", 2**30),
+            load_range(runs),
+        ]
+        body.append(row)
+    return table(head, body)
+
+
+def axis_table(e: Experiment, axis: str, cells: dict[int, list[dict]]) -> list[str]:
+    """The axis's values down, the other axes' combinations across: final accuracy."""
+    others = [a for a in e.axes if a != axis]
+    columns: dict[tuple, dict[str, list[dict]]] = {}
+    for c in e.cells:
+        if c.number not in cells:
+            continue
+        across = tuple(c.axes[a] for a in others)
+        columns.setdefault(across, {})[c.axes[axis]] = cells[c.number]
+    values = list(dict.fromkeys(v for col in columns.values() for v in col))
+    tops = {k: best(col) for k, col in columns.items()}
+    head = [axis] + [" ".join(f"{a}={v}" for a, v in zip(others, k, strict=True)) for k in columns]
+    body = []
+    for value in values:
+        row = [f"`{value}`"]
+        for k, col in columns.items():
+            runs = col.get(value)
+            row.append("-" if runs is None else bold(shown(of(runs, "final_accuracy")),
+                                                       value in tops[k]))  # fmt: skip
+        body.append(row)
+    return table(head, body)
+
+
+def header(e: Experiment, results: Sequence[dict[str, Any]]) -> list[str]:
+    versions = sorted({str(r.get("fedsim")) for r in results})
+    cpus = sorted({str(r.get("cpus")) for r in results})
+    memory = sorted({f"{r['memory_bytes'] / 2**30:.1f} GiB" for r in results
+                     if r.get("memory_bytes")})  # fmt: skip
+    engines = sorted({str(r.get("engine")) for r in results})
+    base = pairs(e.base) or "the code's defaults"
+    train = sum(of(results, "train_seconds"))
+    spent = sum(r["seconds"] * r["workers"] for r in results if r.get("seconds"))
+    lines = [f"# {e.name}", ""]
+    if e.description:
+        lines += [e.description, ""]
+    lines += [
+        f"fedsim {', '.join(versions)}; the {', '.join(engines)} engine; "
+        f"{', '.join(cpus)} cores, {', '.join(memory) or '? GiB'} of memory; the runs were "
+        f"taken at a 1-minute load of {load_range(results)}.",
+        "",
+        f"Every cell: {base}; {e.workers} workers unless the grid says; seeds "
+        f"{', '.join(map(str, e.seeds))}; stop: {e.stop}"
+        + (
+            "; target: " + ", ".join(f"{t:.0%}" for t in e.targets) + " test accuracy."
+            if e.targets
+            else "."
+        ),
+        "",
+        "Figures are the mean ± the sample standard deviation over the seeds; rounds and "
+        "seconds to the target are over the seeds that reached it, with how many did. "
+        "Times are comparable only between runs taken under a similar load.",
+        "",
+    ]
+    if spent:
+        lines += [
+            f"Outside training (start-up, evaluation, HTTP, waiting): {1 - train / spent:.0%} "
+            f"of the workers' time ({train:.0f} s of training in {spent:.0f} worker-seconds).",
+            "",
+        ]
+    return lines
+
+
+def summary(e: Experiment, results: Sequence[dict[str, Any]]) -> str:
+    cells = by_cell(e, results)
+    lines = [*header(e, results), "## Cells", "", *cells_table(e, cells), ""]
+    if len(e.axes) > 1:
+        for axis in e.axes:
+            lines += [f"## By {axis}: final accuracy", "", *axis_table(e, axis, cells), ""]
+    missing = len(e.cells) * len(e.seeds) - len(results)
+    if missing:
+        lines += [f"{missing} of {len(e.cells) * len(e.seeds)} runs are not done yet.", ""]
+    return "\n".join(lines)
+
+
+def write(e: Experiment, results: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
+    """runs.csv, summary.md and curves.png in `folder`; the paths written."""
+    from fedsim.experiment import curves
+
+    paths = [folder / "runs.csv", folder / "summary.md", folder / "curves.png"]
+    write_csv(e, results, paths[0])
+    paths[1].write_text(summary(e, results))
+    curves.plot(e, results, paths[2])
+    return paths
+
+
+def collect(e: Experiment, folder: Path, engine: str) -> list[dict[str, Any]]:
+    """The finished runs of `e`'s cells in `folder`, in the plan's order."""
+    out = []
+    for cell in e.cells:
+        key = cell.key(engine, e.stop, e.target)
+        for seed in e.seeds:
+            path = folder / "runs" / key / f"seed-{seed}" / "result.json"
+            try:
+                result = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            out.append(result | {"cell": cell.number, "axes": cell.axes})
+    return out

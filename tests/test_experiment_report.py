@@ -1,0 +1,318 @@
+"""fedsim.experiment's report (runs.csv, summary.md, curves.png), a run's figures, the progress line.
+
+The report is made from hand-made results; its means and spreads are checked
+against numbers computed here from the same values.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedsim.experiment import curves, outcome, progress, report, spec
+
+SWEEP = """
+name = "hand"
+seeds = [1, 2, 3]
+workers = 2
+target = 0.9
+
+[settings]
+PARTITION = "slices"
+CLIENT_SLICES = "1 2"
+ROUNDS = 4
+
+[grid]
+AGGREGATION = ["fedavg", "median"]
+EPOCHS = [1, 2]
+"""
+# cell -> final accuracy per seed (cells in the grid's order: fedavg/1, fedavg/2, median/1, ...)
+FINAL = {1: [0.91, 0.93, 0.95], 2: [0.96, 0.92, 0.94], 3: [0.90, 0.90, 0.93], 4: [0.81, 0.99]}
+# cell -> rounds to 0.9 per seed (None: not reached)
+TO_TARGET = {1: [3, 2, 2], 2: [1, None, 4], 3: [4, 4, 3], 4: [None, 2]}
+
+
+def independent_mean_sd(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def result(cell: spec.Cell, seed: int, final: float, to_target: int | None) -> dict:
+    curve = [
+        {"x": float(x), "round": x or None, "version": x, "accuracy": final * x / 4,
+         "loss": 1.0, "seconds": 10.0 * x, "memory": None}
+        for x in range(5)
+    ]  # fmt: skip
+    return {
+        "experiment": "hand", "cell": cell.number, "axes": cell.axes,
+        "settings": {**cell.settings, "SEED": str(seed)}, "seed": seed, "workers": 2,
+        "engine": "local", "status": "finished", "rounds": 4.0, "evaluations": 4,
+        "final_accuracy": final, "final_loss": 0.3, "best_accuracy": final, "best_round": 4.0,
+        "target": 0.9, "rounds_to_target": to_target,
+        "seconds_to_target": None if to_target is None else 10.0 * to_target,
+        "seconds": 40.0 + seed, "seconds_per_round": 10.0, "train_seconds": 20.0,
+        "outside_training": 0.75, "bytes_to_workers": 4_000_000, "bytes_from_workers": 3_000_000,
+        "peak_memory_bytes": 2**30, "memory_growth_bytes": None, "refused_aggregates": 0,
+        "load_start": 0.5 + seed / 10, "load_end": 0.7, "fedsim": "0.1.0", "cpus": 2,
+        "memory_bytes": 24 * 2**30, "finished_at": "2026-01-01T00:00:00+00:00", "curve": curve,
+    }  # fmt: skip
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> tuple[spec.Experiment, list[dict]]:
+    path = tmp_path / "hand.toml"
+    path.write_text(SWEEP)
+    e = spec.load(path)
+    results = [
+        result(cell, seed, final, to)
+        for cell in e.cells
+        for seed, final, to in zip(
+            e.seeds, FINAL[cell.number], TO_TARGET[cell.number], strict=False
+        )
+    ]
+    return e, results
+
+
+def test_runs_csv_has_a_row_per_cell_and_seed_with_its_settings(sweep, tmp_path):
+    e, results = sweep
+
+    report.write_csv(e, results, tmp_path / "runs.csv")
+
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text())))
+    assert len(rows) == 11
+    first = rows[0]
+    assert (first["cell"], first["AGGREGATION"], first["EPOCHS"], first["seed"]) == (
+        "1",
+        "fedavg",
+        "1",
+        "1",
+    )
+    assert first["settings"] == (
+        'PARTITION=slices CLIENT_SLICES="1 2" ROUNDS=4 AGGREGATION=fedavg EPOCHS=1 SEED=1'
+    )
+    assert [float(r["final_accuracy"]) for r in rows] == [v for c in FINAL.values() for v in c]
+    assert rows[4]["rounds_to_target"] == ""  # not reached
+    for column in ("bytes_to_workers", "peak_memory_bytes", "load_start", "fedsim", "cpus"):
+        assert first[column]
+
+
+def test_summary_gives_mean_and_spread_over_the_seeds_and_bolds_the_best_cell(sweep):
+    e, results = sweep
+
+    text = report.summary(e, results)
+
+    cells = text.split("## Cells")[1].split("## By")[0]
+    lines = [line for line in cells.splitlines() if line.startswith("| ")][1:]
+    assert len(lines) == 4
+    means = {n: independent_mean_sd(v)[0] for n, v in FINAL.items()}
+    best = max(means, key=means.get)
+    for n, line in zip(FINAL, lines, strict=True):
+        m, sd = independent_mean_sd(FINAL[n])
+        value = f"{m:.2%} ± {sd:.2%}"
+        assert (f"**{value}**" if n == best else f" {value} ") in line
+        assert line.startswith(f"| **{n}** |" if n == best else f"| {n} |")
+        reached = [r for r in TO_TARGET[n] if r is not None]
+        if len(reached) > 1:
+            rm, rsd = independent_mean_sd(reached)
+            assert f"{rm:.1f} ± {rsd:.1f} ({len(reached)}/{len(TO_TARGET[n])})" in line
+        else:
+            assert f"{reached[0]:.1f} (1/{len(TO_TARGET[n])})" in line
+    assert "0.60-0.80" in lines[0]  # the load of its runs: 0.6, 0.7, 0.8 at their starts
+
+
+def test_summary_has_a_table_per_axis_with_the_best_of_each_column_in_bold(sweep):
+    e, results = sweep
+
+    text = report.summary(e, results)
+
+    by_rule = text.split("## By AGGREGATION: final accuracy")[1].split("## By")[0]
+    assert "| AGGREGATION | EPOCHS=1 | EPOCHS=2 |" in by_rule
+    m1, s1 = independent_mean_sd(FINAL[1])
+    m3, s3 = independent_mean_sd(FINAL[3])
+    assert f"| `fedavg` | **{m1:.2%} ± {s1:.2%}** |" in by_rule  # fedavg beats median at E=1
+    assert f"| `median` | {m3:.2%} ± {s3:.2%} |" in by_rule
+    assert "## By EPOCHS: final accuracy" in text
+    assert "| EPOCHS | AGGREGATION=fedavg | AGGREGATION=median |" in text
+    assert "1 of 12 runs are not done yet." in text
+
+
+def test_summary_states_the_version_the_machine_and_the_load(sweep):
+    e, results = sweep
+
+    head = report.summary(e, results).split("## Cells")[0]
+
+    assert "fedsim 0.1.0; the local engine; 2 cores, 24.0 GiB of memory" in head
+    assert "1-minute load of 0.60-0.80" in head
+    assert 'Every cell: PARTITION=slices CLIENT_SLICES="1 2" ROUNDS=4' in head
+    spent = sum(r["seconds"] * 2 for r in results)
+    assert f"{1 - 20 * len(results) / spent:.0%} of the workers' time" in head
+
+
+def test_further_targets_get_their_own_columns(sweep, tmp_path):
+    e, results = sweep
+    e = dataclasses.replace(e, target=0.9, also=(0.95,))
+    for r in results:  # a seed reaches 95% in cell 1 only, at round 3
+        hit = r["cell"] == 1 and r["seed"] == 1
+        r["also"] = [{"target": 0.95, "rounds": 3.0 if hit else None, "seconds": None}]
+
+    report.write_csv(e, results, tmp_path / "runs.csv")
+    text = report.summary(e, results)
+
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text())))
+    assert [r["rounds_to_0.95"] for r in rows[:3]] == ["3.0", "", ""]
+    assert "| rounds to 90% | seconds to 90% | rounds to 95% |" in text
+    assert "| 3.0 (1/3) |" in text and "target: 90%, 95% test accuracy" in text
+
+
+def test_one_seed_shows_its_value_alone():
+    assert report.shown([0.9123]) == "91.23%"
+    assert report.shown([]) == "-"
+    assert report.reached([{"r": None}, {"r": None}], "r") == "not reached (0/2)"
+
+
+def test_the_curves_band_is_the_spread_over_the_seeds_at_each_round(sweep, tmp_path):
+    e, results = sweep
+    runs = [r for r in results if r["cell"] == 1]
+
+    xs, means, sds = curves.band(runs)
+
+    assert xs == [0.0, 1.0, 2.0, 3.0, 4.0]
+    m, sd = independent_mean_sd([f * 2 / 4 for f in FINAL[1]])
+    assert means[2] == pytest.approx(m) and sds[2] == pytest.approx(sd)
+    curves.plot(e, results, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_is_written_again_from_the_runs_files(sweep, tmp_path):
+    e, results = sweep
+    folder = tmp_path / "results"
+    for cell in e.cells:
+        for r in results:
+            if r["cell"] == cell.number:
+                run = folder / "runs" / cell.key("local", "rounds", 0.9) / f"seed-{r['seed']}"
+                run.mkdir(parents=True)
+                (run / "result.json").write_text(json.dumps(r))
+
+    found = report.collect(e, folder, "local")
+    written = report.write(e, found, folder)
+
+    assert [(r["cell"], r["seed"]) for r in found] == [(r["cell"], r["seed"]) for r in results]
+    assert [p.name for p in written] == ["runs.csv", "summary.md", "curves.png"]
+    assert report.collect(e, folder, "compose") == []  # another engine's cells are others
+
+
+# --- a run's figures --------------------------------------------------------------------
+
+
+def history(*accuracies: float, per_round: int = 0) -> list[dict]:
+    """Entries a second apart from 2026-01-01T00:00:10 on; async when per_round is given."""
+    return [
+        {"version": v, "round": None if per_round or v == 0 else v, "updates": v * per_round,
+         "time": f"2026-01-01T00:00:{10 + v:02d}+00:00", "accuracy": a, "loss": 1 - a}
+        for v, a in enumerate(accuracies)
+    ]  # fmt: skip
+
+
+START = 1767225600.0  # 2026-01-01T00:00:00Z
+
+
+def test_a_run_is_measured_from_its_history_logs_and_metrics():
+    raw = outcome.Raw(
+        status="finished",
+        started=START,
+        seconds=20.0,
+        entries=history(0.1, 0.8, 0.92, 0.91, 0.95, 0.96, 0.94),
+        memory_at={1: 100, 5: 300, 6: 350},
+        peak_memory=400,
+        worker_logs="w1 client-1 round 1 train samples 600 loss 0.5 acc 0.8 (1.5s)\n"
+        "w2 client-2 round 1 train samples 600 loss 0.5 acc 0.8 (2.5s)\n"
+        "w1 done: 1 updates trained (client-1), 0 evaluations, pushes 1 accepted, 19.5s\n"
+        "w2 done: 1 updates trained (client-2), 0 evaluations, pushes 1 accepted, 18.0s\n",
+        aggregator_log="refused aggregate: not finite\n",
+        metrics="# TYPE fedsim_sent_bytes_total counter\nfedsim_sent_bytes_total 1.5e+06\n"
+        "fedsim_received_bytes_total 797520.0\n",
+        load_start=0.4,
+        load_end=0.6,
+    )
+
+    got = outcome.measure(raw, per_round=10, workers=2, target=0.9, also=(0.95, 0.99))
+
+    assert (got["final_accuracy"], got["best_accuracy"], got["best_round"]) == (0.94, 0.96, 5.0)
+    assert got["also"] == [
+        {"target": 0.95, "rounds": 4.0, "seconds": 14.0},
+        {"target": 0.99, "rounds": None, "seconds": None},
+    ]
+    assert got["slowest_worker_seconds"] == 19.5
+    assert (got["rounds_to_target"], got["seconds_to_target"]) == (2.0, 12.0)
+    assert got["seconds_per_round"] == 1.0
+    assert got["train_seconds"] == 4.0 and got["outside_training"] == 1 - 4.0 / 40.0
+    assert (got["bytes_to_workers"], got["bytes_from_workers"]) == (1_500_000, 797_520)
+    assert got["memory_growth_bytes"] == 50 and got["peak_memory_bytes"] == 400
+    assert got["refused_aggregates"] == 1 and got["evaluations"] == 6
+    assert [p["x"] for p in got["curve"]] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_an_asynchronous_run_is_read_in_rounds_worth_of_updates():
+    raw = outcome.Raw("target", START, 5.0, history(0.1, 0.5, 0.95, per_round=3))
+
+    got = outcome.measure(raw, per_round=10, workers=1, target=0.9)
+
+    assert [p["x"] for p in got["curve"]] == [0.0, 0.3, 0.6]
+    assert got["rounds_to_target"] == 0.6 and got["status"] == "target"
+    assert got["bytes_to_workers"] is None and got["memory_growth_bytes"] is None
+
+
+def test_without_a_target_nothing_is_reached():
+    got = outcome.measure(outcome.Raw("finished", START, 5.0, history(0.1, 0.99)), per_round=1,
+                          workers=1, target=None)  # fmt: skip
+    assert got["rounds_to_target"] is None and got["final_accuracy"] == 0.99
+
+
+# --- the progress line -------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_estimates_the_time_left_from_this_sessions_pace():
+    clock, out = Clock(), io.StringIO()
+    shown = progress.Progress(4, 40.0, out=out, clock=clock, tty=True)
+    shown.skip(10.0)  # a run kept from before: done, but not part of the pace
+
+    shown.begin("cell 2", 10.0)
+    assert shown.left() is None
+    clock.now += 50
+    shown.entry(5.0)  # 5 rounds in 50 s: 10 s a round, 25 rounds left
+
+    assert shown.left() == pytest.approx(250.0)
+    assert "run 2/4 [#####-----] round 5/10 | sweep [####------] 38% | about 4m10s left" in (
+        out.getvalue()
+    )
+    shown.end("final 91%")
+    assert out.getvalue().endswith("run 2/4 final 91%\n")
+
+
+def test_in_a_log_progress_prints_only_each_runs_start_and_outcome():
+    out = io.StringIO()
+    shown = progress.Progress(1, 5.0, out=out, clock=Clock(), tty=False)
+
+    shown.begin("cell 1", 5.0)
+    shown.entry(1.0)
+    shown.end("final 90%")
+
+    assert out.getvalue() == "run 1/1: cell 1\nrun 1/1 final 90%\n"
+
+
+def test_durations_read_as_minutes_or_hours():
+    assert [progress.duration(s) for s in (9, 71, 3725)] == ["9s", "1m11s", "1h02m"]
