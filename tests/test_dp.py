@@ -157,6 +157,50 @@ def test_local_dp_clips_then_noises_on_the_worker_with_std_z_times_clip(make_set
     np.testing.assert_allclose(out["hidden1/kernel"], sent.tensors["hidden1/kernel"], atol=1e-6)
 
 
+def test_local_noise_is_not_drawn_from_the_task_seed(make_settings):
+    # Prepare: the same update for the same task (the aggregator knows its seed) twice.
+    stages = pipeline.build(dp_settings(make_settings, DP="local", DP_NOISE=1.0))
+    base = model(0.0)
+    # Execute
+    one, two = (stages.worker(Outgoing(base, base, {"seed": 11})).tensors for _ in range(2))
+    # Assert: two draws; knowing the task cannot redraw either.
+    assert not np.array_equal(one["hidden1/kernel"], two["hidden1/kernel"])
+
+
+def test_the_central_noise_follows_the_key_in_model_dir_not_the_seed(make_settings, tmp_path):
+    # Prepare: the same settings (SEED included) on two MODEL_DIRs, and again on the first.
+    first = dp_settings(make_settings, MODEL_DIR=str(tmp_path / "a"))
+    other = dp_settings(make_settings, MODEL_DIR=str(tmp_path / "b"))
+    base = model(0.0)
+    # A worker builds the stages too: its side never reads or makes the key.
+    pipeline.build(first).worker(Outgoing(base, model(0.5), {"seed": 1}))
+    assert not (first.model_dir / dp.KEY_FILE).exists()
+    # Execute
+    drawn = [
+        dp.CentralNoise.from_settings(s).gather([base], base, 3)[0]["hidden1/kernel"]
+        for s in (first, other, first)
+    ]
+    # Assert: another key, other noise; the same key (a resumed run), the same noise.
+    assert not np.array_equal(drawn[0], drawn[1])
+    np.testing.assert_array_equal(drawn[0], drawn[2])
+    key_file = first.model_dir / dp.KEY_FILE
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    expected = np.random.default_rng(dp.noise_seed(dp.noise_key(first.model_dir), 3))
+    noise = dp.gaussian(base, 1.0 * 1.0 / 1, expected)["hidden1/kernel"]
+    np.testing.assert_allclose(drawn[0], noise.astype(np.float32), rtol=1e-6)
+
+
+def test_the_dp_state_is_put_back_when_a_step_fails(make_settings):
+    settings = dp_settings(make_settings, DP_CLIP_AT="aggregator", DP_CLIP_QUANTILE=0.5, DP_NOISE=0)
+    stages = pipeline.build(settings)
+    base = model(0.0)
+    with pytest.raises(pipeline.Rejected), stages.kept_on_error():
+        stages.gather([scaled_to(5.0)] * 4, base, 1)  # every update over C: C moves
+        assert stages.state_dict()["dp"]["clip_norm"] != 1.0
+        raise pipeline.Rejected("the rule refused")
+    assert stages.state_dict()["dp"]["clip_norm"] == 1.0
+
+
 def test_dp_off_runs_no_dp_stage(make_settings):
     assert pipeline.build(make_settings()).names == ("attack", "validate", "finite")
     on = pipeline.build(dp_settings(make_settings))
@@ -245,7 +289,7 @@ def test_adaptive_clipping_moves_the_norm_towards_the_quantile(make_settings):
     # Assert: b = 1/2 keeps C; b = 1/4 raises it by exp(-0.2 (0.25 - 0.5)) = exp(0.05).
     assert after_one == pytest.approx(1.0, abs=1e-8)
     assert stage.clip_norm == pytest.approx(math.exp(0.05), rel=1e-8)
-    assert stage.state_dict() == {"clip_norm": stage.clip_norm}
+    assert stage.state_dict() == {"params": dp.params_of(settings), "clip_norm": stage.clip_norm}
     # Round 2 clipped to the C it started with (1): (0.5 + 1 + 1 + 1) / 4.
     assert clip.norm(clip.delta_of(out, base)) == pytest.approx(3.5 / 4, rel=1e-6)
 
@@ -269,7 +313,7 @@ def test_adaptive_clipping_keeps_its_norm_in_the_checkpoint_state(make_settings)
     stage.load_state_dict({"clip_norm": 0.25})
     assert stage.clip_norm == 0.25 and stage.std(4) == 0.0
     fixed = dp.CentralNoise.from_settings(dp_settings(make_settings))
-    assert fixed.state_dict() == {}
+    assert set(fixed.state_dict()) == {"params"}  # the DP settings in force, no norm
     with pytest.raises(ValueError, match="resume with DP_CLIP_QUANTILE set as it was"):
         fixed.load_state_dict({"clip_norm": 0.25})
     with pytest.raises(ValueError, match="saved norm must be > 0"):

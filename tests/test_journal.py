@@ -103,6 +103,85 @@ def test_a_failed_fsync_raises_and_the_next_commit_writes_the_records(tmp_path: 
     assert [r.fields["update_id"] for _, r in journal.read(jr.path)[0]] == ["u1", "u2"]
 
 
+def test_a_batch_that_fails_to_encode_is_kept_and_written_by_the_next_commit(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # Prepare: the first encoding of a batch fails with something other than OSError.
+    jr = Journal(tmp_path / journal.FILE)
+    real_encode, failures = journal.encode, [MemoryError("out of memory")]
+
+    def encode_once_failing(record: journal.Record) -> bytes:
+        if failures:
+            raise failures.pop()
+        return real_encode(record)
+
+    monkeypatch.setattr(journal, "encode", encode_once_failing)
+    seq = _append(jr, 1)
+    with pytest.raises(MemoryError):
+        jr.commit(seq)
+    assert jr.path.stat().st_size == 0
+
+    # Act: a waiter of that write leads the next one.
+    jr.commit(seq)
+
+    # Assert: it returned only once the record was on disk.
+    assert [r.fields["update_id"] for _, r in journal.read(jr.path)[0]] == ["u1"]
+
+
+def test_a_partial_write_left_behind_is_cut_off_before_the_next(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # Prepare: a write stops halfway, and cutting its bytes off fails too.
+    jr = Journal(tmp_path / journal.FILE)
+    real_write, real_ftruncate = journal._write_all, os.ftruncate
+    broken = {"write": 1, "ftruncate": 1}
+
+    def half_write(fd: int, data: bytes) -> None:
+        if broken["write"]:
+            broken["write"] -= 1
+            real_write(fd, data[: len(data) // 2])
+            raise OSError(5, "Input/output error")
+        real_write(fd, data)
+
+    def ftruncate_once_failing(fd: int, length: int) -> None:
+        if broken["ftruncate"]:
+            broken["ftruncate"] -= 1
+            raise OSError(5, "Input/output error")
+        real_ftruncate(fd, length)
+
+    monkeypatch.setattr(journal, "_write_all", half_write)
+    monkeypatch.setattr(journal.os, "ftruncate", ftruncate_once_failing)
+    seq = _append(jr, 1)
+    with pytest.raises(OSError, match="Input/output"):
+        jr.commit(seq)
+    assert jr.path.stat().st_size > 0  # the half record is still there
+
+    # Act: the retry.
+    jr.commit(seq)
+
+    # Assert: the record acknowledged reads back (not behind a torn one that ends the journal).
+    assert [r.fields["update_id"] for _, r in journal.read(jr.path)[0]] == ["u1"]
+
+
+def test_a_commit_of_a_record_never_appended_is_refused(tmp_path: Path) -> None:
+    jr = Journal(tmp_path / journal.FILE)
+    seq = _append(jr, 1)
+    raised: list[BaseException] = []
+
+    def commit_beyond() -> None:  # in a thread: a journal that waits for it never returns
+        try:
+            jr.commit(seq + 1)
+        except ValueError as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=commit_beyond, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and "record 2 was never appended" in str(raised[0])
+    jr.commit(seq)
+    assert [r.seq for _, r in journal.read(jr.path)[0]] == [1]
+
+
 def test_the_file_is_created_owner_only_whatever_the_umask(tmp_path: Path) -> None:
     old = os.umask(0)
     try:
@@ -293,26 +372,87 @@ def test_a_torn_journal_tail_does_not_stop_the_start(make_app, caplog) -> None:
     assert "a torn record" in caplog.text and "2 records after the checkpoint" in caplog.text
 
 
-def test_without_durable_a_left_journal_is_replayed_then_removed(make_app) -> None:
-    app = _durable(make_app, SAVE_MODEL=100)
+def _journal_two_updates(make_app, **rule) -> Path:
+    """Two updates acknowledged under DURABLE=true, in the journal only, then a kill."""
+    app = _durable(make_app, SAVE_MODEL=100, **rule)
     for n in range(2):
-        assert (
-            post(app.test_client(), upload(1.0, update_id=f"u{n}", num_samples=10)).status_code
-            == 200
-        )
+        body = upload(1.0, update_id=f"u{n}", num_samples=10)
+        assert post(app.test_client(), body).status_code == 200
     _kill(app)
+    return model_dir(app) / journal.FILE
 
-    app = make_app(SAVE_MODEL=1, IDLE_SAVE_SECONDS=3600)
+
+def test_without_durable_a_left_journal_is_checkpointed_and_removed_at_start(
+    make_app, caplog
+) -> None:
+    path = _journal_two_updates(make_app)
+
+    with caplog.at_level(logging.INFO):
+        app = make_app(SAVE_MODEL=1, IDLE_SAVE_SECONDS=3600)
+
+    # Before any request: the replayed state is in a checkpoint and the journal is gone.
+    assert not path.exists()
+    ckpt = checkpoints.load_newest(model_dir(app))
+    assert ckpt is not None and ckpt.version == 2 and ckpt.metadata["journal_seq"] == "2"
+    assert "journal replayed without DURABLE" in caplog.text
     client = app.test_client()
     assert client.get("/v1/status").get_json()["updates"] == 2
-    assert (
-        post(client, upload(1.0, update_id="u2", num_samples=10)).status_code == 200
-    )  # checkpoint v3
-    assert not (model_dir(app) / journal.FILE).exists()
+    # Nothing is journaled any more: the next update makes a checkpoint, not a journal.
+    assert post(client, upload(1.0, update_id="u2", num_samples=10)).status_code == 200
+    assert not path.exists() and state_of(app).saver.journal is None
     ckpt = checkpoints.load_newest(model_dir(app))
-    assert ckpt is not None and ckpt.version == 3
-    # Journaled too while the journal was there: the checkpoint holds records 1-3.
-    assert ckpt.metadata["journal_seq"] == "3"
+    assert ckpt is not None and ckpt.version == 3 and ckpt.metadata["journal_seq"] == "2"
+    # A kill now loses nothing the journal held.
+    _kill(app)
+    again = make_app(SAVE_MODEL=1, IDLE_SAVE_SECONDS=3600).test_client()
+    assert again.get("/v1/status").get_json()["updates"] == 3
+
+
+def test_without_durable_a_journal_is_kept_until_its_checkpoint_can_be_written(
+    make_app, monkeypatch
+) -> None:
+    path = _journal_two_updates(make_app)
+    real_save = checkpoints.save
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    # Prepare: the start's checkpoint cannot be written.
+    monkeypatch.setattr(checkpoints, "save", full_disk)
+    app = make_app(SAVE_MODEL=100, IDLE_SAVE_SECONDS=3600)
+    client = app.test_client()
+    assert path.exists() and state_of(app).saver.journal is None
+    refused = post(client, upload(1.0, update_id="u2", num_samples=10))
+    assert refused.status_code == 503  # until the replayed updates are safe
+
+    # Act: the disk works again and the next tick writes the checkpoint.
+    monkeypatch.setattr(checkpoints, "save", real_save)
+    state_of(app).tick()
+
+    # Assert: the checkpoint holds the replayed updates; the journal is gone.
+    ckpt = checkpoints.load_newest(model_dir(app))
+    assert ckpt is not None and ckpt.version == 2 and ckpt.metadata["journal_seq"] == "2"
+    assert not path.exists()
+    assert post(client, upload(1.0, update_id="u2", num_samples=10)).status_code == 200
+    assert not path.exists()
+
+
+def test_without_durable_the_open_rounds_replayed_updates_are_said_to_be_unsaved(
+    make_app, caplog
+) -> None:
+    app = _durable(make_app, **ROUNDS, SAVE_MODEL=1)
+    client = app.test_client()
+    task = _train_task(client)
+    assert post(client, answer(task, 1.0)).status_code == 200  # waits in round 1
+    _kill(app)
+    path = model_dir(app) / journal.FILE
+
+    with caplog.at_level(logging.WARNING):
+        client = make_app(**ROUNDS, SAVE_MODEL=1, IDLE_SAVE_SECONDS=3600).test_client()
+
+    assert client.get("/v1/status").get_json()["round"]["pending"] == 1
+    assert not path.exists()
+    assert "the open round's updates replayed from journal" in caplog.text
 
 
 # --- a real gunicorn, killed with SIGKILL under eight uploaders ---------------------------

@@ -4,15 +4,29 @@ the 429 and Retry-After beyond it, and what it leaves as it was."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import pytest
+import requests
 from flask.testing import FlaskClient
 
 from fedsim import config
 from fedsim.aggregator.quota import OverQuota, Quota
 from fedsim.aggregator.strategies import Refused, Update
-from helpers import TYPED_TOKEN, FakeClock, bearer, model_dir, post, served, upload
+from fedsim.client.transport import RetryPolicy, Transport
+from fedsim.protocol import UpdateMeta
+from helpers import (
+    TYPED_TOKEN,
+    FakeClock,
+    InProcess,
+    bearer,
+    model_dir,
+    post,
+    served,
+    tensors,
+    upload,
+)
 
 
 def update(client: str = "alice", samples: int = 100, task: str | None = None) -> Update:
@@ -155,6 +169,39 @@ def test_a_hand_started_client_beyond_its_share_gets_429_and_changes_nothing(mak
     assert post(client, upload(2.0, client_id="other", num_samples=10)).status_code == 200
     again = post(client, upload(9.0, client_id="typed", num_samples=5000), headers=typed)
     assert again.status_code == 200 and again.get_json()["duplicate"] is False
+
+
+def test_a_hand_started_client_over_its_share_waits_the_retry_after_it_is_sent(
+    make_app, clock, caplog
+) -> None:
+    # Prepare: client "typed" has used its share (as above), a version a minute; the
+    # aggregator's hint for it is beyond the client's random wait (MAX_WAIT 2 s).
+    app = make_app(CLIENT_QUOTA_VERSIONS=5)
+    client: FlaskClient = app.test_client()
+    typed = bearer(TYPED_TOKEN)
+    for _ in range(4):
+        clock.advance(60.0)
+        pushed = post(client, upload(1.0, client_id="typed", num_samples=5000), headers=typed)
+        assert pushed.status_code == 200
+    over = post(client, upload(9.0, client_id="typed", num_samples=5000), headers=typed)
+    assert over.status_code == 429
+    hint = int(over.headers["Retry-After"])
+    assert hint > 2
+    session = requests.Session()
+    session.mount("http://fedsim/", InProcess(lambda: app))
+    waits: list[float] = []
+    policy = RetryPolicy(2, 2.0, sleep=waits.append, uniform=lambda lo, hi: hi)
+    link = Transport("http://fedsim", policy=policy, timeout=5, session=session, token=TYPED_TOKEN)
+    meta = UpdateMeta(client_id="typed", update_id="late", base_version=0, num_samples=5000)
+
+    # Act: the client's own push, through its transport.
+    with caplog.at_level(logging.INFO, logger="fedsim.client.transport"):
+        pushed = link.push(tensors("mlp", 9.0), meta)
+
+    # Assert: it waited as long as the aggregator said before its second try, and said why.
+    assert not pushed.accepted and pushed.detail == "HTTP 429"
+    assert waits == [float(hint)]
+    assert f"failed: HTTP 429; next try in {hint:.1f}s (Retry-After: {hint})" in caplog.text
 
 
 def test_an_update_over_the_whole_share_is_422_through_the_api(make_app) -> None:

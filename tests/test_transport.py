@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +22,8 @@ META = UpdateMeta(client_id="client-1", update_id="u-1", base_version=3, num_sam
 
 
 class Scripted(BaseAdapter):
-    """Answers requests from a script: an int status (with an optional body) or an exception."""
+    """Answers requests from a script: an int status (with an optional body and headers) or
+    an exception."""
 
     def __init__(self, script: list) -> None:
         super().__init__()
@@ -33,9 +35,10 @@ class Scripted(BaseAdapter):
         step = self.script.pop(0)
         if isinstance(step, Exception):
             raise step
-        status, body = step if isinstance(step, tuple) else (step, b"{}")
+        status, body, *headers = step if isinstance(step, tuple) else (step, b"{}")
         response = requests.Response()
         response.status_code = status
+        response.headers.update(*headers)
         response._content = body
         response._content_consumed = True  # the whole body is here, as after a real read
         response.request = request
@@ -88,6 +91,60 @@ def test_push_gives_up_after_max_retry_tries():
     assert not pushed.accepted and pushed.status is None
     assert pushed.retries == 2 and "502" in pushed.detail
     assert len(adapter.requests) == 3 and len(sleep.calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "waited", "said"),
+    [
+        (429, "30", 30.0, "next try in 30.0s (Retry-After: 30)"),
+        (503, "5", 5.0, "next try in 5.0s (Retry-After: 5)"),
+        (504, "7", 7.0, "next try in 7.0s (Retry-After: 7)"),
+        (429, " 0 ", 0.0, "next try in 0.0s (Retry-After: 0)"),
+        (429, "3600", 300.0, "next try in 300.0s (Retry-After: 3600, capped at 300s)"),
+    ],
+    ids=["quota", "unavailable", "proxy-timeout", "at-once", "capped"],
+)
+def test_a_retry_after_in_seconds_is_waited_for(caplog, status, retry_after, waited, said):
+    # Prepare: the aggregator says when to come back, then accepts.
+    link, adapter, sleep = transport(
+        [(status, b"{}", {"Retry-After": retry_after}), (200, b'{"accepted":true,"version":5}')]
+    )
+    # Act
+    with caplog.at_level(logging.INFO, logger="fedsim.client.transport"):
+        pushed = link.push(TENSORS, META)
+    # Assert: the wait is the one asked for (within the cap), and the log line says so.
+    assert pushed.accepted and pushed.retries == 1 and len(adapter.requests) == 2
+    assert sleep.calls == [waited]
+    assert f"POST /v1/updates try 1/3 failed: HTTP {status}; {said}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "said"),
+    [
+        (429, "soon", "Retry-After 'soon' is not whole seconds"),
+        (503, "Wed, 21 Oct 2026 07:28:00 GMT", "is not whole seconds"),
+        (429, "-5", "Retry-After '-5' is not whole seconds"),
+        (429, "2.5", "Retry-After '2.5' is not whole seconds"),
+        (502, "", "(random, MAX_WAIT=2)"),
+    ],
+    ids=["word", "http-date", "negative", "fraction", "none"],
+)
+def test_a_retry_after_that_is_not_seconds_leaves_the_random_wait(
+    caplog, status, retry_after, said
+):
+    link, _, sleep = transport([(status, b"{}", {"Retry-After": retry_after}), 503], attempts=2)
+    with caplog.at_level(logging.DEBUG, logger="fedsim.client.transport"):
+        pulled = link.pull()
+    assert not pulled.ok and pulled.error == "HTTP 503"
+    assert sleep.calls[0] == 2.0  # the random wait (its upper bound here)
+    assert said in caplog.text
+
+
+def test_after_the_last_try_nothing_is_waited_for():
+    link, adapter, sleep = transport([(429, b"{}", {"Retry-After": "60"})] * 2, attempts=2)
+    pushed = link.push(TENSORS, META)
+    assert not pushed.accepted and pushed.detail == "HTTP 429"
+    assert len(adapter.requests) == 2 and sleep.calls == [60.0]
 
 
 @pytest.mark.parametrize("status", [400, 413, 422])

@@ -96,7 +96,8 @@ GROUPS: tuple[Group, ...] = (
                 "tries per HTTP request; a push that fails them all is kept and"
                 " pushed again (original: 2)"),
             Setting("MAX_WAIT", "2", number(0),
-                "upper bound in seconds of the random wait between tries (original: 2)"),
+                "upper bound in seconds of the random wait between tries (original: 2);"
+                " an answer's Retry-After seconds replace it, up to 300"),
             Setting("HTTP_TIMEOUT", "30", number(0, above=True),
                 "seconds a worker waits for one HTTP answer"),
         ),

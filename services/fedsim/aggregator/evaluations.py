@@ -32,9 +32,10 @@ class Waiting:
     """A version waiting for its score, and what its history entry will say."""
 
     snapshot: Snapshot
-    round: int | None  # the round that made it; None under asynchronous rules
+    round: int | None  # the round that made it; None under asynchronous rules, or at start
     updates: int  # updates aggregated up to it
     clients: list[str] = field(default_factory=list)  # in the versions since the last scored
+    rounds_closed: int = 0  # rounds closed when it was made (DP: epsilon composes them)
 
 
 class Core(Protocol):
@@ -74,7 +75,10 @@ class Evaluations:
 
     def want(self, snap: Snapshot, round_no: int | None, updates: int) -> None:
         """Queue a score of `snap`; drop the oldest waiting beyond MAX_WAITING_EVALUATIONS."""
-        self.waiting[snap.version] = Waiting(snap, round_no, updates, sorted(set(self._since)))
+        closed = privacy.rounds_done(self._core)  # at start: the checkpoint's, as it was made
+        self.waiting[snap.version] = Waiting(
+            snap, round_no, updates, sorted(set(self._since)), closed
+        )
         self._since = []
         self._core.queue.want_evaluation(snap.version)
         for version in self._core.queue.drop_evaluations(keep=MAX_WAITING_EVALUATIONS):
@@ -141,8 +145,9 @@ class Evaluations:
         if self._attackers:
             entry["attackers"] = [c for c in entry["clients"] if c in self._attackers]
         account = getattr(self._core, "privacy", None)
-        if account is not None:  # epsilon after the rounds that made this version (null: no bound)
-            entry["epsilon"] = privacy.shown(account.epsilon(entry["round"] or 0))
+        if account is not None:  # epsilon after the rounds closed up to this version (null: none)
+            closed = waiting.rounds_closed if waiting else privacy.rounds_done(self._core)
+            entry["epsilon"] = privacy.shown(account.epsilon(closed))
             entry["delta"] = account.delta
         return entry
 

@@ -235,13 +235,25 @@ def close_round(core: Core, now: float, why: str) -> None:
     started = time.perf_counter()
     try:
         # The pipeline's gather sides see the round's updates with its model first (the clip
-        # re-check, DP's noised mean: pipeline/dp.py), then the rule.
-        batch = core.stages.gather([u.tensors for u in updates], core.current().tensors, r.number)
-        gathered = [dataclasses.replace(u, tensors=t) for u, t in zip(updates, batch, strict=True)]
-        tensors = core.rule_step(lambda: core.strategy.aggregate(core.current(), gathered), updates)
+        # re-check, DP's noised mean: pipeline/dp.py), then the rule. On a refusal the
+        # stages' state (adaptive clipping's norm) is put back, as rule_step does the rule's.
+        with core.stages.kept_on_error():
+            batch = core.stages.gather(
+                [u.tensors for u in updates], core.current().tensors, r.number
+            )
+            gathered = [
+                dataclasses.replace(u, tensors=t) for u, t in zip(updates, batch, strict=True)
+            ]
+            tensors = core.rule_step(
+                lambda: core.strategy.aggregate(core.current(), gathered), updates
+            )
     except (Refused, pipeline.Rejected) as exc:  # no version: the server optimizer stays
         log.error("round %d produced no new version: %s", r.number, exc.reason)
         core.events.add("round", f"round {r.number} refused: {exc.reason}")
+        core.metrics.set_round(min(queue.rounds_done + 1, queue.rounds))
+        # The round counts in epsilon all the same (aggregator/privacy.py): its noised mean
+        # was drawn, and the refusal, which is public, depends on it.
+        privacy.after_round(core, r.number)
         return
     assert tensors is not None
     core.apply(tensors, updates, now)

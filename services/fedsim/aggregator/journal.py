@@ -196,10 +196,12 @@ class Journal:
         """Return once record `seq` (default: every record appended so far) is fsynced.
 
         Group commit: one caller writes and fsyncs every queued record while the
-        others wait, and that fsync releases them all. Raises OSError when the
-        write fails (the records stay queued for the next commit to retry)."""
+        others wait, and that fsync releases them all. Raises what the write raised
+        (OSError when the disk fails): its records stay queued for the next commit."""
         with self._cond:
             target = self.last if seq is None else seq
+            if target > self.last:
+                raise ValueError(f"journal: record {target} was never appended (last {self.last})")
             while self._synced < target:
                 if self._writing:
                     self._cond.wait()
@@ -207,18 +209,25 @@ class Journal:
                     self._lead()
 
     def _lead(self) -> None:
-        """Write and fsync every queued record. Caller holds _cond; released during the I/O."""
+        """Write and fsync every queued record. Caller holds _cond; released during the I/O.
+
+        Every record after `_synced` is queued or in the batch being written (a
+        failed batch goes back to the queue), so an empty queue here is a bug: it
+        raises rather than call records written that never were."""
         batch, self._pending = self._pending, []
         if not batch:
-            self._synced = self.last
-            return
+            raise RuntimeError(
+                f"journal: records {self._synced + 1}..{self.last} are neither queued nor written"
+            )
         self._writing, error = True, None
         self._cond.release()
         try:
+            if os.fstat(self._fd).st_size != self._size:  # a failed write left bytes behind
+                os.ftruncate(self._fd, self._size)
             blobs = [encode(r) for r in batch]
             _write_all(self._fd, b"".join(blobs))
             self._fsync(self._fd)
-        except OSError as exc:
+        except BaseException as exc:
             error = exc
         finally:
             self._cond.acquire()
@@ -226,7 +235,7 @@ class Journal:
             self._cond.notify_all()
         if error is not None:
             self._pending = batch + self._pending
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # else the next write cuts them off first
                 os.ftruncate(self._fd, self._size)  # drop a partial write
             raise error
         for record, blob in zip(batch, blobs, strict=True):

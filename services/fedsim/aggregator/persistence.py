@@ -189,13 +189,34 @@ def load(settings: Settings, rule: str) -> Start:
 
 
 def stages(settings: Settings, start: Start) -> pipeline.Pipeline:
-    """The update pipeline's stages, with the state the checkpoint saved of them (adaptive
-    clipping's norm). Raises StartupError."""
+    """The update pipeline's stages, with the state the checkpoint saved of them (the DP
+    settings in force, adaptive clipping's norm). A checkpoint whose rounds were made with
+    other DP settings is refused, as is one with the state of a stage that no longer runs.
+    Raises StartupError."""
+    saved = dict(start.stages_state) if isinstance(start.stages_state, dict) else {}
+    rounds = start.tasks_state.get("rounds_done", 0)
+    rounds = rounds if isinstance(rounds, int) else 0  # the queue refuses a bad one
+    problem = privacy.resume_problem(settings, saved.get("dp"), rounds)
+    if problem is not None:
+        raise StartupError(
+            f"checkpoint {start.checkpoint.path}: {problem}; {_reset_hint(settings)}"
+        )
+    if rounds <= 0:
+        saved.pop("dp", None)  # no round was made under it: nothing to account for
     built = pipeline.build(settings)
     try:
-        built.load_state_dict(start.stages_state if isinstance(start.stages_state, dict) else {})
+        built.load_state_dict(saved)
     except (ValueError, TypeError) as exc:
-        raise StartupError(f"checkpoint has a bad pipeline state: {exc}") from None
+        raise StartupError(
+            f"checkpoint {start.checkpoint.path} has a pipeline state these settings cannot "
+            f"take: {exc}; {_reset_hint(settings)}"
+        ) from None
+    for stage in built.stages:
+        if stage.name == "dp" and settings.dp == "central":
+            try:  # the central noise's key, made or read now: a bad key file stops the start
+                stage.key()  # type: ignore[attr-defined]
+            except ValueError as exc:
+                raise StartupError(str(exc)) from None
     return built
 
 

@@ -17,10 +17,14 @@ Google's dp-accounting (RDP) does the arithmetic; this module says what was done
 - DP_NOISE=0: no bound, epsilon is infinite (shown as "ε = ∞", null in JSON).
 
 The accountant's state is the number of rounds closed, which the task queue
-saves in every checkpoint (`rounds_done`): epsilon is recomputed from it, so a
-run killed and resumed reports the same epsilon as an unbroken one. Epsilon does
-not depend on the data, so the budget is a number of rounds known at start:
-the largest r with epsilon(r) <= DP_EPSILON_BUDGET.
+saves in every checkpoint (`rounds_done`), and the DP settings they were made
+with, which the dp stage saves beside it: a run resumes only with the same
+settings (`resume_problem`), and epsilon is recomputed from the rounds, so a run
+killed and resumed reports the same epsilon as an unbroken one. A round whose
+aggregate is refused counts: its noised mean was computed, and the refusal,
+which is public, is a function of it. Epsilon does not depend on the data, so
+the budget is a number of rounds known at start: the largest r with
+epsilon(r) <= DP_EPSILON_BUDGET.
 """
 
 from __future__ import annotations
@@ -33,11 +37,19 @@ from typing import Any
 
 from fedsim.aggregator.tasks import ids
 from fedsim.config import Settings
+from fedsim.pipeline.dp import params_of
 from fedsim.settings import ConfigError
 
 log = logging.getLogger("fedsim.aggregator")
 
-__all__ = ["Privacy", "central_epsilon", "local_epsilon", "rounds_allowed", "shown"]
+__all__ = [
+    "Privacy",
+    "central_epsilon",
+    "local_epsilon",
+    "resume_problem",
+    "rounds_allowed",
+    "shown",
+]
 
 
 def central_epsilon(clients: int, per_round: int, noise: float, rounds: int, delta: float) -> float:
@@ -117,6 +129,9 @@ class Privacy:
         self.budget = settings.dp_epsilon_budget or None
         self.seed, self.rounds = settings.seed, settings.rounds
         self.allowed = self._rounds_allowed()  # the last round the budget allows
+        # One round's epsilon now loads the accountant: a broken install of dp-accounting
+        # stops the start with its error instead of failing /v1/status later.
+        self.epsilon(1)
         if self.allowed == 0:
             raise ConfigError(
                 "DP_EPSILON_BUDGET",
@@ -183,6 +198,68 @@ def rounds_allowed(settings: Settings) -> int:
     """The rounds the run may do: ROUNDS, or fewer under DP_EPSILON_BUDGET. Raises ConfigError."""
     account = Privacy.of(settings)
     return settings.rounds if account is None else account.allowed
+
+
+# The settings each saved DP parameter comes from, for the refusal's message.
+_KEYS = {
+    "mode": "DP",
+    "clients": "NUM_CLIENTS (logical clients)",
+    "per_round": "CLIENTS_PER_ROUND",
+    "noise": "DP_NOISE",
+    "delta": "DP_DELTA",
+    "clip_at": "DP_CLIP_AT",
+    "quantile": "DP_CLIP_QUANTILE",
+}
+
+
+def resume_problem(settings: Settings, saved: Any, rounds: int) -> str | None:
+    """Why a checkpoint with `rounds` rounds closed, whose dp stage saved `saved` (None: no
+    DP state), cannot resume under `settings`' DP, in one line; None when it can.
+
+    Epsilon composes the rounds done with those to come under the settings of now, so
+    they must be the ones the rounds were made with; and the rounds released must fit in
+    what ROUNDS and DP_EPSILON_BUDGET allow (the queue would otherwise forget the extra).
+    """
+    if rounds <= 0:
+        return None
+    before = saved.get("params") if isinstance(saved, dict) else None
+    if settings.dp == "off":
+        if before is None:
+            return None
+        return (
+            f"its {rounds} rounds were made under DP={before.get('mode')}: resuming with "
+            "DP=off would publish rounds without noise and stop accounting for epsilon"
+        )
+    if before is None:
+        return (
+            f"its {rounds} rounds have no record of being made under DP (DP=off, or a "
+            f"checkpoint older than that record): DP={settings.dp} cannot account for them"
+        )
+    now = params_of(settings)
+    diffs = [
+        f"{_KEYS.get(k, k)} was {before.get(k)!r}, now {now.get(k)!r}"
+        for k in sorted(set(now) | set(before))
+        if before.get(k) != now.get(k)
+    ]
+    if diffs:
+        return (
+            f"its {rounds} rounds were made with other DP settings ({'; '.join(diffs)}): "
+            "epsilon cannot compose them with rounds under these"
+        )
+    allowed = rounds_allowed(settings)
+    if rounds > allowed:
+        account = Privacy(settings)
+        why = (
+            f"DP_EPSILON_BUDGET={account.budget:g} allows {allowed}"
+            if allowed < settings.rounds
+            else f"ROUNDS={settings.rounds}"
+        )
+        return (
+            f"its {rounds} rounds released already took epsilon to "
+            f"{text(account.epsilon(rounds))} at delta {account.delta:.3g}, more rounds than "
+            f"{why}"
+        )
+    return None
 
 
 def status_of(core: Any) -> dict[str, Any] | None:

@@ -13,7 +13,8 @@ as it was when the last of them was acknowledged, each update in it once:
 
 Records of a round the state is not at (a gap after a lost checkpoint) are
 skipped with a log line. Without DURABLE a journal left by a run that had it is
-replayed too, and kept until a checkpoint holds all of it.
+replayed too; then the replayed state is checkpointed at once, the journal
+removed, and nothing journaled from then on (`Saver.settle`).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def resume(core: Any, start: Start, now: float) -> None:
             "restart", f"replayed {len(records)} journal records -> v{core.snapshot.version}"
         )
     if not settings.durable:
-        log.info("DURABLE=false: journal %s is kept until a checkpoint holds it", path)
+        saver.settle()
 
 
 def _replay(core: Any, record: journal.Record, now: float) -> str:

@@ -15,17 +15,22 @@ Under DURABLE=true the saver also keeps the journal (journal.py): the intake
 logs each update the rule takes and each round it closes (`log_update`,
 `log_close`, under the state's lock), `sync` returns once they are fsynced (the
 state acknowledges an update only then), a checkpoint saves how far it covers
-the journal (`journal_seq`) and cuts what it covers off it.
+the journal (`journal_seq`) and cuts what it covers off it. Without DURABLE a
+journal left by a run that had it is replayed at start, then `settle` writes a
+checkpoint of the replayed state at once and removes the journal: nothing is
+journaled after that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -94,6 +99,7 @@ class Saver:
         self.replaying = False
         self.covered = 0
         self._floor = core.snapshot.version
+        self._leftover: Path | None = None  # a replayed journal, removed once a checkpoint holds it
 
     def changed(self, now: float, *, held: bool = False) -> None:
         """Something to save happened at `now` (the idle timer restarts). Caller holds the lock."""
@@ -180,13 +186,50 @@ class Saver:
             if not self._save_wanted:
                 return path
 
-    def _save_once(self, force: bool) -> Path | None:
-        """One checkpoint if due. Caller holds _save_lock."""
+    def settle(self) -> None:
+        """Without DURABLE, once a journal left by a run that had it is replayed: stop
+        journaling, checkpoint the replayed state now, then remove the journal (kept, with
+        updates refused, until a checkpoint write succeeds). Caller holds the lock: at start,
+        before any request, so the write is made under it."""
+        journal = self.journal
+        if journal is None:
+            return
+        self.journal, self.covered, self._leftover = None, journal.step, journal.path
+        journal.close()
+        if journal.last > journal.step:  # a round rule's open round: never in a checkpoint
+            log.warning(
+                "DURABLE=false: the open round's updates replayed from journal %s (%d) are "
+                "in memory only from now on, like every update of an open round",
+                journal.path,
+                journal.last - journal.step,
+            )
+        why = "journal replayed without DURABLE"
+        self._save_once(True, reason=why, lock=contextlib.nullcontext())
+        if self.disk_error is None:  # written, or nothing replayed changed the checkpoint
+            self._drop_leftover()
+
+    def _drop_leftover(self) -> None:
+        path, self._leftover = self._leftover, None
+        if path is not None:
+            path.unlink(missing_ok=True)
+            log.info("journal %s: its records are in a checkpoint; removed", path)
+
+    def _save_once(
+        self,
+        force: bool,
+        *,
+        reason: str | None = None,
+        lock: AbstractContextManager[object] | None = None,
+    ) -> Path | None:
+        """One checkpoint if due (said to be for `reason`, when given). Caller holds
+        _save_lock, or `lock` stands for the state's lock, which the caller holds."""
         core = self._core
-        with self._lock:
-            reason = self.reason(self._clock(), force)
-            if reason is None:
+        lock = lock or self._lock
+        with lock:
+            due = self.reason(self._clock(), force)
+            if due is None:
                 return None
+            reason = reason or due
             view = self._view()
             self._held_changed = False
             self._floor = view.snapshot.version
@@ -201,9 +244,9 @@ class Saver:
                 keep=core.settings.keep_checkpoints,
             )
         except (OSError, weights.WeightsError) as exc:
-            self._failed(snap, getattr(exc, "strerror", None) or str(exc))
+            self._failed(snap, getattr(exc, "strerror", None) or str(exc), lock)
             return None
-        with self._lock:
+        with lock:
             if self.disk_error is not None:
                 log.info("checkpoints can be written again: taking updates")
                 core.events.add("checkpoint", "checkpoints can be written again")
@@ -214,6 +257,7 @@ class Saver:
             self.covered = view.covered
         core.metrics.checkpoint_written(seconds=time.perf_counter() - started)
         self._cut_journal(view.covered)
+        self._drop_leftover()
         log.info(
             "checkpoint v%d written to %s (%s; %d samples, %d updates since the last)",
             snap.version,
@@ -225,8 +269,7 @@ class Saver:
         return path
 
     def _cut_journal(self, covered: int) -> None:
-        """Drop the journal records a checkpoint now holds. Without DURABLE (a journal left
-        by a run that had it), the journal goes once it is empty. Caller holds _save_lock."""
+        """Drop the journal records a checkpoint now holds. Caller holds _save_lock."""
         journal = self.journal
         if journal is None:
             return
@@ -234,19 +277,11 @@ class Saver:
             journal.truncate(covered)
         except OSError as exc:  # the records stay: a replay skips those the checkpoint holds
             log.warning("journal %s could not be cut (%s)", journal.path, exc.strerror or exc)
-            return
-        if not self._core.settings.durable:
-            with self._lock:
-                if journal.empty:
-                    self.journal = None
-                    journal.close()
-                    journal.path.unlink(missing_ok=True)
-                    log.info("journal %s: every record is in a checkpoint; removed", journal.path)
 
-    def _failed(self, snap: Snapshot, reason: str) -> None:
+    def _failed(self, snap: Snapshot, reason: str, lock: AbstractContextManager[object]) -> None:
         """A write failed: keep what it held unsaved and say so (loudly the first time)."""
         core = self._core
-        with self._lock:
+        with lock:
             self._held_changed = True  # still unsaved
             first = self.disk_error is None
             self.disk_error = reason

@@ -1,11 +1,13 @@
 """HTTP to the aggregator, with the original retry rule kept as data.
 
 A pull or push makes at most `RetryPolicy.attempts` tries (MAX_RETRY) and waits a
-random 0..`max_wait` seconds (MAX_WAIT) between them. Only failures that another
-try can cure are retried: no connection, a timeout, 5xx, 429. A POST is safe to
-retry because its `update_id` makes the aggregator count it once. 409 is an
-answer, not a failure (stale base or finished run); any other 4xx is a bug on
-this side and raises `ProtocolError` at once.
+random 0..`max_wait` seconds (MAX_WAIT) between them, or the seconds of the
+answer's `Retry-After` (429 from the aggregator's quota, 503 while it cannot
+write to disk, 502/504 from its proxy), at most RETRY_AFTER_CAP. Only failures
+that another try can cure are retried: no connection, a timeout, 5xx, 429. A
+POST is safe to retry because its `update_id` makes the aggregator count it
+once. 409 is an answer, not a failure (stale base or finished run); any other
+4xx is a bug on this side and raises `ProtocolError` at once.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+RETRY_AFTER_CAP = 300.0  # the longest Retry-After waited for (the quota's runs to an hour)
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # far above the cnn's 6.7 MB: a bound, not a limit in use
 
 
@@ -43,8 +46,19 @@ class RetryPolicy:
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
     uniform: Callable[[float, float], float] = field(default=random.uniform, repr=False)
 
-    def pause(self) -> None:
-        self.sleep(self.uniform(0.0, self.max_wait))
+    def wait(self, retry_after: str | None) -> tuple[float, str]:
+        """The seconds to wait before the next try, and why: the `Retry-After` header's
+        whole seconds (at most RETRY_AFTER_CAP), else the random wait."""
+        raw = (retry_after or "").strip()
+        if re.fullmatch(r"[0-9]{1,12}", raw):
+            asked = int(raw)
+            if asked <= RETRY_AFTER_CAP:
+                return float(asked), f"Retry-After: {asked}"
+            return RETRY_AFTER_CAP, f"Retry-After: {asked}, capped at {RETRY_AFTER_CAP:g}s"
+        why = f"random, MAX_WAIT={self.max_wait:g}"
+        if raw:  # an HTTP date (the aggregator sends seconds) or garbage
+            why += f"; Retry-After {raw[:40]!r} is not whole seconds"
+        return self.uniform(0.0, self.max_wait), why
 
 
 @dataclass(frozen=True)
@@ -154,8 +168,7 @@ class Transport:
         attempts = attempts or self.policy.attempts
         error = ""
         for attempt in range(attempts):
-            if attempt:
-                self.policy.pause()
+            retry_after = None
             try:
                 response = self.session.request(
                     method,
@@ -172,7 +185,16 @@ class Transport:
                 if response.status_code not in RETRYABLE_STATUS:
                     return _Outcome(response, attempt)
                 error = f"HTTP {response.status_code}"
-            log.debug("%s %s try %d/%d failed: %s", method, path, attempt + 1, attempts, error)
+                retry_after = response.headers.get("Retry-After")
+            if attempt + 1 == attempts:
+                log.debug("%s %s try %d/%d failed: %s", method, path, attempts, attempts, error)
+                break
+            wait, why = self.policy.wait(retry_after)
+            # A wait the aggregator asked for may be minutes: said, not to look hung.
+            level = logging.INFO if why.startswith("Retry-After:") else logging.DEBUG
+            log.log(level, "%s %s try %d/%d failed: %s; next try in %.1fs (%s)",
+                    method, path, attempt + 1, attempts, error, wait, why)  # fmt: skip
+            self.policy.sleep(wait)
         return _Outcome(None, attempts - 1, error)
 
     @staticmethod

@@ -8,8 +8,9 @@ unchanged, a longer one keeps its direction and gets norm S.
 
 - worker side: under DP=central with DP_CLIP_AT=worker, and under DP=local, the
   worker clips before the push; under DP=local it then adds its own Gaussian
-  noise of std DP_NOISE x DP_CLIP per weight (`dp.local_noise`), seeded by the
-  task's seed, so the aggregator never sees an un-noised update.
+  noise of std DP_NOISE x DP_CLIP per weight (`dp.local_noise`), drawn from the
+  operating system's entropy (not from the task's seed, which the aggregator
+  knows), so the aggregator never sees an un-noised update nor can it redraw the noise.
 - aggregator side: none here. The re-check needs the round's model, so it runs
   on the round's gather, in the dp stage (`dp.CentralNoise`), which clips every
   update again whatever DP_CLIP_AT says, with the functions of this module.
@@ -90,7 +91,6 @@ class Clip(Stage):
         if self.mode == "local":
             from fedsim.pipeline.dp import local_noise  # dp imports this module
 
-            seed = int(update.task.get("seed", 0))
-            sent = local_noise(sent, update.base, self.noise * self.bound, seed)
+            sent = local_noise(sent, update.base, self.noise * self.bound)
         out = {n: t.astype(np.float32) for n, t in sent.items()}
         return dataclasses.replace(update, tensors=out)

@@ -27,21 +27,28 @@ DP=local: each worker adds N(0, (z S)^2) per weight to its own clipped delta
 (`local_noise`, called by the clip stage); the aggregator averages the noised
 updates with equal weights and adds nothing.
 
-The noise is seeded, from (SEED, round) on the aggregator and from the task's
-seed on a worker, so a run repeats and a resumed run makes the same versions as
-an unbroken one; the guarantee assumes whoever sees the models does not know the
-seed (docs/privacy.md).
+The noise is secret. A worker's local noise comes from the operating system's
+entropy, unseeded: the aggregator, which knows every task's seed, cannot redraw
+it. The central noise of round r comes from HMAC-SHA256(key, r), the key 32
+random bytes in MODEL_DIR/dp.key (`noise_key`: made by the aggregator on first
+use, mode 0600, never served or logged), so a resumed run adds the same noise
+as an unbroken one, and nobody without the key can predict it (docs/privacy.md).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
+import secrets
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
 
+from fedsim.checkpoints import write_atomic
 from fedsim.pipeline.base import Stage, Tensors
 from fedsim.pipeline.clip import SLACK, clipped_weights
 from fedsim.settings import ConfigError
@@ -49,7 +56,48 @@ from fedsim.settings import ConfigError
 log = logging.getLogger("fedsim.pipeline")
 
 ROBUST = ("median", "trimmed-mean", "krum")  # not averages: noise on the mean does not bound them
-NOISE_STREAM = 0xD9  # keeps the central noise's generator apart from every other seeded draw
+KEY_FILE = "dp.key"  # in MODEL_DIR: the secret the central noise is drawn from
+
+
+def noise_key(model_dir: Path) -> bytes:
+    """The central noise's key, MODEL_DIR/dp.key (64 hex digits), made on first use with
+    mode 0600. Raises ValueError, naming the file, when it is there but not a key."""
+    path = Path(model_dir) / KEY_FILE
+    try:
+        text = path.read_bytes().decode("ascii").strip()
+    except FileNotFoundError:
+        key = secrets.token_bytes(32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, key.hex().encode() + b"\n")  # mkstemp: mode 0600 from creation
+        return key
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} cannot be read ({exc})") from None
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(
+            f"{path} is not a key (64 hex digits): restore it from a backup, or delete it "
+            "and a new key will draw the noise of every round made from now on"
+        )
+    return bytes.fromhex(text)
+
+
+def noise_seed(key: bytes, round_no: int) -> int:
+    """The seed of round `round_no`'s central noise: HMAC-SHA256(key, round), 256 bits."""
+    mac = hmac.new(key, f"fedsim central noise, round {round_no}".encode(), hashlib.sha256)
+    return int.from_bytes(mac.digest(), "big")
+
+
+def params_of(settings: Any) -> dict[str, Any]:
+    """The DP settings epsilon rests on, as a checkpoint saves them: a run resumes only with
+    the same (aggregator/persistence.py). Adaptive clipping is on when quantile > 0."""
+    return {
+        "mode": settings.dp,
+        "clients": settings.logical_clients,
+        "per_round": settings.per_round,
+        "noise": settings.dp_noise,
+        "delta": settings.delta,
+        "clip_at": settings.dp_clip_at,
+        "quantile": settings.dp_clip_quantile,
+    }
 
 
 def gaussian(layout: Tensors, std: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -58,9 +106,12 @@ def gaussian(layout: Tensors, std: float, rng: np.random.Generator) -> dict[str,
     return {name: drawn[name] for name in layout}
 
 
-def local_noise(weights: Tensors, base: Tensors, std: float, seed: int) -> dict[str, np.ndarray]:
-    """w + N(0, std^2) per weight (DP=local), seeded by the task's seed; float64."""
-    noise = gaussian(base, std, np.random.default_rng([seed, NOISE_STREAM]))
+def local_noise(
+    weights: Tensors, base: Tensors, std: float, rng: np.random.Generator | None = None
+) -> dict[str, np.ndarray]:
+    """w + N(0, std^2) per weight (DP=local), float64. Without `rng`, drawn from the operating
+    system's entropy: nothing the aggregator knows (a task's seed) can redraw it."""
+    noise = gaussian(base, std, np.random.default_rng() if rng is None else rng)
     return {n: np.asarray(w, np.float64) + noise[n] for n, w in weights.items()}
 
 
@@ -111,7 +162,11 @@ class CentralNoise(Stage):
     b = (sum_k b_k + N(0, sigma_b^2)) / m moves the norm geometrically towards the
     quantile gamma: C <- C exp(-eta (b - gamma)). The updates' noise uses z_delta
     (`noise_on_updates`), so both releases together cost what z alone would. C is the
-    stage's state, saved with every checkpoint.
+    stage's state, saved with every checkpoint, beside the DP settings in force (`params`).
+
+    The noise of round r is drawn from `noise_seed(key, r)`, the key read from (or, the
+    first time, made in) `model_dir` when a round first needs it: a worker, which builds
+    this stage too, never reads it.
     """
 
     name = "dp"
@@ -121,15 +176,18 @@ class CentralNoise(Stage):
         mode: str,
         bound: float,
         noise: float,
-        seed: int,
+        model_dir: Path,
         *,
         at: str = "aggregator",
         quantile: float = 0.0,
         rate: float = 0.2,
         count_noise: float = 0.0,
+        params: Mapping[str, Any] | None = None,
     ) -> None:
-        self.mode, self.bound, self.noise, self.seed, self.at = mode, bound, noise, seed, at
+        self.mode, self.bound, self.noise, self.at = mode, bound, noise, at
         self.quantile, self.rate, self.count_noise = quantile, rate, count_noise
+        self.model_dir, self._key = Path(model_dir), b""  # the key: read on first use
+        self.params = dict(params or {})  # the DP settings in force, saved with the state
         self.clip_norm = bound  # this round's clip norm C (adaptive: moves every round)
         self.over_norm = 0  # updates found over the norm with DP_CLIP_AT=worker (not saved)
 
@@ -141,12 +199,19 @@ class CentralNoise(Stage):
             settings.dp,
             settings.dp_clip,
             settings.dp_noise,
-            settings.seed,
+            settings.model_dir,
             at=settings.dp_clip_at,
             quantile=settings.dp_clip_quantile,
             rate=settings.dp_clip_lr,
             count_noise=settings.count_noise,
+            params=params_of(settings),
         )
+
+    def key(self) -> bytes:
+        """The central noise's secret key (`noise_key`), read once. Raises ValueError."""
+        if not self._key:
+            self._key = noise_key(self.model_dir)
+        return self._key
 
     @property
     def adaptive(self) -> bool:
@@ -161,9 +226,10 @@ class CentralNoise(Stage):
         return z * self.clip_norm / m
 
     def gather(self, batch: Sequence[Tensors], base: Tensors, round_no: int) -> Sequence[Tensors]:
-        rng = np.random.default_rng([self.seed, round_no, NOISE_STREAM])
-        if self.mode == "central":
-            batch, unclipped = self._clip_again(batch, base, round_no)
+        if self.mode != "central":  # DP=local: the workers noised; the equal-weight mean
+            return [noised_mean(batch, base, 0.0, np.random.default_rng())] * len(batch)
+        rng = np.random.default_rng(noise_seed(self.key(), round_no))
+        batch, unclipped = self._clip_again(batch, base, round_no)
         mean = noised_mean(batch, base, self.std(len(batch)), rng)
         if self.adaptive:  # after the noise on the updates: that draw stays as without it
             fraction = (unclipped + rng.normal(0.0, self.count_noise)) / len(batch)
@@ -192,16 +258,22 @@ class CentralNoise(Stage):
             out.append(clipped)
         return out, within
 
-    # --- adaptive clipping's norm, saved with the checkpoint ---------------------------
+    # --- the DP settings in force and adaptive clipping's norm, saved with the checkpoint
 
     def state_dict(self) -> dict[str, Any]:
-        return {"clip_norm": self.clip_norm} if self.adaptive else {}
+        state: dict[str, Any] = {"params": dict(self.params)} if self.params else {}
+        return {**state, "clip_norm": self.clip_norm} if self.adaptive else state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if not state:
+        """Adaptive clipping's saved norm. The saved `params` are checked against the settings
+        before (aggregator/persistence.py: a run resumes only with the same)."""
+        unknown = sorted(set(state) - {"params", "clip_norm"})
+        if unknown:
+            raise ValueError(f"unknown dp stage state: {', '.join(unknown)}")
+        if "clip_norm" not in state:
             return
-        norm = state.get("clip_norm")
-        if not self.adaptive or set(state) != {"clip_norm"}:
+        norm = state["clip_norm"]
+        if not self.adaptive:
             raise ValueError(
                 "the checkpoint holds adaptive clipping's norm: resume with DP_CLIP_QUANTILE "
                 "set as it was, or reset"

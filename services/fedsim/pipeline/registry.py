@@ -9,9 +9,11 @@ published through them in order (central noise before the finite check).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -115,6 +117,19 @@ class Pipeline:
             raise ValueError(f"saved state of stages that do not run: {', '.join(unknown)}")
         for stage in self.stages:
             stage.load_state_dict(state.get(stage.name, {}))
+
+    @contextlib.contextmanager
+    def kept_on_error(self) -> Iterator[None]:
+        """Run a block; when it raises, put every stage's state back as it was before it
+        (a refused round leaves adaptive clipping's norm where it was)."""
+        state = json.loads(json.dumps(self.state_dict()))
+        tensors = {key: np.array(t, copy=True) for key, t in self.tensor_state().items()}
+        try:
+            yield
+        except BaseException:
+            self.load_state_dict(state)
+            self.load_tensor_state(tensors)
+            raise
 
     def tensor_state(self) -> dict[str, np.ndarray]:
         return {
