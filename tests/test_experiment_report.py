@@ -274,6 +274,26 @@ def test_without_a_target_nothing_is_reached():
     assert got["rounds_to_target"] is None and got["final_accuracy"] == 0.99
 
 
+def test_a_dp_run_reports_its_last_epsilon_and_the_summary_shows_it(sweep):
+    entries = history(0.1, 0.8, 0.9)
+    for e, eps in zip(entries, (None, 1.25, 2.5), strict=True):
+        e["epsilon"] = eps
+    got = outcome.measure(outcome.Raw("finished", START, 5.0, entries), per_round=1,
+                          workers=1, target=None)  # fmt: skip
+    assert got["epsilon"] == 2.5
+    plain = outcome.measure(outcome.Raw("finished", START, 5.0, history(0.1, 0.9)),
+                            per_round=1, workers=1, target=None)  # fmt: skip
+    assert plain["epsilon"] is None
+
+    e, results = sweep
+    assert "ε at DP_DELTA" not in report.summary(e, results)
+    for r, eps in zip(results, (1.0, 2.0, 3.0), strict=False):
+        r["epsilon"] = eps
+    m, sd = independent_mean_sd([1.0, 2.0, 3.0])
+    summary = report.summary(e, results)
+    assert "ε at DP_DELTA" in summary and f"{m:.2f} ± {sd:.2f}" in summary
+
+
 # --- the progress line -------------------------------------------------------------------
 
 

@@ -102,6 +102,12 @@ def _growth(points: Sequence[Point]) -> int | None:
     return last.memory - start.memory
 
 
+def _epsilon(entries: Sequence[Mapping[str, Any]]) -> float | None:
+    """The last ε the history shows (DP runs), inf as "inf"'s float; None without DP."""
+    shown = [e["epsilon"] for e in entries if e.get("epsilon") is not None]
+    return float(shown[-1]) if shown else None
+
+
 def measure(
     raw: Raw, *, per_round: int, workers: int, target: float | None, also: Sequence[float] = ()
 ) -> dict[str, Any]:
@@ -146,6 +152,7 @@ def measure(
         "peak_memory_bytes": raw.peak_memory or None,
         "memory_growth_bytes": _growth(points),
         "refused_aggregates": raw.aggregator_log.count(REFUSED_LINE),
+        "epsilon": _epsilon(raw.entries),
         "load_start": raw.load_start,
         "load_end": raw.load_end,
         "curve": [asdict(p) for p in points],

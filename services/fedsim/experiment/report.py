@@ -32,7 +32,7 @@ FIGURES = (
     "seconds_per_round", "train_seconds", "slowest_worker_seconds", "outside_training",
     "bytes_to_workers",
     "bytes_from_workers", "peak_memory_bytes", "memory_growth_bytes", "refused_aggregates",
-    "load_start", "load_end",
+    "epsilon", "load_start", "load_end",
 )  # fmt: skip
 MACHINE = ("fedsim", "cpus", "memory_bytes", "finished_at")
 
@@ -147,6 +147,8 @@ def cells_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
     if t:
         head += [f"rounds to {t}", f"seconds to {t}"]
     head += [f"rounds to {a:.0%}" for a in e.also]
+    private = any(r.get("epsilon") is not None for runs in cells.values() for r in runs)
+    head += ["ε at DP_DELTA"] if private else []
     head += ["rounds", "seconds", "MB to / from workers", "peak memory (GB)", "load"]
     top = best(cells)
     titles = {c.number: c.axes for c in e.cells}
@@ -160,6 +162,8 @@ def cells_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
         for a in e.also:
             hits = [{"r": h["rounds"]} for r in runs for h in r.get("also", []) if h["target"] == a]
             row.append(reached(hits, "r"))
+        if private:
+            row.append(shown(of(runs, "epsilon"), "{:.2f}"))
         mb = (shown(of(runs, "bytes_to_workers"), "{:.1f}", 1e6) + " / "
               + shown(of(runs, "bytes_from_workers"), "{:.1f}", 1e6))  # fmt: skip
         row += [
