@@ -16,6 +16,8 @@ import pytest
 from fedsim.experiment import progress, runner, spec, watch
 from fedsim.experiment.compose import memory_bytes
 from fedsim.experiment.local import LocalEngine
+from fedsim.experiment.outcome import Raw
+from fedsim.experiment.watch import RunFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,6 +156,55 @@ def test_a_sweep_interrupted_after_its_first_cell_resumes_without_running_it_aga
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (folder / "summary.md").read_text() == before
+
+
+class Flaky:
+    """An engine whose runs of `failing` labels fail as a diverged model's worker does."""
+
+    name = "local"
+
+    def __init__(self, failing: set[str]) -> None:
+        self.failing, self.ran = failing, []
+
+    def prepare(self) -> None:
+        pass
+
+    def run(self, job, on_entry):
+        self.ran.append(job.label)
+        if job.label in self.failing:
+            raise RunFailed("worker-1 exited 1: the trained weights gives non-finite values")
+        entries = [
+            {"version": v, "round": v or None, "accuracy": 0.5 + v / 10, "loss": 1.0,
+             "time": f"2026-01-01T00:00:0{v}+00:00"}
+            for v in range(3)
+        ]  # fmt: skip
+        for entry in entries:
+            on_entry(entry)
+        return Raw("finished", 1767225600.0, 2.0, entries)
+
+
+def test_a_failed_run_is_recorded_the_others_run_and_the_same_command_runs_it_again(tmp_path):
+    e = experiment(tmp_path)
+    folder = tmp_path / "results" / e.name
+    planned = runner.plan(e, folder)
+    bad = planned[1].job.label
+    engine = Flaky({bad})
+
+    with pytest.raises(runner.SweepFailed) as failed:
+        runner.sweep(e, engine, folder, progress=Recorder(4, 8.0), out=lambda line: None)
+
+    assert engine.ran == [p.job.label for p in planned]  # the runs after it still ran
+    assert failed.value.failed == [f"{bad}: worker-1 exited 1: the trained weights gives "
+                                   "non-finite values"]  # fmt: skip
+    assert [p.result.is_file() for p in planned] == [True, False, True, True]
+    assert "non-finite" in (planned[1].job.folder / "failed.txt").read_text()
+    assert "1 of 4 runs are not done yet" in (folder / "summary.md").read_text()
+    assert len((folder / "runs.csv").read_text().splitlines()) == 1 + 3
+
+    engine.failing = set()
+    results = runner.sweep(e, engine, folder, progress=Recorder(4, 8.0), out=lambda line: None)
+
+    assert engine.ran[4:] == [bad] and len(results) == 4
 
 
 def test_the_label_an_experiment_gives_a_run_is_in_its_status_and_on_the_dashboard(make_app):

@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except spec.ExperimentError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
+    except runner.SweepFailed as exc:
+        print(f"\n{PROG}: {exc}; the report holds the others, the same command runs "
+              "the failed again", file=sys.stderr)  # fmt: skip
+        return 1
     except RunFailed as exc:
         print(f"\n{PROG}: a run failed: {exc}", file=sys.stderr)
         return 1

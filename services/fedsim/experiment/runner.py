@@ -208,12 +208,31 @@ def sweep(
         progress = Progress(len(planned), sum(p.job.expected_rounds for p in planned))
     if todo:
         engine.prepare()
+    failed: list[str] = []
     for p in planned:
         if done[p.job.folder] is not None:
             progress.skip(p.job.expected_rounds)
             continue
-        done[p.job.folder] = run_one(e, engine, p, progress)
+        try:
+            done[p.job.folder] = run_one(e, engine, p, progress)
+        except RunFailed as exc:
+            # One run's failure (a model that diverged, a worker that died) is a result of
+            # the sweep, not its end: the others still run. It has no result.json, so the
+            # same command runs it again.
+            (p.job.folder / "failed.txt").write_text(f"{exc}\n")
+            progress.end(f"failed: {exc}")
+            failed.append(str(exc))
     results = [r for r in done.values() if r is not None]
     written = report.write(e, results, folder)
     out("report: " + ", ".join(str(path) for path in written))
+    if failed:
+        raise SweepFailed(failed)
     return results
+
+
+class SweepFailed(RunFailed):
+    """Some runs failed; the others ran and the report holds them."""
+
+    def __init__(self, failed: list[str]) -> None:
+        self.failed = failed
+        super().__init__(f"{len(failed)} run(s) failed: " + "; ".join(failed))
