@@ -8,7 +8,7 @@ unchanged, a longer one keeps its direction and gets norm S.
 
 - worker side: under DP=central with DP_CLIP_AT=worker, and under DP=local, the
   worker clips before the push; under DP=local it then adds its own Gaussian
-  noise of std DP_NOISE x DP_CLIP per weight (`dp.local_noise`), drawn from the
+  noise of std DP_NOISE x DP_CLIP per weight (`noise.local_noise`), drawn from the
   operating system's entropy (not from the task's seed, which the aggregator
   knows), so the aggregator never sees an un-noised update nor can it redraw the noise.
 - aggregator side: none here. The re-check needs the round's model, so it runs
@@ -29,6 +29,7 @@ from typing import Any, Self
 import numpy as np
 
 from fedsim.pipeline.base import Outgoing, Stage, Tensors
+from fedsim.pipeline.noise import local_noise
 
 # An update is "over the norm" when its delta exceeds DP_CLIP by more than this fraction:
 # a worker's clipped update, cast to float32 and measured again, differs by rounding only.
@@ -89,8 +90,6 @@ class Clip(Stage):
             return update
         sent, _ = clipped_weights(update.tensors, update.base, self.bound)
         if self.mode == "local":
-            from fedsim.pipeline.dp import local_noise  # dp imports this module
-
             sent = local_noise(sent, update.base, self.noise * self.bound)
         out = {n: t.astype(np.float32) for n, t in sent.items()}
         return dataclasses.replace(update, tensors=out)

@@ -24,7 +24,7 @@ state and the task queue need not know about DP. The batch keeps one entry per
 update, so the ledger still credits each client.
 
 DP=local: each worker adds N(0, (z S)^2) per weight to its own clipped delta
-(`local_noise`, called by the clip stage); the aggregator averages the noised
+(`noise.local_noise`, called by the clip stage); the aggregator averages the noised
 updates with equal weights and adds nothing.
 
 The noise is secret. A worker's local noise comes from the operating system's
@@ -51,6 +51,7 @@ import numpy as np
 from fedsim.checkpoints import write_atomic
 from fedsim.pipeline.base import Stage, Tensors
 from fedsim.pipeline.clip import SLACK, clipped_weights
+from fedsim.pipeline.noise import noised_mean
 from fedsim.settings import ConfigError
 
 log = logging.getLogger("fedsim.pipeline")
@@ -98,39 +99,6 @@ def params_of(settings: Any) -> dict[str, Any]:
         "clip_at": settings.dp_clip_at,
         "quantile": settings.dp_clip_quantile,
     }
-
-
-def gaussian(layout: Tensors, std: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """N(0, std^2) per weight of `layout`'s shapes, float64, drawn in sorted name order."""
-    drawn = {name: rng.normal(0.0, std, np.shape(layout[name])) for name in sorted(layout)}
-    return {name: drawn[name] for name in layout}
-
-
-def local_noise(
-    weights: Tensors, base: Tensors, std: float, rng: np.random.Generator | None = None
-) -> dict[str, np.ndarray]:
-    """w + N(0, std^2) per weight (DP=local), float64. Without `rng`, drawn from the operating
-    system's entropy: nothing the aggregator knows (a task's seed) can redraw it."""
-    noise = gaussian(base, std, np.random.default_rng() if rng is None else rng)
-    return {n: np.asarray(w, np.float64) + noise[n] for n, w in weights.items()}
-
-
-def noised_mean(
-    batch: Sequence[Tensors], base: Tensors, std: float, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
-    """w_t + (1/m) sum_k (w_k - w_t) + N(0, std^2) per weight, float32."""
-    if not batch:
-        raise ValueError("no updates to average")
-    out = {}
-    noise = gaussian(base, std, rng) if std > 0 else {}
-    for name, w_t in base.items():
-        w_t64 = np.asarray(w_t, np.float64)
-        total = np.zeros(np.shape(w_t), np.float64)
-        for tensors in batch:
-            total += np.asarray(tensors[name], np.float64) - w_t64
-        mean = w_t64 + total / len(batch)
-        out[name] = (mean + noise[name] if std > 0 else mean).astype(np.float32)
-    return out
 
 
 def noise_on_updates(noise: float, count_noise: float) -> float:
