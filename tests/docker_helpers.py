@@ -67,8 +67,7 @@ def docker_info(fmt: str = "{{.ServerVersion}}") -> str:
 def clean_env(extra_keys: Iterable[str] = ()) -> dict[str, str]:
     """The caller's environment without fedsim or Compose settings (and `extra_keys`),
     which would override the test's `.env` (the shell takes precedence)."""
-    drop = config.KNOWN_KEYS | config.COMPOSE_KEYS | set(extra_keys)
-    return {k: v for k, v in os.environ.items() if k not in drop}
+    return config.without_settings(extra=set(extra_keys))
 
 
 class ProjectCopy:

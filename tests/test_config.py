@@ -216,3 +216,11 @@ def test_the_table_imports_no_rule_and_load_imports_only_the_chosen_one(tmp_path
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["aggregate", "base", "fedavg", "fedopt"]
+
+
+def test_without_settings_leaves_out_every_fedsim_and_compose_key_and_keeps_the_rest():
+    environ = {"AGGREGATION": "krum", "COMPOSE_PROJECT_NAME": "x", "STACK": "y",
+               "FEDSIM_ENV_FILE": "/tmp/e", "PATH": "/bin", "HOME": "/h", "MINE": "1"}  # fmt: skip
+
+    assert config.without_settings(environ) == {"PATH": "/bin", "HOME": "/h", "MINE": "1"}
+    assert config.without_settings(environ, extra={"MINE"}) == {"PATH": "/bin", "HOME": "/h"}

@@ -12,19 +12,7 @@ from dp_accounting.rdp import RdpAccountant
 from fedsim import config
 from fedsim.aggregator import privacy
 from fedsim.aggregator.tasks import ids
-
-
-def by_hand(clients: int, per_round: int, z: float, rounds: int, delta: float) -> float:
-    """Epsilon composed one round at a time: the sum of m clipped deltas moves by 2S when one
-    client is replaced, so the Gaussian's multiplier relative to it is z / 2."""
-    accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    for _ in range(rounds):
-        accountant.compose(
-            dp_accounting.SampledWithoutReplacementDpEvent(
-                clients, per_round, dp_accounting.GaussianDpEvent(z / 2)
-            )
-        )
-    return accountant.get_epsilon(delta)
+from helpers.dp import composed_epsilon
 
 
 def dp_settings(make_settings, **overrides) -> config.Settings:
@@ -38,7 +26,7 @@ def dp_settings(make_settings, **overrides) -> config.Settings:
 def test_central_epsilon_matches_the_library_round_by_round(per_round, z, rounds):
     delta = 1 / 100**1.1
     got = privacy.central_epsilon(100, per_round, z, rounds, delta)
-    assert got == pytest.approx(by_hand(100, per_round, z, rounds, delta), rel=1e-9)
+    assert got == pytest.approx(composed_epsilon(100, per_round, z, rounds, delta), rel=1e-9)
 
 
 def test_epsilon_grows_with_rounds_and_falls_with_noise():
@@ -62,7 +50,7 @@ def test_the_status_block_reports_epsilon_at_the_default_delta(make_settings):
     block = account.status(7)
     delta = 1 / 100**1.1
     assert block["delta"] == pytest.approx(delta)
-    assert block["epsilon"] == pytest.approx(by_hand(100, 10, 1.0, 7, delta), rel=1e-5)
+    assert block["epsilon"] == pytest.approx(composed_epsilon(100, 10, 1.0, 7, delta), rel=1e-5)
     assert block["rounds_composed"] == 7 and block["rounds_allowed"] == 50
     assert block["stop_reason"] is None and block["adjacency"] == "replace one client"
 
@@ -70,7 +58,7 @@ def test_the_status_block_reports_epsilon_at_the_default_delta(make_settings):
 def test_the_budget_allows_the_last_round_that_stays_within_it(make_settings):
     # Prepare: a budget halfway between epsilon after rounds 6 and 7 (computed here).
     delta = 1 / 100**1.1
-    six, seven = (by_hand(100, 10, 1.0, r, delta) for r in (6, 7))
+    six, seven = (composed_epsilon(100, 10, 1.0, r, delta) for r in (6, 7))
     budget = (six + seven) / 2
     settings = dp_settings(make_settings, ROUNDS=20, DP_EPSILON_BUDGET=budget)
     # Execute

@@ -7,10 +7,8 @@ from __future__ import annotations
 import threading
 import time
 
-import dp_accounting
 import numpy as np
 import pytest
-from dp_accounting.rdp import RdpAccountant
 from flask import Flask
 
 from fedsim import checkpoints, pipeline, weights
@@ -34,6 +32,7 @@ from helpers import (
     write_tokens,
     write_v0,
 )
+from helpers.dp import composed_epsilon
 
 DP = {
     "DP": "central",
@@ -42,17 +41,6 @@ DP = {
     "NUM_CLIENTS": 10,
     "CLIENTS_PER_ROUND": 2,
 }
-
-
-def epsilon(clients: int, per_round: int, z: float, rounds: int, delta: float) -> float:
-    accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    for _ in range(rounds):
-        accountant.compose(
-            dp_accounting.SampledWithoutReplacementDpEvent(
-                clients, per_round, dp_accounting.GaussianDpEvent(z / 2)
-            )
-        )
-    return accountant.get_epsilon(delta)
 
 
 def score(client, task: dict) -> dict:
@@ -87,7 +75,7 @@ def one_round(client, fills=(2.0, 4.0)) -> list[dict]:
 # --- through the API ---------------------------------------------------------------------
 
 
-def test_a_round_publishes_the_clipped_mean_plus_noise_and_reports_epsilon(make_app):
+def test_a_round_publishes_the_clipped_mean_plus_noise_and_reports_composed_epsilon(make_app):
     # Prepare: the aggregator clips; z = 1, S = 1, m = 2: noise std 0.5 per weight.
     app = make_app(**DP, DP_CLIP_AT="aggregator", DP_NOISE=1.0, DP_CLIP=1.0, ROUNDS=3)
     client = app.test_client()
@@ -102,7 +90,7 @@ def test_a_round_publishes_the_clipped_mean_plus_noise_and_reports_epsilon(make_
     assert residual.std() == pytest.approx(0.5, rel=0.01)
     # Epsilon after one round, at delta = 1 / 10^1.1, in the history, the status, /metrics.
     delta = 1 / 10**1.1
-    expected = epsilon(10, 2, 1.0, 1, delta)
+    expected = composed_epsilon(10, 2, 1.0, 1, delta)
     entry = score(client, ask(client)["task"])
     assert entry["round"] == 1 and entry["epsilon"] == pytest.approx(expected, rel=1e-5)
     assert entry["delta"] == pytest.approx(delta)
@@ -134,7 +122,7 @@ def test_a_server_optimizer_steps_on_the_noised_average(make_app):
         np.testing.assert_array_equal(got[name], tensor)
 
 
-def test_no_noise_shows_an_infinite_epsilon(make_app):
+def test_no_noise_shows_an_infinite_composed_epsilon(make_app):
     client = make_app(**DP, DP_NOISE=0, ROUNDS=2).test_client()
     one_round(client)
     entry = score(client, ask(client)["task"])
@@ -222,7 +210,9 @@ def test_epsilon_and_weights_after_hard_kills_equal_an_unbroken_run(make_setting
     assert privacies[0]["adaptive_clipping"] is bool(extra)
     if extra:  # the norm moved from DP_CLIP=1 (the fake learner's updates are far longer)
         assert privacies[0]["clip"] != 1.0
-    assert privacies[0]["epsilon"] == pytest.approx(epsilon(10, 2, 1.0, 4, 1 / 10**1.1), rel=1e-5)
+    assert privacies[0]["epsilon"] == pytest.approx(
+        composed_epsilon(10, 2, 1.0, 4, 1 / 10**1.1), rel=1e-5
+    )
     assert histories[0] == histories[1] and [v for v, _ in histories[0]] == [0, 1, 2, 3, 4]
     for name in finals[0]:
         np.testing.assert_array_equal(finals[0][name], finals[1][name])
@@ -231,7 +221,7 @@ def test_epsilon_and_weights_after_hard_kills_equal_an_unbroken_run(make_setting
 def test_the_budget_stops_the_run_with_a_checkpoint_and_a_reason(make_settings, tmp_path):
     # Prepare: a budget between epsilon after rounds 2 and 3, of ROUNDS=10.
     delta = 1 / 10**1.1
-    budget = (epsilon(10, 2, 1.0, 2, delta) + epsilon(10, 2, 1.0, 3, delta)) / 2
+    budget = (composed_epsilon(10, 2, 1.0, 2, delta) + composed_epsilon(10, 2, 1.0, 3, delta)) / 2
     # Execute
     adapter = run(make_settings, ROUNDS=10, DP_EPSILON_BUDGET=budget)
     # Assert: two rounds, scored, checkpointed, and the reason in the status and the events.
@@ -283,7 +273,7 @@ def test_a_version_scored_after_a_restart_reports_the_epsilon_of_its_rounds(make
     assert task["kind"] == "evaluate"
     entry = score(client, task)
     # Assert: epsilon after the 2 rounds that made version 2, in the entry and in the report.
-    expected = epsilon(10, 2, 1.0, 2, 1 / 10**1.1)
+    expected = composed_epsilon(10, 2, 1.0, 2, 1 / 10**1.1)
     assert entry["version"] == 2 and entry["epsilon"] == pytest.approx(expected, rel=1e-5)
     history = client.get("/v1/history").get_json()["history"]
     assert privacy_of(history, 2)["epsilon"] == pytest.approx(expected, rel=1e-5)
@@ -326,7 +316,7 @@ def test_a_checkpoint_made_with_other_dp_settings_is_refused_in_one_line(
 def test_a_lower_budget_than_the_rounds_released_is_refused_not_clamped(make_app, make_settings):
     rounds_then_checkpoint(make_app, 2)
     delta = 1 / 10**1.1
-    budget = (epsilon(10, 2, 1.0, 1, delta) + epsilon(10, 2, 1.0, 2, delta)) / 2
+    budget = (composed_epsilon(10, 2, 1.0, 1, delta) + composed_epsilon(10, 2, 1.0, 2, delta)) / 2
     with pytest.raises(StartupError) as refused:
         State.resume(make_settings(**{"MODEL": "mlp", **DP, "ROUNDS": 3}, DP_EPSILON_BUDGET=budget))
     assert f"more rounds than DP_EPSILON_BUDGET={budget:g} allows 1" in str(refused.value)
@@ -378,7 +368,7 @@ def test_a_refused_round_counts_in_epsilon_fires_the_budget_stop_and_keeps_the_c
     top = pipeline.MAX_WEIGHT - 0.1
     write_v0(make_settings().model_dir, fill=top)
     delta = 1 / 10**1.1
-    budget = (epsilon(10, 2, 1.0, 1, delta) + epsilon(10, 2, 1.0, 2, delta)) / 2
+    budget = (composed_epsilon(10, 2, 1.0, 1, delta) + composed_epsilon(10, 2, 1.0, 2, delta)) / 2
     app = make_app(**DP, **ADAPTIVE, ROUNDS=3, DP_EPSILON_BUDGET=budget)
     state = state_of(app)
     client = app.test_client()
@@ -389,7 +379,7 @@ def test_a_refused_round_counts_in_epsilon_fires_the_budget_stop_and_keeps_the_c
     assert status["version"] == 0 and status["round"]["rounds_done"] == 1, status
     assert any(e["text"].startswith("round 1 refused") for e in status["events"]), status
     assert state.stages.state_dict()["dp"]["clip_norm"] == 1.0
-    expected = epsilon(10, 2, 1.0, 1, delta)
+    expected = composed_epsilon(10, 2, 1.0, 1, delta)
     assert status["privacy"]["epsilon"] == pytest.approx(expected, rel=1e-5)
     metrics = client.get("/metrics").get_data(as_text=True)
     line = next(x for x in metrics.splitlines() if x.startswith("fedsim_dp_epsilon "))

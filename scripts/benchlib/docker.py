@@ -8,11 +8,11 @@ profile's Prometheus too), the networks and the volumes.
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import urllib.request
 from pathlib import Path
+
+from fedsim import config
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 COMPOSE_RESET = ("--profile", "*", "down", "-v", "--remove-orphans")
@@ -27,10 +27,7 @@ MNIST_NAMES = (
 def clean_env(**extra: str) -> dict[str, str]:
     """The caller's environment without fedsim, Compose or Swarm settings (the shell beats
     `.env` in Compose), so the code's defaults apply; then `extra`."""
-    example = (ROOT / ".env.example").read_text()
-    drop = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", example, re.M))
-    drop |= {"COMPOSE_FILE", "COMPOSE_PROJECT_NAME", "STACK", "WORKERS", "REGISTRY"}
-    return {k: v for k, v in os.environ.items() if k not in drop} | extra
+    return config.without_settings() | extra
 
 
 def mnist_files(folder: Path) -> dict[str, Path | None]:

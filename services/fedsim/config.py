@@ -232,6 +232,16 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
+def without_settings(
+    environ: Mapping[str, str] | None = None, extra: frozenset[str] | set[str] = frozenset()
+) -> dict[str, str]:
+    """`environ` (default: this process's) less every fedsim and Compose setting, the env
+    file's name and `extra`: for a child process (a local run, `docker compose`) whose
+    settings must come from its own `.env` or defaults, as a shell's would win over them."""
+    drop = KNOWN_KEYS | COMPOSE_KEYS | {"FEDSIM_ENV_FILE"} | set(extra)
+    return {k: v for k, v in (os.environ if environ is None else environ).items() if k not in drop}
+
+
 def load(environ: Mapping[str, str] | None = None, env_file: Path | None = None) -> Settings:
     """Resolve every setting: environment first, then the `.env` file, then defaults."""
     if environ is None:

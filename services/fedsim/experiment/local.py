@@ -49,8 +49,7 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 
 def clean_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The caller's environment without any fedsim or Compose setting."""
-    drop = config.KNOWN_KEYS | config.COMPOSE_KEYS | {"FEDSIM_ENV_FILE"}
-    return {k: v for k, v in (os.environ if environ is None else environ).items() if k not in drop}
+    return config.without_settings(environ)
 
 
 def get(url: str, timeout: float = 5) -> bytes | None:
