@@ -20,10 +20,8 @@ from benchlib import (  # noqa: E402
     PeakMemory,
     add_arguments,
     free_port,
-    key_values,
 )
 from benchlib.docker import COMPOSE_RESET, clean_env, mnist_files, status  # noqa: E402
-from benchlib.local import read_history, run_env  # noqa: E402
 from benchlib.procs import cpu_seconds, tree_rss  # noqa: E402
 
 
@@ -88,37 +86,12 @@ def test_forced_below_the_limit_nothing_is_marked():
     assert bench.figure({"n": 1})["loaded"] is False
 
 
-def test_a_child_benchmark_judges_by_its_callers_start_load():
-    # The caller started idle; its own run has raised the load since.
-    parent = Bench("parent", loadavg=fake_load(0.3))
-    args = parse(*parent.child_args())
-    child = Bench.from_args("child", args, loadavg=fake_load(1.9))
-    assert child.load_start == 0.3 and not child.loaded
-
-    # A forced caller hands on --force, so the child runs and marks its figures too.
-    forced = Bench("parent", force=True, loadavg=fake_load(1.6))
-    child = Bench.from_args("child", parse(*forced.child_args()), loadavg=fake_load(0.1))
-    assert child.load_start == 1.6 and child.loaded
-
-
-def test_options_force_json_and_a_hidden_start_load(tmp_path):
+def test_options_force_and_json(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert "--start-load" not in parser.format_help()
     assert "--force" in parser.format_help()
     args = parser.parse_args(["--force", "--json", str(tmp_path / "out.json")])
-    assert args.force and args.json == tmp_path / "out.json" and args.start_load is None
-
-
-def test_set_options_become_settings_and_a_malformed_one_is_a_usage_error(capsys):
-    parser = argparse.ArgumentParser(prog="bench_x")
-    assert key_values(parser, ["EPOCHS=1", "MNIST_MIRRORS=a=b"]) == {
-        "EPOCHS": "1",
-        "MNIST_MIRRORS": "a=b",
-    }
-    with pytest.raises(SystemExit):
-        key_values(parser, ["EPOCHS"])
-    assert "--set takes KEY=VALUE, got 'EPOCHS'" in capsys.readouterr().err
+    assert args.force and args.json == tmp_path / "out.json"
 
 
 # --- the JSON output ------------------------------------------------------------------
@@ -168,24 +141,6 @@ def test_memory_and_cpu_of_this_process():
     with PeakMemory(os.getpid(), every=0.01) as memory:
         pass
     assert memory.peak >= memory.last > 0
-
-
-def test_a_torn_last_line_of_the_history_is_skipped(tmp_path):
-    path = tmp_path / "history.jsonl"
-    path.write_text('{"version": 1, "accuracy": 0.9}\n{"version": 2, "accu')
-    assert read_history(path) == [{"version": 1, "accuracy": 0.9}]
-    assert read_history(tmp_path / "none.jsonl") == []
-
-
-def test_a_run_has_its_own_folders_and_port(tmp_path, monkeypatch):
-    monkeypatch.setenv("DATA_DIR", str(ROOT.parent / "shared" / "mnist"))
-    if not (ROOT.parent / "shared" / "mnist" / "t10k-labels-idx1-ubyte.gz").is_file():
-        pytest.skip("no MNIST beside the project")
-    env = run_env(tmp_path, {"ROUNDS": "2"})
-    assert env["MODEL_DIR"] == str(tmp_path / "models")
-    assert env["TOKENS_FILE"] == str(tmp_path / "tokens.json")
-    assert env["FEDSIM_ENV_FILE"] == str(tmp_path / "no.env")
-    assert env["AGGREGATOR_URL"].startswith("http://127.0.0.1:") and env["ROUNDS"] == "2"
 
 
 # --- Compose and Swarm ----------------------------------------------------------------

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.experiment import progress, runner, spec, watch
+from fedsim.experiment import runner, spec, watch
 from fedsim.experiment.compose import memory_bytes
 from fedsim.experiment.local import LocalEngine
 from fedsim.experiment.outcome import Raw
 from fedsim.experiment.watch import RunFailed
+from helpers.experiments import Recorder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,29 +50,6 @@ def experiment(
     path = tmp_path / "tiny.toml"
     path.write_text(text)
     return spec.load(path)
-
-
-class Recorder(progress.Progress):
-    """The progress line, kept in memory; `interrupt_at`: Ctrl-C at that run's first round."""
-
-    def __init__(self, runs: int, rounds: float, interrupt_at: int = 0) -> None:
-        super().__init__(runs, rounds, out=io.StringIO(), tty=False)
-        self.interrupt_at = interrupt_at
-        self.begun: list[str] = []
-        self.skipped = 0
-
-    def skip(self, rounds: float) -> None:
-        super().skip(rounds)
-        self.skipped += 1
-
-    def begin(self, label: str, rounds: float) -> None:
-        super().begin(label, rounds)
-        self.begun.append(label)
-
-    def entry(self, x: float) -> None:
-        super().entry(x)
-        if self.number == self.interrupt_at and x >= 1:
-            raise KeyboardInterrupt
 
 
 def processes_of(folder: Path) -> list[int]:

@@ -9,6 +9,7 @@ import pytest
 
 from fedsim.experiment import __main__ as cli
 from fedsim.experiment import spec
+from helpers.experiments import refused, write
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,21 +32,6 @@ DATA_VERIFY = true
 AGGREGATION = ["fedavg", { value = "fedavgm", SERVER_LEARNING_RATE = 0.1 }]
 workers = [1, 2]
 """
-
-
-def write(tmp_path: Path, text: str, name: str = "trial.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-def refused(tmp_path: Path, text: str) -> str:
-    with pytest.raises(spec.ExperimentError) as caught:
-        spec.load(write(tmp_path, text))
-    message = str(caught.value)
-    assert "\n" not in message
-    assert message.startswith(str(tmp_path / "trial.toml") + ": ")
-    return message
 
 
 def test_a_good_file_makes_one_cell_per_combination_of_the_axes(tmp_path):

@@ -4,7 +4,6 @@
   the figures' load marks, the JSON output;
 - procs: free ports, process groups, memory and CPU from /proc, peak sampling
   (fedsim.experiment.procs, shared with the experiment runner);
-- local: whole local runs (scripts/simulate.sh), MNIST's folder, the history;
 - serve: a stand-in aggregator under gunicorn, and uploaders (needs fedsim);
 - docker: the Compose and Swarm benchmarks' environment, reset and status.
 
@@ -13,9 +12,12 @@ path; they need fedsim installed. Sweeps of whole runs over settings and seeds a
 experiment files instead (experiments/, docs/experiments.md).
 """
 
-from .guard import LOAD_LIMIT, Bench, add_arguments, key_values
-from .local import ROOT, child_json, data_dir, local_run, read_history
+from pathlib import Path
+
+from .guard import LOAD_LIMIT, Bench, add_arguments
 from .procs import PeakMemory, cpu_seconds, free_port, start, stop, tree_rss, vm_hwm_kib
+
+ROOT = Path(__file__).resolve().parent.parent.parent  # the project's folder
 
 __all__ = [
     "LOAD_LIMIT",
@@ -23,13 +25,8 @@ __all__ = [
     "Bench",
     "PeakMemory",
     "add_arguments",
-    "child_json",
     "cpu_seconds",
-    "data_dir",
     "free_port",
-    "key_values",
-    "local_run",
-    "read_history",
     "start",
     "stop",
     "tree_rss",

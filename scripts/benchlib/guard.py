@@ -21,24 +21,13 @@ LOAD_LIMIT = 1.0  # 1-minute load average above which a benchmark refuses to sta
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, json_help: str = "") -> None:
-    """The options every benchmark takes: --force, --json and the hidden --start-load."""
+    """The options every benchmark takes: --force and --json."""
     parser.add_argument(
         "--force",
         action="store_true",
         help=f"run even above a 1-minute load of {LOAD_LIMIT:g}; every figure is marked loaded",
     )
     parser.add_argument("--json", type=Path, help=json_help or "also write the results here")
-    # A benchmark started by another: the load that one found at its own start, which
-    # stands for this one's (the caller's own processes have raised the load since).
-    parser.add_argument("--start-load", type=float, help=argparse.SUPPRESS)
-
-
-def key_values(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
-    """--set KEY=VALUE options as settings; a malformed one is a usage error."""
-    bad = [item for item in items if "=" not in item]
-    if bad:
-        parser.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
-    return dict(item.split("=", 1) for item in items)
 
 
 class Bench:
@@ -54,13 +43,12 @@ class Bench:
         *,
         force: bool = False,
         json_path: Path | None = None,
-        start_load: float | None = None,
         limit: float = LOAD_LIMIT,
         loadavg: Callable[[], tuple[float, float, float]] = os.getloadavg,
     ) -> None:
         self.name, self.force, self.json_path, self.limit = name, force, json_path, limit
         self._loadavg = loadavg
-        self.load_start = self.load() if start_load is None else round(start_load, 2)
+        self.load_start = self.load()
         self.loaded = self.load_start > limit
         if self.loaded and not force:
             raise SystemExit(
@@ -70,17 +58,11 @@ class Bench:
 
     @classmethod
     def from_args(cls, name: str, args: argparse.Namespace, **kwargs: Any) -> Bench:
-        return cls(
-            name, force=args.force, json_path=args.json, start_load=args.start_load, **kwargs
-        )
+        return cls(name, force=args.force, json_path=args.json, **kwargs)
 
     def load(self) -> float:
         """The 1-minute load average now, to two decimals."""
         return round(self._loadavg()[0], 2)
-
-    def child_args(self) -> list[str]:
-        """The options a benchmark started by this one takes, so that it judges by this start."""
-        return ["--start-load", str(self.load_start)] + (["--force"] if self.force else [])
 
     def figure(self, values: dict[str, Any], load: float | None = None) -> dict[str, Any]:
         """`values` with the load they were taken under (now, unless given) and `loaded`."""

@@ -35,9 +35,9 @@ def engine_for(name: str, root: Path) -> runner.Engine:
         from fedsim.experiment.compose import ComposeEngine
 
         return ComposeEngine(root)
-    from fedsim.experiment.local import LocalEngine
+    from fedsim.experiment.local import KerasEngine, LocalEngine
 
-    return LocalEngine(root)
+    return KerasEngine(root) if name == "keras" else LocalEngine(root)
 
 
 def remake(folder: Path) -> int:
@@ -58,7 +58,10 @@ def remake(folder: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("file", nargs="?", type=Path, help="an experiment file (TOML)")
-    parser.add_argument("--engine", help="local (default) or compose; beats the file's engine")
+    parser.add_argument(
+        "--engine",
+        help="local (default), compose or keras (the plain Keras floor); beats the file's engine",
+    )
     parser.add_argument("--results", type=Path, default=Path("results"),
                         help="where results/<name>/ goes (default ./results)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="list the runs; run nothing")
@@ -79,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             for p in runner.plan(e, folder):
                 print(f"{p.job.label}  ({p.job.workers} workers, {p.job.folder})")
             return 0
-        runner.sweep(e, engine_for(e.engine, Path.cwd()), folder)
+        root = Path.cwd()
+        runner.sweep(
+            e, engine_for(e.engine, root), folder, engine_for=lambda n: engine_for(n, root)
+        )
     except spec.ExperimentError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2

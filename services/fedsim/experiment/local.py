@@ -187,3 +187,54 @@ class LocalEngine:
             if time.monotonic() > deadline:
                 raise RunFailed(f"no answer from {url}/healthz in {HEALTH_SECONDS} s ({log})")
             time.sleep(0.3)
+
+
+class KerasEngine(LocalEngine):
+    """The floor: the same cell trained by one plain Keras process (experiment/floor.py),
+    measured as a federated run is, so a sweep pairs fedsim with what it adds to training."""
+
+    name = "keras"
+
+    def run(self, job: Job, on_entry: Callable[[dict[str, Any]], None]) -> Raw:
+        env = self.environment(job)
+        job.logs.mkdir(parents=True, exist_ok=True)
+        model_dir = Path(env["MODEL_DIR"])
+        log = job.logs / "floor.log"
+        started, clock = time.time(), time.monotonic()
+        load_start = load()
+        proc = start(
+            [sys.executable, "-m", "fedsim.experiment.floor"], env=env, log=log, cwd=self.root
+        )
+
+        def finished() -> bool:
+            code = proc.poll()
+            if code not in (None, 0):
+                raise RunFailed(f"the keras floor exited {code} ({log}): {tail(log)}")
+            return code == 0
+
+        try:
+            with PeakMemory(lambda: tree_rss(proc.pid)) as memory:
+                status, entries, memory_at = follow(
+                    job,
+                    entries=lambda: read_history(model_dir / "history.jsonl"),
+                    done=finished,
+                    memory=lambda: memory.last,
+                    on_entry=on_entry,
+                )
+                seconds = time.monotonic() - clock
+            peak = memory.peak
+        finally:
+            stop(proc)
+        raw = Raw(
+            status=status,
+            started=started,
+            seconds=seconds,
+            entries=read_history(model_dir / "history.jsonl") or entries,
+            memory_at=memory_at,
+            peak_memory=peak,
+            worker_logs=log.read_text(errors="replace"),
+            load_start=load_start,
+            load_end=load(),
+        )
+        shutil.rmtree(model_dir, ignore_errors=True)
+        return raw

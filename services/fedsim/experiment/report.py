@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedsim.experiment.spec import Experiment
+from fedsim.experiment.spec import FLOOR, Experiment
 
 FIGURES = (
     "status", "rounds", "evaluations", "final_accuracy", "final_loss", "best_accuracy",
@@ -239,9 +239,55 @@ def header(e: Experiment, results: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def against_floor(e: Experiment, results: Sequence[dict[str, Any]]) -> list[str]:
+    """Each cell's seconds against the plain Keras floor's on the same settings and seeds:
+    `w1 workers=3  13.0s / 10.5s = 1.24x plain Keras (aim 1.2x)`. The ratio is the mean
+    of the per-seed ratios (± their spread); none without a keras cell of those settings."""
+    cells = by_cell(e, results)
+    floors = {
+        json.dumps(c.settings, sort_keys=True): cells.get(c.number, [])
+        for c in e.cells
+        if e.engine_of(c) == FLOOR
+    }
+    lines = []
+    for c in e.cells:
+        floor = floors.get(json.dumps(c.settings, sort_keys=True))
+        if e.engine_of(c) == FLOOR or not floor or c.number not in cells:
+            continue
+        base = {r["seed"]: r["seconds"] for r in floor if r.get("seconds")}
+        paired = [(r["seconds"], base[r["seed"]]) for r in cells[c.number]
+                  if r.get("seconds") and r["seed"] in base]  # fmt: skip
+        if not paired:
+            continue
+        ours = statistics.fmean(p[0] for p in paired)
+        plain = statistics.fmean(p[1] for p in paired)
+        ratio = shown([a / b for a, b in paired], "{:.2f}x")
+        title = " ".join(f"{k}={v}" for k, v in c.axes.items() if k != "engine")
+        lines.append(
+            f"{e.name} {title}  {ours:.1f}s / {plain:.1f}s = {ratio} plain Keras"
+            + (f" (aim {e.aim:g}x)" if e.aim is not None else "")
+            + f", {len(paired)} seed{'s' if len(paired) > 1 else ''}"
+        )
+    return lines
+
+
 def summary(e: Experiment, results: Sequence[dict[str, Any]]) -> str:
     cells = by_cell(e, results)
     lines = [*header(e, results), "## Cells", "", *cells_table(e, cells), ""]
+    floor = against_floor(e, results)
+    if floor:
+        lines += [
+            "## Against the plain Keras floor",
+            "",
+            "Seconds from start to end, each run against the floor's run of the same settings "
+            "and seed (experiment/floor.py: the same training in one process, evaluation after "
+            "every round included).",
+            "",
+            "```",
+            *floor,
+            "```",
+            "",
+        ]
     if len(e.axes) > 1:
         for axis in e.axes:
             lines += [f"## By {axis}: final accuracy", "", *axis_table(e, axis, cells), ""]
@@ -266,7 +312,7 @@ def collect(e: Experiment, folder: Path, engine: str) -> list[dict[str, Any]]:
     """The finished runs of `e`'s cells in `folder`, in the plan's order."""
     out = []
     for cell in e.cells:
-        key = cell.key(engine, e.stop, e.target)
+        key = cell.key(cell.engine or engine, e.stop, e.target)
         for seed in e.seeds:
             path = folder / "runs" / key / f"seed-{seed}" / "result.json"
             try:

@@ -80,7 +80,7 @@ def plan(e: Experiment, folder: Path) -> list[Planned]:
     """Every run of the sweep, cell by cell, each seed in the file's order."""
     out = []
     for cell in e.cells:
-        key = cell.key(e.engine, e.stop, e.target)
+        key = cell.key(e.engine_of(cell), e.stop, e.target)
         for seed in e.seeds:
             settings = resolve(cell, seed)
             job = Job(
@@ -187,8 +187,12 @@ def sweep(
     *,
     progress: Progress | None = None,
     out: Callable[[str], None] = print,
+    engine_for: Callable[[str], Engine] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run what is not finished yet, then write the report; the results, in plan order."""
+    """Run what is not finished yet, then write the report; the results, in plan order.
+
+    `engine` runs the cells; a cell of the grid's engine axis runs on `engine_for(its
+    engine)` when that is another one."""
     folder.mkdir(parents=True, exist_ok=True)
     if e.path.resolve() != (folder / "experiment.toml").resolve():
         shutil.copyfile(e.path, folder / "experiment.toml")
@@ -206,15 +210,24 @@ def sweep(
     )
     if progress is None:
         progress = Progress(len(planned), sum(p.job.expected_rounds for p in planned))
-    if todo:
-        engine.prepare()
+    engines: dict[str, Engine] = {}
+
+    def engine_of(cell: Cell) -> Engine:
+        name = e.engine_of(cell)
+        if name not in engines:
+            if name != engine.name and engine_for is None:
+                raise RunFailed(f"cell {cell.title}: no {name} engine to run it on")
+            engines[name] = engine if name == engine.name else engine_for(name)  # type: ignore[misc]
+            engines[name].prepare()
+        return engines[name]
+
     failed: list[str] = []
     for p in planned:
         if done[p.job.folder] is not None:
             progress.skip(p.job.expected_rounds)
             continue
         try:
-            done[p.job.folder] = run_one(e, engine, p, progress)
+            done[p.job.folder] = run_one(e, engine_of(p.cell), p, progress)
         except RunFailed as exc:
             # One run's failure (a model that diverged, a worker that died) is a result of
             # the sweep, not its end: the others still run. It has no result.json, so the
@@ -224,6 +237,8 @@ def sweep(
             failed.append(str(exc))
     results = [r for r in done.values() if r is not None]
     written = report.write(e, results, folder)
+    for line in report.against_floor(e, results):
+        out(line)
     out("report: " + ", ".join(str(path) for path in written))
     if failed:
         raise SweepFailed(failed)

@@ -3,7 +3,10 @@
     name = "rules-noniid"          # results/<name>/; default: the file's name
     seeds = [1, 2, 3]              # every cell runs once per seed (the SEED setting)
     workers = 2                    # worker processes per run
-    engine = "local"               # or "compose"; --engine on the command line wins
+    engine = "local"               # or "compose", or "keras" (the plain Keras floor:
+                                   # FedAvg in one process); --engine on the command line wins
+    aim = 1.2                      # with a keras cell: the seconds each cell aims at, as a
+                                   # multiple of the plain Keras floor's (reported, not enforced)
     target = 0.9                   # test accuracy: rounds and seconds to reach it; a list
                                    # (e.g. [0.97, 0.95]) reports each, the first is "the" one
     stop = "rounds"                # or "target": stop a run once it reaches the target
@@ -15,7 +18,8 @@
 
     [grid]                         # one cell per combination of the axes' values
     AGGREGATION = ["fedavg", "median", { value = "fedbuff", EVAL_EVERY = 1 }]
-    workers = [1, 2]               # the one axis that is not a setting
+    workers = [1, 2]               # two axes are not settings: workers, and
+    engine = ["local", "keras"]    # engine (pairs each cell with the plain Keras floor)
 
 A value written as a table carries settings that go with it (in its cells only).
 Every problem is one line naming the file and the key, as `.env`'s are; every
@@ -39,11 +43,15 @@ from typing import Any
 from fedsim import config, rules
 from fedsim.settings import ConfigError
 
-ENGINES = ("local", "compose")
+ENGINES = ("local", "compose", "keras")
 STOPS = ("rounds", "target")
-TOP_KEYS = ("name", "description", "seeds", "workers", "engine", "target", "stop", "timeout")
+TOP_KEYS = (
+    "name", "description", "seeds", "workers", "engine", "aim", "target", "stop", "timeout",
+)  # fmt: skip
 TABLES = ("settings", "grid")
 WORKERS_AXIS = "workers"
+ENGINE_AXIS = "engine"
+FLOOR = "keras"  # the engine of the plain Keras floor
 # Settings the runner sets for every run itself.
 RESERVED = {
     "SEED": "each run's seed comes from seeds = [...]",
@@ -68,6 +76,7 @@ class Cell:
     axes: dict[str, str]  # axis -> its value in this cell, with the settings that go with it
     settings: dict[str, str]  # the base, the axes' values and their companions
     workers: int
+    engine: str | None = None  # the grid's engine axis; None: the experiment's engine
 
     @property
     def title(self) -> str:
@@ -98,6 +107,7 @@ class Experiment:
     target: float | None
     stop: str
     timeout: float  # 0: none
+    aim: float | None  # seconds as a multiple of the floor's, reported beside each ratio
     base: dict[str, str]
     grid: dict[str, list[tuple[str, dict[str, str]]]]  # axis -> [(value, companions)]
     cells: tuple[Cell, ...] = field(default=())
@@ -114,7 +124,13 @@ class Experiment:
     def with_engine(self, engine: str) -> Experiment:
         if engine not in ENGINES:
             raise ExperimentError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
-        return replace(self, engine=engine)
+        try:  # the cells again: under the floor's engine a workers axis is one process
+            return _with_cells(replace(self, engine=engine, cells=()))
+        except ValueError as exc:
+            raise ExperimentError(f"--engine {engine}: {exc}") from None
+
+    def engine_of(self, cell: Cell) -> str:
+        return cell.engine or self.engine
 
 
 def env_value(value: Any) -> str:
@@ -184,6 +200,12 @@ def _axis(axis: str, values: Any) -> list[tuple[str, dict[str, str]]]:
             item = item["value"]
         if axis == WORKERS_AXIS:
             value = str(_integer(where, item, 1, MAX_WORKERS))
+        elif axis == ENGINE_AXIS:
+            if extra:
+                raise ValueError(f"{where}: an engine takes no settings with it")
+            if item not in ENGINES:
+                raise ValueError(f"{where}: {item!r} is not one of {', '.join(ENGINES)}")
+            value = item
         else:
             value = _setting("grid", axis, item)
         if (value, extra) in out:
@@ -235,6 +257,9 @@ def _check(data: dict[str, Any], path: Path) -> Experiment:
         raise ValueError(f"stop: {stop!r} is not one of {', '.join(STOPS)}")
     if stop == "target" and target is None:
         raise ValueError('stop: "target" needs a target, e.g. target = 0.97')
+    aim = data.get("aim")
+    if aim is not None and (isinstance(aim, bool) or not isinstance(aim, int | float) or aim < 1):
+        raise ValueError(f"aim: {aim!r} is not a multiple of the floor's seconds >= 1, e.g. 1.2")
     timeout = data.get("timeout", 0)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
         raise ValueError(f"timeout: {timeout!r} is not a number of seconds >= 0 (0: no limit)")
@@ -252,7 +277,8 @@ def _check(data: dict[str, Any], path: Path) -> Experiment:
                 raise ValueError(f"grid.{axis}: {clash[0]} is an axis of its own: not in a value")
     experiment = Experiment(
         path, name, description, tuple(seeds), workers, engine, target, stop, float(timeout),
-        base, grid, also=tuple(float(t) for t in targets[1:]),
+        None if aim is None else float(aim), base, grid,
+        also=tuple(float(t) for t in targets[1:]),
     )  # fmt: skip
     return _with_cells(experiment)
 
@@ -260,18 +286,28 @@ def _check(data: dict[str, Any], path: Path) -> Experiment:
 def _with_cells(e: Experiment) -> Experiment:
     """Every combination of the axes, each checked by fedsim.config.load with each seed."""
     cells = []
-    for number, combo in enumerate(itertools.product(*e.grid.values()), 1):
+    for combo in itertools.product(*e.grid.values()):
         axes = {axis: shown(*value) for axis, value in zip(e.grid, combo, strict=True)}
         settings = dict(e.base)
-        workers = e.workers
+        workers, engine = e.workers, None
         for axis, (value, extra) in zip(e.grid, combo, strict=True):
             if axis == WORKERS_AXIS:
                 workers = int(value)
+            elif axis == ENGINE_AXIS:
+                engine = value
             else:
                 settings[axis] = value
             settings.update(extra)
-        cell = Cell(number, axes, settings, workers)
-        twin = next((c for c in cells if (c.settings, c.workers) == (settings, workers)), None)
+        if (engine or e.engine) == FLOOR:
+            # One process whatever the workers axis says: the floor runs once per settings.
+            workers = 1
+            if WORKERS_AXIS in axes:
+                axes[WORKERS_AXIS] = "1 process"
+            if any(c.settings == settings and e.engine_of(c) == FLOOR for c in cells):
+                continue
+        cell = Cell(len(cells) + 1, axes, settings, workers, engine)
+        same = (settings, workers, engine or e.engine)
+        twin = next((c for c in cells if (c.settings, c.workers, e.engine_of(c)) == same), None)
         if twin is not None:
             raise ValueError(f"cells {twin.title} and {cell.title} run the same settings")
         for seed in e.seeds:
@@ -279,8 +315,19 @@ def _with_cells(e: Experiment) -> Experiment:
                 resolve(cell, seed)
             except ConfigError as exc:
                 raise ValueError(f"cell {cell.title} (seed {seed}): {exc}") from None
+        if e.engine_of(cell) == FLOOR:
+            _check_floor(cell, e.seeds[0])
         cells.append(cell)
     return replace(e, cells=tuple(cells))
+
+
+def _check_floor(cell: Cell, seed: int) -> None:
+    """The plain Keras floor runs FedAvg only: a cell it cannot run is refused here."""
+    from fedsim.experiment.floor import unsupported
+
+    refused = unsupported(resolve(cell, seed))
+    if refused is not None:
+        raise ValueError(f"cell {cell.title}: {refused}")
 
 
 def resolve(cell: Cell, seed: int, environ: Mapping[str, str] | None = None) -> config.Settings:
