@@ -121,6 +121,36 @@ def test_history_json_and_csv(make_app) -> None:
     assert client.get("/v1/history?format=xml").status_code == 400
 
 
+def test_history_by_pages_after_a_version_at_most_limit_entries(make_app) -> None:
+    app = make_app()
+    client = app.test_client()
+    state = state_of(app)
+    # Five scored versions, recorded out of order as evaluation tasks may finish.
+    state.evaluations.entries = [
+        {"version": v, "round": v or None, "time": "2026-01-01T00:00:00+00:00",
+         "accuracy": v / 10, "loss": 1.0, "samples": 0, "updates": v, "clients": []}
+        for v in (0, 1, 3, 2, 4)
+    ]  # fmt: skip
+
+    def versions(query: str) -> tuple[list[int], int | None]:
+        answer = client.get("/v1/history" + query).get_json()
+        return [e["version"] for e in answer["history"]], answer.get("next")
+
+    assert versions("") == ([0, 1, 2, 3, 4], None)
+    assert versions("?after=1") == ([2, 3, 4], None)
+    assert versions("?limit=2") == ([0, 1], 1)
+    assert versions("?after=1&limit=2") == ([2, 3], 3)
+    assert versions("?after=3&limit=2") == ([4], None)
+    assert versions("?after=4") == ([], None)
+    csv = client.get("/v1/history?format=csv&after=3").get_data(as_text=True).splitlines()
+    assert len(csv) == 2 and csv[1].startswith("4,4,")
+    for query, code in (("after=-1", "bad_after"), ("after=x", "bad_after"),
+                        ("limit=0", "bad_limit"), ("limit=1.5", "bad_limit")):  # fmt: skip
+        bad = client.get("/v1/history?" + query)
+        assert bad.status_code == 400 and bad.get_json()["error"] == code
+        assert "ASCII digits" in bad.get_json()["detail"]
+
+
 def test_past_versions_are_served_for_their_evaluation(make_app) -> None:
     client = make_app(EVAL_EVERY=1).test_client()
     ask(client)  # eval.v0 leased, not answered

@@ -160,6 +160,34 @@ def test_the_dashboard_follows_a_run(browser):
         server.stop()
 
 
+def test_the_history_is_fetched_by_pages_and_a_late_evaluation_is_not_missed(browser):
+    run = FakeRun(num_clients=8, quorum=2, rounds=5)
+    server = Server(fake_app(run))
+    server.start()
+    try:
+        browser.get(server.url)
+        run.evaluate(accuracy=0.1, loss=2.3)
+        wait_for(browser, lambda d: chart_points(d) == 1, "version 0")
+        # Versions 1 and 2 are made; 2 is scored before 1, as two evaluation tasks may be.
+        run.close_round()
+        run.close_round()
+        wait_for(browser, lambda d: text(d, "version") == "2", "version 2 made")
+        run.evaluate(accuracy=0.9, loss=0.3, version=2)
+        wait_for(browser, lambda d: chart_points(d) == 2, "version 2 scored")
+        run.evaluate(accuracy=0.8, loss=0.5, version=1)
+        wait_for(browser, lambda d: chart_points(d) == 3, "version 1, scored late")
+
+        drawn = browser.execute_script(
+            "return Chart.getChart('chart').data.datasets[0].data.map(p => [p.x, p.y])"
+        )
+        assert drawn == [[0, 0.1], [1, 0.8], [2, 0.9]]
+        # Once nothing is pending, a poll asks only for the versions after the last one.
+        wait_for(browser, lambda d: run.asked[-1] == "2", "a page after version 2")
+        assert None in run.asked and "0" in run.asked
+    finally:
+        server.stop()
+
+
 def test_the_page_says_when_the_chart_library_is_missing(browser, tmp_path):
     run = FakeRun(num_clients=3)
     run.evaluate(accuracy=0.5, loss=1.0)

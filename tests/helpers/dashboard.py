@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.serving import make_server
 
 from fedsim.aggregator import dashboard
@@ -59,6 +59,8 @@ class FakeRun:
         self.finished = False
         self.events: list[dict[str, str]] = []
         self.history: list[dict[str, Any]] = []
+        self.pending: list[int] = [0]  # versions not scored yet (evaluations_pending)
+        self.asked: list[str | None] = []  # each history request's `after`
         self.clients = []
         for k in range(1, num_clients + 1):
             labels = [rng.randrange(0, 400) for _ in range(10)]
@@ -83,21 +85,24 @@ class FakeRun:
 
     # What the test does ------------------------------------------------------
 
-    def evaluate(self, accuracy: float, loss: float) -> None:
+    def evaluate(self, accuracy: float, loss: float, version: int | None = None) -> None:
+        """Score `version` (the newest by default), in any order, as evaluation tasks may."""
         with self.lock:
+            version = self.version if version is None else version
+            self.pending.remove(version)
             self.history.append(
                 {
-                    "version": self.version,
-                    "round": self.version or None,
+                    "version": version,
+                    "round": version or None,
                     "time": now(),
                     "accuracy": accuracy,
                     "loss": loss,
                     "samples": 0,
-                    "updates": self.version * self.quorum,
+                    "updates": version * self.quorum,
                     "clients": [],
                 }
             )
-            self._event("evaluation", f"version {self.version}: accuracy {accuracy:.4f}")
+            self._event("evaluation", f"version {version}: accuracy {accuracy:.4f}")
 
     def close_round(self) -> None:
         """The next `quorum` clients train and their round closes: a new version."""
@@ -110,6 +115,7 @@ class FakeRun:
             for w in self.workers:
                 w.update(tasks_done=w["tasks_done"] + 2, last_seen=now(), task=None)
             self.version += 1
+            self.pending.append(self.version)
             self._event(
                 "round", f"round {self.version} closed: {self.quorum} updates -> v{self.version}"
             )
@@ -165,6 +171,7 @@ class FakeRun:
                 "clients": [dict(c) for c in self.clients],
                 "workers": [dict(w) for w in self.workers],
                 "events": list(self.events),
+                "evaluations_pending": sorted(self.pending),
                 "last_checkpoint": {"version": self.version, "time": now()}
                 if self.version
                 else None,
@@ -194,8 +201,15 @@ def fake_app(run: FakeRun, chart_js: Path | str = dashboard.CHART_JS) -> Flask:
 
     @app.get("/v1/history")
     def history() -> Response:
+        """As the aggregator's: ?after=V the versions after V, ?limit=N at most N of them."""
+        after, limit = request.args.get("after"), int(request.args.get("limit", 10**9))
         with run.lock:
-            return jsonify(history=list(run.history))
+            run.asked.append(after)
+            entries = sorted(
+                (e for e in run.history if e["version"] > int(after or -1)),
+                key=lambda e: e["version"],
+            )
+        return jsonify(history=entries[:limit])
 
     return app
 

@@ -317,14 +317,33 @@ def _refused(status: int, code: str, detail: str, update: uploads.Update | None 
 
 @bp.get("/v1/history")
 def get_history() -> Response:
-    """The test accuracy and loss per evaluated version; `?format=csv` as CSV."""
-    entries = _state().history()
+    """The test accuracy and loss per evaluated version; `?format=csv` as CSV.
+
+    A page: `?after=V` the entries of versions after V, `?limit=N` at most N of them
+    (oldest first; `next` then names the `after` of the next page), so a poller asks
+    only for what is new and an answer's size does not grow with the run's length."""
+    args = {}
+    for name, least in (("after", 0), ("limit", 1)):
+        raw = request.args.get(name)
+        if raw is not None:
+            value = digits(raw)
+            if value is None or value < least:
+                return error(
+                    400,
+                    f"bad_{name}",
+                    f"{name} must be an integer >= {least} in ASCII digits, got {raw[:40]!r}",
+                )
+            args[name] = value
     fmt = request.args.get("format", "json")
+    if fmt not in ("json", "csv"):
+        return error(400, "bad_format", f"format must be json or csv, got {fmt[:20]!r}")
+    entries = _state().history(after=args.get("after", -1))
+    more = "limit" in args and len(entries) > args["limit"]
+    if more:
+        entries = entries[: args["limit"]]
     if fmt == "csv":
         return Response(history.to_csv(entries), mimetype="text/csv")
-    if fmt != "json":
-        return error(400, "bad_format", f"format must be json or csv, got {fmt[:20]!r}")
-    return jsonify(history=entries)
+    return jsonify(history=entries, **({"next": entries[-1]["version"]} if more else {}))
 
 
 @bp.get("/v1/status")

@@ -159,9 +159,11 @@ class State:
         with self._lock:
             return views.lookup(self, update_id, seq)
 
-    def history(self) -> list[dict[str, Any]]:
+    def history(self, after: int = -1) -> list[dict[str, Any]]:
+        """The history's entries of versions after `after` (all by default), in order."""
         with self._lock:
-            return [dict(e) for e in self.evaluations.entries]
+            chosen = [dict(e) for e in self.evaluations.entries if e["version"] > after]
+        return sorted(chosen, key=lambda e: e["version"])
 
     def info(self) -> tuple[int, bool]:
         """(version, finished), for error bodies."""

@@ -1,7 +1,8 @@
 """The dashboard at `GET /`: one page that follows the run live.
 
-The page polls `GET /v1/status` and `GET /v1/history` every two seconds and
-redraws itself (no reload); while the aggregator restarts it says so and keeps
+The page polls `GET /v1/status` and then `GET /v1/history?after=V` (only the
+versions it may not hold yet, so a poll does not grow with the run) every two
+seconds and redraws itself (no reload); while the aggregator restarts it says so and keeps
 trying. The essentials, the current version and the last test accuracy, are
 rendered into the HTML on the server, so they show without JavaScript too.
 

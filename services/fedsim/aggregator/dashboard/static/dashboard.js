@@ -270,15 +270,37 @@ function setConnected(ok, err) {
   if (!ok) conn.title = String(err);
 }
 
+// The history is fetched a page at a time: only the versions after `cursor`, so a poll's
+// answer does not grow with the run's length. The cursor comes from the status read
+// before the last page: versions it had not made yet, or was still scoring
+// (evaluations_pending), may still come, whatever their order; the status is read first
+// for that. A version below the highest held means another run: from the first page.
+let history = new Map(); // version -> its entry
+let cursor = null; // the next page's `after`; null: from the start
+const HISTORY_PAGE = 1000;
+
 async function tick() {
   try {
     let st, hist;
+    const page = "v1/history?limit=" + HISTORY_PAGE + (cursor === null ? "" : "&after=" + cursor);
     try {
-      [st, hist] = await Promise.all([getJSON("v1/status"), getJSON("v1/history")]);
+      st = await getJSON("v1/status");
+      hist = await getJSON(page);
     } catch (err) {
       window.fedsimDashboard.errors++;
       setConnected(false, err);
       return;
+    }
+    const held = history.size ? Math.max(...history.keys()) : -1;
+    if (st.version < held) {
+      history = new Map(); // another run: its history from the start, next poll
+      cursor = null;
+    } else {
+      for (const h of hist.history || []) history.set(h.version, h);
+      const top = history.size ? Math.max(...history.keys()) : -1;
+      const pending = st.evaluations_pending || [];
+      const next = Math.min(top, st.version, ...pending.map((v) => v - 1));
+      cursor = next >= 0 ? next : null;
     }
     setConnected(true);
     renderState(st);
@@ -286,7 +308,7 @@ async function tick() {
     renderClients(st.clients || []);
     renderWorkers(st.workers || []);
     renderEvents(st.events || []);
-    renderHistory(hist.history || [], st);
+    renderHistory([...history.values()].sort((a, b) => a.version - b.version), st);
     window.fedsimDashboard.polls++;
   } finally {
     setTimeout(tick, POLL_MS);
