@@ -11,7 +11,8 @@ import numpy as np
 from safetensors.numpy import save as st_save
 
 from fedsim import checkpoints, config, tokens, weights
-from fedsim.data import partition
+from fedsim.data import partition, population_file
+from fedsim.data.population import Population
 from fedsim.models import SHAPES
 
 # Stand-in training labels: digit i % 10 for image i. Plans made from them are real plans
@@ -43,6 +44,13 @@ def write_plan(settings: config.Settings, labels: np.ndarray = LABELS) -> dict[s
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     partition.write(settings.model_dir, manifest)
     return manifest
+
+
+def write_population(settings: config.Settings, manifest: dict[str, Any] | None = None) -> Path:
+    """clients.json for `settings` and the plan's clients, as `fedsim.prepare` writes it."""
+    manifest = manifest or partition.read(settings.model_dir)
+    found = Population.build(settings, [c["id"] for c in manifest["clients"]])
+    return population_file.write(settings.model_dir, found)
 
 
 def tensors(

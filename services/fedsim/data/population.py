@@ -15,7 +15,7 @@ adding an attribute never changes the others. Per logical client:
 
 Speed and bandwidth are a `Spread`: a number, `lognormal:MU,SIGMA` (exp of a
 normal: mean exp(MU + SIGMA^2/2)), `uniform:LO,HI`, or `slow:FRACTION,FACTOR[,BASE]`:
-round(FRACTION x K) seeded clients are FACTOR times slower than BASE (speed: BASE
+FRACTION x K seeded clients (rounded, halves up) are FACTOR times slower than BASE (speed: BASE
 defaults to 1, slower is x FACTOR; bandwidth: BASE in bytes/s is needed, slower is
 / FACTOR).
 
@@ -91,7 +91,7 @@ class Spread:
             return rng.uniform(self.args[0], self.args[1], n)
         fraction, factor, base = self.args
         out = np.full(n, base)
-        slow = rng.choice(n, size=round(fraction * n), replace=False)
+        slow = rng.choice(n, size=int(fraction * n + 0.5), replace=False)  # halves round up
         out[slow] = base / factor if slower_divides else base * factor
         return out
 
