@@ -44,7 +44,32 @@ from typing import Any
 import numpy as np
 
 from fedsim.data.mnist import DataError
-from fedsim.data.spread import availability_setting, parse_spread
+from fedsim.data.spread import (  # the settings' forms, also importable from here
+    SPREAD_FORMS,
+    Spread,
+    availability_setting,
+    bandwidth_setting,
+    parse_spread,
+    speed_setting,
+)
+
+__all__ = [
+    "DAY",
+    "FILE",
+    "POPULATION_KEYS",
+    "SPREAD_FORMS",
+    "ClientProfile",
+    "Population",
+    "PopulationError",
+    "Spread",
+    "availability_setting",
+    "bandwidth_setting",
+    "drop_draw",
+    "parse_spread",
+    "population_settings",
+    "read_trace",
+    "speed_setting",
+]
 
 FILE = "clients.json"
 FORMAT = 1
