@@ -13,9 +13,9 @@ from helpers import write_plan, write_population, write_v0
 def prepared(make_settings, population: bool = True, **overrides: object):
     settings = make_settings(MODEL="mlp", **overrides)
     write_v0(settings.model_dir)
-    manifest = write_plan(settings)
+    write_plan(settings)
     if population:
-        write_population(settings, manifest)
+        write_population(settings)
     return settings
 
 
@@ -67,6 +67,6 @@ def test_a_corrupt_file_stops_the_start_with_its_fault(make_settings) -> None:
 def test_a_file_of_another_plan_is_refused(make_settings) -> None:
     settings = prepared(make_settings, DROPOUT="0.3")
     other = make_settings(MODEL="mlp", DROPOUT="0.3", CLIENT_SLICES="1-2 3-4 5-6 7-8")
-    write_population(other, {"clients": [{"id": f"client-{i}"} for i in range(1, 5)]})
+    write_population(other)  # four clients
     with pytest.raises(StartupError, match="has 4 clients, the partition plan 3"):
         persistence.load(settings, settings.aggregation)

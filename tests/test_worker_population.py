@@ -51,7 +51,8 @@ class SleepLog(FakeClock):
 def setup(make_settings, clock: FakeClock, **overrides: object):
     settings = make_settings(**{"MODEL": "mlp", "IDLE_SAVE_SECONDS": 0.2, **RUN, **overrides})
     write_v0(settings.model_dir)
-    write_population(settings, write_plan(settings))
+    write_plan(settings)
+    write_population(settings)
     write_tokens(settings)
 
     def make_app() -> Flask:

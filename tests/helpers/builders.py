@@ -11,8 +11,7 @@ import numpy as np
 from safetensors.numpy import save as st_save
 
 from fedsim import checkpoints, config, tokens, weights
-from fedsim.data import partition, population_file
-from fedsim.data.population import Population
+from fedsim.data import partition
 from fedsim.models import SHAPES
 
 # Stand-in training labels: digit i % 10 for image i. Plans made from them are real plans
@@ -46,11 +45,13 @@ def write_plan(settings: config.Settings, labels: np.ndarray = LABELS) -> dict[s
     return manifest
 
 
-def write_population(settings: config.Settings, manifest: dict[str, Any] | None = None) -> Path:
-    """clients.json for `settings` and the plan's clients, as `fedsim.prepare` writes it."""
-    manifest = manifest or partition.read(settings.model_dir)
-    found = Population.build(settings, [c["id"] for c in manifest["clients"]])
-    return population_file.write(settings.model_dir, found)
+def write_population(settings: config.Settings) -> Path:
+    """clients.json for `settings` and its plan's clients, as `fedsim.prepare` writes it."""
+    from fedsim.data import population_file
+    from fedsim.data.population import Population
+
+    ids = [f"client-{n}" for n in range(1, settings.logical_clients + 1)]
+    return population_file.write(settings.model_dir, Population.build(settings, ids))
 
 
 def tensors(
