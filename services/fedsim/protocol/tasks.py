@@ -96,7 +96,7 @@ class TrainTask:
     """
 
     kind: ClassVar[str] = "train"
-    OMITTED: ClassVar[tuple[str, ...]] = ("slice", "slices", "attack")
+    OMITTED: ClassVar[tuple[str, ...]] = ("slice", "slices", "attack", "run")
     id: str
     lease: str
     client: str
@@ -112,6 +112,7 @@ class TrainTask:
     attack: Attack | None = None  # only an attacker's tasks carry one
     worker: str = ""  # the short name of the worker it was given to
     timeout: float = 0.0  # TASK_TIMEOUT: the lease runs out after it
+    run: str | None = None  # the run's id: what a worker keeps across tasks is tagged with it
 
     @property
     def client_number(self) -> int:
@@ -143,6 +144,7 @@ class TrainTask:
             slice=optional(data, "slice", int),
             slices=optional(data, "slices", str),
             attack=None if attack is None else Attack.from_json(attack),
+            run=_run(data),
             **_task_tail(data),
         )
 
@@ -188,6 +190,13 @@ def _task_head(data: Mapping[str, Any]) -> tuple[str, str]:
     if not LEASE.fullmatch(lease):
         raise Invalid("bad_task", f"task {task_id}: its lease must be 1-64 hex digits")
     return task_id, lease
+
+
+def _run(data: Mapping[str, Any]) -> str | None:
+    run = optional(data, "run", str)
+    if run is not None and not (1 <= len(run) <= 64 and run.isascii() and run.isalnum()):
+        raise Invalid("bad_task", "a task's run must be 1-64 ASCII letters and digits")
+    return run
 
 
 def _task_tail(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -111,6 +111,7 @@ class Queue(Leases):
             attack=attack,
             worker=worker.name,
             timeout=self.task_timeout,
+            run=self.run,
         )
 
     def _training(self, worker: Worker, version: int, now: float, uid: str) -> Offer:
