@@ -57,13 +57,14 @@ class Residuals:
     ) -> dict[str, np.ndarray] | None:
         """The residual `task` of `client` starts from, or None (zero): see the module."""
         path = self.path(client)
+        # In memory: no folder, or this worker's last write of it failed (the newest it has).
         raw = self._memory.get(client)
-        where = f"residual of {client} in memory" if path is None else str(path)
-        if path is not None:
+        where = str(path) if raw is None and path is not None else f"residual of {client} in memory"
+        if raw is None and path is not None:
             try:
                 raw = path.read_bytes()
             except FileNotFoundError:
-                raw = self._memory.get(client)
+                return None
             except OSError as exc:
                 log.warning("%s cannot be read (%s): ignored, %s starts from 0", path, exc, client)
                 return None
