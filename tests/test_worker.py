@@ -207,10 +207,11 @@ def test_the_original_prompts_take_any_client_id_and_ask_again_on_a_bad_range(ma
     assert handstart.ask(make_settings(), lambda prompt: "", said.append) is None
 
 
-def test_a_hand_started_client_trains_its_range_outside_the_plan(make_settings):
+@pytest.mark.parametrize("codec", ["none", "int8", "topk"])
+def test_a_hand_started_client_trains_its_range_outside_the_plan(make_settings, codec):
     from fedsim.client import handstart, outbox
 
-    settings, adapter = setup(make_settings)
+    settings, adapter = setup(make_settings, COMPRESSION=codec)
     link = in_process_transport(adapter)
     link.session.headers["Authorization"] = f"Bearer {TYPED_TOKEN}"
     box = outbox.Outbox(

@@ -364,15 +364,11 @@ class State:
         """Publish checked `tensors` as the next version, made of `updates`. Caller holds _lock."""
         old = self.snapshot
         added = sum(u.num_samples for u in updates)
+        model, down = self.settings.model, self.settings.compression_down
         self.snapshot = new = Snapshot.of(
-            tensors,
-            old.version + 1,
-            old.samples + added,
-            self.settings.model,
-            self.settings.compression_down,
+            tensors, old.version + 1, old.samples + added, model, down
         )
-        # Kept for asynchronous rules that measure from an update's base, and for a codec
-        # that decodes a delta onto it (pipeline/compress.py).
+        # Kept for asynchronous rules and for a codec (pipeline/compress.py): an update's base.
         if getattr(self.strategy, "wants_base", False) or self.stages.wants_base:
             self._bases[old.version] = old
             while len(self._bases) > MAX_WAITING_EVALUATIONS:
