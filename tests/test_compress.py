@@ -294,6 +294,12 @@ def test_a_bad_compression_setting_is_one_line_naming_the_key(make_settings, key
     assert "\n" not in message
 
 
+def test_the_settings_offer_exactly_the_codecs() -> None:
+    from fedsim import settings_table
+
+    assert settings_table.CODECS == compress.CODECS
+
+
 def test_the_stage_runs_only_when_compression_is_on(make_settings) -> None:
     from fedsim import pipeline
 

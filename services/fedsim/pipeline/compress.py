@@ -39,7 +39,6 @@ feedback made longer than DP_CLIP.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,10 +52,7 @@ from fedsim.pipeline.checks import MAX_WEIGHT
 from fedsim.pipeline.residuals import Residuals
 from fedsim.settings import ConfigError
 
-log = logging.getLogger("fedsim.pipeline")
-
 CODECS = ("none", "fp16", "int8", "topk")
-DOWN_CODECS = ("none", "fp16")  # the served model: float32, or half precision
 SCALE, INDEX, VALUE = ":scale", ":index", ":value"  # suffixes of a codec's extra tensors
 MAX_SCALE = MAX_WEIGHT / 127  # an int8 scale beyond it decodes past MAX_WEIGHT
 DTYPES = {
