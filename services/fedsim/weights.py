@@ -9,7 +9,8 @@ and is stricter than the reference reader: every header field is checked before 
 byte of tensor data is looked at, so an unsupported dtype (BF16, F8, F4, ...) is
 refused from the header alone, and the only exception that ever leaves it is
 `WeightsError`: 400 for bytes that are not readable safetensors, 422 for readable
-tensors of a dtype other than F32. What is refused beyond the reference reader:
+tensors of a dtype other than F32 (or, for a compressed update, the codec's
+F16, I8 or I32: `decode(dtypes=...)`). What is refused beyond the reference reader:
 duplicated JSON keys (two parsers could pick different values), integers of more
 than 18 digits, nesting deeper than Python's recursion limit, JSON's non-standard
 NaN/Infinity, unknown entry fields, non-printable names, and metadata values that
