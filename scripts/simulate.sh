@@ -28,7 +28,7 @@ fi
 python=python3
 [ -x "$root/.venv/bin/python" ] && python=$root/.venv/bin/python
 # Paths given relative to where the user stands stay so after the cd below.
-for key in DATA_DIR MODEL_DIR FEDSIM_ENV_FILE; do
+for key in DATA_DIR MODEL_DIR WORKER_STATE_DIR FEDSIM_ENV_FILE; do
   value=${!key:-}
   if [ -n "$value" ] && [ "${value#/}" = "$value" ]; then
     export "$key=$PWD/$value"
@@ -52,16 +52,18 @@ if [ "$status" -ne 0 ]; then
   exit "$status"
 fi
 
-# The resolved address and plan, from the same settings the processes read.
-read -r port workers model_dir < <("$python" -c '
+# The resolved address and plan, from the same settings the processes read; the
+# workers' shared state (COMPRESSION=topk residuals) in the run's MODEL_DIR unless set.
+read -r port workers model_dir state_dir < <("$python" -c '
 import os
 from urllib.parse import urlparse
 from fedsim import config
 s = config.load()
 workers = len(s.client_slices) if s.partition == "slices" else min(os.cpu_count() or 1, s.per_round)
-print(urlparse(s.aggregator_url).port or 80, workers, s.model_dir)')
+state = s.worker_state_dir if "WORKER_STATE_DIR" in s.explicit else s.model_dir / "worker-state"
+print(urlparse(s.aggregator_url).port or 80, workers, s.model_dir, state)')
 clients=${clients:-$workers}
-export AGGREGATOR_URL="http://127.0.0.1:$port" BIND="127.0.0.1:$port"
+export AGGREGATOR_URL="http://127.0.0.1:$port" BIND="127.0.0.1:$port" WORKER_STATE_DIR="$state_dir"
 
 pids=()
 cleanup() {  # on Ctrl-C or an early exit: stop what this script started

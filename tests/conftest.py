@@ -52,6 +52,7 @@ def make_settings(tmp_path: Path) -> Callable[..., config.Settings]:
             "MODEL_DIR": str(tmp_path / "models"),
             "DATA_DIR": str(MNIST_DIR),
             "TOKENS_FILE": str(tmp_path / "secrets" / "tokens.json"),
+            "WORKER_STATE_DIR": str(tmp_path / "worker-state"),
         }
         environ.update({k: str(v) for k, v in overrides.items()})
         return config.load(environ=environ, env_file=tmp_path / "no.env")

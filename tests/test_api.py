@@ -189,3 +189,41 @@ def test_readers_see_whole_consistent_snapshots_under_concurrent_updates(client)
         t.join()
     assert errors == []
     assert client.get("/healthz").get_json()["version"] == 15
+
+
+# --- COMPRESSION_DOWN=fp16: the model in half precision, its own ETag ---------------------
+
+
+def test_fp16_model_has_its_own_etag_and_bytes(make_app) -> None:
+    client = make_app(COMPRESSION_DOWN="fp16").test_client()
+    assert post(client, upload(0.1)).status_code == 200
+    full = client.get("/v1/model")
+    half = client.get("/v1/model?encoding=fp16")
+    assert half.status_code == 200 and half.headers["X-Fedsim-Version"] == "1"
+    assert half.headers["ETag"] != full.headers["ETag"]
+    assert half.headers["ETag"].startswith('"1-')
+    got, meta = weights.decode(half.data, dtypes=("F16",))
+    assert meta == {"version": "1", "samples": "100", "model": "mlp", "encoding": "fp16"}
+    assert got["hidden1/kernel"].dtype == np.float16
+    assert np.array_equal(got["hidden1/kernel"], np.full((784, 200), 0.1, np.float16))
+    assert len(half.data) < len(full.data) / 1.99  # 2 bytes a weight, not 4, and the header
+    # Each ETag answers 304 for its own encoding only.
+    again = client.get("/v1/model?encoding=fp16", headers={"If-None-Match": half.headers["ETag"]})
+    assert again.status_code == 304
+    other = client.get("/v1/model", headers={"If-None-Match": half.headers["ETag"]})
+    assert other.status_code == 200
+
+
+def test_fp16_model_counts_its_own_bytes_sent(make_app) -> None:
+    app = make_app(COMPRESSION_DOWN="fp16")
+    client = app.test_client()
+    size = len(client.get("/v1/model?encoding=fp16").data)
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert f"fedsim_sent_bytes_total {float(size)}" in metrics
+
+
+def test_fp16_model_is_refused_without_compression_down_and_odd_encodings(client) -> None:
+    refused = client.get("/v1/model?encoding=fp16")
+    assert refused.status_code == 400 and "COMPRESSION_DOWN=fp16" in refused.get_json()["detail"]
+    odd = client.get("/v1/model?encoding=int8")
+    assert odd.status_code == 400 and odd.get_json()["error"] == "bad_encoding"

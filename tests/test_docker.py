@@ -445,3 +445,34 @@ def test_compose_run_with_central_dp_ends_with_epsilon_in_the_report(project, mn
     assert float(shown.group(1)) == pytest.approx(privacy["epsilon"], abs=1e-3)
     report = json.loads(next((p.folder / "reports").glob("evaluation-*.json")).read_text())
     assert report["privacy"]["epsilon"] == pytest.approx(privacy["epsilon"])
+
+
+def test_compose_run_with_topk_keeps_residuals_in_the_shared_volume(project, mnist_dir):
+    settings = {
+        "PARTITION": "iid",
+        "NUM_CLIENTS": "10",
+        "CLIENTS_PER_ROUND": "5",
+        "AGGREGATION": "fedavg",
+        "ROUNDS": "3",
+        "EPOCHS": "1",
+        "COMPRESSION": "topk",
+        "COMPRESSION_DOWN": "fp16",
+    }
+    p: Project = project(settings)
+    p.add_mnist(mnist_dir)
+    p.compose("up", "-d", "--build", "--scale", "client=2")
+    clients = p.wait_exited("client", 2)
+    assert [c["ExitCode"] for c in clients] == [0, 0], p.logs()
+    status = p.status()
+    assert (status["version"], status["updates"], status["finished"]) == (3, 15, True), status
+    logs = "".join(p.container_logs(c["Name"]) for c in clients)
+    assert len(re.findall(r" push  base \d+ -> version \d+ \(topk, \d+ bytes", logs)) == 15, logs
+    # Every update's body, compressed, as the aggregator counted it: far below float32's 797 kB.
+    metrics = _get(p, "/metrics")[1].decode()
+    received = float(re.search(r"^fedsim_received_bytes_total (\S+)", metrics, re.M).group(1))
+    assert received < 15 * 797_000 / 30, metrics
+    # The residuals live in the worker-state volume, one file per logical client trained.
+    listed = p.compose("run", "--rm", "--no-deps", "--entrypoint", "ls", "client", "/state")
+    files = sorted(listed.stdout.split())
+    trained = {c for e in json.loads(_get(p, "/v1/history")[1])["history"] for c in e["clients"]}
+    assert files == sorted(f"{c}.safetensors" for c in trained), (files, trained)

@@ -112,3 +112,47 @@ def test_three_workers_train_a_model_above_90_percent(tmp_path, mnist_dir):
     assert f"accuracy: {report['accuracy']:.4f}" in evaluation.stdout
     assert report["version"] == accepted
     assert report["accuracy"] >= 0.90
+
+
+@pytest.mark.slow
+def test_int8_updates_from_real_workers_are_each_applied(tmp_path, mnist_dir):
+    # 2 clients of one 3,000-image slice each, 2 slices in all, as int8 deltas.
+    env = environment(
+        tmp_path,
+        mnist_dir,
+        NUM_IMAGES_TRAIN="3000",
+        CLIENT_SLICES="1 2",
+        EPOCHS="1",
+        COMPRESSION="int8",
+        COMPRESSION_DOWN="fp16",
+    )
+    out = simulate(env, 2)
+    pushes = re.findall(r"push  base \d+ -> version \d+ \(int8, (\d+) bytes", out)
+    assert len(pushes) == 2 and all(int(n) < 797_000 / 3.9 for n in pushes)
+    final = checkpoints.load_newest(tmp_path / "models")
+    assert final.version == 2 and int(final.metadata["samples"]) == 6000
+    entries = history.read(tmp_path / "models")
+    assert entries[-1]["version"] == 2 and entries[-1]["accuracy"] > entries[0]["accuracy"]
+
+
+@pytest.mark.slow
+def test_topk_rounds_from_real_workers_keep_residuals_per_client(tmp_path, mnist_dir):
+    # 6 iid clients of 10,000 images, 3 a round for 2 rounds, the top 1% with error feedback.
+    env = environment(
+        tmp_path,
+        mnist_dir,
+        PARTITION="iid",
+        NUM_CLIENTS="6",
+        CLIENTS_PER_ROUND="3",
+        AGGREGATION="fedavg",
+        ROUNDS="2",
+        EPOCHS="1",
+        COMPRESSION="topk",
+    )
+    out = simulate(env, 2)
+    assert len(re.findall(r"push  base \d+ -> version \d+ \(topk, \d+ bytes", out)) == 6
+    assert re.search(r"round 2 closed \(all sampled clients\): 3 of 3 sampled clients", out)
+    assert checkpoints.load_newest(tmp_path / "models").version == 2
+    residuals = sorted(p.stem for p in (tmp_path / "models" / "worker-state").iterdir())
+    trained = {c for e in history.read(tmp_path / "models")[1:] for c in e["clients"]}
+    assert residuals == sorted(trained)

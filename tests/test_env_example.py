@@ -26,6 +26,7 @@ CONTAINER_VALUES = {
     "TLS_CA": "/certs/ca.pem",
     "DATA_DIR": "/data",
     "MODEL_DIR": "/models",
+    "WORKER_STATE_DIR": "/state",
     "TOKENS_FILE": "/run/secrets/fedsim/tokens.json",
 }
 FEDSIM_SERVICES = ("prepare", "aggregator", "client", "evaluate")
@@ -122,5 +123,7 @@ def test_compose_clients_scale(compose):
         "./data:/data:ro",
         "./secrets:/run/secrets/fedsim:ro",
         "./certs:/certs:ro",
+        "worker-state:/state",  # COMPRESSION=topk: the residuals, shared by every worker
     ]
+    assert "worker-state" in compose["volumes"]
     assert client["restart"].startswith("on-failure")

@@ -51,6 +51,8 @@ FIXED = {
     "MODEL_DIR": "/models",
     "TOKENS_FILE": "/run/secrets/fedsim-tokens",
 }
+# Fixed in the workers alone: the emptyDir their top-k residuals live in (COMPRESSION=topk).
+WORKER_FIXED = {"WORKER_STATE_DIR": "/state"}
 SECRET = "CLIENT_TOKEN"  # the workers read their token from the Secret, not the ConfigMap
 FROM_CPU_LIMIT = "TF_THREADS"
 SETTINGS_MAP = "fedsim-settings"
@@ -204,9 +206,11 @@ def test_configmap_holds_exactly_the_settings_users_set(docs):
     data = find(docs, "ConfigMap", SETTINGS_MAP)["data"]
     unknown = sorted(set(data) - config.KNOWN_KEYS)
     assert not unknown, f"not settings: {unknown}"
-    missing = sorted(config.KNOWN_KEYS - set(FIXED) - {FROM_CPU_LIMIT, SECRET} - set(data))
+    missing = sorted(
+        config.KNOWN_KEYS - set(FIXED) - set(WORKER_FIXED) - {FROM_CPU_LIMIT, SECRET} - set(data)
+    )
     assert not missing, f"{SETTINGS_MAP} lacks {missing}"
-    fixed_here = sorted((set(FIXED) | {FROM_CPU_LIMIT}) & set(data))
+    fixed_here = sorted((set(FIXED) | set(WORKER_FIXED) | {FROM_CPU_LIMIT}) & set(data))
     assert not fixed_here, f"fixed by the manifests, not the ConfigMap: {fixed_here}"
 
 
@@ -230,9 +234,10 @@ def test_every_fedsim_container_gets_the_settings_and_the_fixed_values(docs):
             continue
         sources = [s["configMapRef"]["name"] for s in c.get("envFrom", [])]
         assert sources == [SETTINGS_MAP], f"{workload}/{c['name']}: envFrom {sources}"
-        for key, value in FIXED.items():
+        fixed = {**FIXED, **(WORKER_FIXED if c["name"] == "client" else {})}
+        for key, value in fixed.items():
             assert env.get(key, {}).get("value") == value, f"{workload}/{c['name']}: {key}"
-        assert not set(env) - set(FIXED) - {FROM_CPU_LIMIT}, f"{workload}/{c['name']}: {env}"
+        assert not set(env) - set(fixed) - {FROM_CPU_LIMIT}, f"{workload}/{c['name']}: {env}"
         checked += 1
     assert checked == 4  # prepare, aggregator, data, client
 
@@ -243,8 +248,12 @@ def test_fixed_values_match_the_service_and_the_mounts(docs):
     assert url.hostname == service["metadata"]["name"]
     assert url.port == one(service["spec"]["ports"], "http")["port"]
     allowed = {FIXED["DATA_DIR"], FIXED["MODEL_DIR"], "/tmp", "/run/secrets"}
-    for workload, _, c in all_containers(docs):
-        assert set(mounts(c)) <= allowed, f"{workload}/{c['name']}: {sorted(mounts(c))}"
+    for workload, spec, c in all_containers(docs):
+        state = {WORKER_FIXED["WORKER_STATE_DIR"]} if c["name"] == "client" else set()
+        assert set(mounts(c)) <= allowed | state, f"{workload}/{c['name']}: {sorted(mounts(c))}"
+        if state:  # the workers' residuals: a writable volume of the pod's own
+            assert "emptyDir" in volume_for(spec, c, WORKER_FIXED["WORKER_STATE_DIR"])
+            assert not mounts(c)["/state"].get("readOnly")
 
 
 def test_tensorflow_threads_follow_the_worker_cpu_limit(docs):

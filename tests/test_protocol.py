@@ -117,6 +117,12 @@ def test_a_task_reads_and_writes_the_json_earlier_versions_sent(wire: dict) -> N
     assert task_from_json(task.to_json()) == task
 
 
+def test_a_tasks_run_id_round_trips() -> None:
+    task = task_from_json({**SAMPLED_TASK_JSON, "run": "0f1e2d3c4b5a6978"})
+    assert isinstance(task, TrainTask) and task.run == "0f1e2d3c4b5a6978"
+    assert task_from_json(task.to_json()) == task
+
+
 def test_a_slice_task_reads_as_typed_fields() -> None:
     task = task_from_json(SLICE_TASK_JSON)
     assert isinstance(task, TrainTask)
@@ -166,6 +172,8 @@ def bad(change: dict, drop: tuple[str, ...] = ()) -> dict:
         (bad({"attack": "scaled"}), "attack is missing or not an object"),
         (bad({"attack": {"kind": "noise", "scale": 1}}), "seed is missing or not an integer"),
         (bad({"timeout": "30"}), "timeout must be a number, got '30'"),
+        (bad({"run": "../x"}), "a task's run must be 1-64 ASCII letters and digits"),
+        (bad({"run": 7}), "run is missing or not a string"),
         (bad({"train": None}), "train is missing or not an object"),
         (bad({"train": {**SETTINGS.to_json(), "epochs": 0}}), "epochs must be an integer >= 1"),
         (

@@ -219,6 +219,15 @@ def test_leases_are_recognised_after_a_restart_through_the_key_file(tmp_path) ->
     assert refused.value.code == "not_leased"
 
 
+def test_every_task_carries_the_runs_id_the_same_after_a_restart(tmp_path) -> None:
+    key = tasks.lease_key(tmp_path)
+    first = take(queue(tasks.SampledQueue, plain(), key=key), "a")
+    again = take(queue(tasks.SampledQueue, plain(), key=tasks.lease_key(tmp_path)), "a")
+    other = take(queue(tasks.SampledQueue, plain()), "a")  # a new run: another key
+    assert first.run == again.run and len(first.run) == 16 and first.run not in key.hex()
+    assert other.run != first.run
+
+
 def test_a_broken_key_file_is_replaced(tmp_path) -> None:
     (tmp_path / "leases.key").write_text("not hex\n")
     key = tasks.lease_key(tmp_path)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
-from fedsim import tokens, weights
+from fedsim import models, tokens, weights
+from fedsim.pipeline import compress
 from helpers import (
     answer,
     ask,
@@ -23,6 +24,8 @@ from helpers import (
     tensors,
     upload,
 )
+
+LAYOUT = models.SHAPES["mlp"]
 
 # --- errors never change the model, version, samples or dedup set ---------------------
 
@@ -325,3 +328,62 @@ def test_a_lease_survives_a_restart(make_app) -> None:
         make_app(SAVE_MODEL=1, MODEL_DIR=str(model_dir(app))).test_client(), answer(task, 1.0)
     )
     assert repeat.status_code == 200 and repeat.get_json()["duplicate"] is True
+
+
+# --- compressed uploads (COMPRESSION): decoded onto their base, every bound re-checked ---
+
+
+def compressed(codec: str, fill: float = 0.01, **meta: object) -> bytes:
+    """A worker's body under COMPRESSION=`codec` for a delta of `fill` from version 0 (zeros)."""
+    delta = tensors("mlp", fill)
+    return upload(tensors_=compress.encode(codec, delta, 0.01), codec=codec, wire=True, **meta)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8", "topk"])
+def test_a_compressed_update_is_decoded_onto_its_base(make_app, codec: str) -> None:
+    client = make_app(COMPRESSION=codec).test_client()
+    response = post(client, compressed(codec, 0.25, num_samples=100))
+    assert response.status_code == 200, response.get_json()
+    got, _ = weights.decode(client.get("/v1/model").data)
+    delta = compress.decode(codec, compress.encode(codec, tensors("mlp", 0.25), 0.01), LAYOUT, 0.01)
+    for name, _ in LAYOUT:  # version 0 is zeros; the first update of async-weighted is the model
+        np.testing.assert_array_equal(got[name], delta[name])
+
+
+def _int8_with(name: str, value: np.ndarray) -> bytes:
+    wire = {**compress.encode("int8", tensors("mlp", 0.01)), name: value}
+    return upload(update_id="bad", tensors_=wire, codec="int8", wire=True)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        (_int8_with("output/bias:scale", np.float32(np.inf)), 422, "tensor output/bias:scale"),
+        (_int8_with("output/bias", np.full(10, -128, np.int8)), 422, "tensor output/bias holds"),
+        (_int8_with("output/bias", np.zeros(10, np.int32)), 422, "is I32, expected F32 or I8"),
+        (upload(update_id="bad", codec="fp16"), 422, "the upload says codec 'fp16'"),
+        (upload(update_id="bad"), 422, "the upload says codec none"),
+        (compressed("int8", update_id="bad", base_version=7), 409, "base version 7"),
+        (compressed("int8", update_id="bad")[:-3], 400, "the body holds"),
+    ],
+    ids=["scale-inf", "code-128", "int32-codes", "other-codec", "uncompressed", "no-base", "cut"],
+)
+def test_a_bad_compressed_upload_changes_nothing(make_app, body, status, detail) -> None:
+    client = make_app(COMPRESSION="int8").test_client()
+    post(client, compressed("int8", num_samples=100))
+    before = served(client)
+    response = post(client, body)
+    assert response.status_code == status
+    assert detail in response.get_json()["detail"]
+    assert served(client) == before
+    ok = post(client, compressed("int8", update_id="bad", base_version=1))
+    assert ok.get_json()["version"] == 2  # the refused id was not remembered
+
+
+def test_topk_over_its_fraction_is_refused(make_app) -> None:
+    client = make_app(COMPRESSION="topk", COMPRESSION_TOPK="0.001").test_client()
+    before = served(client)
+    response = post(client, compressed("topk"))  # made with 0.01: ten times the entries
+    assert response.status_code == 422
+    assert "entries, at most" in response.get_json()["detail"]
+    assert served(client) == before

@@ -7,6 +7,7 @@ whose weights say which task made them. Several workers run in threads.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from flask import Flask
 
-from fedsim import checkpoints, tfruntime
+from fedsim import checkpoints, tfruntime, weights
 from fedsim.aggregator import history, tasks
 from fedsim.aggregator.app import create_app
 from fedsim.client.transport import ProtocolError
@@ -206,10 +207,11 @@ def test_the_original_prompts_take_any_client_id_and_ask_again_on_a_bad_range(ma
     assert handstart.ask(make_settings(), lambda prompt: "", said.append) is None
 
 
-def test_a_hand_started_client_trains_its_range_outside_the_plan(make_settings):
+@pytest.mark.parametrize("codec", ["none", "int8", "topk"])
+def test_a_hand_started_client_trains_its_range_outside_the_plan(make_settings, codec):
     from fedsim.client import handstart, outbox
 
-    settings, adapter = setup(make_settings)
+    settings, adapter = setup(make_settings, COMPRESSION=codec)
     link = in_process_transport(adapter)
     link.session.headers["Authorization"] = f"Bearer {TYPED_TOKEN}"
     box = outbox.Outbox(
@@ -404,3 +406,64 @@ def test_the_worker_imports_nothing_from_the_aggregator():
                 else:
                     continue
                 assert not any(n.startswith("fedsim.aggregator") for n in names), path.name
+
+
+# --- compressed updates: every update applied, the codec and bytes logged ------------------
+
+
+def pushed_bytes(workers: list[Worker]) -> int:
+    return sum(w.summary.counts.bytes_pushed for w in workers)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8", "topk"])
+def test_a_compressed_run_applies_every_update(make_settings, caplog, codec) -> None:
+    settings, adapter = setup(make_settings, COMPRESSION=codec, COMPRESSION_DOWN="fp16")
+    with caplog.at_level(logging.INFO):
+        workers = run_workers(settings, adapter, 3)
+    s = status(adapter)
+    assert (s["version"], s["updates"], s["samples"], s["finished"]) == (12, 12, 60000, True)
+    assert sum(w.summary.counts.pushes_accepted for w in workers) == 12
+    assert re.search(
+        rf"push  base \d+ -> version \d+ \({codec}, \d+ bytes, retries 0\)", caplog.text
+    )
+    assert re.search(r"pull  version \d+ \(fp16, \d+ bytes", caplog.text)
+    assert "bytes pushed" in workers[0].summary.line("worker-1", 1.0)
+
+
+def test_int8_and_topk_send_far_fewer_bytes_than_float32(make_settings, tmp_path) -> None:
+    sizes = {}
+    for codec in ("none", "int8", "topk"):
+        folder = tmp_path / codec
+        settings, adapter = setup(
+            make_settings,
+            COMPRESSION=codec,
+            MODEL_DIR=str(folder / "models"),
+            WORKER_STATE_DIR=str(folder / "state"),
+        )
+        workers = run_workers(settings, adapter, 3)
+        assert status(adapter)["updates"] == 12
+        sizes[codec] = pushed_bytes(workers)
+    assert sizes["none"] / sizes["int8"] >= 3.9
+    assert sizes["none"] / sizes["topk"] >= 30  # COMPRESSION_TOPK=0.01
+
+
+def test_topk_residuals_follow_each_client_in_the_shared_folder(make_settings) -> None:
+    settings, adapter = setup(
+        make_settings,
+        COMPRESSION="topk",
+        AGGREGATION="fedavg",
+        PARTITION="shards",
+        NUM_CLIENTS=20,
+        CLIENTS_PER_ROUND=5,
+        ROUNDS=3,
+    )
+    workers = run_workers(settings, adapter, 2)
+    assert status(adapter)["updates"] == 15
+    trained = {c for w in workers for c in w.summary.clients}
+    files = {p.stem: p for p in settings.worker_state_dir.iterdir()}
+    assert set(files) == trained
+    run = adapter.app.extensions["fedsim"].queue.run  # the run id every task carried
+    assert len(run) == 16
+    for client, path in files.items():
+        _, meta = weights.decode(path.read_bytes(), dtypes=("F32", "I32"))
+        assert (meta["client"], meta["run"]) == (client, run)

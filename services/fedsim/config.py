@@ -123,6 +123,7 @@ class Settings:
     aggregator_url: str
     data_dir: Path
     model_dir: Path
+    worker_state_dir: Path
     data_verify: bool
     mnist_mirrors: tuple[str, ...]
     tf_threads: int
@@ -139,6 +140,9 @@ class Settings:
     dp_clip_lr: float
     dp_clip_count_noise: float
     dp_epsilon_budget: float
+    compression: str
+    compression_topk: float
+    compression_down: str
     tls: bool
     tls_ca: Path | None
     tokens_file: Path
@@ -340,4 +344,7 @@ def _check_combinations(s: Settings) -> None:
     from fedsim.pipeline.dp import check_settings  # DP against the rule and the attack
 
     check_settings(s)  # first: a rule DP refuses needs no advice on its own settings
+    from fedsim.pipeline import compress  # COMPRESSION against what cannot carry it
+
+    compress.check_settings(s)
     rules.check(s)  # the rule's own, against the rest (Krum's n > 2f + 2)

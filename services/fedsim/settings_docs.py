@@ -33,14 +33,16 @@ COMPOSE_FIXED = {
     "TLS_CA": ("/certs/ca.pem", "the ./certs bind mount"),
     "DATA_DIR": ("/data", "the ./data bind mount"),
     "MODEL_DIR": ("/models", "the models volume"),
+    "WORKER_STATE_DIR": ("/state", "the worker-state volume"),
     "TOKENS_FILE": ("/run/secrets/fedsim/tokens.json", "the ./secrets bind mount"),
 }
-# Not in the ConfigMap: the manifests fix the first four (the Service, the mounts) and
+# Not in the ConfigMap: the manifests fix the first five (the Service, the mounts) and
 # TF_THREADS (each worker's CPU limit); workers read CLIENT_TOKEN from the tokens Secret.
 KUBE_LEFT_OUT = (
     "AGGREGATOR_URL",
     "DATA_DIR",
     "MODEL_DIR",
+    "WORKER_STATE_DIR",
     "TOKENS_FILE",
     "TF_THREADS",
     "CLIENT_TOKEN",
@@ -73,9 +75,9 @@ KUBE_HEADER = f"""\
 # retrying it.
 #
 # Not here, because the manifests fix them: AGGREGATOR_URL (the Service),
-# DATA_DIR, MODEL_DIR and TOKENS_FILE (the mount points), and TF_THREADS (each
-# worker's CPU limit; see client-job.yaml). CLIENT_TOKEN is not here either: the
-# workers read their token from the tokens Secret.
+# DATA_DIR, MODEL_DIR, WORKER_STATE_DIR and TOKENS_FILE (the mount points), and
+# TF_THREADS (each worker's CPU limit; see client-job.yaml). CLIENT_TOKEN is not
+# here either: the workers read their token from the tokens Secret.
 #
 # Settings are read when a container starts: after editing, reset the run (see
 # README.md beside this file), since partitions.json and version 0 are made from

@@ -32,6 +32,7 @@ OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("slices", "iid", "shards", "dirichlet")
 ATTACKS = ("none", "label-flip", "scaled", "noise")  # fedsim.pipeline.attacks.KINDS and none
 DP_MODES = ("off", "central", "local")  # fedsim.pipeline.dp
+CODECS = ("none", "fp16", "int8", "topk")  # fedsim.pipeline.compress.CODECS
 DEFAULT_SLICES = "1-4 5-8 9-12"  # CLIENT_SLICES when empty: three clients of four slices
 
 
@@ -206,6 +207,18 @@ GROUPS: tuple[Group, ...] = (
         ),
     ),
     Group(
+        "Compressed updates (docs/compression.md)",
+        (
+            Setting("COMPRESSION", "none", choice(*CODECS),
+                "how a worker sends its update w - w_t: none (float32), fp16, int8 (a scale per"
+                " tensor), topk (the largest entries, with error feedback)"),
+            Setting("COMPRESSION_TOPK", "0.01", number(0, 1, above=True),
+                "topk: the fraction of each tensor's entries sent (k = ceil(fraction x size))"),
+            Setting("COMPRESSION_DOWN", "none", choice("none", "fp16"),
+                "how workers download the model to train from: none (float32) or fp16"),
+        ),
+    ),
+    Group(
         "TLS",
         (
             Setting("TLS", "false", boolean,
@@ -267,6 +280,9 @@ GROUPS: tuple[Group, ...] = (
             Setting("MODEL_DIR", "models", path,
                 "checkpoints, partitions.json and the history (Compose: the"
                 " models volume at /models)"),
+            Setting("WORKER_STATE_DIR", "worker-state", path,
+                "COMPRESSION=topk: the residual of each logical client, shared by the workers"
+                " (Compose: the worker-state volume at /state)"),
         ),
         "For scripts/simulate.sh and the Python commands run on the host: compose.yaml sets"
         " the container values itself, so these cannot break the containers.",

@@ -9,7 +9,8 @@ and is stricter than the reference reader: every header field is checked before 
 byte of tensor data is looked at, so an unsupported dtype (BF16, F8, F4, ...) is
 refused from the header alone, and the only exception that ever leaves it is
 `WeightsError`: 400 for bytes that are not readable safetensors, 422 for readable
-tensors of a dtype other than F32. What is refused beyond the reference reader:
+tensors of a dtype other than F32 (or, for a compressed update, the codec's
+F16, I8 or I32: `decode(dtypes=...)`). What is refused beyond the reference reader:
 duplicated JSON keys (two parsers could pick different values), integers of more
 than 18 digits, nesting deeper than Python's recursion limit, JSON's non-standard
 NaN/Infinity, unknown entry fields, non-printable names, and metadata values that
@@ -82,10 +83,33 @@ class _Refused(ValueError):
     """Raised from inside the JSON parser's hooks; becomes WeightsError(400)."""
 
 
-def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, object]) -> bytes:
-    """safetensors bytes; tensors are stored as float32, metadata values as strings."""
+# A compressed update's dtypes (fedsim.pipeline.compress): the numpy dtype of each, and
+# its size in bytes. Only F32 is read unless a caller allows more (`decode(dtypes=...)`).
+WIRE = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "I8": np.dtype("i1"),
+    "I32": np.dtype("<i4"),
+}
+_KEPT = frozenset({"f2", "i1", "i4"})  # kind and size of the dtypes `encode(wire=True)` keeps
+
+
+def encode(
+    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, object], *, wire: bool = False
+) -> bytes:
+    """safetensors bytes; tensors are stored as float32, metadata values as strings.
+
+    With `wire`, tensors already of a `WIRE` dtype (a codec's float16, int8, int32) keep it.
+    """
+
+    def stored(value: np.ndarray) -> np.ndarray:
+        array = np.asarray(value)
+        if wire and f"{array.dtype.kind}{array.dtype.itemsize}" in _KEPT:
+            return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        return np.asarray(value, dtype=np.float32, order="C")
+
     return save(
-        {k: np.asarray(v, dtype=np.float32, order="C") for k, v in tensors.items()},
+        {k: stored(v) for k, v in tensors.items()},
         metadata={k: str(v) for k, v in metadata.items()},
     )
 
@@ -95,22 +119,29 @@ def read_header(data: bytes) -> dict:
     return _header(data)[0]
 
 
-def decode(data: bytes, *, max_value: int = MAX_METADATA_VALUE) -> tuple[Tensors, dict[str, str]]:
+def decode(
+    data: bytes,
+    *,
+    max_value: int = MAX_METADATA_VALUE,
+    dtypes: frozenset[str] | tuple[str, ...] = ("F32",),
+) -> tuple[Tensors, dict[str, str]]:
     """Float32 tensors and string metadata from safetensors bytes.
 
-    Raises WeightsError: 422 when a tensor's dtype is not F32 (decided from the header),
-    400 for anything else unreadable. Metadata values longer than `max_value` are refused.
-    The arrays returned are writable copies, independent of `data`.
+    Raises WeightsError: 422 when a tensor's dtype is not one of `dtypes` (F32 alone unless
+    a codec allows more of `WIRE`; decided from the header), 400 for anything else
+    unreadable. Metadata values longer than `max_value` are refused. The arrays returned
+    are writable copies, independent of `data`, in native byte order.
     """
     header, start = _header(data)
     metadata = _metadata(header.pop("__metadata__", None), max_value)
-    entries = [_entry(name, info) for name, info in header.items()]
-    _check_coverage(entries, len(data) - start)
+    entries = [_entry(name, info, dtypes) for name, info in header.items()]
+    _check_coverage([(n, s, b, e) for n, s, b, e, _ in entries], len(data) - start)
     tensors = {}
-    for name, shape, begin, end in entries:
-        count = (end - begin) // 4
-        flat = np.frombuffer(data, dtype="<f4", count=count, offset=start + begin)
-        tensors[name] = flat.astype(np.float32).reshape(shape)  # astype copies
+    for name, shape, begin, end, dtype in entries:
+        wire = WIRE[dtype]
+        count = (end - begin) // wire.itemsize
+        flat = np.frombuffer(data, dtype=wire, count=count, offset=start + begin)
+        tensors[name] = flat.astype(wire.newbyteorder("=")).reshape(shape)  # astype copies
     return tensors, metadata
 
 
@@ -209,8 +240,10 @@ def _metadata(raw: object, max_value: int) -> dict[str, str]:
     return raw
 
 
-def _entry(name: str, info: object) -> tuple[str, tuple[int, ...], int, int]:
-    """(name, shape, begin, end) of one header entry, checked. Raises WeightsError."""
+def _entry(
+    name: str, info: object, dtypes: frozenset[str] | tuple[str, ...] = ("F32",)
+) -> tuple[str, tuple[int, ...], int, int, str]:
+    """(name, shape, begin, end, dtype) of one header entry, checked. Raises WeightsError."""
     if not 1 <= len(name) <= MAX_NAME or not name.isprintable():
         raise WeightsError(
             400, f"tensor name {quote(name)} must be 1-{MAX_NAME} printable characters"
@@ -228,8 +261,9 @@ def _entry(name: str, info: object) -> tuple[str, tuple[int, ...], int, int]:
         raise WeightsError(400, f"tensor {name} dtype is {_kind(dtype)}, expected a string")
     if dtype not in DTYPES:
         raise WeightsError(400, f"tensor {name} has unknown dtype {quote(dtype)}")
-    if dtype != "F32":
-        raise WeightsError(422, f"tensor {name} is {dtype}, expected F32")
+    if dtype not in dtypes or dtype not in WIRE:
+        expected = " or ".join(d for d in WIRE if d in dtypes)
+        raise WeightsError(422, f"tensor {name} is {dtype}, expected {expected}")
     if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_natural(d) for d in shape)):
         raise WeightsError(
             400,
@@ -248,14 +282,14 @@ def _entry(name: str, info: object) -> tuple[str, tuple[int, ...], int, int]:
             f" got {_brief(offsets)}",
         )
     begin, end = offsets
-    needed = 4 * math.prod(shape)
+    needed = WIRE[dtype].itemsize * math.prod(shape)
     if end - begin != needed:
         raise WeightsError(
             400,
             f"tensor {name} of shape {shape} needs {needed} bytes,"
             f" its data_offsets span {end - begin}",
         )
-    return name, tuple(shape), begin, end
+    return name, tuple(shape), begin, end, dtype
 
 
 def _check_coverage(entries: list[tuple[str, tuple[int, ...], int, int]], size: int) -> None:

@@ -101,9 +101,11 @@ def upload(
     base_version: int = 0,
     num_samples: int = 100,
     tensors_: dict[str, np.ndarray] | None = None,
+    wire: bool = False,
     **extra: object,
 ) -> bytes:
-    """The body of a POST /v1/updates; `extra` adds or (with None) drops metadata."""
+    """The body of a POST /v1/updates; `extra` adds or (with None) drops metadata; `wire`
+    keeps a codec's dtypes (float16, int8, int32) as a compressing worker sends them."""
     meta: dict[str, object] = {
         "client_id": client_id,
         "update_id": update_id or uuid.uuid4().hex,
@@ -116,7 +118,9 @@ def upload(
     }
     meta.update(extra)
     meta = {k: v for k, v in meta.items() if v is not None}
-    return weights.encode(tensors_ if tensors_ is not None else tensors(model, fill), meta)
+    return weights.encode(
+        tensors_ if tensors_ is not None else tensors(model, fill), meta, wire=wire
+    )
 
 
 def st_bytes(arrays: dict[str, np.ndarray], **meta: object) -> bytes:

@@ -14,7 +14,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from fedsim.aggregator import history, uploads
+from fedsim.aggregator import history, intake, uploads
 from fedsim.aggregator.state import State
 from fedsim.aggregator.strategies import Refused
 from fedsim.protocol import Ask, Dropout, Evaluation, Invalid, digits, valid_id, worker_id
@@ -156,9 +156,22 @@ def healthz() -> Response:
 
 @bp.get("/v1/model")
 def model() -> Response:
-    """The global model; `?version=N` a past version kept for its evaluation."""
+    """The global model; `?version=N` a past version kept for its evaluation;
+    `?encoding=fp16` in half precision (COMPRESSION_DOWN=fp16), with its own ETag."""
     state = _state()
     snap = state.poll()
+    encoding = request.args.get("encoding", "float32")
+    if encoding not in ("float32", "fp16"):
+        return error(
+            400, "bad_encoding", f"encoding must be float32 or fp16, got {encoding[:20]!r}"
+        )
+    if encoding == "fp16" and state.settings.compression_down != "fp16":
+        return error(
+            400,
+            "bad_encoding",
+            "this aggregator serves fp16 only under COMPRESSION_DOWN=fp16: give the workers "
+            "and the aggregator the same setting",
+        )
     raw = request.args.get("version")
     if raw is not None:
         wanted = digits(raw)
@@ -174,12 +187,13 @@ def model() -> Response:
                 404, "unknown_version", f"version {wanted} is not served (current: {snap.version})"
             )
         snap = kept
-    if request.if_none_match.contains(snap.etag):
+    body, etag = snap.encoded(encoding)
+    if request.if_none_match.contains(etag):
         response = Response(status=304)
     else:
-        response = Response(snap.body, mimetype="application/octet-stream")
-        state.metrics.bytes_sent(len(snap.body))
-    response.set_etag(snap.etag)
+        response = Response(body, mimetype="application/octet-stream")
+        state.metrics.bytes_sent(len(body))  # the bytes on the wire, in this encoding
+    response.set_etag(etag)
     response.headers["X-Fedsim-Version"] = str(snap.version)
     response.headers["Cache-Control"] = "no-cache"  # revalidate: the model changes
     return response
@@ -270,7 +284,12 @@ def post_update() -> Response:
     if len(body) > limit:
         return _refused(413, "too_large", f"body is over MAX_UPDATE_BYTES={limit}")
     try:
-        update = uploads.parse(body, state.stages.receive)
+        update = uploads.parse(
+            body,
+            state.stages.receive,
+            find_base=lambda version: intake.model_of(state, version),
+            dtypes=state.stages.dtypes,
+        )
     except uploads.BadUpdate as exc:
         return _refused(exc.status, exc.code, exc.detail)
     token = g.get("token")

@@ -104,6 +104,13 @@ def accept(
     _flush_if_done(core, now)
 
 
+def model_of(core: Core, version: int) -> Tensors | None:
+    """The weights of `version` (in memory, else its checkpoint), or None: what a compressed
+    update is decoded onto (uploads.py). Reads no more than `_base_of`, outside the lock."""
+    found = _base_of(core, version)
+    return None if found is None else found.tensors
+
+
 def _base_of(core: Core, version: int) -> Global | None:
     """The version an update was trained from: in memory, else its checkpoint file
     (after a restart), else None (the rule then measures from the current model)."""

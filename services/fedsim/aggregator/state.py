@@ -74,7 +74,9 @@ class State:
         self.privacy = privacy.Privacy.of(settings)  # the DP accountant; None when DP is off
         self.strategy, self.queue = persistence.restore(settings, start, clock=clock, wall=wall)
         ckpt = start.checkpoint
-        self.snapshot = Snapshot.of(ckpt.tensors, ckpt.version, start.samples, settings.model)
+        self.snapshot = Snapshot.of(
+            ckpt.tensors, ckpt.version, start.samples, settings.model, settings.compression_down
+        )
         # Updates a buffering rule (fedbuff) took but has not applied yet, and the recent
         # versions it may need as the base an update was trained from.
         self.held: list[Update] = [
@@ -378,10 +380,12 @@ class State:
         """Publish checked `tensors` as the next version, made of `updates`. Caller holds _lock."""
         old = self.snapshot
         added = sum(u.num_samples for u in updates)
+        model, down = self.settings.model, self.settings.compression_down
         self.snapshot = new = Snapshot.of(
-            tensors, old.version + 1, old.samples + added, self.settings.model
+            tensors, old.version + 1, old.samples + added, model, down
         )
-        if getattr(self.strategy, "wants_base", False):  # only asynchronous rules have it
+        # Kept for asynchronous rules and for a codec (pipeline/compress.py): an update's base.
+        if getattr(self.strategy, "wants_base", False) or self.stages.wants_base:
             self._bases[old.version] = old
             while len(self._bases) > MAX_WAITING_EVALUATIONS:
                 self._bases.popitem(last=False)

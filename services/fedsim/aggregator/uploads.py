@@ -31,11 +31,19 @@ class BadUpdate(Exception):
         super().__init__(detail)
 
 
-def parse(body: bytes, receive: Callable[[Tensors], Tensors]) -> Update:
-    """The update in `body`, through the pipeline's receive stages (`Pipeline.receive`, whose
-    validate stage checks the model's layout). Raises BadUpdate."""
+def parse(
+    body: bytes,
+    receive: Callable[[Tensors, pipeline.Upload], Tensors],
+    *,
+    find_base: Callable[[int], Tensors | None] = lambda version: None,
+    dtypes: frozenset[str] | tuple[str, ...] = ("F32",),
+) -> Update:
+    """The update in `body`, through the pipeline's receive stages (`Pipeline.receive`: a
+    codec decodes onto the model `find_base` gives for the update's base version, then
+    the validate stage checks the model's layout). `dtypes`: the safetensors dtypes a body
+    may hold (F32, and a codec's). Raises BadUpdate."""
     try:
-        tensors, header = weights.decode(body)
+        tensors, header = weights.decode(body, dtypes=dtypes)
     except weights.WeightsError as exc:
         code = "unreadable" if exc.status == 400 else "invalid_weights"
         raise BadUpdate(exc.status, code, exc.reason) from None
@@ -43,10 +51,12 @@ def parse(body: bytes, receive: Callable[[Tensors], Tensors]) -> Update:
         meta = UpdateMeta.from_json(header, max_samples=TRAIN_IMAGES)
     except Invalid as exc:
         raise BadUpdate(exc.status, exc.code, exc.detail) from None
+    upload = pipeline.Upload(meta.stages, meta.base_version, find_base)
     try:
-        tensors = receive(tensors)  # validate first: layout, float32, finite, bounded
+        tensors = receive(tensors, upload)  # decoded, then validated: layout, finite, bounded
     except pipeline.Rejected as exc:
-        raise BadUpdate(422, "invalid_weights", exc.reason) from None
+        code = "stale" if exc.status == 409 else "invalid_weights"
+        raise BadUpdate(exc.status, code, exc.reason) from None
     return Update(
         meta.client_id,
         meta.update_id,

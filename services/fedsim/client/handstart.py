@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fedsim import pipeline
 from fedsim.client.outbox import Outbox
 from fedsim.client.transport import Transport
 from fedsim.client.worker import AggregatorUnreachable, Learner, LocalModel, Summary
@@ -75,6 +76,8 @@ def run(
         learning_rate=settings.learning_rate,
         optimizer=settings.optimizer,
     )
+    stages = pipeline.build(settings)  # COMPRESSION: its delta is encoded like a worker's
+    base = model.tensors  # the global version pulled last: what a delta is measured from
     pull_next = True
     for slice_no in range(typed.first, typed.last + 1):
         if pull_next:
@@ -83,6 +86,7 @@ def run(
             summary.counts.retries += pulled.retries
             if pulled.tensors is not None:
                 model = LocalModel(pulled.version or 0, pulled.etag, pulled.tensors)
+                base = pulled.tensors
                 log.info("%s slice %d pull  version %d", name, slice_no, model.version)
             elif not pulled.ok:
                 summary.pulls_failed += 1
@@ -103,9 +107,13 @@ def run(
             trained.accuracy,
             trained.seconds,
         )
+        update_id = uuid.uuid4().hex
+        assert base is not None
+        fields = {"client": name, "id": update_id, "base_version": model.version}
+        sent = stages.worker(pipeline.Outgoing(base, tensors, fields))
         meta = UpdateMeta(
             client_id=name,
-            update_id=uuid.uuid4().hex,
+            update_id=update_id,
             base_version=model.version,
             num_samples=trained.samples,
             slice=str(slice_no),
@@ -113,8 +121,9 @@ def run(
             loss=trained.loss if math.isfinite(trained.loss) else None,
             accuracy=trained.accuracy if math.isfinite(trained.accuracy) else None,
             retries=summary.counts.retries,
+            stages=dict(sent.meta),
         )
-        pushed = outbox.push(tensors, meta)
+        pushed = outbox.push(dict(sent.tensors), meta)
         # After a failed push the weights hold work the aggregator lacks: keep training
         # on them rather than overwrite them with the global model.
         pull_next = pushed.accepted

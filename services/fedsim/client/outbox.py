@@ -41,6 +41,8 @@ class Counts:
     repushed: int = 0
     retries: int = 0
     unconfirmed: int = 0
+    bytes_pushed: int = 0  # update bodies the aggregator answered, as sent (compressed)
+    bytes_pulled: int = 0  # model bodies downloaded
 
 
 def describe(client_id: str, slice_no: object = None, round_no: int | None = None) -> str:
@@ -80,6 +82,7 @@ class Outbox:
         or unsent updates are kept."""
         pushed = self.transport.push(tensors, meta)
         self.counts.retries += pushed.retries
+        self.counts.bytes_pushed += pushed.bytes
         what, base = _what(meta), meta.base_version
         if pushed.accepted:
             self.counts.pushes_accepted += 1
@@ -92,11 +95,13 @@ class Outbox:
                 else ""
             )
             log.info(
-                "%s %s push  base %s -> version %s (retries %d)%s%s",
+                "%s %s push  base %s -> version %s (%s, %d bytes, retries %d)%s%s",
                 self.name,
                 what,
                 base,
                 pushed.version,
+                meta.stages.get("codec", "float32"),
+                pushed.bytes,
                 pushed.retries,
                 shown,
                 note,
@@ -170,6 +175,7 @@ class Outbox:
         meta = item.meta
         pushed = self.transport.push(item.tensors, meta)
         self.counts.retries += pushed.retries
+        self.counts.bytes_pushed += pushed.bytes
         if pushed.accepted:
             self.counts.repushed += 0 if pushed.duplicate else 1
             self.last_accepted = self.clock()

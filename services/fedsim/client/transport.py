@@ -72,6 +72,7 @@ class Pulled:
     error: str = ""
     etag: str = ""
     not_modified: bool = False
+    bytes: int = 0  # the body's size on the wire
 
     @property
     def ok(self) -> bool:
@@ -109,6 +110,7 @@ class Pushed:
     finished: bool = False
     detail: str = ""
     seq: int | None = None  # the update's sequence number; None while a round holds it
+    bytes: int = 0  # the body's size on the wire (compressed, when a codec runs)
 
 
 @dataclass(frozen=True)
@@ -230,14 +232,17 @@ class Transport:
             raise self._refuse("GET", "/v1/status", outcome.response)
         return self._answer("GET", "/v1/status", outcome.response)
 
-    def pull(self, *, etag: str = "", version: int | None = None) -> Pulled:
-        """The global model with its metadata (version, samples, model).
+    def pull(self, *, etag: str = "", version: int | None = None, fp16: bool = False) -> Pulled:
+        """The global model with its metadata (version, samples, model), as float32.
 
         With `etag` (of the copy held) a 304 answers that it is still current;
-        with `version` a past version kept for its evaluation (404 when it is not).
+        with `version` a past version kept for its evaluation (404 when it is not);
+        with `fp16` in half precision (COMPRESSION_DOWN=fp16), widened here.
         """
         headers = {"If-None-Match": f'"{etag}"'} if etag else {}
-        params = {"version": version} if version is not None else None
+        params: dict[str, Any] = {"version": version} if version is not None else {}
+        if fp16:
+            params["encoding"] = "fp16"
         outcome = self._call("GET", "/v1/model", headers=headers, params=params)
         response = outcome.response
         if response is None:
@@ -249,8 +254,9 @@ class Transport:
             return Pulled(outcome.retries, error=f"version {version} is no longer served")
         if response.status_code != 200:
             raise self._refuse("GET", "/v1/model", response)
-        tensors, metadata = weights.decode(response.content)
-        return Pulled(outcome.retries, tensors, metadata, etag=served)
+        tensors, metadata = weights.decode(response.content, dtypes=("F16",) if fp16 else ("F32",))
+        tensors = {name: t.astype(np.float32, copy=False) for name, t in tensors.items()}
+        return Pulled(outcome.retries, tensors, metadata, etag=served, bytes=len(response.content))
 
     def hello(self, worker: str) -> dict[str, Any] | None:
         """Introduce this worker: its short name and how many workers are live, or None."""
@@ -306,7 +312,7 @@ class Transport:
 
     def push(self, tensors: Tensors, meta: UpdateMeta) -> Pushed:
         """Upload an update. The body, and so its update_id, is the same on every try."""
-        body = weights.encode(tensors, meta.to_json())
+        body = weights.encode(tensors, meta.to_json(), wire=True)  # a codec's dtypes kept
         outcome = self._call(
             "POST",
             "/v1/updates",
@@ -325,6 +331,7 @@ class Transport:
                 duplicate=bool(answer.get("duplicate", False)),
                 status=200,
                 seq=answer.get("seq"),
+                bytes=len(body),
             )
         if response.status_code == 409:
             answer = _json_or_empty(response)
@@ -335,6 +342,7 @@ class Transport:
                 status=409,
                 finished=bool(answer.get("finished", False)),
                 detail=str(answer.get("detail") or answer.get("error") or ""),
+                bytes=len(body),
             )
         raise self._refuse("POST", "/v1/updates", response)
 

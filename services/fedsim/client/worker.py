@@ -81,7 +81,8 @@ class Summary:
             f"{f', {self.dropped} dropped' if self.dropped else ''}, pushes "
             f"{c.pushes_accepted} accepted {c.pushes_failed} failed {c.pushes_refused} refused, "
             f"pulls {self.pulls_failed} failed, re-pushed {c.repushed}{unconfirmed}, "
-            f"{c.retries} retries, {seconds:.1f}s"
+            f"{c.retries} retries, bytes pushed {c.bytes_pushed} pulled {c.bytes_pulled}, "
+            f"{seconds:.1f}s"
         )
 
 
@@ -97,6 +98,7 @@ class LocalModel:
     version: int = -1
     etag: str = ""
     tensors: dict[str, np.ndarray] | None = None
+    fp16: bool = False  # pulled in half precision (COMPRESSION_DOWN=fp16), widened
 
 
 class Worker:
@@ -270,8 +272,10 @@ class Worker:
     def _ensure_model(self, version: int, what: str) -> None:
         """Make the worker's copy the current model, downloading only when stale: the ETag
         (version and digest) says, also when a restart made this version from other weights."""
-        pulled = self.transport.pull(etag=self.model.etag)
+        fp16 = self.settings.compression_down == "fp16"
+        pulled = self.transport.pull(etag=self.model.etag, fp16=fp16)
         self.summary.counts.retries += pulled.retries
+        self.summary.counts.bytes_pulled += pulled.bytes
         if not pulled.ok:
             self.summary.pulls_failed += 1
             log.warning(
@@ -289,12 +293,14 @@ class Worker:
             return
         assert pulled.tensors is not None
         self._check_layout(pulled.tensors)
-        self.model = LocalModel(pulled.version or 0, pulled.etag, pulled.tensors)
+        self.model = LocalModel(pulled.version or 0, pulled.etag, pulled.tensors, fp16)
         log.info(
-            "%s %s pull  version %d (retries %d)",
+            "%s %s pull  version %d (%s, %d bytes, retries %d)",
             self.name,
             what,
             self.model.version,
+            "fp16" if fp16 else "float32",
+            pulled.bytes,
             pulled.retries,
         )
 
@@ -369,11 +375,13 @@ class Worker:
     def _evaluate(self, task: EvalTask) -> None:
         assert self.learner is not None
         version = task.version
-        if self.model.version == version and self.model.tensors is not None:
+        # A version is scored in float32, also when training pulls it in half precision.
+        if self.model.version == version and self.model.tensors is not None and not self.model.fp16:
             tensors = self.model.tensors
         else:
             pulled = self.transport.pull(version=version)
             self.summary.counts.retries += pulled.retries
+            self.summary.counts.bytes_pulled += pulled.bytes
             if pulled.tensors is None:
                 log.warning(
                     "%s evaluate version %d: could not get it (%s)",

@@ -79,6 +79,7 @@ class LocalEngine:
             "DATA_DIR": self.data_dir,
             "MODEL_DIR": str(job.folder / "models"),
             "TOKENS_FILE": str(job.folder / "models" / "tokens.json"),
+            "WORKER_STATE_DIR": str(job.folder / "worker-state"),  # COMPRESSION=topk residuals
             "AGGREGATOR_URL": f"http://127.0.0.1:{free_port()}",
             **job.settings,
             "RUN_LABEL": job.label,
@@ -176,6 +177,7 @@ class LocalEngine:
             load_end=load(),
         )
         shutil.rmtree(model_dir, ignore_errors=True)  # checkpoints: megabytes a run
+        shutil.rmtree(env["WORKER_STATE_DIR"], ignore_errors=True)  # top-k residuals likewise
         return raw
 
     @staticmethod

@@ -2,9 +2,9 @@
 from the rule to the served model, as an ordered list of stages.
 
 ```
-worker:      [relabel] -> train -> delta -> attack -> clip -> local noise -> [compress]
+worker:      [relabel] -> train -> delta -> attack -> clip -> local noise -> compress
              -> [mask] -> push
-aggregator:  receive -> validate -> [unmask, per round] -> [decompress]
+aggregator:  receive -> decompress onto the base -> validate -> [unmask, per round]
              -> clip re-check, per round -> equal-weight mean + central noise, per round
              -> rule.aggregate -> finite -> publish
 ```
@@ -22,12 +22,13 @@ aggregator.
 | clip | clip.py | clip w - w_t to DP_CLIP; DP=local: then noise | none |
 | dp | dp.py | none | gather: clip every update again, equal-weight mean, central noise |
 | validate | checks.py | none | layout, float32, finite, abs(w) <= MAX_WEIGHT |
+| compress | compress.py | encode w - w_t (fp16, int8, top-k with error feedback) | check the codec's bounds, decode onto the base |
 | finite | checks.py | none | the aggregate finite and bounded |
 """
 
 from __future__ import annotations
 
-from fedsim.pipeline.base import Outgoing, Rejected, Stage
+from fedsim.pipeline.base import Outgoing, Rejected, Stage, Upload
 from fedsim.pipeline.checks import MAX_WEIGHT, check_update, publishable
 from fedsim.pipeline.registry import REGISTRY, Pipeline, build, names, parse_names, stage_class
 
@@ -38,6 +39,7 @@ __all__ = [
     "Pipeline",
     "Rejected",
     "Stage",
+    "Upload",
     "build",
     "check_update",
     "names",

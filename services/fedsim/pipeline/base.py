@@ -6,7 +6,8 @@ its input through), so a stage overrides only where it acts:
 
 - worker: `relabel` before training (data poisoning), `worker` after it (the
   update's weights on their way to the push);
-- aggregator: `receive` for each update before the rule (outside the lock),
+- aggregator: `decode` then `receive` for each update before the rule (outside the
+  lock; `decode` also sees the upload's metadata and its base model: a codec),
   `gather` for a round's batch, with the round's base model (what only the whole
   round can undo, e.g. masks; the clip re-check and central DP noise),
   `publish` for the aggregate after the rule.
@@ -17,7 +18,7 @@ rule's is: JSON-friendly `state_dict` and float32 `tensor_state`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
@@ -27,11 +28,33 @@ Tensors = Mapping[str, np.ndarray]
 
 
 class Rejected(ValueError):
-    """Weights a stage refuses: `reason` in one line, `tensor` the one at fault if one is."""
+    """Weights a stage refuses: `reason` in one line, `tensor` the one at fault if one is;
+    `status` the HTTP status an upload gets (422 invalid; 409 its base is gone)."""
 
-    def __init__(self, reason: str, tensor: str | None = None) -> None:
-        self.reason, self.tensor = reason, tensor
+    def __init__(self, reason: str, tensor: str | None = None, status: int = 422) -> None:
+        self.reason, self.tensor, self.status = reason, tensor, status
         super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What the aggregator knows of a received update beside its tensors, for `decode`."""
+
+    meta: Mapping[str, str] = field(default_factory=dict)  # the stages' fields (a codec's name)
+    base_version: int = 0
+    # The model of base_version, or None when the aggregator no longer has it.
+    find_base: Callable[[int], Tensors | None] = lambda version: None
+
+    def base(self) -> Tensors:
+        """The model the update was trained from; Rejected (409) when it is gone."""
+        found = self.find_base(self.base_version)
+        if found is None:
+            raise Rejected(
+                f"base version {self.base_version} is no longer kept here: a compressed "
+                "update cannot be decoded without it; pull the model and train again",
+                status=409,
+            )
+        return found
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,8 @@ class Stage:
     """One step of the pipeline. Subclass, set `name`, override the sides it acts on."""
 
     name: ClassVar[str]
+    dtypes: frozenset[str] = frozenset()  # safetensors dtypes its uploads use beyond F32
+    wants_base: ClassVar[bool] = False  # `decode` needs the base model (recent versions kept)
 
     @classmethod
     def from_settings(cls, settings: Any) -> Self | None:
@@ -72,6 +97,11 @@ class Stage:
         return update
 
     # --- aggregator side --------------------------------------------------------------
+
+    def decode(self, tensors: Tensors, upload: Upload) -> Tensors:
+        """One pushed update's tensors as the stages before it sent them (a codec undone),
+        before `receive`; raises Rejected."""
+        return tensors
 
     def receive(self, tensors: Tensors) -> Tensors:
         """One pushed update's weights, checked or decoded; raises Rejected."""

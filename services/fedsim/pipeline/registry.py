@@ -18,13 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.pipeline.base import Outgoing, Stage, Tensors
+from fedsim.pipeline.base import Outgoing, Stage, Tensors, Upload
 
 REGISTRY: dict[str, str] = {
     "attack": "fedsim.pipeline.attacks:Attack",
     "clip": "fedsim.pipeline.clip:Clip",  # DP: the worker clips, then (DP=local) noises
     "dp": "fedsim.pipeline.dp:CentralNoise",  # DP: on gather, re-clip, mean, central noise
     "validate": "fedsim.pipeline.checks:Validate",
+    # After validate: on receive (reversed) the codec is decoded first, then validated.
+    "compress": "fedsim.pipeline.compress:Compress",
     "finite": "fedsim.pipeline.checks:Finite",
 }
 
@@ -91,9 +93,20 @@ class Pipeline:
 
     # --- aggregator: receive (reversed) -> gather (reversed) -> rule -> publish --------
 
-    def receive(self, tensors: Tensors) -> Tensors:
+    @property
+    def dtypes(self) -> frozenset[str]:
+        """The safetensors dtypes an upload may hold: F32, and what a codec sends."""
+        return frozenset({"F32"}).union(*(stage.dtypes for stage in self.stages))
+
+    @property
+    def wants_base(self) -> bool:
+        """Whether a stage decodes an update onto its base (recent versions are kept)."""
+        return any(stage.wants_base for stage in self.stages)
+
+    def receive(self, tensors: Tensors, upload: Upload | None = None) -> Tensors:
+        upload = upload or Upload()
         for stage in reversed(self.stages):
-            tensors = stage.receive(tensors)
+            tensors = stage.receive(stage.decode(tensors, upload))
         return tensors
 
     def gather(self, batch: Sequence[Tensors], base: Tensors, round_no: int) -> Sequence[Tensors]:

@@ -140,7 +140,7 @@ class TrainTask:
     """
 
     kind: ClassVar[str] = "train"
-    OMITTED: ClassVar[tuple[str, ...]] = ("slice", "slices", "attack", "profile", "attempt")
+    OMITTED: ClassVar[tuple[str, ...]] = ("slice", "slices", "attack", "profile", "attempt", "run")
     id: str
     lease: str
     client: str
@@ -159,6 +159,7 @@ class TrainTask:
     # The client's population profile; None (absent): everyone equal, always there.
     profile: Profile | None = None
     attempt: int | None = None  # how often the task was given before and dropped; None: 0
+    run: str | None = None  # the run's id: what a worker keeps across tasks is tagged with it
 
     @property
     def client_number(self) -> int:
@@ -194,6 +195,7 @@ class TrainTask:
             slice=optional(data, "slice", int),
             slices=optional(data, "slices", str),
             attack=None if attack is None else Attack.from_json(attack),
+            run=_run(data),
             **_task_tail(data),
             profile=None if profile is None else Profile.from_json(profile),
             attempt=attempt,
@@ -241,6 +243,13 @@ def _task_head(data: Mapping[str, Any]) -> tuple[str, str]:
     if not LEASE.fullmatch(lease):
         raise Invalid("bad_task", f"task {task_id}: its lease must be 1-64 hex digits")
     return task_id, lease
+
+
+def _run(data: Mapping[str, Any]) -> str | None:
+    run = optional(data, "run", str)
+    if run is not None and not (1 <= len(run) <= 64 and run.isascii() and run.isalnum()):
+        raise Invalid("bad_task", "a task's run must be 1-64 ASCII letters and digits")
+    return run
 
 
 def _task_tail(data: Mapping[str, Any]) -> dict[str, Any]:

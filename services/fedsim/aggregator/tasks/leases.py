@@ -143,6 +143,13 @@ class Leases:
         out, self._expired = self._expired, []
         return out
 
+    @property
+    def run(self) -> str:
+        """This run's public id, 16 hex digits derived from the lease key (which it does not
+        reveal): the same after a restart, another in a new run. Workers tag state kept
+        across tasks with it (pipeline/residuals.py)."""
+        return hmac.new(self._key, b"fedsim run id", hashlib.sha256).hexdigest()[:16]
+
     def _sign(self, task_id: str, nonce: str) -> str:
         mac = hmac.new(self._key, f"{task_id}\n{nonce}".encode(), hashlib.sha256)
         return mac.hexdigest()[: 2 * _MAC]

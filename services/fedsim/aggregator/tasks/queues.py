@@ -115,6 +115,7 @@ class Queue(Leases):
             timeout=self.task_timeout,
             profile=self.profiles.get(client.id),
             attempt=self.attempts.get(task_id) or None,
+            run=self.run,
         )
 
     def _training(self, worker: Worker, version: int, now: float, uid: str) -> Offer:
