@@ -5,16 +5,19 @@
 `slow:FRACTION,FACTOR[,BASE]` (a share of the clients FACTOR times slower than BASE);
 `AVAILABILITY` is always, diurnal[:FRACTION] or trace:FILE. Each parser raises ValueError
 saying what is allowed, which the settings turn into one line naming the key. The draws
-themselves are `fedsim.data.population`'s. Only numpy here, so the settings table can
-import it.
+themselves are `fedsim.data.population`'s. The settings table imports this module, and
+building the table imports no numpy (a test checks it), so numpy is imported where a
+draw needs it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 SPREAD_FORMS = "a number, lognormal:MU,SIGMA, uniform:LO,HI or slow:FRACTION,FACTOR[,BASE]"
 
@@ -33,6 +36,8 @@ class Spread:
     def draw(self, n: int, rng: np.random.Generator, *, slower_divides: bool) -> np.ndarray:
         """n values, float64. `slower_divides`: a slow client's value is BASE / FACTOR
         (a rate, bandwidth) rather than BASE x FACTOR (a time multiplier, speed)."""
+        import numpy as np
+
         if self.kind == "fixed":
             return np.full(n, self.args[0])
         if self.kind == "lognormal":
