@@ -139,6 +139,9 @@ class Settings:
     dp_clip_lr: float
     dp_clip_count_noise: float
     dp_epsilon_budget: float
+    secagg: bool
+    secagg_threshold: int
+    secagg_key_file: Path
     tls: bool
     tls_ca: Path | None
     tokens_file: Path
@@ -190,6 +193,11 @@ class Settings:
     def count_noise(self) -> float:
         """DP_CLIP_COUNT_NOISE resolved: 0 means m / 20 (Andrew et al. 2021)."""
         return self.dp_clip_count_noise or self.per_round / 20
+
+    @property
+    def secagg_t(self) -> int:
+        """SECAGG_THRESHOLD resolved: 0 means ceil(2/3 of CLIENTS_PER_ROUND)."""
+        return self.secagg_threshold or max(1, -(-2 * self.per_round // 3))
 
     @property
     def evaluate_every(self) -> int:
@@ -333,4 +341,7 @@ def _check_combinations(s: Settings) -> None:
     from fedsim.pipeline.dp import check_settings  # DP against the rule and the attack
 
     check_settings(s)  # first: a rule DP refuses needs no advice on its own settings
+    from fedsim.pipeline.secagg.settings import check_settings as check_secagg
+
+    check_secagg(s)  # secure aggregation against the rule, DP, attacks, compression
     rules.check(s)  # the rule's own, against the rest (Krum's n > 2f + 2)

@@ -82,10 +82,17 @@ class _Refused(ValueError):
     """Raised from inside the JSON parser's hooks; becomes WeightsError(400)."""
 
 
-def encode(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, object]) -> bytes:
-    """safetensors bytes; tensors are stored as float32, metadata values as strings."""
+# The dtypes read and written: float32 weights, and secure aggregation's masked words.
+NUMPY = {"F32": np.dtype("<f4"), "U64": np.dtype("<u8")}
+
+
+def encode(
+    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, object], *, dtype: str = "F32"
+) -> bytes:
+    """safetensors bytes; tensors are stored as `dtype` (float32), metadata values as strings."""
+    kind = NUMPY[dtype]
     return save(
-        {k: np.asarray(v, dtype=np.float32, order="C") for k, v in tensors.items()},
+        {k: np.asarray(v, dtype=kind, order="C") for k, v in tensors.items()},
         metadata={k: str(v) for k, v in metadata.items()},
     )
 
@@ -95,22 +102,26 @@ def read_header(data: bytes) -> dict:
     return _header(data)[0]
 
 
-def decode(data: bytes, *, max_value: int = MAX_METADATA_VALUE) -> tuple[Tensors, dict[str, str]]:
-    """Float32 tensors and string metadata from safetensors bytes.
+def decode(
+    data: bytes, *, max_value: int = MAX_METADATA_VALUE, dtype: str = "F32"
+) -> tuple[Tensors, dict[str, str]]:
+    """Float32 tensors (`dtype`="U64": uint64, masked inputs) and string metadata from
+    safetensors bytes.
 
-    Raises WeightsError: 422 when a tensor's dtype is not F32 (decided from the header),
+    Raises WeightsError: 422 when a tensor's dtype is not `dtype` (decided from the header),
     400 for anything else unreadable. Metadata values longer than `max_value` are refused.
     The arrays returned are writable copies, independent of `data`.
     """
     header, start = _header(data)
     metadata = _metadata(header.pop("__metadata__", None), max_value)
-    entries = [_entry(name, info) for name, info in header.items()]
+    kind = NUMPY[dtype]
+    entries = [_entry(name, info, dtype) for name, info in header.items()]
     _check_coverage(entries, len(data) - start)
     tensors = {}
     for name, shape, begin, end in entries:
-        count = (end - begin) // 4
-        flat = np.frombuffer(data, dtype="<f4", count=count, offset=start + begin)
-        tensors[name] = flat.astype(np.float32).reshape(shape)  # astype copies
+        count = (end - begin) // kind.itemsize
+        flat = np.frombuffer(data, dtype=kind, count=count, offset=start + begin)
+        tensors[name] = flat.astype(kind.newbyteorder("=")).reshape(shape)  # astype copies
     return tensors, metadata
 
 
@@ -129,6 +140,19 @@ def validate(tensors: Mapping[str, np.ndarray], layout: Layout) -> None:
             raise WeightsError(422, f"tensor {name} has shape {tensor.shape}, expected {shape}")
         if not np.isfinite(tensor).all():
             raise WeightsError(422, f"tensor {name} contains NaN or infinity")
+
+
+def check_layout(tensors: Mapping[str, np.ndarray], layout: Layout) -> None:
+    """Check names and shapes alone (any dtype) against a layout. Raises WeightsError(422)."""
+    expected = dict(layout)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise WeightsError(422, f"wrong tensor names: missing {missing}, unexpected {extra}")
+    for name, shape in layout:
+        if tensors[name].shape != shape:
+            got = tensors[name].shape
+            raise WeightsError(422, f"tensor {name} has shape {got}, expected {shape}")
 
 
 def layout_of(tensors: Mapping[str, np.ndarray]) -> Layout:
@@ -209,7 +233,7 @@ def _metadata(raw: object, max_value: int) -> dict[str, str]:
     return raw
 
 
-def _entry(name: str, info: object) -> tuple[str, tuple[int, ...], int, int]:
+def _entry(name: str, info: object, wanted: str = "F32") -> tuple[str, tuple[int, ...], int, int]:
     """(name, shape, begin, end) of one header entry, checked. Raises WeightsError."""
     if not 1 <= len(name) <= MAX_NAME or not name.isprintable():
         raise WeightsError(
@@ -228,8 +252,8 @@ def _entry(name: str, info: object) -> tuple[str, tuple[int, ...], int, int]:
         raise WeightsError(400, f"tensor {name} dtype is {_kind(dtype)}, expected a string")
     if dtype not in DTYPES:
         raise WeightsError(400, f"tensor {name} has unknown dtype {quote(dtype)}")
-    if dtype != "F32":
-        raise WeightsError(422, f"tensor {name} is {dtype}, expected F32")
+    if dtype != wanted:
+        raise WeightsError(422, f"tensor {name} is {dtype}, expected {wanted}")
     if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_natural(d) for d in shape)):
         raise WeightsError(
             400,
@@ -248,7 +272,7 @@ def _entry(name: str, info: object) -> tuple[str, tuple[int, ...], int, int]:
             f" got {_brief(offsets)}",
         )
     begin, end = offsets
-    needed = 4 * math.prod(shape)
+    needed = NUMPY[wanted].itemsize * math.prod(shape)
     if end - begin != needed:
         raise WeightsError(
             400,

@@ -57,3 +57,26 @@ def weighted_mean(
     """The plain weighted mean in float64, the reference."""
     total = sum(weights[u] for u in among)
     return sum(weights[u] * np.asarray(inputs[u], np.float64) for u in among) / total
+
+
+class SmallLearner:
+    """A fake learner whose trained weights are small (within fixed point's clip range):
+    every weight becomes (first sample index mod 1000) / 1000, so each client's update is
+    known. `trained` maps the first index to that value."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        from helpers.fakes import FakeLearner
+
+        self._inner = FakeLearner(labels=labels)
+        self.labels = labels
+        self.trained: dict[int, float] = {}
+
+    def train(self, tensors, indices, settings, seed, *, labels=None):
+        out, trained = self._inner.train(tensors, indices, settings, seed, labels=labels)
+        first = int(np.asarray(indices)[0])
+        value = (first % 1000) / 1000
+        self.trained[first] = value
+        return {name: np.full(t.shape, value, np.float32) for name, t in out.items()}, trained
+
+    def evaluate(self, tensors):
+        return self._inner.evaluate(tensors)

@@ -126,6 +126,9 @@ class Recorder:
         """Differential privacy's epsilon at DP_DELTA after the rounds closed (inf: no bound)."""
 
     # Checkpoints.
+    def secagg_round(self, masked_in: int, recovered: int, nbytes: int, seconds: float) -> None:
+        """A round closed by secure aggregation: clients in, dropouts recovered, its costs."""
+
     def checkpoint_written(self, seconds: float) -> None:
         """A checkpoint was written in `seconds`."""
 

@@ -81,7 +81,7 @@ class Clients:
         record["last_seen"] = stamp
         record["base_version"] = update.base_version
         record["staleness"] = max(0, staleness)
-        for key in ("slices", "slice", "loss", "accuracy", "retries"):
+        for key in ("slices", "slice", "loss", "accuracy", "retries", "secagg"):
             if key in update.meta:
                 record[key] = update.meta[key]
 

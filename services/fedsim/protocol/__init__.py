@@ -17,6 +17,7 @@ worker is given; reports.py what it sends.
 
 from fedsim.protocol.base import Invalid, client_id, client_number, digits, valid_id
 from fedsim.protocol.reports import Ask, Evaluation, UpdateMeta, worker_id
+from fedsim.protocol.secagg import Masking, SecaggReport, SecaggTask
 from fedsim.protocol.tasks import (
     Attack,
     EvalTask,
@@ -33,7 +34,10 @@ __all__ = [
     "EvalTask",
     "Evaluation",
     "Invalid",
+    "Masking",
     "Offer",
+    "SecaggReport",
+    "SecaggTask",
     "Task",
     "TrainSettings",
     "TrainTask",

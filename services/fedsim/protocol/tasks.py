@@ -9,15 +9,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from fedsim.protocol.base import (
-    LEASE,
     Invalid,
     client_number,
     count,
     optional,
     record_json,
+    task_head,
+    task_tail,
     typed,
-    valid_id,
 )
+from fedsim.protocol.secagg import Masking, SecaggTask
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class TrainTask:
     """
 
     kind: ClassVar[str] = "train"
-    OMITTED: ClassVar[tuple[str, ...]] = ("slice", "slices", "attack")
+    OMITTED: ClassVar[tuple[str, ...]] = ("slice", "slices", "attack", "secagg")
     id: str
     lease: str
     client: str
@@ -112,6 +113,7 @@ class TrainTask:
     attack: Attack | None = None  # only an attacker's tasks carry one
     worker: str = ""  # the short name of the worker it was given to
     timeout: float = 0.0  # TASK_TIMEOUT: the lease runs out after it
+    secagg: Masking | None = None  # SECAGG=true: mask the update (protocol/secagg.py)
 
     @property
     def client_number(self) -> int:
@@ -124,11 +126,12 @@ class TrainTask:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TrainTask:
-        task_id, lease = _task_head(data)
+        task_id, lease = task_head(data)
         client = typed(data, "client", str)
         if client_number(client) is None:
             raise Invalid("bad_task", f"task {task_id} names {client!r:.40}, not client-N")
         attack = optional(data, "attack", dict)
+        masking = optional(data, "secagg", dict)
         return cls(
             id=task_id,
             lease=lease,
@@ -143,7 +146,8 @@ class TrainTask:
             slice=optional(data, "slice", int),
             slices=optional(data, "slices", str),
             attack=None if attack is None else Attack.from_json(attack),
-            **_task_tail(data),
+            secagg=None if masking is None else Masking.from_json(masking),
+            **task_tail(data),
         )
 
 
@@ -163,11 +167,11 @@ class EvalTask:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> EvalTask:
-        task_id, lease = _task_head(data)
-        return cls(task_id, lease, count(data, "version"), **_task_tail(data))
+        task_id, lease = task_head(data)
+        return cls(task_id, lease, count(data, "version"), **task_tail(data))
 
 
-Task = TrainTask | EvalTask
+Task = TrainTask | EvalTask | SecaggTask
 
 
 def task_from_json(data: Mapping[str, Any]) -> Task:
@@ -177,24 +181,9 @@ def task_from_json(data: Mapping[str, Any]) -> Task:
         return TrainTask.from_json(data)
     if kind == EvalTask.kind:
         return EvalTask.from_json(data)
+    if kind == SecaggTask.kind:
+        return SecaggTask.from_json(data)
     raise Invalid("bad_task", f"a task of unknown kind {kind!r:.40}")
-
-
-def _task_head(data: Mapping[str, Any]) -> tuple[str, str]:
-    task_id = typed(data, "id", str)
-    if not valid_id(task_id):
-        raise Invalid("bad_task", "a task id must be 1-128 characters, none of them control")
-    lease = typed(data, "lease", str)
-    if not LEASE.fullmatch(lease):
-        raise Invalid("bad_task", f"task {task_id}: its lease must be 1-64 hex digits")
-    return task_id, lease
-
-
-def _task_tail(data: Mapping[str, Any]) -> dict[str, Any]:
-    timeout = data.get("timeout") or 0.0
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise Invalid("bad_task", f"timeout must be a number, got {timeout!r:.40}")
-    return {"worker": str(data.get("worker") or ""), "timeout": float(timeout)}
 
 
 @dataclass(frozen=True)
