@@ -80,3 +80,100 @@ class SmallLearner:
 
     def evaluate(self, tensors):
         return self._inner.evaluate(tensors)
+
+
+# --- the service driven by hand through Flask's test client --------------------------------
+
+SECAGG = {
+    "AGGREGATION": "fedavg",
+    "PARTITION": "iid",
+    "NUM_CLIENTS": 10,
+    "CLIENTS_PER_ROUND": 5,
+    "ROUNDS": 1,
+    "SECAGG": "true",
+    "TASK_TIMEOUT": 10,
+    "ROUND_TIMEOUT": 100,
+}
+
+
+def value_of(client: str) -> float:
+    """The value every weight of `client`'s trained model takes: distinct per client."""
+    return int(client.split("-")[1]) / 100 + 0.0137
+
+
+class Driver:
+    """Plays the workers: asks for tasks and answers them, except the (client, phase) pairs
+    in `drop` ("keys", "shares", "masked", "unmask"), which it takes and never answers."""
+
+    def __init__(self, client, key_file, drop=()) -> None:
+        from fedsim.client.secagg import SecaggWorker
+        from fedsim.pipeline.secagg.stage import Mask
+
+        self.client, self.drop = client, set(drop)
+        self.phases = SecaggWorker(key_file, transport=None)  # type: ignore[arg-type]
+        self.mask = Mask(key_file)
+        self.answered: list[tuple[str, str]] = []
+        self.sent: dict[str, np.ndarray] = {}  # client -> the plain model it trained
+
+    def step(self, worker: str = "wk-1") -> dict | None:
+        """Ask once and answer; the offer's task, or None when there was none."""
+        offer = self.client.post("/v1/tasks", json={"worker": worker}).get_json()
+        task = offer.get("task")
+        if task is None or task["kind"] == "evaluate":
+            return task
+        phase = task.get("phase", "masked")
+        if (task["client"], phase) in self.drop:
+            return task
+        response = self.answer(task, worker)
+        assert response.status_code == 200, response.get_json()
+        self.answered.append((task["client"], phase))
+        return task
+
+    def answer(self, task: dict, worker: str = "wk-1"):
+        from fedsim.protocol import SecaggReport, SecaggTask
+
+        if task["kind"] == "secagg":
+            parsed = SecaggTask.from_json(task)
+            message = self.phases.message(parsed)
+            report = SecaggReport(
+                worker, parsed.id, parsed.lease, parsed.nonce, parsed.phase, message
+            )
+            return self.client.post("/v1/secagg", json=report.to_json())
+        return self.client.post("/v1/secagg/masked", data=self.masked_body(task, worker))
+
+    def masked_body(self, task: dict, worker: str = "wk-1") -> bytes:
+        from fedsim import models, weights
+        from fedsim.pipeline.base import Outgoing
+
+        base = {n: np.zeros(s, np.float32) for n, s in models.SHAPES["mlp"]}
+        trained = {
+            n: np.full(b.shape, value_of(task["client"]), np.float32) for n, b in base.items()
+        }
+        self.sent[task["client"]] = trained
+        out = self.mask.worker(Outgoing(base, trained, task))
+        meta = {"task": task["id"], "lease": task["lease"], "nonce": task["secagg"]["nonce"],
+                "client_id": task["client"], "worker": worker}  # fmt: skip
+        return weights.encode(out.tensors, meta, dtype="U64")
+
+    def run(self, clock, limit: int = 200) -> None:
+        """Ask and answer until the run is finished; when nothing is offered, let the
+        clock pass TASK_TIMEOUT (a dropped client's lease runs out)."""
+        for _ in range(limit):
+            offer = self.client.post("/v1/tasks", json={"worker": "wk-1"}).get_json()
+            if offer.get("finished"):
+                return
+            task = offer.get("task")
+            if task is None:
+                clock.advance(11)
+                continue
+            if task["kind"] == "evaluate":
+                self.client.post("/v1/evaluations", json={"worker": "wk-1", "task": task["id"],
+                                 "lease": task["lease"], "accuracy": 0.5, "loss": 1.0})  # fmt: skip
+                continue
+            phase = task.get("phase", "masked")
+            if (task["client"], phase) in self.drop:
+                continue
+            response = self.answer(task)
+            assert response.status_code == 200, response.get_json()
+            self.answered.append((task["client"], phase))
+        raise AssertionError("the run did not finish")

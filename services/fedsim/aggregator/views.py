@@ -143,6 +143,9 @@ def status(core: Core) -> dict[str, Any]:
         "last_checkpoint": dict(core.ledger.last_checkpoint),
         # Differential privacy (aggregator/privacy.py): epsilon so far; None when DP is off.
         "privacy": privacy.status_of(core),
+        # Secure aggregation (aggregator/tasks/secagg.py): phase, attempt, the last rounds'
+        # clients masked in, dropouts recovered, protocol bytes and seconds; None when off.
+        "secagg": queue_status.pop("secagg", None),
     }
 
 

@@ -15,12 +15,13 @@ def flat(tensors: Mapping[str, np.ndarray]) -> np.ndarray:
 
 def unflat(vector: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`vector` cut into the shapes of `like` (sorted name order), in `like`'s order."""
+    total = sum(int(np.prod(np.shape(t))) for t in like.values())
+    if total != len(vector):
+        raise ValueError(f"a vector of {len(vector)} values for a layout of {total}")
     out, at = {}, 0
     for name in sorted(like):
         shape = np.shape(like[name])
         size = int(np.prod(shape))
         out[name] = np.asarray(vector[at : at + size]).reshape(shape)
         at += size
-    if at != len(vector):
-        raise ValueError(f"a vector of {len(vector)} values for a layout of {at}")
     return {name: out[name] for name in like}
