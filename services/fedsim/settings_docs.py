@@ -34,6 +34,10 @@ COMPOSE_FIXED = {
     "DATA_DIR": ("/data", "the ./data bind mount"),
     "MODEL_DIR": ("/models", "the models volume"),
     "TOKENS_FILE": ("/run/secrets/fedsim/tokens.json", "the ./secrets bind mount"),
+    "SECAGG_KEY_FILE": (
+        "/run/secrets/fedsim-workers/secagg.key",
+        "the worker-secrets volume: prepare and client only",
+    ),
 }
 # Not in the ConfigMap: the manifests fix the first four (the Service, the mounts) and
 # TF_THREADS (each worker's CPU limit); workers read CLIENT_TOKEN from the tokens Secret.
