@@ -171,3 +171,41 @@ def test_malformed_masked_inputs_and_reports_get_4xx(secagg_app, key_file, clock
     assert client.post("/v1/secagg/masked", data=good).status_code == 200
     assert client.post("/v1/secagg/masked", data=good).get_json()["duplicate"] is True
     assert len(queue.attempt.masked) == 1  # type: ignore[attr-defined]
+
+
+def test_two_workers_run_secure_rounds_end_to_end(make_settings, key_file) -> None:
+    """The real worker loop (fedsim.client.worker) on two threads, fake learners, one round."""
+    import threading
+    import time
+
+    from fedsim.aggregator.app import create_app
+    from fedsim.client.worker import Worker
+    from helpers.builders import LABELS, write_plan, write_tokens, write_v0
+    from helpers.fakes import InProcess, in_process_transport
+    from helpers.secagg import SmallLearner
+
+    settings = make_settings(**{**SECAGG, "SECAGG_KEY_FILE": key_file, "MODEL": "mlp"})
+    write_v0(settings.model_dir)
+    write_plan(settings)
+    write_tokens(settings)
+    adapter = InProcess(
+        lambda: create_app({"TESTING": True, "FEDSIM_SETTINGS": settings, "FEDSIM_TICKER": False})
+    )
+    learners = [SmallLearner(LABELS), SmallLearner(LABELS)]
+    workers = [
+        Worker(settings, in_process_transport(adapter), lambda n, i=i: learners[i],
+               uid=f"host{i}-{100 + i}-ab", sleep=lambda s: time.sleep(min(s, 0.005)))
+        for i in range(2)
+    ]  # fmt: skip
+    threads = [threading.Thread(target=w.run) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a worker did not finish"
+    values = [v for learner in learners for v in learner.trained.values()]
+    assert len(values) == 5  # each sampled client trained once: no masked input sent twice
+    client = adapter.app.test_client()
+    for tensor in served_model(client).values():
+        assert np.allclose(tensor, np.mean(values), atol=1e-6)  # iid: equal counts
+    assert client.get("/v1/status").get_json()["finished"] is True

@@ -107,8 +107,8 @@ def masked() -> Response:
     try:
         answer = state.secure(
             lambda core, now: secure.masked(
-                core, meta["task"], meta["lease"], meta["nonce"], meta["client_id"], tensors,
-                len(body), now,
+                core, meta["task"], meta["lease"], meta["nonce"], meta["client_id"],
+                meta["worker"], tensors, len(body), now,
             )
         )  # fmt: skip
     except Refused as exc:

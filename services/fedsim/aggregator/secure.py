@@ -72,8 +72,8 @@ def report(core: Any, msg: SecaggReport, size: int, now: float) -> dict[str, Any
 
 
 def masked(
-    core: Any, task: str, lease: str, nonce: str, client: str, tensors: Mapping[str, np.ndarray],
-    size: int, now: float,
+    core: Any, task: str, lease: str, nonce: str, client: str, worker: str,
+    tensors: Mapping[str, np.ndarray], size: int, now: float,
 ) -> dict[str, Any]:  # fmt: skip
     """A masked input (uint64 tensors of the model's layout, already checked). Raises Refused."""
     queue = queue_of(core)
@@ -91,10 +91,11 @@ def masked(
         if queue.stats is not None:
             queue.stats.bytes += size
     log.info(
-        "round %d: masked input of %s (task %s) in, %d/%d%s",
+        "round %d: masked input of %s (task %s) from %s in, %d/%d%s",
         a.round_no,
         client,
         task,
+        queue.workers[worker].name if worker in queue.workers else "a worker",
         len(a.masked),
         len(a.u2),
         "" if fresh else " (again, counted once)",

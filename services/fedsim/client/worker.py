@@ -364,6 +364,8 @@ class Worker:
             stages=dict(sent.meta),  # a stage's fields never override the ones above
         )
         if task.secagg is not None:  # masked: pushed once, never kept (client/secagg.py)
+            if "secagg" not in sent.meta:  # never a plain update where a masked one is due
+                raise ProtocolError(f"task {task.id} is to be masked: set SECAGG=true here too")
             self.secagg.push_masked(task, tensors, self.uid, self.name)
             return
         self.outbox.push(tensors, meta)

@@ -298,6 +298,8 @@ class SecaggQueue(RoundQueue):
     def status(self) -> dict[str, Any]:
         out = super().status()
         a, stats = self.attempt, self.stats
+        if a is not None:  # the round's progress is the open phase's: who is in of whom
+            out["round"].update(pending=len(a.received()), quorum=self.threshold, clients=[])
         out["secagg"] = {
             "phase": a.phase if a else None,
             "attempt": stats.attempts if stats else 0,
