@@ -209,3 +209,16 @@ def test_two_workers_run_secure_rounds_end_to_end(make_settings, key_file) -> No
     for tensor in served_model(client).values():
         assert np.allclose(tensor, np.mean(values), atol=1e-6)  # iid: equal counts
     assert client.get("/v1/status").get_json()["finished"] is True
+
+
+@pytest.mark.parametrize("rule", ["fedadam", "fedprox"])
+def test_server_optimizers_and_durable_runs_take_the_secure_mean(secagg_app, key_file, clock, rule):
+    app = secagg_app(AGGREGATION=rule, DURABLE="true", ROUNDS=2)
+    client = app.test_client()
+    Driver(client, key_file).run(clock)
+    state = state_of(app)
+    assert state.snapshot.version == 2 and state.queue.finished
+    assert all(np.isfinite(t).all() for t in served_model(client).values())
+    state.close()
+    again = state_of(secagg_app(AGGREGATION=rule, DURABLE="true", ROUNDS=2, write=False))
+    assert again.snapshot.version == 2 and again.queue.finished  # resumed whole
