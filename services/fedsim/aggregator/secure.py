@@ -147,7 +147,7 @@ def close_round(core: Any, now: float) -> None:
         for n in out.survivors
     ]  # fmt: skip
     stats = out.stats
-    seconds = queue._clock() - stats.started
+    seconds = max(0.0, now - stats.started)  # the state's clock, the queue's too
     try:
         tensors = core.rule_step(lambda: core.strategy.aggregate(core.current(), updates), updates)
     except (Refused, pipeline.Rejected) as exc:

@@ -13,4 +13,10 @@ threat model, the phases and the costs.
 | crypto.py | HKDF key derivation, X25519, the ChaCha20 PRG, AES-GCM |
 | party.py | a client's four phases, pure functions of the worker secret and the task |
 | server.py | one round attempt on the aggregator: U1..U4, thresholds, unmasking |
+| vectors.py | a model's tensors as one flat vector and back, alike on both sides |
+| stage.py | the pipeline stage: the worker's delta masked; the workers' secret file |
+| settings.py | the combinations SECAGG=true refuses at settings load |
+
+The service around it: aggregator/tasks/secagg.py (the phases as tasks),
+aggregator/secure.py and secagg_api.py, client/secagg.py, protocol/secagg.py.
 """
