@@ -476,3 +476,46 @@ def test_compose_run_with_topk_keeps_residuals_in_the_shared_volume(project, mni
     files = sorted(listed.stdout.split())
     trained = {c for e in json.loads(_get(p, "/v1/history")[1])["history"] for c in e["clients"]}
     assert files == sorted(f"{c}.safetensors" for c in trained), (files, trained)
+
+
+def test_compose_run_with_secure_aggregation_and_a_worker_killed_mid_round(project, mnist_dir):
+    settings = {
+        "PARTITION": "iid",
+        "NUM_CLIENTS": "10",
+        "CLIENTS_PER_ROUND": "5",
+        "AGGREGATION": "fedavg",
+        "ROUNDS": "3",
+        "EPOCHS": "1",
+        "SECAGG": "true",
+        "TASK_TIMEOUT": "20",  # the killed worker's task runs out soon, and goes on without it
+        "ROUND_TIMEOUT": "300",
+    }
+    p: Project = project(settings)
+    p.add_mnist(mnist_dir)
+    p.compose("up", "-d", "--build", "--scale", "client=3")
+
+    # Kill one worker once round 2 is training (its masked inputs are coming in).
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not re.search(r"round 2: phase shares closed", p.logs("aggregator")):
+        assert time.monotonic() < deadline, p.logs()
+        time.sleep(0.5)
+    victim = f"{p.name}-client-1"
+    p.run("docker", "kill", victim)
+
+    clients = p.wait_exited("client", 3)
+    finished = [c for c in clients if c["Name"] != victim]
+    assert [c["ExitCode"] for c in finished] == [0, 0], p.logs()
+    status = p.status()
+    assert (status["version"], status["finished"]) == (3, True), status
+    rounds = status["secagg"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3], rounds
+    assert all(r["masked_in"] >= 4 and r["protocol_bytes"] > 0 for r in rounds), rounds
+    metrics = _get(p, "/metrics")[1].decode()
+    assert re.search(r"^fedsim_secagg_clients_masked_total \d", metrics, re.M), metrics
+
+    # Only the workers hold the secret: the aggregator has no such file.
+    assert p.compose("exec", "-T", "aggregator", "test", "-e",
+                     "/run/secrets/fedsim-workers/secagg.key", check=False).returncode != 0  # fmt: skip
+    # Per-client rows say only that their rounds were secure: no loss, no accuracy.
+    rows = [c for c in status["clients"] if c["updates"]]
+    assert rows and all(c["secagg"] == "true" and c["loss"] is None for c in rows), rows

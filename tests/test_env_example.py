@@ -20,7 +20,7 @@ from fedsim import config
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = {s.key: s.default for s in config.SETTINGS}
 # Fixed by compose.yaml inside the containers instead of read from .env: the
-# aggregator's service name on the Compose network and the two mount points.
+# aggregator's service name on the Compose network and the mount points.
 CONTAINER_VALUES = {
     "AGGREGATOR_URL": "http://proxy:8080",
     "TLS_CA": "/certs/ca.pem",
@@ -28,6 +28,7 @@ CONTAINER_VALUES = {
     "MODEL_DIR": "/models",
     "WORKER_STATE_DIR": "/state",
     "TOKENS_FILE": "/run/secrets/fedsim/tokens.json",
+    "SECAGG_KEY_FILE": "/run/secrets/fedsim-workers/secagg.key",
 }
 FEDSIM_SERVICES = ("prepare", "aggregator", "client", "evaluate")
 _DEFAULTED = re.compile(r"^\$\{(?P<key>[A-Z_][A-Z0-9_]*):-(?P<default>.*)\}$")
@@ -122,8 +123,12 @@ def test_compose_clients_scale(compose):
     assert client["volumes"] == [
         "./data:/data:ro",
         "./secrets:/run/secrets/fedsim:ro",
+        "worker-secrets:/run/secrets/fedsim-workers:ro",
         "./certs:/certs:ro",
         "worker-state:/state",  # COMPRESSION=topk: the residuals, shared by every worker
     ]
     assert "worker-state" in compose["volumes"]
+    # SECAGG's workers' secret: written by prepare, read by the workers, never mounted
+    # into the aggregator.
+    assert not any("worker-secrets" in v for v in compose["services"]["aggregator"]["volumes"])
     assert client["restart"].startswith("on-failure")

@@ -110,7 +110,7 @@ def settings(**overrides) -> SimpleNamespace:
 
 
 def test_todays_stages_in_the_workers_order(make_settings):
-    assert pipeline.names() == ("attack", "clip", "dp", "validate", "compress", "finite")
+    assert pipeline.names() == ("attack", "clip", "dp", "secagg", "validate", "compress", "finite")
     assert pipeline.build(make_settings()).names == ("attack", "validate", "finite")
 
 

@@ -9,7 +9,8 @@
 #     that host folder, so a user on a normal Linux machine can read and delete
 #     them without sudo, and they are made world-readable so the non-root
 #     services (which mount ./data read-only) can read the MNIST files;
-#   - the tokens (/run/secrets/fedsim) go to the image's user with mode 0600:
+#   - the tokens (/run/secrets/fedsim) and SECAGG's workers' secret
+#     (/run/secrets/fedsim-workers) go to the image's user with mode 0600:
 #     the services run as that user (UID 10001 in both images) and read them,
 #     and nobody else on the host can (they are written 0600 from the start);
 #   - /models (the named volume) goes to the image's user, so the non-root
@@ -32,10 +33,11 @@ for dir in /data /reports; do
   find "$dir" -mindepth 1 -user 0 -exec chown "$owner" {} + 2>/dev/null
   find "$dir" -mindepth 1 -exec chmod a+rX {} + 2>/dev/null
 done
-if [ -d /run/secrets/fedsim ] && [ -w /run/secrets/fedsim ]; then
-  find /run/secrets/fedsim -mindepth 1 -type f -exec chown fedsim:fedsim {} + \
+for dir in /run/secrets/fedsim /run/secrets/fedsim-workers; do
+  [ -d "$dir" ] && [ -w "$dir" ] || continue
+  find "$dir" -mindepth 1 -type f -exec chown fedsim:fedsim {} + \
     -exec chmod 0600 {} + 2>/dev/null
-fi
+done
 if [ -d /models ] && [ -w /models ]; then
   chown -R fedsim:fedsim /models
 fi

@@ -143,6 +143,9 @@ class Settings:
     compression: str
     compression_topk: float
     compression_down: str
+    secagg: bool
+    secagg_threshold: int
+    secagg_key_file: Path
     tls: bool
     tls_ca: Path | None
     tokens_file: Path
@@ -201,6 +204,11 @@ class Settings:
     def count_noise(self) -> float:
         """DP_CLIP_COUNT_NOISE resolved: 0 means m / 20 (Andrew et al. 2021)."""
         return self.dp_clip_count_noise or self.per_round / 20
+
+    @property
+    def secagg_t(self) -> int:
+        """SECAGG_THRESHOLD resolved: 0 means ceil(2/3 of CLIENTS_PER_ROUND)."""
+        return self.secagg_threshold or max(1, -(-2 * self.per_round // 3))
 
     @property
     def evaluate_every(self) -> int:
@@ -347,4 +355,7 @@ def _check_combinations(s: Settings) -> None:
     from fedsim.pipeline import compress  # COMPRESSION against what cannot carry it
 
     compress.check_settings(s)
+    from fedsim.pipeline.secagg.settings import check_settings as check_secagg
+
+    check_secagg(s)  # secure aggregation against the rule, DP, attacks, compression
     rules.check(s)  # the rule's own, against the rest (Krum's n > 2f + 2)

@@ -22,6 +22,7 @@ from pathlib import Path
 from fedsim import checkpoints, cli, config, models, tokens, weights
 from fedsim.data import mnist, partition, population_file
 from fedsim.data.population import Population, PopulationError
+from fedsim.pipeline.secagg.stage import ensure_secret
 
 log = logging.getLogger("fedsim.prepare")
 
@@ -148,6 +149,14 @@ def _main() -> int:
         )
     else:
         log.info("tokens in %s: left as they are", settings.tokens_file)
+
+    if settings.secagg:  # the workers' secret: their masks derive from it (docs/secagg.md)
+        try:
+            made = ensure_secret(settings.secagg_key_file)
+        except ValueError as exc:  # a file there that is not a secret: one line, exit 1
+            key = str(settings.secagg_key_file)
+            raise config.ConfigError("SECAGG_KEY_FILE", key, str(exc)) from None
+        log.info("%s %s", "wrote" if made else "kept", settings.secagg_key_file)
 
     settings_path = settings.model_dir / "settings.json"
     checkpoints.write_atomic(

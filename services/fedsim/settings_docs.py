@@ -35,6 +35,10 @@ COMPOSE_FIXED = {
     "MODEL_DIR": ("/models", "the models volume"),
     "WORKER_STATE_DIR": ("/state", "the worker-state volume"),
     "TOKENS_FILE": ("/run/secrets/fedsim/tokens.json", "the ./secrets bind mount"),
+    "SECAGG_KEY_FILE": (
+        "/run/secrets/fedsim-workers/secagg.key",
+        "the worker-secrets volume: prepare and client only",
+    ),
 }
 # Not in the ConfigMap: the manifests fix the first five (the Service, the mounts) and
 # TF_THREADS (each worker's CPU limit); workers read CLIENT_TOKEN from the tokens Secret.

@@ -219,6 +219,20 @@ GROUPS: tuple[Group, ...] = (
         ),
     ),
     Group(
+        "Secure aggregation (round rules that average; docs/secagg.md)",
+        (
+            Setting("SECAGG", "false", boolean,
+                "true: workers mask each update so the aggregator learns only the round's"
+                " weighted sum (Bonawitz et al. 2017)"),
+            Setting("SECAGG_THRESHOLD", "0", integer(0),
+                "clients that must stay in each phase, > half of CLIENTS_PER_ROUND; 0: two"
+                " thirds, rounded up"),
+            Setting("SECAGG_KEY_FILE", "secrets/workers/secagg.key", path,
+                "the workers' secret their masks derive from (prepare writes it, mode 0600);"
+                " never given to the aggregator"),
+        ),
+    ),
+    Group(
         "TLS",
         (
             Setting("TLS", "false", boolean,

@@ -83,15 +83,17 @@ class _Refused(ValueError):
     """Raised from inside the JSON parser's hooks; becomes WeightsError(400)."""
 
 
-# A compressed update's dtypes (fedsim.pipeline.compress): the numpy dtype of each, and
-# its size in bytes. Only F32 is read unless a caller allows more (`decode(dtypes=...)`).
+# The dtypes on the wire beside float32 weights: a compressed update's (fedsim.pipeline.
+# compress) and secure aggregation's masked words (U64). Only F32 is read unless a caller
+# allows more (`decode(dtypes=...)`).
 WIRE = {
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
     "I8": np.dtype("i1"),
     "I32": np.dtype("<i4"),
+    "U64": np.dtype("<u8"),
 }
-_KEPT = frozenset({"f2", "i1", "i4"})  # kind and size of the dtypes `encode(wire=True)` keeps
+_KEPT = frozenset({"f2", "i1", "i4", "u8"})  # kind and size of the dtypes `encode(wire=True)` keeps
 
 
 def encode(
@@ -99,7 +101,8 @@ def encode(
 ) -> bytes:
     """safetensors bytes; tensors are stored as float32, metadata values as strings.
 
-    With `wire`, tensors already of a `WIRE` dtype (a codec's float16, int8, int32) keep it.
+    With `wire`, tensors already of a `WIRE` dtype (a codec's float16, int8, int32, masked
+    uint64 words) keep it.
     """
 
     def stored(value: np.ndarray) -> np.ndarray:
@@ -160,6 +163,19 @@ def validate(tensors: Mapping[str, np.ndarray], layout: Layout) -> None:
             raise WeightsError(422, f"tensor {name} has shape {tensor.shape}, expected {shape}")
         if not np.isfinite(tensor).all():
             raise WeightsError(422, f"tensor {name} contains NaN or infinity")
+
+
+def check_layout(tensors: Mapping[str, np.ndarray], layout: Layout) -> None:
+    """Check names and shapes alone (any dtype) against a layout. Raises WeightsError(422)."""
+    expected = dict(layout)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise WeightsError(422, f"wrong tensor names: missing {missing}, unexpected {extra}")
+    for name, shape in layout:
+        if tensors[name].shape != shape:
+            got = tensors[name].shape
+            raise WeightsError(422, f"tensor {name} has shape {got}, expected {shape}")
 
 
 def layout_of(tensors: Mapping[str, np.ndarray]) -> Layout:

@@ -13,7 +13,7 @@ from typing import Any
 from flask import Flask
 
 from fedsim import config, tokens
-from fedsim.aggregator import api, dashboard, privacy
+from fedsim.aggregator import api, dashboard, privacy, secagg_api
 from fedsim.aggregator.metrics import Guarded, Metrics
 from fedsim.aggregator.state import StartupError, State
 
@@ -55,6 +55,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         privacy.announce(state)
         metrics.dp_epsilon(state.privacy.epsilon(privacy.rounds_done(state)))
     api.init_app(app)
+    if settings.secagg:
+        secagg_api.init_app(app)
     dashboard.init_app(app, summary=state.summary)
     if app.config["FEDSIM_TICKER"]:
         # Often enough to close a timed-out round or save when idle without much delay.

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from fedsim import checkpoints, pipeline, weights
-from fedsim.aggregator import privacy, tasks
+from fedsim.aggregator import privacy, secure, tasks
 from fedsim.aggregator.evaluations import Evaluations
 from fedsim.aggregator.events import Events
 from fedsim.aggregator.ledger import Ledger
@@ -27,6 +27,7 @@ from fedsim.aggregator.metrics import Recorder
 from fedsim.aggregator.saving import Saver
 from fedsim.aggregator.snapshot import Snapshot
 from fedsim.aggregator.strategies import Global, Refused, Strategy, Update
+from fedsim.aggregator.tasks.secagg import SecaggQueue
 from fedsim.aggregator.views import Clients
 from fedsim.config import Settings
 
@@ -224,6 +225,9 @@ def add_to_round(core: Core, update: Update, version: int, now: float) -> None:
 def close_round_if_due(core: Core, now: float) -> None:
     """Close the open round when it is full or timed out: one version from its updates."""
     queue = core.queue
+    if isinstance(queue, SecaggQueue):  # its phases, then its round (secure.py)
+        secure.advance(core, now)
+        return
     if not isinstance(queue, tasks.RoundQueue):
         return
     why = queue.due(now)

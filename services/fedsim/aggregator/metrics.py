@@ -126,6 +126,9 @@ class Recorder:
         """Differential privacy's epsilon at DP_DELTA after the rounds closed (inf: no bound)."""
 
     # Checkpoints.
+    def secagg_round(self, masked_in: int, recovered: int, nbytes: int, seconds: float) -> None:
+        """A round closed by secure aggregation: clients in, dropouts recovered, its costs."""
+
     def checkpoint_written(self, seconds: float) -> None:
         """A checkpoint was written in `seconds`."""
 
@@ -222,6 +225,23 @@ class Metrics(Recorder):
             "Differential privacy's epsilon at DP_DELTA after the rounds closed; +Inf: no bound.",
         )
 
+        # Secure aggregation (SECAGG=true): per round closed, never a value of one update.
+        self._secagg_masked = counter(
+            "fedsim_secagg_clients_masked", "Clients whose masked input a secure round summed."
+        )
+        self._secagg_recovered = counter(
+            "fedsim_secagg_dropouts_recovered",
+            "Clients that dropped after sharing their keys, their masks removed from the sum.",
+        )
+        self._secagg_bytes = counter(
+            "fedsim_secagg_protocol_bytes", "Bytes of secure aggregation messages received."
+        )
+        self._secagg_seconds = histogram(
+            "fedsim_secagg_protocol_seconds",
+            "Time from a secure round's first attempt to its unmasked sum.",
+            buckets=(1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+        )
+
         # Checkpoints.
         self._checkpoint = histogram(
             "fedsim_checkpoint_seconds",
@@ -300,6 +320,12 @@ class Metrics(Recorder):
         self._epsilon.set(_number("epsilon", epsilon, lambda v: v >= 0, "a number >= 0 or inf"))
 
     # Checkpoints -----------------------------------------------------------
+
+    def secagg_round(self, masked_in: int, recovered: int, nbytes: int, seconds: float) -> None:
+        self._secagg_masked.inc(_count("masked_in", masked_in))
+        self._secagg_recovered.inc(_count("recovered", recovered))
+        self._secagg_bytes.inc(_count("bytes", nbytes))
+        self._secagg_seconds.observe(_seconds("seconds", seconds))
 
     def checkpoint_written(self, seconds: float) -> None:
         self._checkpoint.observe(_seconds("checkpoint time", seconds))

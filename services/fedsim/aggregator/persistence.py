@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from fedsim import checkpoints, pipeline, weights
 from fedsim.aggregator import history, privacy, strategies, tasks
 from fedsim.aggregator.strategies import Strategy
 from fedsim.aggregator.tasks import Client
+from fedsim.aggregator.tasks.secagg import SecaggQueue
 from fedsim.config import Settings
 from fedsim.data import partition, population_file
 from fedsim.data.population import DEFAULTS, Population, PopulationError, population_settings
@@ -322,6 +324,16 @@ def make_queue(
         common["attack"] = {"kind": settings.attack, "scale": settings.attack_scale}
         common["attackers"] = tasks.choose_attackers(
             settings.seed, settings.attackers, len(clients)
+        )
+    if strategy.mode == "rounds" and settings.secagg:
+        size = sum(math.prod(shape) for _, shape in SHAPES[settings.model])
+        return SecaggQueue(
+            clients,
+            quorum=settings.round_quorum,
+            round_timeout=settings.round_timeout,
+            threshold=settings.secagg_t,
+            size=size,
+            **common,
         )
     if strategy.mode == "rounds":
         return tasks.RoundQueue(

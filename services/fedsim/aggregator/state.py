@@ -248,6 +248,11 @@ class State:
             self.events.add("task", f"task {task_id} of {worker} expired")
             self.metrics.task_expired("evaluate" if task_id.startswith("eval.") else "train")
 
+    def secure(self, step: Callable[[State, float], Any]) -> Any:
+        """A secure aggregation step (aggregator/secure.py) under the lock, at the clock's now."""
+        with self._lock:
+            return step(self, self._clock())
+
     # --- updates ----------------------------------------------------------------------
 
     def submit(self, update: Update) -> Result:

@@ -90,7 +90,7 @@ class Clients:
         record["last_seen"] = stamp
         record["base_version"] = update.base_version
         record["staleness"] = max(0, staleness)
-        for key in ("slices", "slice", "loss", "accuracy", "retries"):
+        for key in ("slices", "slice", "loss", "accuracy", "retries", "secagg"):
             if key in update.meta:
                 record[key] = update.meta[key]
 
@@ -168,6 +168,9 @@ def status(core: Core) -> dict[str, Any]:
         "privacy": privacy.status_of(core),
         # The population (clients.json): its settings and the spread of speed and bandwidth.
         "population": None if core.population is None else core.population.summary(),
+        # Secure aggregation (aggregator/tasks/secagg.py): phase, attempt, the last rounds'
+        # clients masked in, dropouts recovered, protocol bytes and seconds; None when off.
+        "secagg": queue_status.pop("secagg", None),
     }
 
 

@@ -310,6 +310,13 @@ class Transport:
             raise self._refuse("POST", path, outcome.response)
         return status, _json_or_empty(outcome.response), outcome.retries
 
+    def send(self, path: str, **kwargs: Any) -> tuple[int | None, dict[str, Any], int]:
+        """POST to `path` (MAX_RETRY tries): (status, or None unreachable; answer; retries)."""
+        outcome = self._call("POST", path, **kwargs)
+        if outcome.response is None:
+            return None, {"detail": outcome.error}, outcome.retries
+        return outcome.response.status_code, _json_or_empty(outcome.response), outcome.retries
+
     def push(self, tensors: Tensors, meta: UpdateMeta) -> Pushed:
         """Upload an update. The body, and so its update_id, is the same on every try."""
         body = weights.encode(tensors, meta.to_json(), wire=True)  # a codec's dtypes kept

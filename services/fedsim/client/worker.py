@@ -28,11 +28,20 @@ import numpy as np
 from fedsim import models, pipeline, weights
 from fedsim.client import pacing
 from fedsim.client.outbox import Counts, Outbox, describe
+from fedsim.client.secagg import SecaggWorker
 from fedsim.client.training import Trained
 from fedsim.client.transport import ProtocolError, Transport
 from fedsim.config import Settings
 from fedsim.data import partition
-from fedsim.protocol import EvalTask, Evaluation, Task, TrainSettings, TrainTask, UpdateMeta
+from fedsim.protocol import (
+    EvalTask,
+    Evaluation,
+    SecaggTask,
+    Task,
+    TrainSettings,
+    TrainTask,
+    UpdateMeta,
+)
 
 log = logging.getLogger("fedsim.client")
 
@@ -135,6 +144,7 @@ class Worker:
         self._seen_clients: set[str] = set()
         self._announced = False
         self.stages = pipeline.build(settings)  # an update's path from training to push
+        self.secagg = SecaggWorker(settings.secagg_key_file, transport)
 
     # --- start --------------------------------------------------------------------
 
@@ -214,6 +224,8 @@ class Worker:
     def _do(self, task: Task) -> None:
         if isinstance(task, TrainTask):
             self._train(task)
+        elif isinstance(task, SecaggTask):
+            self.secagg.phase(task, self.uid, self.name)
         else:
             self._evaluate(task)
 
@@ -368,6 +380,11 @@ class Worker:
             retries=self.summary.counts.retries,
             stages=dict(sent.meta),  # a stage's fields never override the ones above
         )
+        if task.secagg is not None:  # masked: pushed once, never kept (client/secagg.py)
+            if "secagg" not in sent.meta:  # never a plain update where a masked one is due
+                raise ProtocolError(f"task {task.id} is to be masked: set SECAGG=true here too")
+            self.secagg.push_masked(task, tensors, self.uid, self.name)
+            return
         self.outbox.push(tensors, meta, note=pace.note())
 
     # --- evaluation ---------------------------------------------------------------

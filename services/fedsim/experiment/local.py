@@ -80,6 +80,8 @@ class LocalEngine:
             "MODEL_DIR": str(job.folder / "models"),
             "TOKENS_FILE": str(job.folder / "models" / "tokens.json"),
             "WORKER_STATE_DIR": str(job.folder / "worker-state"),  # COMPRESSION=topk residuals
+            # SECAGG: the workers' secret, beside the run's models, not in them.
+            "SECAGG_KEY_FILE": str(job.folder / "worker-secrets" / "secagg.key"),
             "AGGREGATOR_URL": f"http://127.0.0.1:{free_port()}",
             **job.settings,
             "RUN_LABEL": job.label,
@@ -114,7 +116,9 @@ class LocalEngine:
             aggregator = start(
                 [python, "-m", "gunicorn", "-c", "python:fedsim.aggregator.gunicorn_conf",
                  "fedsim.aggregator.app:create_app()"],
-                env={**env, "BIND": f"127.0.0.1:{port}"},
+                # Not told where the workers' secret is: it never reads it (docs/secagg.md).
+                env={**{k: v for k, v in env.items() if k != "SECAGG_KEY_FILE"},
+                     "BIND": f"127.0.0.1:{port}"},
                 log=job.logs / "aggregator.log",
                 cwd=self.root,
             )  # fmt: skip

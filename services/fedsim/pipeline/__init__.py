@@ -21,6 +21,7 @@ aggregator.
 | attack | attacks.py | label-flip before training; scaled, noise after | none |
 | clip | clip.py | clip w - w_t to DP_CLIP; DP=local: then noise | none |
 | dp | dp.py | none | gather: clip every update again, equal-weight mean, central noise |
+| secagg | secagg/ | mask the delta (the last change) | none: aggregator/secure.py unmasks a round |
 | validate | checks.py | none | layout, float32, finite, abs(w) <= MAX_WEIGHT |
 | compress | compress.py | encode w - w_t (fp16, int8, top-k with error feedback) | check the codec's bounds, decode onto the base |
 | finite | checks.py | none | the aggregate finite and bounded |

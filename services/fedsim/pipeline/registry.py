@@ -24,6 +24,7 @@ REGISTRY: dict[str, str] = {
     "attack": "fedsim.pipeline.attacks:Attack",
     "clip": "fedsim.pipeline.clip:Clip",  # DP: the worker clips, then (DP=local) noises
     "dp": "fedsim.pipeline.dp:CentralNoise",  # DP: on gather, re-clip, mean, central noise
+    "secagg": "fedsim.pipeline.secagg.stage:Mask",  # SECAGG: mask the delta (never compressed)
     "validate": "fedsim.pipeline.checks:Validate",
     # After validate: on receive (reversed) the codec is decoded first, then validated.
     "compress": "fedsim.pipeline.compress:Compress",

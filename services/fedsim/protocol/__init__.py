@@ -17,6 +17,7 @@ worker is given; reports.py what it sends.
 
 from fedsim.protocol.base import Invalid, client_id, client_number, digits, valid_id
 from fedsim.protocol.reports import Ask, Dropout, Evaluation, UpdateMeta, worker_id
+from fedsim.protocol.secagg import Masking, SecaggReport, SecaggTask
 from fedsim.protocol.tasks import (
     Attack,
     EvalTask,
@@ -35,8 +36,11 @@ __all__ = [
     "EvalTask",
     "Evaluation",
     "Invalid",
+    "Masking",
     "Offer",
     "Profile",
+    "SecaggReport",
+    "SecaggTask",
     "Task",
     "TrainSettings",
     "TrainTask",

@@ -85,3 +85,22 @@ def record_json(record: Any) -> dict[str, Any]:
             continue
         out[f.name] = value.to_json() if hasattr(value, "to_json") else value
     return out
+
+
+def task_head(data: Mapping[str, Any]) -> tuple[str, str]:
+    """A task's id and lease, checked."""
+    task_id = typed(data, "id", str)
+    if not valid_id(task_id):
+        raise Invalid("bad_task", "a task id must be 1-128 characters, none of them control")
+    lease = typed(data, "lease", str)
+    if not LEASE.fullmatch(lease):
+        raise Invalid("bad_task", f"task {task_id}: its lease must be 1-64 hex digits")
+    return task_id, lease
+
+
+def task_tail(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A task's worker name and timeout."""
+    timeout = data.get("timeout") or 0.0
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise Invalid("bad_task", f"timeout must be a number, got {timeout!r:.40}")
+    return {"worker": str(data.get("worker") or ""), "timeout": float(timeout)}

@@ -9,15 +9,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from fedsim.protocol.base import (
-    LEASE,
     Invalid,
     client_number,
     count,
     optional,
     record_json,
+    task_head,
+    task_tail,
     typed,
-    valid_id,
 )
+from fedsim.protocol.secagg import Masking, SecaggTask
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,9 @@ class TrainTask:
     """
 
     kind: ClassVar[str] = "train"
-    OMITTED: ClassVar[tuple[str, ...]] = ("slice", "slices", "attack", "profile", "attempt", "run")
+    OMITTED: ClassVar[tuple[str, ...]] = (
+        "slice", "slices", "attack", "profile", "attempt", "run", "secagg",
+    )  # fmt: skip
     id: str
     lease: str
     client: str
@@ -160,6 +163,7 @@ class TrainTask:
     profile: Profile | None = None
     attempt: int | None = None  # how often the task was given before and dropped; None: 0
     run: str | None = None  # the run's id: what a worker keeps across tasks is tagged with it
+    secagg: Masking | None = None  # SECAGG=true: mask the update (protocol/secagg.py)
 
     @property
     def client_number(self) -> int:
@@ -172,7 +176,7 @@ class TrainTask:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TrainTask:
-        task_id, lease = _task_head(data)
+        task_id, lease = task_head(data)
         client = typed(data, "client", str)
         if client_number(client) is None:
             raise Invalid("bad_task", f"task {task_id} names {client!r:.40}, not client-N")
@@ -181,6 +185,7 @@ class TrainTask:
         attempt = optional(data, "attempt", int)
         if attempt is not None and attempt < 0:
             raise Invalid("bad_task", f"task {task_id}: attempt must be >= 0, got {attempt}")
+        masking = optional(data, "secagg", dict)
         return cls(
             id=task_id,
             lease=lease,
@@ -196,9 +201,10 @@ class TrainTask:
             slices=optional(data, "slices", str),
             attack=None if attack is None else Attack.from_json(attack),
             run=_run(data),
-            **_task_tail(data),
             profile=None if profile is None else Profile.from_json(profile),
             attempt=attempt,
+            secagg=None if masking is None else Masking.from_json(masking),
+            **task_tail(data),
         )
 
 
@@ -218,11 +224,11 @@ class EvalTask:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> EvalTask:
-        task_id, lease = _task_head(data)
-        return cls(task_id, lease, count(data, "version"), **_task_tail(data))
+        task_id, lease = task_head(data)
+        return cls(task_id, lease, count(data, "version"), **task_tail(data))
 
 
-Task = TrainTask | EvalTask
+Task = TrainTask | EvalTask | SecaggTask
 
 
 def task_from_json(data: Mapping[str, Any]) -> Task:
@@ -232,17 +238,9 @@ def task_from_json(data: Mapping[str, Any]) -> Task:
         return TrainTask.from_json(data)
     if kind == EvalTask.kind:
         return EvalTask.from_json(data)
+    if kind == SecaggTask.kind:
+        return SecaggTask.from_json(data)
     raise Invalid("bad_task", f"a task of unknown kind {kind!r:.40}")
-
-
-def _task_head(data: Mapping[str, Any]) -> tuple[str, str]:
-    task_id = typed(data, "id", str)
-    if not valid_id(task_id):
-        raise Invalid("bad_task", "a task id must be 1-128 characters, none of them control")
-    lease = typed(data, "lease", str)
-    if not LEASE.fullmatch(lease):
-        raise Invalid("bad_task", f"task {task_id}: its lease must be 1-64 hex digits")
-    return task_id, lease
 
 
 def _run(data: Mapping[str, Any]) -> str | None:
@@ -250,13 +248,6 @@ def _run(data: Mapping[str, Any]) -> str | None:
     if run is not None and not (1 <= len(run) <= 64 and run.isascii() and run.isalnum()):
         raise Invalid("bad_task", "a task's run must be 1-64 ASCII letters and digits")
     return run
-
-
-def _task_tail(data: Mapping[str, Any]) -> dict[str, Any]:
-    timeout = data.get("timeout") or 0.0
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise Invalid("bad_task", f"timeout must be a number, got {timeout!r:.40}")
-    return {"worker": str(data.get("worker") or ""), "timeout": float(timeout)}
 
 
 @dataclass(frozen=True)

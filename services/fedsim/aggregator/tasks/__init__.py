@@ -3,7 +3,8 @@
 A worker asks for work and gets a task with a lease; it finishes the task within
 TASK_TIMEOUT or the task goes to another worker, and a result under the old
 lease is refused. ids.py names the work (task ids, seeds), leases.py tracks
-workers and leases, queues.py and rounds.py hold the three plans.
+workers and leases, queues.py and rounds.py hold the three plans, and secagg.py
+the round plan under SECAGG=true (secure aggregation's phases as tasks).
 """
 
 from fedsim.aggregator.tasks.ids import Client, choose_attackers, sample, task_seed

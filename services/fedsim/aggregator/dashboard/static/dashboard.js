@@ -91,7 +91,7 @@ function renderCards(st) {
       if (r.closes_in !== null && r.closes_in !== undefined)
         detail += " · closes in " + Math.round(r.closes_in) + " s";
     }
-    $("round-detail").textContent = detail;
+    $("round-detail").textContent = detail + secaggText(st.secagg);
   } else {
     $("round").textContent = st.mode === "async" ? "async" : "-";
     $("round-detail").textContent = st.mode === "async" ? "no rounds" : "";
@@ -117,6 +117,18 @@ function renderCards(st) {
   // RUN_LABEL: the cell and seed an experiment's sweep is on.
   $("label-row").hidden = !st.label;
   $("set-label").textContent = st.label || "";
+}
+
+// SECAGG=true: the open phase and the last round's protocol figures (never an update's).
+function secaggText(sa) {
+  if (!sa) return "";
+  let text = sa.phase ? " · secure: phase " + sa.phase + ", attempt " + sa.attempt : " · secure";
+  const last = (sa.rounds || [])[sa.rounds ? sa.rounds.length - 1 : 0];
+  if (last)
+    text += " · round " + last.round + ": " + last.masked_in + " masked in, " + last.recovered +
+      " recovered, " + (last.protocol_bytes / 1e6).toFixed(1) + " MB, " +
+      Math.round(last.protocol_seconds) + " s";
+  return text;
 }
 
 // --- tables and events -----------------------------------------------------
@@ -165,7 +177,9 @@ function renderClients(clients) {
   const rows = clients.map((c) => {
     const cells = [
       [c.id], [c.samples, "num"], [labelBar(c.labels)], [c.updates, "num"],
-      [ago(c.last_seen)], [c.staleness, "num"], [pct(c.accuracy), "num"],
+      [ago(c.last_seen)], [c.staleness, "num"],
+      // A secure round reports no client's own accuracy: the row says so.
+      [c.secagg ? "secure" : pct(c.accuracy), "num"],
     ];
     if (population) {
       cells.push([speedText(c.speed), "num population-col"],

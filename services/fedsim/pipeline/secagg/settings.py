@@ -1,0 +1,70 @@
+"""What SECAGG=true runs with, and the combinations refused at settings load, in one line each.
+
+Masked updates can only be summed: a rule must need nothing but the round's weighted
+sum of deltas (fedavg, fedprox and the server optimizers fedavgm, fedadam, fedyogi,
+fedadagrad). Refused: robust rules (they look at single updates), asynchronous rules
+(an update is mixed in alone, so its sum is itself), attacks (the simulation of an
+attacker's update is not what masking is about), compression (a codec's output is
+not a fixed-point vector), and DP (its aggregator re-checks each update's clip norm,
+which masks hide; see docs/secagg.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedsim.settings import ConfigError
+
+SUMS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+
+def check_settings(s: Any) -> None:
+    """Raise ConfigError naming the key to change, when SECAGG=true cannot run with `s`."""
+    if not s.secagg:
+        if s.secagg_threshold:
+            raise ConfigError(
+                "SECAGG_THRESHOLD", str(s.secagg_threshold), "a threshold needs SECAGG=true"
+            )
+        return
+    rule = s.aggregation
+    if rule not in SUMS:
+        raise ConfigError(
+            "SECAGG",
+            "true",
+            f"AGGREGATION={rule} needs single updates, which secure aggregation hides: use one "
+            f"of {', '.join(SUMS)}",
+        )
+    if s.attack != "none":
+        raise ConfigError(
+            "SECAGG",
+            "true",
+            f"ATTACK={s.attack}: attacks are not simulated under secure aggregation",
+        )
+    if s.dp != "off":
+        raise ConfigError(
+            "SECAGG",
+            "true",
+            f"DP={s.dp}: DP re-checks each update's clip norm on the aggregator, which masked "
+            "updates hide; run DP or SECAGG, not both",
+        )
+    compression = getattr(s, "compression", "none")
+    if compression != "none":
+        raise ConfigError(
+            "SECAGG",
+            "true",
+            f"COMPRESSION={compression}: masked updates are fixed-point words, not a codec's "
+            "output; set COMPRESSION=none",
+        )
+    m = s.per_round
+    if m < 3:
+        raise ConfigError(
+            "SECAGG", "true", f"{m} clients per round: secure aggregation needs at least 3"
+        )
+    t = s.secagg_t
+    if not m // 2 < t <= m:
+        raise ConfigError(
+            "SECAGG_THRESHOLD",
+            str(s.secagg_threshold),
+            f"must be more than half of and at most the {m} clients per round "
+            f"({m // 2 + 1}..{m}); 0 means two thirds",
+        )
