@@ -316,7 +316,7 @@ def test_a_stale_base_only_in_memory_is_logged_with_its_update(make_app) -> None
 
 
 def test_a_round_closed_on_time_and_the_open_round_are_replayed(make_app, clock) -> None:
-    rule = {**ROUNDS, "ROUND_TIMEOUT": 30, "SAVE_MODEL": 1}
+    rule = {**ROUNDS, "ROUND_DEADLINE": 30, "SAVE_MODEL": 1}
     app = _durable(make_app, **rule)
     client = app.test_client()
     first = _train_task(client)

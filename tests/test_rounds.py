@@ -133,8 +133,8 @@ def test_stale_and_finished_updates_are_409_and_change_nothing(make_app) -> None
     assert client.get("/v1/status").get_json()["finished"] is True
 
 
-def test_a_round_closes_on_its_timeout_with_what_arrived(make_app, clock) -> None:
-    app = make_app(**ROUNDS, ROUND_TIMEOUT=30, ROUNDS=3)
+def test_a_round_closes_at_its_deadline_with_what_arrived(make_app, clock) -> None:
+    app = make_app(**ROUNDS, ROUND_DEADLINE=30, ROUNDS=3)
     client = app.test_client()
     ask(client)
     a = ask(client)["task"]
@@ -145,7 +145,7 @@ def test_a_round_closes_on_its_timeout_with_what_arrived(make_app, clock) -> Non
     clock.advance(1)
     # A model download notices the deadline and closes the round first.
     assert client.get("/v1/model").headers["X-Fedsim-Version"] == "1"
-    assert "timeout" in client.get("/v1/status").get_json()["events"][-1]["text"]
+    assert "(deadline)" in client.get("/v1/status").get_json()["events"][-1]["text"]
 
 
 def test_an_expired_lease_goes_to_another_worker_and_the_late_result_is_refused(

@@ -3,7 +3,8 @@
 An asynchronous rule takes each update as it arrives and makes a version of it
 (or holds it, as fedbuff does until it has K); at the end of the run what it
 still holds is flushed into a last version. A round rule's update waits in its
-round, and the round becomes one version when it is full or times out. Both go
+round, and the round becomes one version at its first C arrivals or at its deadline
+with a quorum; short of it at the deadline, the round is tried again (tasks/rounds.py). Both go
 through the core's `rule_step` (the rule's step, checked) and `apply` (publish).
 The caller holds the state's lock.
 """
@@ -220,8 +221,28 @@ def close_round_if_due(core: Core, now: float) -> None:
     if not isinstance(queue, tasks.RoundQueue):
         return
     why = queue.due(now)
-    if why is not None:
+    if why == tasks.RETRY:
+        retry_round(core, now)
+    elif why is not None:
         close_round(core, now, why)
+
+
+def retry_round(core: Core, now: float) -> None:
+    """The open attempt reached its deadline short of the quorum: nothing is published, and
+    the round is tried again with a new sample."""
+    queue = core.queue
+    assert isinstance(queue, tasks.RoundQueue)
+    failed = queue.retry(now)
+    core.saver.log_close(failed.number, attempt=failed.attempt, retry=True)
+    r = queue.round
+    assert r is not None
+    text = (
+        f"round {failed.number} attempt {failed.attempt}: {len(failed.updates)} of the "
+        f"{queue.quorum} updates it needs by its deadline; attempt {r.attempt} asks "
+        f"{', '.join(f'client-{n}' for n in r.sampled)}"
+    )
+    log.warning("%s", text)
+    core.events.add("round", text)
 
 
 def close_round(core: Core, now: float, why: str) -> None:
@@ -229,8 +250,8 @@ def close_round(core: Core, now: float, why: str) -> None:
     the rule refuses them."""
     queue = core.queue
     assert isinstance(queue, tasks.RoundQueue)
-    r = queue.close()
-    core.saver.log_close(r.number)
+    r = queue.close(why)
+    core.saver.log_close(r.number, attempt=r.attempt)
     updates = [r.updates[n] for n in r.sampled if n in r.updates]
     started = time.perf_counter()
     try:
@@ -260,9 +281,10 @@ def close_round(core: Core, now: float, why: str) -> None:
     core.metrics.aggregation_seconds(time.perf_counter() - started)
     snap = core.snapshot
     log.info(
-        "round %d closed (%s): %d of %d sampled clients, %d samples -> v%d, total %d samples%s",
+        "round %d closed (%s%s): %d of %d sampled clients, %d samples -> v%d, total %d samples%s",
         r.number,
         why,
+        f", attempt {r.attempt}" if r.attempt > 1 else "",
         len(updates),
         len(r.sampled),
         sum(u.num_samples for u in updates),
@@ -272,8 +294,8 @@ def close_round(core: Core, now: float, why: str) -> None:
     )
     core.events.add(
         "round",
-        f"round {r.number} closed ({why}): {len(updates)}/{len(r.sampled)} clients -> "
-        f"v{snap.version}",
+        f"round {r.number} closed ({why}{f', attempt {r.attempt}' if r.attempt > 1 else ''}): "
+        f"{len(updates)}/{len(r.sampled)} clients -> v{snap.version}",
     )
     core.metrics.set_round(min(queue.rounds_done + 1, queue.rounds))
     privacy.after_round(core, r.number)

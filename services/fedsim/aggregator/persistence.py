@@ -280,7 +280,11 @@ def make_queue(
         )
     if strategy.mode == "rounds":
         return tasks.RoundQueue(
-            clients, quorum=settings.round_quorum, round_timeout=settings.round_timeout, **common
+            clients,
+            quorum=settings.round_quorum,
+            deadline=settings.round_deadline,
+            overselect=settings.overselect,
+            **common,
         )
     if settings.partition == "slices":
         return tasks.SliceQueue(clients, **common)

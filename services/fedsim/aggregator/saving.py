@@ -126,10 +126,12 @@ class Saver:
             fields["base_samples"] = base.samples
         journal.append("update", fields, tensors, step=step)
 
-    def log_close(self, round_no: int) -> None:
-        """Journal that round `round_no` closed. Caller holds the lock."""
+    def log_close(self, round_no: int, *, attempt: int = 1, retry: bool = False) -> None:
+        """Journal that attempt `attempt` of round `round_no` closed, or ended to be tried
+        again (`retry`). Caller holds the lock."""
         if self.journal is not None and not self.replaying:
-            self.journal.append("close", {"round": round_no}, step=True)
+            fields = {"round": round_no, "attempt": attempt, "retry": retry}
+            self.journal.append("close", fields, step=True)
 
     def sync(self) -> None:
         """Return once every change journaled so far is fsynced (at once without a journal).
