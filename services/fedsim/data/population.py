@@ -1,0 +1,414 @@
+"""Who the logical clients are besides their data: how fast, how flaky, when online.
+
+Every draw comes from `numpy.random.default_rng([SEED, attribute])`, so the same
+settings (`POPULATION_KEYS`) and client ids always give the same population, and
+adding an attribute never changes the others. Per logical client:
+
+- `speed` (`CLIENT_SPEED`): a multiplier of the compute time; 1 is the worker's own
+  speed, 10 ten times slower.
+- `bandwidth` (`CLIENT_BANDWIDTH`): bytes per second for pulls and pushes; inf: free.
+- `dropout` (`DROPOUT`): the probability p that a task fails part-way.
+- availability (`AVAILABILITY`): `always`; `diurnal[:F]`, online for the fraction F
+  (default 0.5) of a simulated day of 86,400 s from a seeded phase phi in [0, day):
+  online(t) iff (t - phi) mod day < F x day; `trace:FILE`, a CSV of online windows
+  `client,start,end` in simulated seconds (start <= t < end).
+
+Speed and bandwidth are a `Spread`: a number, `lognormal:MU,SIGMA` (exp of a
+normal: mean exp(MU + SIGMA^2/2)), `uniform:LO,HI`, or `slow:FRACTION,FACTOR[,BASE]`:
+round(FRACTION x K) seeded clients are FACTOR times slower than BASE (speed: BASE
+defaults to 1, slower is x FACTOR; bandwidth: BASE in bytes/s is needed, slower is
+/ FACTOR).
+
+A task of client c on n samples for E epochs, pulling d and pushing u bytes, takes
+    duration = n x E x base_seconds_per_sample x speed_c + (d + u) / bandwidth_c
+simulated seconds. Whether it fails is drawn from the task's seed (and attempt),
+so a repeated task fails or not alike. `prepare` writes the population beside the
+partition plan as MODEL_DIR/clients.json, with the settings that made it and the
+SHA-256 of its content; the aggregator refuses one that differs or was altered.
+This module is pure: numpy, no TensorFlow, nothing of fedsim at import.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FILE = "clients.json"
+FORMAT = 1
+DAY = 86_400.0  # a simulated day, in seconds
+DIURNAL_FRACTION = 0.5  # diurnal without :F: online half of each simulated day
+POPULATION_KEYS = ("SEED", "CLIENT_SPEED", "CLIENT_BANDWIDTH", "DROPOUT", "AVAILABILITY")
+DEFAULTS = {
+    "CLIENT_SPEED": "1",
+    "CLIENT_BANDWIDTH": "inf",
+    "DROPOUT": 0.0,
+    "AVAILABILITY": "always",
+}
+# The second word of each draw's seed, so that each attribute has its own stream.
+_SPEED, _BANDWIDTH, _PHASE, _DROP = 1, 2, 3, 4
+
+
+class PopulationError(ValueError):
+    """A population, its settings or its file that cannot be used; one line says why."""
+
+
+# --- the settings' forms -----------------------------------------------------------------
+
+SPREAD_FORMS = "a number, lognormal:MU,SIGMA, uniform:LO,HI or slow:FRACTION,FACTOR[,BASE]"
+
+
+@dataclass(frozen=True)
+class Spread:
+    """How a per-client value is spread over the clients (see the module docstring)."""
+
+    kind: str  # "fixed", "lognormal", "uniform", "slow"
+    args: tuple[float, ...]
+
+    def __str__(self) -> str:
+        shown = ",".join(f"{a:g}" for a in self.args)
+        return shown if self.kind == "fixed" else f"{self.kind}:{shown}"
+
+    def draw(self, n: int, rng: np.random.Generator, *, slower_divides: bool) -> np.ndarray:
+        """n values, float64. `slower_divides`: a slow client's value is BASE / FACTOR
+        (a rate, bandwidth) rather than BASE x FACTOR (a time multiplier, speed)."""
+        if self.kind == "fixed":
+            return np.full(n, self.args[0])
+        if self.kind == "lognormal":
+            return rng.lognormal(self.args[0], self.args[1], n)
+        if self.kind == "uniform":
+            return rng.uniform(self.args[0], self.args[1], n)
+        fraction, factor, base = self.args
+        out = np.full(n, base)
+        slow = rng.choice(n, size=round(fraction * n), replace=False)
+        out[slow] = base / factor if slower_divides else base * factor
+        return out
+
+
+def _numbers(raw: str, count: tuple[int, ...]) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{raw!r} is not numbers separated by commas") from None
+    if len(values) not in count or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{raw!r} is not {' or '.join(map(str, count))} finite numbers")
+    return values
+
+
+def parse_spread(raw: str, *, base_needed: bool = False, infinite: bool = False) -> Spread:
+    """A `Spread` from its setting's text; ValueError says what is allowed.
+
+    `infinite`: a plain `inf` is allowed (bandwidth); `base_needed`: slow: takes three
+    numbers (bandwidth has no natural base)."""
+    text = raw.strip().lower()
+    kind, colon, rest = text.partition(":")
+    allowed = SPREAD_FORMS + (" (slow needs its BASE)" if base_needed else "")
+    try:
+        if not colon:
+            value = float(text)
+            if not (value > 0 and (math.isfinite(value) or infinite)):
+                raise ValueError("must be > 0" + ("" if infinite else " and finite"))
+            return Spread("fixed", (value,))
+        if kind == "lognormal":
+            mu, sigma = _numbers(rest, (2,))
+            if sigma < 0:
+                raise ValueError("SIGMA must be >= 0")
+            return Spread(kind, (mu, sigma))
+        if kind == "uniform":
+            lo, hi = _numbers(rest, (2,))
+            if not 0 < lo <= hi:
+                raise ValueError("needs 0 < LO <= HI")
+            return Spread(kind, (lo, hi))
+        if kind == "slow":
+            args = _numbers(rest, (3,) if base_needed else (2, 3))
+            fraction, factor, base = (*args, 1.0) if len(args) == 2 else args
+            if not 0 <= fraction <= 1 or factor < 1 or base <= 0:
+                raise ValueError("needs 0 <= FRACTION <= 1, FACTOR >= 1 and BASE > 0")
+            return Spread(kind, (fraction, factor, base))
+    except ValueError as exc:
+        raise ValueError(f"{allowed}: {exc}") from None
+    raise ValueError(allowed)
+
+
+def speed_setting(raw: str) -> str:
+    """CLIENT_SPEED's parser: the spread, written back in one canonical form."""
+    return str(parse_spread(raw))
+
+
+def bandwidth_setting(raw: str) -> str:
+    """CLIENT_BANDWIDTH's parser: bytes per second, `inf` or a spread with a BASE."""
+    return str(parse_spread(raw, base_needed=True, infinite=True))
+
+
+def availability_setting(raw: str) -> str:
+    """AVAILABILITY's parser: always, diurnal[:F] with 0 < F <= 1, or trace:FILE."""
+    text = raw.strip()
+    kind, colon, rest = text.partition(":")
+    kind = kind.lower()
+    if kind == "always" and not colon:
+        return "always"
+    if kind == "diurnal":
+        if not colon:
+            return "diurnal"
+        try:
+            fraction = float(rest)
+        except ValueError:
+            fraction = math.nan
+        if 0 < fraction <= 1:
+            return f"diurnal:{fraction:g}"
+    if kind == "trace" and rest.strip():
+        return f"trace:{rest.strip()}"
+    raise ValueError("always, diurnal[:FRACTION] (0 < FRACTION <= 1) or trace:FILE (a CSV)")
+
+
+# --- trace files -------------------------------------------------------------------------
+
+_CLIENT = re.compile(r"^(?:client-)?([1-9][0-9]*)$")
+
+
+def read_trace(path: Path, client_ids: Sequence[str]) -> dict[str, list[tuple[float, float]]]:
+    """The online windows of a CSV `client,start,end` (a header line of those words, blank
+    lines and lines from # allowed): per client id, sorted. PopulationError names the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PopulationError(f"AVAILABILITY trace {path}: cannot be read ({exc})") from None
+    known = set(client_ids)
+    windows: dict[str, list[tuple[float, float, int]]] = {}
+    for line_no, row in enumerate(csv.reader(io.StringIO(text)), 1):
+        where = f"{path} line {line_no}"
+        cells = [c.strip() for c in row]
+        if not cells or not any(cells) or cells[0].startswith("#"):
+            continue
+        if line_no == 1 and [c.lower() for c in cells] == ["client", "start", "end"]:
+            continue
+        if len(cells) != 3:
+            raise PopulationError(f"{where}: {len(cells)} fields, expected client,start,end")
+        match = _CLIENT.match(cells[0])
+        client = f"client-{match.group(1)}" if match else cells[0]
+        if client not in known:
+            raise PopulationError(
+                f"{where}: {cells[0]!r:.40} is not one of the {len(known)} logical clients "
+                f"(client-1 ... or 1 ...)"
+            )
+        try:
+            start, end = float(cells[1]), float(cells[2])
+        except ValueError:
+            raise PopulationError(f"{where}: start and end must be numbers of seconds") from None
+        if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end):
+            raise PopulationError(f"{where}: needs 0 <= start < end, finite, got {start}, {end}")
+        for lo, hi, other in windows.setdefault(client, []):
+            if start < hi and lo < end:
+                raise PopulationError(f"{where}: {client}'s window overlaps line {other}'s")
+        windows[client].append((start, end, line_no))
+    if not windows:
+        raise PopulationError(f"AVAILABILITY trace {path}: no windows")
+    return {c: sorted((s, e) for s, e, _ in w) for c, w in windows.items()}
+
+
+# --- the population ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientProfile:
+    """One logical client's speed, bandwidth, dropout and availability."""
+
+    id: str
+    speed: float = 1.0  # compute time multiplier
+    bandwidth: float = math.inf  # bytes per second
+    dropout: float = 0.0  # probability a task fails part-way
+    phase: float | None = None  # diurnal: seconds into the day its online time starts
+    windows: tuple[tuple[float, float], ...] | None = None  # trace: [start, end) online
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "speed": self.speed, "dropout": self.dropout}
+        out["bandwidth"] = None if math.isinf(self.bandwidth) else self.bandwidth  # null: inf
+        if self.phase is not None:
+            out["phase"] = self.phase
+        if self.windows is not None:
+            out["windows"] = [list(w) for w in self.windows]
+        return out
+
+
+def population_settings(settings: Any) -> dict[str, Any]:
+    """The settings that define a population, JSON-friendly, from a config.Settings or a
+    mapping of the keys (missing ones take their defaults)."""
+    if not isinstance(settings, Mapping):
+        settings = settings.to_dict()
+    out = {key: settings.get(key, DEFAULTS.get(key)) for key in POPULATION_KEYS}
+    out["DROPOUT"] = float(out["DROPOUT"])
+    return out
+
+
+@dataclass(frozen=True)
+class Population:
+    """The logical clients' profiles, in plan order, and how availability is decided."""
+
+    settings: dict[str, Any]  # POPULATION_KEYS, as given
+    clients: tuple[ClientProfile, ...]
+    availability: str = "always"  # "always", "diurnal" or "trace"
+    online_fraction: float = 1.0  # diurnal: the part of each day a client is online
+
+    @classmethod
+    def build(cls, settings: Any, client_ids: Sequence[str], seed: int | None = None) -> Population:
+        """The population of `client_ids` for `settings` (a config.Settings or a mapping of
+        POPULATION_KEYS); `seed` overrides SEED. A trace file is read here."""
+        keys = population_settings(settings)
+        if seed is not None:
+            keys["SEED"] = int(seed)
+        n, seed = len(client_ids), int(keys["SEED"])
+        try:
+            speed = parse_spread(str(keys["CLIENT_SPEED"]))
+            bandwidth = parse_spread(str(keys["CLIENT_BANDWIDTH"]), base_needed=True, infinite=True)
+            availability = availability_setting(str(keys["AVAILABILITY"]))
+        except ValueError as exc:
+            raise PopulationError(str(exc)) from None
+        dropout = keys["DROPOUT"]
+        if not 0 <= dropout < 1:
+            raise PopulationError(f"DROPOUT is {dropout}, not a probability in [0, 1)")
+        speeds = speed.draw(n, np.random.default_rng([seed, _SPEED]), slower_divides=False)
+        rates = bandwidth.draw(n, np.random.default_rng([seed, _BANDWIDTH]), slower_divides=True)
+        kind, _, arg = availability.partition(":")
+        phases: Sequence[float | None] = [None] * n
+        windows: Mapping[str, list[tuple[float, float]]] = {}
+        fraction = 1.0
+        if kind == "diurnal":
+            fraction = float(arg) if arg else DIURNAL_FRACTION
+            phases = np.random.default_rng([seed, _PHASE]).uniform(0, DAY, n).tolist()
+        elif kind == "trace":
+            windows = read_trace(Path(arg), client_ids)
+        clients = tuple(
+            ClientProfile(
+                id=cid,
+                speed=float(speeds[i]),
+                bandwidth=float(rates[i]),
+                dropout=dropout,
+                phase=phases[i],
+                windows=tuple(windows.get(cid, ())) if kind == "trace" else None,
+            )
+            for i, cid in enumerate(client_ids)
+        )
+        return cls(keys, clients, kind, fraction)
+
+    # --- questions -------------------------------------------------------------------
+
+    def client(self, client: str | ClientProfile) -> ClientProfile:
+        if isinstance(client, ClientProfile):
+            return client
+        found = self._by_id.get(client)
+        if found is None:
+            raise PopulationError(f"{client!r:.40} is not a logical client of this population")
+        return found
+
+    @property
+    def _by_id(self) -> dict[str, ClientProfile]:
+        cached = self.__dict__.get("_index")
+        if cached is None:
+            cached = {c.id: c for c in self.clients}
+            object.__setattr__(self, "_index", cached)
+        return cached
+
+    @property
+    def uniform(self) -> bool:
+        """Everyone equal, always there, never failing: today's behaviour."""
+        return self.availability == "always" and all(
+            c.speed == 1 and math.isinf(c.bandwidth) and c.dropout == 0 for c in self.clients
+        )
+
+    def compute_seconds(
+        self, client: str | ClientProfile, samples: int, epochs: int, per_sample: float
+    ) -> float:
+        return samples * epochs * per_sample * self.client(client).speed
+
+    def network_seconds(self, client: str | ClientProfile, nbytes: float) -> float:
+        return nbytes / self.client(client).bandwidth  # 0.0 at inf
+
+    def duration(
+        self,
+        client: str | ClientProfile,
+        train_samples: int,
+        epochs: int,
+        bytes_down: float,
+        bytes_up: float,
+        base_seconds_per_sample: float,
+    ) -> float:
+        """Simulated seconds of a task: n x E x base x speed + (down + up) / bandwidth."""
+        return self.compute_seconds(
+            client, train_samples, epochs, base_seconds_per_sample
+        ) + self.network_seconds(client, bytes_down + bytes_up)
+
+    def online(self, client: str | ClientProfile, t: float) -> bool:
+        """Whether the client is online at simulated second t (t >= 0 from the run's start)."""
+        profile = self.client(client)
+        if self.availability == "diurnal":
+            assert profile.phase is not None
+            return (t - profile.phase) % DAY < self.online_fraction * DAY
+        if self.availability == "trace":
+            return any(lo <= t < hi for lo, hi in profile.windows or ())
+        return True
+
+    def drops(self, client: str | ClientProfile, task_seed: int, attempt: int = 0) -> bool:
+        """Whether this attempt of the task fails: the same answer for the same task seed and
+        attempt, whoever asks (a task given again after a dropout is a new attempt)."""
+        p = self.client(client).dropout
+        return p > 0 and drop_draw(task_seed, attempt) < p
+
+    def summary(self) -> dict[str, Any]:
+        """For /v1/status: the settings and the spread of speeds and bandwidths."""
+        speeds = np.array([c.speed for c in self.clients])
+        rates = np.array([c.bandwidth for c in self.clients])
+        finite = rates[np.isfinite(rates)]
+        return {
+            **{k.lower(): v for k, v in self.settings.items() if k != "SEED"},
+            "clients": len(self.clients),
+            "speed": _spread_summary(speeds),
+            "bandwidth": _spread_summary(finite) if finite.size else None,
+        }
+
+    # --- the file --------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        body = self._body()
+        return {"format": FORMAT, "settings": dict(self.settings), "sha256": _digest(body), **body}
+
+    def _body(self) -> dict[str, Any]:
+        how: dict[str, Any] = {"mode": self.availability}
+        if self.availability == "diurnal":
+            how |= {"fraction": self.online_fraction, "day": DAY}
+        return {"availability": how, "clients": [c.to_json() for c in self.clients]}
+
+    @classmethod
+    def from_json(cls, content: Any) -> Population:
+        """The population a clients.json content holds, checked; PopulationError says where."""
+        from fedsim.data.population_file import check  # the checks, kept apart for size
+
+        return check(cls, content)
+
+
+def drop_draw(task_seed: int, attempt: int) -> float:
+    """A uniform [0, 1) draw of one attempt of a task, from its seed alone."""
+    return float(np.random.default_rng([task_seed, attempt, _DROP]).random())
+
+
+def _spread_summary(values: np.ndarray) -> dict[str, float]:
+    return {
+        "min": float(values.min()),
+        "median": float(np.median(values)),
+        "mean": float(values.mean()),
+        "max": float(values.max()),
+    }
+
+
+def _digest(body: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of the file's content (availability and clients)."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
