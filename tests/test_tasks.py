@@ -65,6 +65,7 @@ def take(q: tasks.Queue, uid: str = "host-1-aa", version: int = 0) -> TrainTask 
         ("c2.s5", (ids.parse_slice, (2, 5))),
         ("u42.c17", (ids.parse_update, (42, 17))),
         ("r3.c17", (ids.parse_round, (3, 17))),
+        ("r3a2.c17", (ids.parse_round, (3, 17))),
         ("eval.v12", (ids.parse_eval, 12)),
         ("eval.v0", (ids.parse_eval, 0)),
     ],

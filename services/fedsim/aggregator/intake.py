@@ -234,6 +234,7 @@ def retry_round(core: Core, now: float) -> None:
     assert isinstance(queue, tasks.RoundQueue)
     failed = queue.retry(now)
     core.saver.log_close(failed.number, attempt=failed.attempt, retry=True)
+    core.saver.changed(now, held=True)  # a checkpoint keeps the new attempt and its sample
     r = queue.round
     assert r is not None
     text = (

@@ -271,7 +271,7 @@ class RoundQueue(Queue):
         now = self._clock()
         out["round"] = {
             "number": r.number if r else min(self.rounds_done + 1, self.rounds),
-            "attempt": r.attempt if r else 1,
+            "attempt": r.attempt if r else self._resume.get("attempt", 1),
             "rounds_done": self.rounds_done,
             "rounds": self.rounds,
             "sampled": [client_id(n) for n in r.sampled] if r else [],
