@@ -148,6 +148,13 @@ class Settings:
     client_token: str
     auth_reads: bool
     run_label: str
+    client_speed: str
+    client_bandwidth: str
+    dropout: float
+    dropout_mode: str
+    availability: str
+    clock: str
+    time_scale: float
     # The rules' own settings (FEDPROX_MU, KRUM_F, ...) by lower-case key; read them
     # as attributes, e.g. settings.krum_f.
     rules: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -1,8 +1,9 @@
 """`python -m fedsim.prepare`: make the data and the first checkpoint ready.
 
 Verifies (or downloads) the four MNIST files in DATA_DIR; writes the partition
-plan to MODEL_DIR/partitions.json when there is none (and refuses settings that
-differ from an existing one); and when MODEL_DIR holds no checkpoint writes
+plan to MODEL_DIR/partitions.json and the population of its clients to
+clients.json when there are none (and refuses settings that differ from existing
+ones); and when MODEL_DIR holds no checkpoint writes
 version 0: the seeded initial weights of MODEL, so every run with the same SEED
 starts from the same model. The resolved settings are saved beside the
 checkpoints as settings.json, and TOKENS_FILE is created with a workers' token
@@ -19,7 +20,8 @@ import sys
 from pathlib import Path
 
 from fedsim import checkpoints, cli, config, models, tokens, weights
-from fedsim.data import mnist, partition
+from fedsim.data import mnist, partition, population_file
+from fedsim.data.population import Population, PopulationError
 
 log = logging.getLogger("fedsim.prepare")
 
@@ -62,6 +64,38 @@ def _ensure_partitions(settings: config.Settings) -> None:
         content = partition.manifest(plan, partition.make(plan, labels), labels)
         log.info("wrote %s", partition.write(settings.model_dir, content))
     log.info("%s", partition.summary(content))
+    _ensure_population(settings, [c["id"] for c in content["clients"]])
+
+
+def _ensure_population(settings: config.Settings, client_ids: list[str]) -> None:
+    """Write clients.json when absent; refuse settings that differ from an existing one."""
+    path = settings.model_dir / population_file.FILE
+    try:
+        if path.exists():
+            found = population_file.read(settings.model_dir)
+            population_file.check_clients(found, client_ids)
+        else:
+            found = Population.build(settings, client_ids)
+            log.info("wrote %s", population_file.write(settings.model_dir, found))
+    except PopulationError as exc:
+        raise PopulationError(f"{exc}; {_reset_hint(settings)}") from None
+    diffs = population_file.differences(found, settings)
+    if diffs:
+        key = diffs[0].split(" ", 1)[0]
+        raise config.ConfigError(
+            key,
+            str(settings.to_dict()[key]),
+            f"{path} was made with other settings ({'; '.join(diffs)}); "
+            f"{_reset_hint(settings)} or change it back",
+        )
+    summary = found.summary()
+    log.info(
+        "population: speed %s, bandwidth %s, dropout %g, availability %s",
+        summary["client_speed"],
+        summary["client_bandwidth"],
+        summary["dropout"],
+        summary["availability"],
+    )
 
 
 def _main() -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 
+from fedsim.data.population import availability_setting, bandwidth_setting, speed_setting
 from fedsim.rules import AGGREGATION, rule_settings
 from fedsim.settings import (
     Group,
@@ -143,6 +144,32 @@ GROUPS: tuple[Group, ...] = (
         ),
     ),
     Group("Rule settings (each used only by the rules it names)", rule_settings()),
+    Group(
+        "Population and clocks (docs/population.md)",
+        (
+            Setting("CLIENT_SPEED", "1", speed_setting,
+                "each logical client's compute time multiplier, seeded by SEED: a number,"
+                " lognormal:MU,SIGMA, uniform:LO,HI or slow:FRACTION,FACTOR (a share FACTOR x slower)"),
+            Setting("CLIENT_BANDWIDTH", "inf", bandwidth_setting,
+                "each client's bytes per second for pulls and pushes: inf, a number or the same"
+                " forms (slow:FRACTION,FACTOR,BASE)"),
+            Setting("DROPOUT", "0", number(0, 1, below=True),
+                "probability that a task fails part-way, drawn from the task's seed"),
+            Setting("DROPOUT_MODE", "abort", choice("abort", "silent"),
+                "abort: the worker gives a failed task back at once; silent: it says nothing and"
+                " the lease runs out after TASK_TIMEOUT"),
+            Setting("AVAILABILITY", "always", availability_setting,
+                "always; diurnal[:F]: online the share F (0.5) of a simulated day from a seeded"
+                " phase; trace:FILE: a CSV client,start,end of online windows in seconds"),
+            Setting("CLOCK", "real", choice("real", "virtual"),
+                "real: slow clients really take longer (their workers wait); virtual: updates"
+                " taken in the order of their simulated arrival"),
+            Setting("TIME_SCALE", "1", number(0, above=True),
+                "real clock: simulated seconds per real second; 10 makes every wait a tenth"),
+        ),
+        "prepare writes the population (clients.json) beside the plan: changing CLIENT_SPEED,"
+        " CLIENT_BANDWIDTH, DROPOUT or AVAILABILITY needs a reset (docker compose down -v).",
+    ),
     Group(
         "Attack simulation",
         (

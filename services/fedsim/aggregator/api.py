@@ -17,7 +17,7 @@ from werkzeug.routing import PathConverter
 from fedsim.aggregator import history, uploads
 from fedsim.aggregator.state import State
 from fedsim.aggregator.strategies import Refused
-from fedsim.protocol import Ask, Evaluation, Invalid, digits, valid_id, worker_id
+from fedsim.protocol import Ask, Dropout, Evaluation, Invalid, digits, valid_id, worker_id
 
 log = logging.getLogger("fedsim.aggregator")
 
@@ -230,6 +230,25 @@ def evaluation() -> Response:
         version, finished = state.info()
         return error(exc.status, exc.code, exc.reason, version=version, finished=finished)
     return jsonify(recorded=True, entry=entry)
+
+
+@bp.post("/v1/dropouts")
+def dropout() -> Response:
+    """A worker gives back a training task its client dropped: {worker, task, lease}."""
+    state = _state()
+    if (refused := _workers_only()) is not None:
+        return refused
+    try:
+        dropped = Dropout.from_json(_json_body())
+    except Invalid as exc:
+        return _bad(exc)
+    try:
+        attempt = state.give_back(dropped.task, dropped.lease)
+    except Refused as exc:
+        state.note_refusal(f"dropout of {dropped.task}", exc.code, exc.reason)
+        version, finished = state.info()
+        return error(exc.status, exc.code, exc.reason, version=version, finished=finished)
+    return jsonify(given_back=True, task=dropped.task, attempt=attempt)
 
 
 @bp.post("/v1/updates")

@@ -20,8 +20,10 @@ from fedsim.aggregator import history, privacy, strategies, tasks
 from fedsim.aggregator.strategies import Strategy
 from fedsim.aggregator.tasks import Client
 from fedsim.config import Settings
-from fedsim.data import partition
+from fedsim.data import partition, population_file
+from fedsim.data.population import DEFAULTS, Population, PopulationError, population_settings
 from fedsim.models import SHAPES
+from fedsim.protocol import Profile
 
 log = logging.getLogger("fedsim.aggregator")
 
@@ -54,6 +56,7 @@ class Start:
     clients: list[Client]
     history: list[dict[str, Any]]
     stages_state: dict[str, Any] = field(default_factory=dict)  # the pipeline's stages' state
+    population: Population | None = None  # clients.json; None: everyone equal
 
 
 def _reset_hint(settings: Settings) -> str:
@@ -102,6 +105,44 @@ def load_plan(settings: Settings) -> tuple[dict[str, Any], list[Client]]:
     return manifest, clients
 
 
+def load_population(settings: Settings, clients: list[Client]) -> Population:
+    """clients.json, checked against the settings and the plan's clients. Without the file,
+    settings that ask for everyone equal, always there (the defaults) need none."""
+    ids = [c.id for c in clients]
+    path = settings.model_dir / population_file.FILE
+    wanted = population_settings(settings)
+    if not path.exists() and all(wanted[k] == v for k, v in DEFAULTS.items()):
+        return Population.build(settings, ids)
+    try:
+        found = population_file.read(settings.model_dir)
+        population_file.check_clients(found, ids)
+    except PopulationError as exc:
+        raise StartupError(f"{exc}; {_reset_hint(settings)}") from None
+    diffs = population_file.differences(found, settings)
+    if diffs:
+        raise StartupError(
+            f"{path} does not match the settings: {'; '.join(diffs)}; {_reset_hint(settings)}"
+        )
+    return found
+
+
+def profiles(settings: Settings, found: Population | None) -> dict[str, Profile]:
+    """What each training task tells its worker of its client; {} when all are equal."""
+    if found is None or found.uniform:
+        return {}
+    return {
+        c.id: Profile(
+            speed=c.speed,
+            bandwidth=None if c.bandwidth == float("inf") else c.bandwidth,
+            dropout=c.dropout,
+            dropout_mode=settings.dropout_mode,
+            clock=settings.clock,
+            time_scale=settings.time_scale,
+        )
+        for c in found.clients
+    }
+
+
 def load(settings: Settings, rule: str) -> Start:
     """Everything the aggregator resumes from. Raises StartupError."""
     model_dir = settings.model_dir
@@ -143,6 +184,7 @@ def load(settings: Settings, rule: str) -> Start:
             f"checkpoint {ckpt.path} does not fit MODEL={settings.model}: {exc.reason}"
         ) from None
     manifest, clients = load_plan(settings)
+    found = load_population(settings, clients)
     strategy_state = None
     if meta.get("strategy") == rule:
         strategy_state = _json_meta(meta, "strategy_state", {})
@@ -185,6 +227,7 @@ def load(settings: Settings, rule: str) -> Start:
         clients=clients,
         history=kept,
         stages_state=_json_meta(meta, "stages_state", {}) if same_rule else {},
+        population=found,
     )
 
 
@@ -243,9 +286,11 @@ def restore(
         partition=start.manifest["settings"],
         clock=clock,
         wall=wall,
+        profiles=profiles(settings, start.population),
     )
     try:
         queue.load_state_dict(start.tasks_state)
+        queue.load_attempts(start.tasks_state.get("attempts"))
     except (ValueError, TypeError, KeyError) as exc:
         raise StartupError(f"checkpoint has a bad task state: {exc}") from None
     return strategy, queue

@@ -314,7 +314,10 @@ class Saver:
             "model": core.settings.model,
             "strategy": core.strategy.name,
             "strategy_state": json.dumps(core.strategy.state_dict()),
-            "tasks_state": json.dumps(core.queue.state_dict()),
+            # with the attempts of tasks given back or run out (a dropout is drawn per attempt)
+            "tasks_state": json.dumps(
+                {**core.queue.state_dict(), "attempts": core.queue.attempts_state()}
+            ),
             "stages_state": json.dumps(core.stages.state_dict()),  # e.g. adaptive clipping's norm
             "updates": core.ledger.total,
             "applied_ids": json.dumps(core.ledger.recent()),

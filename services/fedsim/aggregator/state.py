@@ -89,7 +89,8 @@ class State:
         self.ledger = Ledger(start.applied_ids, start.updates, ckpt.version, saved_at)
         self.attackers = [f"client-{n}" for n in sorted(self.queue.attackers)]
         self.evaluations = Evaluations(self, start.history, self.attackers)
-        self.clients = views.Clients(self.manifest, start.clients, self.attackers)
+        self.population = start.population  # clients.json: speed, bandwidth, dropout
+        self.clients = views.Clients(self.manifest, start.clients, self.attackers, start.population)
         self.recent: deque[dict[str, Any]] = deque(maxlen=views.HISTORY)
         self.events = Events(wall)
         self.saver = Saver(self, self._lock, clock, wall)
@@ -217,6 +218,19 @@ class State:
                     )
                 self.metrics.task_handed_out(task.kind)
             return offer, worker.name
+
+    def give_back(self, task_id: str, lease: str) -> int:
+        """A worker gives back a training task its client dropped (DROPOUT_MODE=abort): the
+        task goes to the next worker that asks. The attempt that dropped; Refused if not held."""
+        with self._lock:
+            worker, client, attempt = self.queue.give_back(task_id, lease)
+            self._drain_expired()
+            self.clients.dropped(client)
+            log.info(
+                "task %s (%s) given back by %s: its client dropped out", task_id, client, worker
+            )
+            self.events.add("dropout", f"{client} dropped task {task_id} on {worker}")
+            return attempt
 
     def _drain_expired(self) -> None:
         """Log and count the leases that ran out since the last call. Caller holds _lock."""

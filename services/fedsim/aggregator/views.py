@@ -8,6 +8,7 @@ the state's lock.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from typing import Any, Protocol
 
@@ -18,6 +19,7 @@ from fedsim.aggregator.ledger import Ledger
 from fedsim.aggregator.snapshot import Snapshot
 from fedsim.aggregator.strategies import Strategy, Update
 from fedsim.config import Settings
+from fedsim.data.population import ClientProfile, Population
 
 HISTORY = 20  # recent aggregated updates shown by /v1/status
 MAX_CLIENTS_SHOWN = 1000  # hand-started clients remembered for /v1/status
@@ -41,8 +43,13 @@ class Clients:
     """The logical clients of the plan, and the newest MAX_CLIENTS_SHOWN hand-started ones."""
 
     def __init__(
-        self, manifest: dict[str, Any], clients: list[tasks.Client], attackers: list[str]
+        self,
+        manifest: dict[str, Any],
+        clients: list[tasks.Client],
+        attackers: list[str],
+        people: Population | None = None,
     ) -> None:
+        profile = {c.id: c for c in people.clients} if people is not None else {}
         self._planned = {
             c.id: {
                 "id": c.id,
@@ -55,6 +62,8 @@ class Clients:
                 "loss": None,
                 "accuracy": None,
                 "attacker": c.id in attackers,
+                **_profile(profile.get(c.id)),
+                "dropouts": 0,  # tasks given back (DROPOUT_MODE=abort)
             }
             for i, c in enumerate(clients)
         }
@@ -85,8 +94,21 @@ class Clients:
             if key in update.meta:
                 record[key] = update.meta[key]
 
+    def dropped(self, client: str | None) -> None:
+        record = self._planned.get(client or "")
+        if record is not None:
+            record["dropouts"] += 1
+
     def rows(self) -> list[dict[str, Any]]:
         return [dict(c) for c in self._planned.values()] + [dict(c) for c in self._others.values()]
+
+
+def _profile(c: ClientProfile | None) -> dict[str, Any]:
+    """A client's population line for the table: speed, bandwidth (None: unlimited), dropout."""
+    if c is None:
+        return {"speed": 1.0, "bandwidth": None, "dropout": 0.0}
+    bandwidth = None if math.isinf(c.bandwidth) else c.bandwidth
+    return {"speed": c.speed, "bandwidth": bandwidth, "dropout": c.dropout}
 
 
 class Core(Protocol):
@@ -104,6 +126,7 @@ class Core(Protocol):
     recent: deque[dict[str, Any]]
     held: list[Update]
     privacy: privacy.Privacy | None
+    population: Population | None
 
 
 def status(core: Core) -> dict[str, Any]:
@@ -143,6 +166,8 @@ def status(core: Core) -> dict[str, Any]:
         "last_checkpoint": dict(core.ledger.last_checkpoint),
         # Differential privacy (aggregator/privacy.py): epsilon so far; None when DP is off.
         "privacy": privacy.status_of(core),
+        # The population (clients.json): its settings and the spread of speed and bandwidth.
+        "population": None if core.population is None else core.population.summary(),
     }
 
 

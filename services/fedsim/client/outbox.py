@@ -75,15 +75,16 @@ class Outbox:
         # be written); the worker waits for it rather than giving it up as gone.
         self.busy = False
 
-    def push(self, tensors: dict[str, np.ndarray], meta: UpdateMeta) -> Pushed:
-        """One push (MAX_RETRY tries), logged; accepted or unsent updates are kept."""
+    def push(self, tensors: dict[str, np.ndarray], meta: UpdateMeta, note: str = "") -> Pushed:
+        """One push (MAX_RETRY tries), logged with `note` (a slow client's wait); accepted
+        or unsent updates are kept."""
         pushed = self.transport.push(tensors, meta)
         self.counts.retries += pushed.retries
         what, base = _what(meta), meta.base_version
         if pushed.accepted:
             self.counts.pushes_accepted += 1
             self._keep(tensors, meta, pushed)
-            note = (
+            shown = (
                 " (already counted)"
                 if pushed.duplicate
                 else " (round open)"
@@ -91,12 +92,13 @@ class Outbox:
                 else ""
             )
             log.info(
-                "%s %s push  base %s -> version %s (retries %d)%s",
+                "%s %s push  base %s -> version %s (retries %d)%s%s",
                 self.name,
                 what,
                 base,
                 pushed.version,
                 pushed.retries,
+                shown,
                 note,
             )
         elif pushed.status == 409:

@@ -25,7 +25,7 @@ import numpy as np
 import requests
 
 from fedsim import protocol, weights
-from fedsim.protocol import Ask, Evaluation, Task, UpdateMeta
+from fedsim.protocol import Ask, Dropout, Evaluation, Task, UpdateMeta
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +294,16 @@ class Transport:
         status = outcome.response.status_code
         if status not in (200, 409):
             raise self._refuse("POST", "/v1/evaluations", outcome.response)
+        return status, _json_or_empty(outcome.response), outcome.retries
+
+    def give_back(self, dropped: Dropout) -> tuple[int | None, dict[str, Any], int]:
+        """POST a dropped task back: (status or None when unreachable, answer, retries)."""
+        outcome = self._call("POST", "/v1/dropouts", json=dropped.to_json())
+        if outcome.response is None:
+            return None, {"detail": outcome.error}, outcome.retries
+        status = outcome.response.status_code
+        if status not in (200, 409):
+            raise self._refuse("POST", "/v1/dropouts", outcome.response)
         return status, _json_or_empty(outcome.response), outcome.retries
 
     def push(self, tensors: Tensors, meta: UpdateMeta) -> Pushed:

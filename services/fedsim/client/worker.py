@@ -26,6 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from fedsim import models, pipeline, weights
+from fedsim.client import pacing
 from fedsim.client.outbox import Counts, Outbox, describe
 from fedsim.client.training import Trained
 from fedsim.client.transport import ProtocolError, Transport
@@ -64,6 +65,7 @@ class Learner(Protocol):
 class Summary:
     trained: int = 0
     evaluations: int = 0
+    dropped: int = 0  # training tasks whose client dropped out (DROPOUT)
     pulls_failed: int = 0
     clients: list[str] = field(default_factory=list)
     counts: Counts = field(default_factory=Counts)
@@ -75,7 +77,8 @@ class Summary:
         return (
             f"{name} done: {self.trained} updates trained"
             f"{f' ({shown})' if shown else ''}, {self.evaluations} evaluation"
-            f"{'' if self.evaluations == 1 else 's'}, pushes "
+            f"{'' if self.evaluations == 1 else 's'}"
+            f"{f', {self.dropped} dropped' if self.dropped else ''}, pushes "
             f"{c.pushes_accepted} accepted {c.pushes_failed} failed {c.pushes_refused} refused, "
             f"pulls {self.pulls_failed} failed, re-pushed {c.repushed}{unconfirmed}, "
             f"{c.retries} retries, {seconds:.1f}s"
@@ -312,6 +315,12 @@ class Worker:
         what = describe(task.client, task.slice, task.round) + (
             f" ({task.attack.kind} attacker)" if task.attack else ""
         )
+        if pacing.drops(task):  # its client fails part-way: nothing is trained or pushed
+            self.summary.dropped += 1
+            self.summary.counts.retries += pacing.drop(
+                self.name, what, task, self.transport, self.uid
+            )
+            return
         self._ensure_model(task.base_version, what)
         assert self.model.tensors is not None
         base = self.model.version
@@ -326,6 +335,12 @@ class Worker:
         except ValueError as exc:
             raise ProtocolError(f"task {task.id}: {exc}") from None
         self.summary.trained += 1
+        # CLOCK=real: a slow client (or a slow link) really takes longer.
+        pace = pacing.wait_after(
+            task.profile, trained.seconds, pacing.nbytes(self.model.tensors), pacing.nbytes(tensors)
+        )
+        if pace.seconds > 0:
+            self.sleep(pace.seconds)
         log.info(
             "%s %s train samples %d loss %.4f acc %.4f (%.1fs)",
             self.name,
@@ -351,7 +366,7 @@ class Worker:
             retries=self.summary.counts.retries,
             stages=dict(sent.meta),  # a stage's fields never override the ones above
         )
-        self.outbox.push(tensors, meta)
+        self.outbox.push(tensors, meta, note=pace.note())
 
     # --- evaluation ---------------------------------------------------------------
 

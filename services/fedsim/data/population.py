@@ -25,7 +25,7 @@ simulated seconds. Whether it fails is drawn from the task's seed (and attempt),
 so a repeated task fails or not alike. `prepare` writes the population beside the
 partition plan as MODEL_DIR/clients.json, with the settings that made it and the
 SHA-256 of its content; the aggregator refuses one that differs or was altered.
-This module is pure: numpy, no TensorFlow, nothing of fedsim at import.
+This module is pure: numpy, no TensorFlow, no fedsim setting machinery at import.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from fedsim.data.mnist import DataError
+
 FILE = "clients.json"
 FORMAT = 1
 DAY = 86_400.0  # a simulated day, in seconds
@@ -58,7 +60,7 @@ DEFAULTS = {
 _SPEED, _BANDWIDTH, _PHASE, _DROP = 1, 2, 3, 4
 
 
-class PopulationError(ValueError):
+class PopulationError(DataError, ValueError):
     """A population, its settings or its file that cannot be used; one line says why."""
 
 

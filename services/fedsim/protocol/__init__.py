@@ -16,11 +16,12 @@ worker is given; reports.py what it sends.
 """
 
 from fedsim.protocol.base import Invalid, client_id, client_number, digits, valid_id
-from fedsim.protocol.reports import Ask, Evaluation, UpdateMeta, worker_id
+from fedsim.protocol.reports import Ask, Dropout, Evaluation, UpdateMeta, worker_id
 from fedsim.protocol.tasks import (
     Attack,
     EvalTask,
     Offer,
+    Profile,
     Task,
     TrainSettings,
     TrainTask,
@@ -30,10 +31,12 @@ from fedsim.protocol.tasks import (
 __all__ = [
     "Ask",
     "Attack",
+    "Dropout",
     "EvalTask",
     "Evaluation",
     "Invalid",
     "Offer",
+    "Profile",
     "Task",
     "TrainSettings",
     "TrainTask",

@@ -42,6 +42,28 @@ class Ask:
 
 
 @dataclass(frozen=True)
+class Dropout:
+    """A worker gives back a training task its client dropped (DROPOUT_MODE=abort)."""
+
+    worker: str
+    task: str
+    lease: str
+
+    def to_json(self) -> dict[str, Any]:
+        return record_json(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Dropout:
+        uid = worker_id(data)
+        task, lease = data.get("task"), data.get("lease")
+        if not isinstance(task, str) or not valid_id(task):
+            raise Invalid("bad_task", "task must be the id of the training task given back")
+        if not isinstance(lease, str) or not LEASE.fullmatch(lease):
+            raise Invalid("bad_task", "lease must be the task's lease")
+        return cls(uid, task, lease)
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """A worker's score of the version its evaluation task named."""
 

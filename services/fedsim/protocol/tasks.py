@@ -87,6 +87,50 @@ class Attack:
 
 
 @dataclass(frozen=True)
+class Profile:
+    """How the task's logical client behaves (its line of clients.json) and how the worker
+    acts it out: under CLOCK=real it waits as a client of this speed and bandwidth would
+    (`fedsim.client.pacing`); a task that drops is given back (abort) or left (silent)."""
+
+    speed: float = 1.0  # compute time multiplier
+    bandwidth: float | None = None  # bytes per second; None: unlimited
+    dropout: float = 0.0
+    dropout_mode: str = "abort"  # or "silent"
+    clock: str = "real"  # or "virtual"
+    time_scale: float = 1.0  # simulated seconds per real second
+
+    def to_json(self) -> dict[str, Any]:
+        return record_json(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Profile:
+        def number(key: str, lo: float, hi: float = math.inf) -> float:
+            value = data.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise Invalid("bad_task", f"profile {key} must be a number, got {value!r:.40}")
+            if not (lo < value < hi and math.isfinite(value)) and not (
+                key == "dropout" and value == 0
+            ):
+                raise Invalid("bad_task", f"profile {key} is {value!r:.40}, out of range")
+            return float(value)
+
+        bandwidth = data.get("bandwidth")
+        mode, clock = data.get("dropout_mode"), data.get("clock")
+        if mode not in ("abort", "silent") or clock not in ("real", "virtual"):
+            raise Invalid(
+                "bad_task", "profile dropout_mode must be abort or silent, clock real or virtual"
+            )
+        return cls(
+            speed=number("speed", 0),
+            bandwidth=None if bandwidth is None else number("bandwidth", 0),
+            dropout=number("dropout", 0, 1),
+            dropout_mode=mode,
+            clock=clock,
+            time_scale=number("time_scale", 0),
+        )
+
+
+@dataclass(frozen=True)
 class TrainTask:
     """Train logical client `client` on its samples from `base_version`, then push.
 
@@ -96,7 +140,7 @@ class TrainTask:
     """
 
     kind: ClassVar[str] = "train"
-    OMITTED: ClassVar[tuple[str, ...]] = ("slice", "slices", "attack")
+    OMITTED: ClassVar[tuple[str, ...]] = ("slice", "slices", "attack", "profile", "attempt")
     id: str
     lease: str
     client: str
@@ -112,6 +156,9 @@ class TrainTask:
     attack: Attack | None = None  # only an attacker's tasks carry one
     worker: str = ""  # the short name of the worker it was given to
     timeout: float = 0.0  # TASK_TIMEOUT: the lease runs out after it
+    # The client's population profile; None (absent): everyone equal, always there.
+    profile: Profile | None = None
+    attempt: int | None = None  # how often the task was given before and dropped; None: 0
 
     @property
     def client_number(self) -> int:
@@ -129,6 +176,10 @@ class TrainTask:
         if client_number(client) is None:
             raise Invalid("bad_task", f"task {task_id} names {client!r:.40}, not client-N")
         attack = optional(data, "attack", dict)
+        profile = optional(data, "profile", dict)
+        attempt = optional(data, "attempt", int)
+        if attempt is not None and attempt < 0:
+            raise Invalid("bad_task", f"task {task_id}: attempt must be >= 0, got {attempt}")
         return cls(
             id=task_id,
             lease=lease,
@@ -144,6 +195,8 @@ class TrainTask:
             slices=optional(data, "slices", str),
             attack=None if attack is None else Attack.from_json(attack),
             **_task_tail(data),
+            profile=None if profile is None else Profile.from_json(profile),
+            attempt=attempt,
         )
 
 

@@ -92,6 +92,9 @@ class Leases:
         self.workers: dict[str, Worker] = {}  # by the id the worker sent, least recent first
         self._names = 0
         self._expired: list[tuple[str, str]] = []  # (task, worker) of leases that ran out
+        # Per open task, how often it was given back or its lease ran out: the attempt of
+        # its next lease, from which a dropout is drawn anew (fedsim.data.population).
+        self.attempts: dict[str, int] = {}
 
     # --- workers --------------------------------------------------------------------
 
@@ -132,6 +135,7 @@ class Leases:
         gone = [task for task, lease in self.leases.items() if lease.expires <= now]
         for task in gone:
             self._expired.append((task, self.leases.pop(task).worker))
+            self.attempts[task] = self.attempts.get(task, 0) + 1
         return gone
 
     def drain_expired(self) -> list[tuple[str, str]]:
@@ -181,6 +185,7 @@ class Leases:
     def _release(self, task_id: str, lease: str) -> None:
         """The task is done under `lease`: free it and count it for its worker."""
         current = self.leases.get(task_id)
+        self.attempts.pop(task_id, None)
         if current is not None and current.token == lease:
             del self.leases[task_id]
             for w in self.workers.values():
@@ -195,3 +200,32 @@ class Leases:
             for w in self.workers.values():
                 if w.task == task_id:
                     w.task = None
+
+    def give_back(self, task_id: str, lease: str) -> tuple[str, str | None, int]:
+        """Take back a task whose worker's client dropped it (DROPOUT_MODE=abort), so the
+        next worker to ask gets it; (the worker's name, its client, the attempt that
+        dropped). Refused when `lease` is not the task's current one."""
+        self._expire(self._clock())
+        self.check_genuine(task_id, lease)
+        current = self.leases.get(task_id)
+        if current is None or current.token != lease:
+            raise Refused(
+                "not_held",
+                f"task {task_id} is not held under this lease (done, or its lease ran out): "
+                "there is nothing to give back",
+            )
+        attempt = self.attempts.get(task_id, 0)
+        self.attempts[task_id] = attempt + 1
+        held = [w for w in self.workers.values() if w.task == task_id]
+        self._revoke(task_id)
+        return current.worker, held[0].client if held else None, attempt
+
+    def attempts_state(self) -> dict[str, int]:
+        """The attempts of the open tasks, saved with the checkpoint."""
+        return dict(self.attempts)
+
+    def load_attempts(self, saved: object) -> None:
+        if isinstance(saved, dict):
+            self.attempts = {
+                str(k): v for k, v in saved.items() if isinstance(v, int) and 0 < v < 10**6
+            }

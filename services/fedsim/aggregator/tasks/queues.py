@@ -25,7 +25,7 @@ from fedsim.aggregator.strategies import Refused
 from fedsim.aggregator.tasks import ids
 from fedsim.aggregator.tasks.ids import Client
 from fedsim.aggregator.tasks.leases import Leases, Worker
-from fedsim.protocol import Attack, EvalTask, Offer, TrainSettings, TrainTask
+from fedsim.protocol import Attack, EvalTask, Offer, Profile, TrainSettings, TrainTask
 
 
 class Queue(Leases):
@@ -48,8 +48,10 @@ class Queue(Leases):
         attack: Mapping[str, Any] | None = None,
         attackers: Sequence[int] = (),
         key: bytes | None = None,
+        profiles: Mapping[str, Profile] | None = None,
     ) -> None:
         super().__init__(task_timeout=task_timeout, clock=clock, wall=wall, key=key)
+        self.profiles = dict(profiles or {})  # by client id; none: everyone equal (clients.json)
         self.clients = {c.number: c for c in clients}
         self.attack = dict(attack) if attack else None  # {"kind", "scale"}, for the attackers
         self.attackers = frozenset(attackers)
@@ -111,6 +113,8 @@ class Queue(Leases):
             attack=attack,
             worker=worker.name,
             timeout=self.task_timeout,
+            profile=self.profiles.get(client.id),
+            attempt=self.attempts.get(task_id) or None,
         )
 
     def _training(self, worker: Worker, version: int, now: float, uid: str) -> Offer:

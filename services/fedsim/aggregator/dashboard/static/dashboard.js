@@ -147,14 +147,32 @@ function row(cells) {
   return tr;
 }
 
+// A client's population (clients.json): compute time x speed, bytes/s, task failure odds.
+const unequal = (c) => (c.speed != null && c.speed !== 1) || c.bandwidth != null || c.dropout > 0;
+const speedText = (v) => (v == null ? "-" : "\u00d7" + Number(v).toPrecision(3));
+function bandwidthText(v) {
+  if (v == null) return "\u221e";
+  const units = [[1e9, " GB/s"], [1e6, " MB/s"], [1e3, " kB/s"]];
+  for (const [size, unit] of units) if (v >= size) return (v / size).toPrecision(3) + unit;
+  return Number(v).toPrecision(3) + " B/s";
+}
+
 function renderClients(clients) {
   const attackers = clients.some((c) => c.attacker);
   document.querySelectorAll(".attacker-col").forEach((e) => (e.hidden = !attackers));
+  const population = clients.some(unequal);
+  document.querySelectorAll(".population-col").forEach((e) => (e.hidden = !population));
   const rows = clients.map((c) => {
     const cells = [
       [c.id], [c.samples, "num"], [labelBar(c.labels)], [c.updates, "num"],
       [ago(c.last_seen)], [c.staleness, "num"], [pct(c.accuracy), "num"],
     ];
+    if (population) {
+      cells.push([speedText(c.speed), "num population-col"],
+                 [bandwidthText(c.bandwidth), "num population-col"],
+                 [c.dropout == null ? "-" : pct(c.dropout) + " (" + dash(c.dropouts) + ")",
+                  "num population-col"]);
+    }
     if (attackers) cells.push([c.attacker ? "yes" : "", "attacker-col"]);
     const tr = row(cells);
     tr.dataset.client = c.id;

@@ -1,0 +1,106 @@
+"""How a worker acts out its task's logical client: a slow client's wait and its dropouts.
+
+A training task carries its client's `Profile` (its line of clients.json, see
+`fedsim.data.population`) unless every client is equal. Under CLOCK=real a slow client
+really takes longer: after training, the worker waits
+
+    wait = (max(speed - 1, 0) x measured training seconds + (bytes down + bytes up) / bandwidth)
+           / TIME_SCALE
+
+real seconds, so a client of speed 3 takes three times its worker's training time (a
+worker cannot make a client faster than itself: speeds below 1 wait nothing for compute).
+The bytes are the model pulled and the update pushed, as a real client would move them
+on every task. A task drops when the draw of its seed and attempt falls below the
+client's dropout, so the same task drops the same way whichever worker takes it. Under
+CLOCK=virtual nobody waits: the aggregator orders the updates by their simulated time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from fedsim.data.population import drop_draw
+from fedsim.protocol import Dropout, Profile, TrainTask
+
+log = logging.getLogger("fedsim.client")
+
+
+class GivesBack(Protocol):
+    def give_back(self, dropped: Dropout) -> tuple[int | None, dict, int]: ...
+
+
+def drops(task: TrainTask) -> bool:
+    """Whether this attempt of the task fails: its client's dropout against the task's draw."""
+    profile = task.profile
+    return (
+        profile is not None
+        and profile.dropout > 0
+        and drop_draw(task.seed, task.attempt or 0) < profile.dropout
+    )
+
+
+def drop(name: str, what: str, task: TrainTask, transport: GivesBack, uid: str) -> int:
+    """Act out a dropped task: abort gives it back to the aggregator, which offers it again;
+    silent says nothing, and its lease runs out after TASK_TIMEOUT. The retries it took."""
+    assert task.profile is not None
+    mode, attempt = task.profile.dropout_mode, task.attempt or 0
+    log.info(
+        "%s %s dropout (p %.2f, attempt %d): %s",
+        name,
+        what,
+        task.profile.dropout,
+        attempt,
+        "giving the task back" if mode == "abort" else "silent until its lease runs out",
+    )
+    if mode != "abort":
+        return 0
+    status, answer, retries = transport.give_back(Dropout(uid, task.id, task.lease))
+    if status != 200:
+        log.info(
+            "%s %s dropout not taken back (%s): its lease runs out instead",
+            name,
+            what,
+            answer.get("detail") or "no answer",
+        )
+    return retries
+
+
+def nbytes(tensors: Mapping[str, np.ndarray]) -> int:
+    """The bytes of a model's weights: what a client downloads or uploads."""
+    return sum(int(t.nbytes) for t in tensors.values())
+
+
+@dataclass(frozen=True)
+class Wait:
+    """The real seconds a worker waits after training, and what they are made of."""
+
+    seconds: float = 0.0
+    compute: float = 0.0  # simulated seconds beyond the measured training time
+    network: float = 0.0  # simulated seconds of the pull and the push
+    profile: Profile | None = None
+
+    def note(self) -> str:
+        """For the push line: ' (as a x3.00 client: waited 12.3s = compute 10.0s + network
+        2.3s at TIME_SCALE 1)', or '' when there was no wait."""
+        if self.profile is None or self.seconds <= 0:
+            return ""
+        return (
+            f" (as a x{self.profile.speed:.2f} client: waited {self.seconds:.1f}s = compute "
+            f"{self.compute:.1f}s + network {self.network:.1f}s at TIME_SCALE "
+            f"{self.profile.time_scale:g})"
+        )
+
+
+def wait_after(profile: Profile | None, trained_seconds: float, down: int, up: int) -> Wait:
+    """How long to wait after training `trained_seconds`, pulling `down` and pushing `up`
+    bytes, as the task's client (nothing without a profile or under CLOCK=virtual)."""
+    if profile is None or profile.clock != "real":
+        return Wait()
+    compute = max(profile.speed - 1.0, 0.0) * max(trained_seconds, 0.0)
+    network = (down + up) / profile.bandwidth if profile.bandwidth else 0.0
+    return Wait((compute + network) / profile.time_scale, compute, network, profile)
