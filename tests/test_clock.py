@@ -63,7 +63,7 @@ def test_the_simulated_time_is_saved_and_a_bad_one_refused() -> None:
     again.load_state_dict(clock.state_dict())
     assert again.now == 12.5
     for bad in (-1, "x", True, float("nan")):
-        with pytest.raises(ValueError, match="bad simulated time"):
+        with pytest.raises(ValueError, match="bad run time"):
             again.load_state_dict({"now": bad})
 
 

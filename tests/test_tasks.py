@@ -28,6 +28,7 @@ def queue(kind: type[tasks.Queue], clients, clock: FakeClock | None = None, **kw
         "training": TRAINING,
         "partition": PLAN,
         "clock": clock,
+        "run_clock": clock,  # the run's clock reads the fake one as it is
         "wall": lambda: 1.7e9,
     }
     return kind(clients, **{**common, **kw})

@@ -66,6 +66,34 @@ def _metric(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def check_step(core: Core, tensors: Tensors | None, updates: list[Update]) -> Tensors | None:
+    """The weights to publish: `tensors` (None: the rule holds the updates) through the
+    pipeline's publish stages, which end with the finite check (every weight finite and
+    |w| <= MAX_WEIGHT). Also refuse a step that leaves the rule's own state (momentum,
+    moments, a buffer) non-finite: it would be saved, and every later version made from
+    it. Nothing is published then."""
+    who = ", ".join(f"{u.client_id} ({u.update_id})" for u in updates)
+    if tensors is not None:
+        try:
+            tensors = core.stages.publish(tensors)
+        except pipeline.Rejected as exc:
+            log.error("refused aggregate: %s; updates: %s", exc.reason, who)
+            raise Refused(
+                "bad_aggregate",
+                f"aggregating this update would make tensor {exc.tensor} non-finite or "
+                f"larger than {pipeline.MAX_WEIGHT:g}; the model stays at version "
+                f"{core.snapshot.version}",
+            ) from None
+    for name, tensor in core.strategy.tensor_state().items():
+        if not np.isfinite(tensor).all():
+            log.error("refused: the rule's %s would be non-finite; updates: %s", name, who)
+            raise Refused(
+                "bad_aggregate",
+                f"this update would make the rule's {name} non-finite; nothing changed",
+            )
+    return tensors
+
+
 # --- asynchronous rules ------------------------------------------------------------------
 
 
@@ -192,7 +220,7 @@ def add_to_round(core: Core, update: Update, version: int, now: float) -> None:
     """A round rule's update waits in its round, which closes when due."""
     queue = core.queue
     assert isinstance(queue, tasks.RoundQueue) and update.task_id is not None
-    queue.add_update(update.task_id, update, now)
+    queue.add_update(update.task_id, update)  # at the run clock's now
     core.saver.log_update(update, step=False)
     queue.record_update(update.task_id, update.lease)
     core.metrics.task_finished("train")
@@ -220,7 +248,7 @@ def close_round_if_due(core: Core, now: float) -> None:
     queue = core.queue
     if not isinstance(queue, tasks.RoundQueue):
         return
-    why = queue.due(now)
+    why = queue.due()  # on the run's clock
     if why == tasks.RETRY:
         retry_round(core, now)
     elif why is not None:
@@ -232,7 +260,7 @@ def retry_round(core: Core, now: float) -> None:
     the round is tried again with a new sample."""
     queue = core.queue
     assert isinstance(queue, tasks.RoundQueue)
-    failed = queue.retry(now)
+    failed = queue.retry()
     core.saver.log_close(failed.number, attempt=failed.attempt, retry=True)
     core.saver.changed(now, held=True)  # a checkpoint keeps the new attempt and its sample
     r = queue.round

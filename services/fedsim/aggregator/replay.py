@@ -114,7 +114,7 @@ def _replay(core: Any, record: journal.Record, now: float) -> str:
             intake.accept(core, update, version, now, base=base, look=look)
             return "updates"
         assert isinstance(queue, tasks.RoundQueue) and update.task_id is not None
-        r = queue.open_round(version, now)
+        r = queue.open_round(version)
         parsed = ids.parse_attempt(update.task_id)
         if (
             r is None

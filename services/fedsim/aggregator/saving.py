@@ -316,7 +316,11 @@ class Saver:
             "strategy_state": json.dumps(core.strategy.state_dict()),
             # with the attempts of tasks given back or run out (a dropout is drawn per attempt)
             "tasks_state": json.dumps(
-                {**core.queue.state_dict(), "attempts": core.queue.attempts_state()}
+                {
+                    **core.queue.state_dict(),
+                    "attempts": core.queue.attempts_state(),
+                    "clock": core.queue.run_clock.state_dict(),  # the run's (simulated) time
+                }
             ),
             "stages_state": json.dumps(core.stages.state_dict()),  # e.g. adaptive clipping's norm
             "updates": core.ledger.total,

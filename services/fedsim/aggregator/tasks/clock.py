@@ -20,13 +20,52 @@ wants (cancelled by over-selection, or of a failed attempt) stops being awaited.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedsim.aggregator.tasks.rounds import RoundQueue
+if TYPE_CHECKING:
+    from fedsim.aggregator.tasks.rounds import RoundQueue
 
 Duration = Callable[[int, str], float]  # (client number, task id) -> simulated seconds
+
+# The nominal compute cost of one sample for one epoch on the reference worker, in
+# simulated seconds (base_seconds_per_sample of the population's formula). Fixed, not
+# measured per run: a measured cost would change with the machine's load, and with it
+# the history. cnn: docs/benchmarks.md's W2 loop, 131.8 s for 10 x 5 x 600 sample-epochs;
+# mlp: a twentieth of it (about its share of the cnn's multiply-adds, not measured).
+SECONDS_PER_SAMPLE = {"cnn": 131.8 / 30_000, "mlp": 131.8 / 30_000 / 20}
+
+
+def _load_now(state: Mapping[str, Any]) -> float:
+    now = state.get("now", 0.0)
+    if not isinstance(now, int | float) or isinstance(now, bool) or not now >= 0:
+        raise ValueError(f"bad run time: {now!r}")
+    if not math.isfinite(now):
+        raise ValueError(f"bad run time: {now!r}")
+    return float(now)
+
+
+class RealClock:
+    """CLOCK=real: the run's seconds go with the real ones, TIME_SCALE of them per real
+    second, counted on from what the checkpoint saved (so availability goes on after a
+    restart where it left off)."""
+
+    kind = "real"
+
+    def __init__(self, clock: Callable[[], float], scale: float = 1.0, now: float = 0.0) -> None:
+        self._clock, self.scale = clock, scale
+        self._t0, self._start = clock(), now
+
+    def __call__(self) -> float:
+        return self._start + (self._clock() - self._t0) * self.scale
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"now": self()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._t0, self._start = self._clock(), _load_now(state)
 
 
 @dataclass(frozen=True, order=True)
@@ -43,6 +82,8 @@ class Event:
 class VirtualClock:
     """Simulated time, the tasks still awaited and the updates waiting for their turn."""
 
+    kind = "virtual"
+
     def __init__(self, now: float = 0.0) -> None:
         self.now = now
         self.outstanding: dict[str, float] = {}  # task -> simulated finish, not arrived yet
@@ -53,6 +94,9 @@ class VirtualClock:
         if task not in self.outstanding and task not in self.pending:
             self.outstanding[task] = start + max(0.0, duration)
         return self.finish_of(task)  # type: ignore[return-value]
+
+    def __call__(self) -> float:
+        return self.now
 
     def finish_of(self, task: str) -> float | None:
         if task in self.outstanding:
@@ -98,10 +142,7 @@ class VirtualClock:
         return {"now": self.now}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        now = state.get("now", 0.0)
-        if not isinstance(now, int | float) or isinstance(now, bool) or not now >= 0:
-            raise ValueError(f"bad simulated time: {now!r}")
-        self.now = float(now)
+        self.now = _load_now(state)
 
 
 class Rounds:
@@ -144,12 +185,15 @@ class Rounds:
             clock.schedule(task, r.opened_at, self.duration(n, task))
         self._scheduled = (r.number, r.attempt)
 
-    def arrive(self, task: str, item: Any, version: Callable[[], int]) -> list[Event]:
-        """An update of `task` arrived: it waits for its turn; then every event now due is
-        taken, in simulated order. The events taken; `version()` is the current version."""
+    def arrive(self, task: str, item: Any, version: Callable[[], int]) -> bool:
+        """An update of `task` arrived: it waits for its turn, then every event now due is
+        taken, in simulated order (`version()` is the current version). False when the task
+        is not awaited (arrived before, or no longer wanted): nothing is taken then."""
         self.sync(version())
-        self.clock.arrive(task, item)
-        return self.run(version)
+        if not self.clock.arrive(task, item):
+            return False
+        self.run(version)
+        return True
 
     def run(self, version: Callable[[], int]) -> list[Event]:
         """Take every event that may happen now, in simulated order."""
@@ -172,3 +216,19 @@ class Rounds:
             why = q.due(event.at)
             if why is not None:
                 self.end(why, event.at)
+
+
+def simulated_duration(
+    seconds: float, dropout: float, drew: Callable[[int], float], mode: str, timeout: float
+) -> float:
+    """A task's simulated time to its update, counting the attempts its client drops first.
+
+    `seconds`: one attempt (the population's duration); attempt a (0, 1, ...) drops when
+    `drew(a)` < `dropout`, as the worker decides (client/pacing.py). A dropped attempt costs
+    half an attempt (it fails part-way, half-way on average) under DROPOUT_MODE=abort, and
+    TASK_TIMEOUT under silent (its lease runs out); the next attempt starts then."""
+    total, attempt = 0.0, 0
+    while dropout > 0 and drew(attempt) < dropout and attempt < 1000:
+        total += seconds / 2 if mode == "abort" else timeout
+        attempt += 1
+    return total + seconds

@@ -44,6 +44,7 @@ class Round:
     opened_at: float | None = None  # when it opened, on the run's clock (its first task)
     updates: dict[int, Any] = field(default_factory=dict)  # client number -> the update
     arrivals: list[float] = field(default_factory=list)  # seconds from opened_at, in order
+    held: set[int] = field(default_factory=set)  # CLOCK=virtual: arrived, waiting their turn
 
     def task(self, number: int) -> str:
         return ids.round_task(self.number, number, self.attempt)
@@ -80,7 +81,8 @@ class RoundQueue(Queue):
     # --- opening, sampling -------------------------------------------------------------
 
     def open_round(self, version: int, now: float | None = None) -> Round | None:
-        """The open round, opening the next one at `version` when none is open."""
+        """The open round, opening the next one at `version` when none is open (`now`, on
+        the run's clock, decides who is online; default: the run clock's now)."""
         if self.round is None and self.rounds_done < self.rounds:
             number = self.rounds_done + 1
             saved, self._resume = self._resume, {}
@@ -94,7 +96,7 @@ class RoundQueue(Queue):
         """Attempt `attempt` of round `number`: K clients drawn from those online `now`."""
         online = None
         if self.online is not None:
-            t = self._clock() if now is None else now
+            t = self.run_clock() if now is None else now
             online = [n for n in sorted(self.clients) if self.online(n, t)]
         return ids.sample(self.seed, number, self.asked, len(self.clients), attempt, online)
 
@@ -123,9 +125,9 @@ class RoundQueue(Queue):
         r = self.round
         # A closed round's missing update is refused as closed, not a duplicate; whether
         # a closed round's update made it in, the state's applied ids know.
-        return (
-            r is not None and (round_no, attempt) == (r.number, r.attempt) and (number in r.updates)
-        )
+        if r is None or (round_no, attempt) != (r.number, r.attempt):
+            return False
+        return number in r.updates or number in r.held
 
     def _check_open(self, task_id: str, base_version: int, version: int) -> None:
         if self.rounds_done >= self.rounds:
@@ -149,14 +151,24 @@ class RoundQueue(Queue):
     def _mark_done(self, task_id: str) -> None:
         pass  # the state puts the update into the round (add_update)
 
-    def add_update(self, task_id: str, update: Any, now: float) -> None:
+    def add_update(self, task_id: str, update: Any, now: float | None = None) -> None:
+        """`update` of `task_id` arrives at `now` on the run's clock (default: its now)."""
+        now = self.run_clock() if now is None else now
         _, _, number = ids.parse_attempt(task_id)  # type: ignore[misc]
         r = self.round
         assert r is not None
         if r.opened_at is None:
             r.opened_at = now
         r.updates[number] = update
+        r.held.discard(number)
         r.arrivals.append(max(0.0, now - r.opened_at))
+
+    def hold(self, task_id: str) -> None:
+        """CLOCK=virtual: `task_id`'s update arrived and waits for its simulated turn
+        (tasks/clock.py); it is not handed out again, and a repeat of it is a duplicate."""
+        _, _, number = ids.parse_attempt(task_id)  # type: ignore[misc]
+        assert self.round is not None
+        self.round.held.add(number)
 
     # --- closing -----------------------------------------------------------------------
 
@@ -178,12 +190,13 @@ class RoundQueue(Queue):
             return None
         return r.opened_at + seconds
 
-    def due(self, now: float) -> str | None:
+    def due(self, now: float | None = None) -> str | None:
         """Why the open round should end now: 'first N arrivals', 'all sampled clients',
         'deadline' (closed with a quorum), RETRY (tried again with a new sample), or None."""
         r = self.round
         if r is None:
             return None
+        now = self.run_clock() if now is None else now
         got = len(r.updates)
         if got >= self.target and got >= self.quorum:
             return "all sampled clients" if got == len(r.sampled) else f"first {got} arrivals"
@@ -211,9 +224,10 @@ class RoundQueue(Queue):
         self.rounds_done += 1
         return r
 
-    def retry(self, now: float) -> Round:
+    def retry(self, now: float | None = None) -> Round:
         """End the open attempt without publishing it; the round opens again at `now` with a
         new sample (attempt + 1). Returns the failed attempt."""
+        now = self.run_clock() if now is None else now
         r = self.round
         assert r is not None
         self._revoke_all(r)
@@ -243,16 +257,16 @@ class RoundQueue(Queue):
     # --- handing out -----------------------------------------------------------------
 
     def _training(self, worker: Worker, version: int, now: float, uid: str) -> Offer:
-        r = self.open_round(version, now)
+        r = self.open_round(version)
         if r is None:
             return self._finished_offer()
         for number in r.sampled:
             task_id = r.task(number)
-            if number in r.updates or task_id in self.leases:
+            if number in r.updates or number in r.held or task_id in self.leases:
                 continue
             client = self.clients[number]
             if r.opened_at is None:
-                r.opened_at = now
+                r.opened_at = self.run_clock()
             slice_no = None
             if client.slices is not None:
                 slice_no = client.slices[0] + (r.number - 1) % len(client.slice_numbers)
@@ -268,7 +282,7 @@ class RoundQueue(Queue):
         out = super().status()
         r = self.round
         deadline = self.deadline()
-        now = self._clock()
+        now = self.run_clock()
         out["round"] = {
             "number": r.number if r else min(self.rounds_done + 1, self.rounds),
             "attempt": r.attempt if r else self._resume.get("attempt", 1),
