@@ -242,11 +242,14 @@ def test_resume_mid_round_keeps_the_attempt_and_its_sample() -> None:
     q.retry(clock())
     second = hand_out(q)
     saved = q.state_dict()
-    assert saved["open"] == {"round": 1, "attempt": 2, "sampled": q.round.sampled}
+    assert saved["open"] == {
+        "round": 1, "attempt": 2, "sampled": q.round.sampled, "opened_at": clock()
+    }  # fmt: skip
     again = round_queue(clock, per_round=3, quorum=2, deadline=60.0)
     again.load_state_dict(saved)
     r = again.open_round(0, clock())
     assert r is not None and (r.number, r.attempt, r.sampled) == (1, 2, q.round.sampled)
+    assert r.opened_at == clock()  # its deadline counts from the same opening
     # A worker's result pushed again after the restart counts; the old attempt's does not.
     task = second[0]
     assert again.check_update(task.id, task.lease, task.client, 0, 0, 1) is True
@@ -263,6 +266,7 @@ def test_a_bad_saved_round_state_is_refused() -> None:
         ({"open": {"round": 1, "attempt": 0, "sampled": [1]}}, "bad open round attempt"),
         ({"open": {"round": 1, "attempt": 2, "sampled": [99]}}, "bad open round sample"),
         ({"closed": {"1": 3}}, "bad closed rounds"),
+        ({"open": {"round": 1, "attempt": 1, "sampled": [1], "opened_at": -2}}, "bad open round"),
     ):
         with pytest.raises(ValueError, match=why):
             q.load_state_dict(bad)

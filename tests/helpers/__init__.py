@@ -29,6 +29,7 @@ from .builders import (
     tensors,
     upload,
     write_plan,
+    write_population,
     write_tokens,
     write_v0,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "wait_healthy",
     "wait_until",
     "write_plan",
+    "write_population",
     "write_tokens",
     "write_v0",
 ]

@@ -45,6 +45,15 @@ def write_plan(settings: config.Settings, labels: np.ndarray = LABELS) -> dict[s
     return manifest
 
 
+def write_population(settings: config.Settings) -> Path:
+    """clients.json for `settings` and its plan's clients, as `fedsim.prepare` writes it."""
+    from fedsim.data import population_file
+    from fedsim.data.population import Population
+
+    ids = [f"client-{n}" for n in range(1, settings.logical_clients + 1)]
+    return population_file.write(settings.model_dir, Population.build(settings, ids))
+
+
 def tensors(
     model: str = "mlp", fill: float = 0.0, seed: int | None = None
 ) -> dict[str, np.ndarray]:

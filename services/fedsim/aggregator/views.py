@@ -168,6 +168,8 @@ def status(core: Core) -> dict[str, Any]:
         "privacy": privacy.status_of(core),
         # The population (clients.json): its settings and the spread of speed and bandwidth.
         "population": None if core.population is None else core.population.summary(),
+        # The run's clock (tasks/clock.py): simulated seconds under CLOCK=virtual.
+        "clock": {"kind": s.clock, "sim_seconds": round(queue.run_clock(), 3)},
     }
 
 

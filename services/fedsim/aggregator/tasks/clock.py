@@ -176,6 +176,9 @@ class Rounds:
             r.opened_at = clock.now
         if self._scheduled == (r.number, r.attempt):
             return
+        # Resumed mid-round: the round's updates are taken again from its opening (they
+        # were not saved), so its simulated time starts over from there too.
+        clock.now = min(clock.now, r.opened_at)
         wanted = {r.task(n) for n in r.sampled if n not in r.updates}
         for task in [*clock.outstanding, *clock.pending]:
             if task not in wanted:

@@ -88,6 +88,7 @@ class RoundQueue(Queue):
             saved, self._resume = self._resume, {}
             if saved.get("round") == number:  # resumed mid-round: the same attempt and sample
                 self.round = Round(number, list(saved["sampled"]), version, saved["attempt"])
+                self.round.opened_at = saved.get("opened_at")  # on the run's clock
             else:
                 self.round = Round(number, self._sample(number, 1, now), version)
         return self.round
@@ -306,6 +307,8 @@ class RoundQueue(Queue):
         r = self.round
         if r is not None:
             out["open"] = {"round": r.number, "attempt": r.attempt, "sampled": r.sampled}
+            if r.opened_at is not None:
+                out["open"]["opened_at"] = r.opened_at
         elif self._resume:
             out["open"] = self._resume
         if self.closed:
@@ -351,6 +354,10 @@ def _open(saved: Any, number: int, clients: int) -> dict[str, Any]:
         isinstance(n, int) and 1 <= n <= clients for n in sampled
     ):
         raise ValueError(f"bad open round sample: {sampled!r}")
+    opened_at = saved.get("opened_at")
+    if opened_at is not None and not _seconds(opened_at):
+        raise ValueError(f"bad open round time: {opened_at!r}")
     if saved.get("round") != number:
         return {}
-    return {"round": number, "attempt": attempt, "sampled": sorted(set(sampled))}
+    out = {"round": number, "attempt": attempt, "sampled": sorted(set(sampled))}
+    return out if opened_at is None else {**out, "opened_at": float(opened_at)}
