@@ -261,3 +261,13 @@ def test_without_settings_leaves_out_every_fedsim_and_compose_key_and_keeps_the_
 
     assert config.without_settings(environ) == {"PATH": "/bin", "HOME": "/h", "MINE": "1"}
     assert config.without_settings(environ, extra={"MINE"}) == {"PATH": "/bin", "HOME": "/h"}
+
+
+def test_the_virtual_clock_refuses_an_asynchronous_rule(tmp_path: Path) -> None:
+    assert load(tmp_path, CLOCK="virtual", AGGREGATION="fedavg").clock == "virtual"
+    with pytest.raises(config.ConfigError) as info:
+        load(tmp_path, CLOCK="virtual", AGGREGATION="fedbuff")
+    assert str(info.value) == (
+        "invalid setting CLOCK='virtual': orders the updates of round rules only, not fedbuff's:"
+        " use a round rule (fedavg, ...) or CLOCK=real"
+    )

@@ -338,6 +338,26 @@ def test_a_round_closed_on_time_and_the_open_round_are_replayed(make_app, clock)
     assert lookup(client, second["id"]).get_json()["state"] == "pending"
 
 
+def test_a_retried_round_and_its_new_attempt_are_replayed(make_app, clock) -> None:
+    rule = {**ROUNDS, "ROUND_DEADLINE": 30, "MIN_CLIENTS": 2, "SAVE_MODEL": 1}
+    app = _durable(make_app, **rule)
+    client = app.test_client()
+    first = _train_task(client)
+    assert post(client, answer(first, 1.0)).status_code == 200
+    clock.advance(31)  # attempt 1 has 1 of the 2 it needs: round 1 is tried again
+    second = _train_task(client)
+    assert second["id"].startswith("r1a2.")
+    assert post(client, answer(second, 2.0)).status_code == 200  # waits in attempt 2
+    _kill(app)
+
+    client = _durable(make_app, **rule).test_client()
+    status = client.get("/v1/status").get_json()
+    assert status["version"] == 0 and status["round"]["attempt"] == 2
+    assert status["round"]["pending"] == 1
+    assert post(client, answer(second, 2.0)).get_json()["duplicate"] is True
+    assert post(client, answer(first, 1.0)).get_json()["error"] == "round_closed"
+
+
 def test_an_update_the_journal_cannot_take_is_503_and_its_retry_a_duplicate(make_app) -> None:
     app = _durable(make_app, SAVE_MODEL=100)
     client = app.test_client()

@@ -355,3 +355,10 @@ def _check_combinations(s: Settings) -> None:
 
     check_settings(s)  # first: a rule DP refuses needs no advice on its own settings
     rules.check(s)  # the rule's own, against the rest (Krum's n > 2f + 2)
+    if s.clock == "virtual" and rules.chosen(s).mode == "async":
+        raise ConfigError(
+            "CLOCK",
+            "virtual",
+            f"orders the updates of round rules only, not {s.aggregation}'s: use a round rule"
+            " (fedavg, ...) or CLOCK=real",
+        )
