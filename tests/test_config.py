@@ -206,7 +206,7 @@ def test_an_old_round_timeout_stops_with_its_new_name(tmp_path: Path) -> None:
         load(tmp_path, "ROUND_TIMEOUT=600\n")
     assert str(info.value) == (
         "invalid setting ROUND_TIMEOUT='600': no longer a setting: renamed ROUND_DEADLINE"
-        " (seconds, auto or off; docs/rounds.md): rename the line"
+        " (seconds, auto or off; docs/population.md): rename the line"
     )
 
 

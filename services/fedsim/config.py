@@ -58,7 +58,7 @@ __all__ = [
 # Keys of earlier versions, with why they are gone; an empty value is ignored.
 RETIRED_KEYS = {
     "CLIENT_INDEX": "workers now take their logical client from the aggregator; delete the line",
-    "ROUND_TIMEOUT": "renamed ROUND_DEADLINE (seconds, auto or off; docs/rounds.md): rename the"
+    "ROUND_TIMEOUT": "renamed ROUND_DEADLINE (seconds, auto or off; docs/population.md): rename the"
     " line",
 }
 

@@ -131,7 +131,7 @@ GROUPS: tuple[Group, ...] = (
             AGGREGATION,
             Setting("OVERSELECT", "1", number(1),
                 "round rules: ask ceil(OVERSELECT x CLIENTS_PER_ROUND) clients and close at the"
-                " first CLIENTS_PER_ROUND arrivals; the rest are cancelled (docs/rounds.md)"),
+                " first CLIENTS_PER_ROUND arrivals; the rest are cancelled (docs/population.md)"),
             Setting("ROUND_DEADLINE", "off", deadline,
                 "round rules: seconds on the run's clock a round waits for its arrivals; auto:"
                 " median + 3 MADs of recent arrivals; off: no deadline"),
