@@ -339,3 +339,60 @@ def test_prepare_makes_a_tokens_file_others_could_read_owner_only(env, tmp_path,
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text() == secret
     assert "made readable by its owner only" in caplog.text
+
+
+# --- the population: clients.json ------------------------------------------------------
+
+
+def test_prepare_writes_clients_json_beside_the_plan_then_leaves_it(env, tmp_path, caplog):
+    from fedsim.data import population_file
+
+    model_dir = tmp_path / "models"
+    env.setenv("CLIENT_SPEED", "slow:0.5,4")
+    env.setenv("DROPOUT", "0.2")
+    with caplog.at_level(logging.INFO):
+        assert prepare._main() == 0
+    written = (model_dir / "clients.json").read_bytes()
+    found = population_file.read(model_dir)
+    assert [c.id for c in found.clients] == ["client-1", "client-2", "client-3"]
+    assert sorted(c.speed for c in found.clients) == [1.0, 4.0, 4.0]  # 0.5 x 3 rounds up to 2
+    assert "population: speed slow:0.5,4,1, bandwidth inf, dropout 0.2" in caplog.text
+    assert prepare._main() == 0
+    assert (model_dir / "clients.json").read_bytes() == written
+
+
+def test_prepare_refuses_population_settings_that_differ_from_clients_json(env, tmp_path, capsys):
+    model_dir = tmp_path / "models"
+    assert prepare._main() == 0
+    written = (model_dir / "clients.json").read_bytes()
+    capsys.readouterr()
+    env.setenv("DROPOUT", "0.1")
+    assert prepare.cli.run("prepare", prepare._main) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "invalid setting DROPOUT='0.1'" in err
+    assert "DROPOUT is 0.1 here, 0.0 in clients.json" in err and "docker compose down -v" in err
+    assert (model_dir / "clients.json").read_bytes() == written
+
+
+def test_prepare_refuses_an_edited_clients_json(env, tmp_path, capsys):
+    model_dir = tmp_path / "models"
+    assert prepare._main() == 0
+    path = model_dir / "clients.json"
+    path.write_text(path.read_text().replace('"speed": 1.0', '"speed": 9.0', 1))
+    capsys.readouterr()
+    assert prepare.cli.run("prepare", prepare._main) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert f"{path}: its content does not match its sha256" in err
+    assert "docker compose down -v" in err
+
+
+def test_prepare_names_the_line_of_a_bad_trace(env, tmp_path, capsys):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("client,start,end\nclient-1,0,10\nclient-4,0,10\n")
+    env.setenv("AVAILABILITY", f"trace:{trace}")
+    assert prepare.cli.run("prepare", prepare._main) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"{trace} line 3: 'client-4' is not one of the 3 logical clients" in err
+    assert not (tmp_path / "models" / "clients.json").exists()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from fedsim.data.population import availability_setting, bandwidth_setting, speed_setting
+from fedsim.data.spread import availability_setting, bandwidth_setting, speed_setting
 from fedsim.rules import AGGREGATION, rule_settings
 from fedsim.settings import (
     Group,

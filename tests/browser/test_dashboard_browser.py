@@ -120,6 +120,19 @@ def test_the_dashboard_follows_a_run(browser):
             == "kind-refused"
         )
 
+        # Everyone equal: no population columns; one slow, flaky client shows them.
+        assert not browser.find_element("css selector", "#clients th.population-col").is_displayed()
+        run.profile("client-2", 3.0, 250_000.0, 0.1)
+        wait_for(
+            browser,
+            lambda d: d.find_element("css selector", "#clients th.population-col").is_displayed(),
+            "the population columns",
+        )
+        cells = browser.find_elements("css selector", "tr[data-client='client-2'] td")
+        assert [c.text for c in cells[7:10]] == ["\u00d73.00", "250 kB/s", "10.00% (2)"]
+        other = browser.find_elements("css selector", "tr[data-client='client-1'] td")
+        assert [c.text for c in other[7:10]] == ["\u00d71.00", "\u221e", "0.00% (0)"]
+
         run.mark_attacker("client-5")
         wait_for(
             browser,

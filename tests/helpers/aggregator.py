@@ -14,7 +14,7 @@ from fedsim import checkpoints, config
 from fedsim.aggregator.app import create_app
 from fedsim.aggregator.state import State
 
-from .builders import WORKERS_TOKEN, upload, write_plan, write_tokens, write_v0
+from .builders import WORKERS_TOKEN, upload, write_plan, write_population, write_tokens, write_v0
 from .fakes import FakeClock
 
 # A round-based run small enough to follow by hand: 2 of 10 iid clients per round.
@@ -48,6 +48,8 @@ def build_app(
         write_v0(settings.model_dir)
     if write and not (settings.model_dir / "partitions.json").exists():
         write_plan(settings)
+    if write and not (settings.model_dir / "clients.json").exists():
+        write_population(settings)
     if not settings.tokens_file.exists():
         write_tokens(settings)
     app = create_app(

@@ -73,6 +73,11 @@ class FakeRun:
                     "loss": None,
                     "accuracy": None,
                     "attacker": False,
+                    # everyone equal, as clients.json's defaults
+                    "speed": 1.0,
+                    "bandwidth": None,
+                    "dropout": 0.0,
+                    "dropouts": 0,
                 }
             )
         self.workers = [
@@ -121,6 +126,12 @@ class FakeRun:
     def mark_attacker(self, client_id: str) -> None:
         with self.lock:
             next(c for c in self.clients if c["id"] == client_id)["attacker"] = True
+
+    def profile(self, client_id: str, speed: float, bandwidth: float | None, dropout: float):
+        """Give a client a population line (clients.json), as /v1/status shows it."""
+        with self.lock:
+            record = next(c for c in self.clients if c["id"] == client_id)
+            record.update(speed=speed, bandwidth=bandwidth, dropout=dropout, dropouts=2)
 
     def finish(self) -> None:
         with self.lock:

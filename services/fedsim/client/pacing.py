@@ -18,7 +18,7 @@ CLOCK=virtual nobody waits: the aggregator orders the updates by their simulated
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -94,6 +94,20 @@ class Wait:
             f"{self.compute:.1f}s + network {self.network:.1f}s at TIME_SCALE "
             f"{self.profile.time_scale:g})"
         )
+
+
+def wait(
+    profile: Profile | None,
+    trained_seconds: float,
+    model: Mapping[str, np.ndarray],
+    update: Mapping[str, np.ndarray],
+    sleep: Callable[[float], None],
+) -> Wait:
+    """Wait as the task's client would after training on `model` into `update`; the wait."""
+    pace = wait_after(profile, trained_seconds, nbytes(model), nbytes(update))
+    if pace.seconds > 0:
+        sleep(pace.seconds)
+    return pace
 
 
 def wait_after(profile: Profile | None, trained_seconds: float, down: int, up: int) -> Wait:

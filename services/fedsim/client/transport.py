@@ -288,22 +288,20 @@ class Transport:
 
     def report(self, evaluation: Evaluation) -> tuple[int | None, dict[str, Any], int]:
         """POST an evaluation: (status or None when unreachable, answer, retries)."""
-        outcome = self._call("POST", "/v1/evaluations", json=evaluation.to_json())
-        if outcome.response is None:
-            return None, {"detail": outcome.error}, outcome.retries
-        status = outcome.response.status_code
-        if status not in (200, 409):
-            raise self._refuse("POST", "/v1/evaluations", outcome.response)
-        return status, _json_or_empty(outcome.response), outcome.retries
+        return self._post_json("/v1/evaluations", evaluation.to_json())
 
     def give_back(self, dropped: Dropout) -> tuple[int | None, dict[str, Any], int]:
-        """POST a dropped task back: (status or None when unreachable, answer, retries)."""
-        outcome = self._call("POST", "/v1/dropouts", json=dropped.to_json())
+        """POST a task its client dropped: (status or None when unreachable, answer, retries)."""
+        return self._post_json("/v1/dropouts", dropped.to_json())
+
+    def _post_json(self, path: str, body: dict[str, Any]) -> tuple[int | None, dict[str, Any], int]:
+        """A small JSON report; 200 and 409 (not wanted any more) are answers, others refusals."""
+        outcome = self._call("POST", path, json=body)
         if outcome.response is None:
             return None, {"detail": outcome.error}, outcome.retries
         status = outcome.response.status_code
         if status not in (200, 409):
-            raise self._refuse("POST", "/v1/dropouts", outcome.response)
+            raise self._refuse("POST", path, outcome.response)
         return status, _json_or_empty(outcome.response), outcome.retries
 
     def push(self, tensors: Tensors, meta: UpdateMeta) -> Pushed:

@@ -336,11 +336,7 @@ class Worker:
             raise ProtocolError(f"task {task.id}: {exc}") from None
         self.summary.trained += 1
         # CLOCK=real: a slow client (or a slow link) really takes longer.
-        pace = pacing.wait_after(
-            task.profile, trained.seconds, pacing.nbytes(self.model.tensors), pacing.nbytes(tensors)
-        )
-        if pace.seconds > 0:
-            self.sleep(pace.seconds)
+        pace = pacing.wait(task.profile, trained.seconds, self.model.tensors, tensors, self.sleep)
         log.info(
             "%s %s train samples %d loss %.4f acc %.4f (%.1fs)",
             self.name,

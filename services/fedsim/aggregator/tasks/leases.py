@@ -225,7 +225,11 @@ class Leases:
         return dict(self.attempts)
 
     def load_attempts(self, saved: object) -> None:
+        """The attempts a checkpoint saved; none (an older checkpoint) or bad ones count 0."""
+        self.attempts = {}
         if isinstance(saved, dict):
             self.attempts = {
-                str(k): v for k, v in saved.items() if isinstance(v, int) and 0 < v < 10**6
+                str(k): v
+                for k, v in saved.items()
+                if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**6
             }

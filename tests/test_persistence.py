@@ -1,0 +1,72 @@
+"""What the aggregator starts from: here, the population (clients.json) beside the plan."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedsim.aggregator import persistence
+from fedsim.aggregator.persistence import StartupError
+from fedsim.protocol import Profile
+from helpers import write_plan, write_population, write_v0
+
+
+def prepared(make_settings, population: bool = True, **overrides: object):
+    settings = make_settings(MODEL="mlp", **overrides)
+    write_v0(settings.model_dir)
+    write_plan(settings)
+    if population:
+        write_population(settings)
+    return settings
+
+
+def test_the_population_is_read_and_sent_with_each_task(make_settings) -> None:
+    settings = prepared(
+        make_settings, CLIENT_SPEED="slow:0.34,5", DROPOUT="0.1", DROPOUT_MODE="silent"
+    )
+    start = persistence.load(settings, settings.aggregation)
+    assert start.population is not None
+    assert [c.speed for c in start.population.clients] == [1.0, 5.0, 1.0]  # seeded: 1 of 3
+    profiles = persistence.profiles(settings, start.population)
+    assert profiles["client-2"] == Profile(
+        speed=5.0, bandwidth=None, dropout=0.1, dropout_mode="silent", clock="real"
+    )
+
+
+def test_equal_clients_send_no_profile_and_need_no_file(make_settings) -> None:
+    settings = prepared(make_settings, population=False)
+    start = persistence.load(settings, settings.aggregation)  # a MODEL_DIR of before the file
+    assert start.population is not None and start.population.uniform
+    assert persistence.profiles(settings, start.population) == {}
+
+
+def test_other_settings_without_the_file_say_to_run_prepare(make_settings) -> None:
+    settings = prepared(make_settings, population=False, CLIENT_SPEED="2")
+    with pytest.raises(StartupError, match=r"no clients.json in .*run python -m fedsim.prepare"):
+        persistence.load(settings, settings.aggregation)
+
+
+def test_settings_that_differ_from_the_file_are_named(make_settings) -> None:
+    prepared(make_settings, CLIENT_BANDWIDTH="1e6")
+    settings = make_settings(MODEL="mlp", CLIENT_BANDWIDTH="2e6")
+    with pytest.raises(StartupError) as caught:
+        persistence.load(settings, settings.aggregation)
+    message = str(caught.value)
+    assert "clients.json does not match the settings" in message
+    assert "CLIENT_BANDWIDTH is 2e+06 here, 1e+06 in clients.json" in message
+    assert "docker compose down -v" in message
+
+
+def test_a_corrupt_file_stops_the_start_with_its_fault(make_settings) -> None:
+    settings = prepared(make_settings, DROPOUT="0.3")
+    path = settings.model_dir / "clients.json"
+    path.write_text(path.read_text()[:-20])
+    with pytest.raises(StartupError, match=rf"{path}: not JSON .*docker compose down -v"):
+        persistence.load(settings, settings.aggregation)
+
+
+def test_a_file_of_another_plan_is_refused(make_settings) -> None:
+    settings = prepared(make_settings, DROPOUT="0.3")
+    other = make_settings(MODEL="mlp", DROPOUT="0.3", CLIENT_SLICES="1-2 3-4 5-6 7-8")
+    write_population(other)  # four clients
+    with pytest.raises(StartupError, match="has 4 clients, the partition plan 3"):
+        persistence.load(settings, settings.aggregation)
