@@ -188,6 +188,7 @@ def test_the_auto_deadline_on_hand_worked_arrivals() -> None:
     # D = 12 + 3 x 1.4826 x 2 = 20.8956.
     assert deadlines.auto([[10.0, 12.0, 14.0], [30.0, 11.0]], 99.0) == pytest.approx(20.8956)
     assert deadlines.auto([[5.0, 5.0, 5.0]], 99.0) == 5.0  # MAD 0: the median
+    assert deadlines.auto([[0.0, 0.0]], 99.0) == 1.0  # never under AUTO_FLOOR: no round meets 0
     assert deadlines.auto([], 99.0) == 99.0  # the first round: the fallback, TASK_TIMEOUT
 
 

@@ -132,3 +132,18 @@ def test_resume_mid_round_under_the_virtual_clock_continues_the_same_history(
     # A new aggregator on the same MODEL_DIR: the workers' tasks are pushed again.
     history, _, _ = run(make_app, rule, order_seed=7, workers=3)
     assert history == reference
+
+
+def test_a_journal_replay_under_the_virtual_clock_awaits_only_the_missing_updates(
+    make_app, make_settings, tmp_path
+) -> None:
+    rule = prepared(make_settings, tmp_path / "models", DURABLE="true", SAVE_MODEL=100)
+    reference, _, _ = run(make_app, prepared(make_settings, tmp_path / "ref"), 1, 2)
+    app, _, _ = run(make_app, rule, order_seed=1, workers=2, stop_after=4)
+    state = state_of(app)
+    assert state.queue.round is not None and state.queue.round.updates  # some taken
+    # A hard kill: no checkpoint, the journal replays the updates taken; the new
+    # aggregator awaits only the round's other tasks, and the history is the same.
+    state.saver.journal.close()
+    history, _, _ = run(make_app, rule, order_seed=5, workers=3)
+    assert history == reference

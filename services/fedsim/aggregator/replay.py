@@ -30,6 +30,7 @@ from fedsim.aggregator.persistence import Start
 from fedsim.aggregator.saving import BASE, COVERED
 from fedsim.aggregator.strategies import Global, Refused, Update
 from fedsim.aggregator.tasks import ids
+from fedsim.aggregator.tasks.clock import VirtualClock
 
 log = logging.getLogger("fedsim.aggregator")
 
@@ -125,6 +126,11 @@ def _replay(core: Any, record: journal.Record, now: float) -> str:
             log.warning("journal: update %s for task %s is not of the open round: skipped",
                         update.update_id, update.task_id)  # fmt: skip
             return "skipped"
+        at, opened = record.fields.get("at"), record.fields.get("opened_at")
+        if isinstance(queue.run_clock, VirtualClock) and isinstance(at, int | float):
+            queue.run_clock.now = float(at)  # taken at its simulated time, as before
+            if r.opened_at is None and isinstance(opened, int | float):
+                r.opened_at = float(opened)
         intake.add_to_round(core, update, version, now)
         return "updates"
     except Refused as exc:

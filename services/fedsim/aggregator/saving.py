@@ -120,6 +120,10 @@ class Saver:
         }
         fields["meta"] = dict(update.meta)
         fields["base_used"] = base is not None
+        fields["at"] = self._core.queue.run_clock()  # when it was taken, on the run's clock
+        opened = getattr(getattr(self._core.queue, "round", None), "opened_at", None)
+        if opened is not None:
+            fields["opened_at"] = opened  # its round's opening, on the same clock
         tensors = dict(update.tensors)
         if base is not None and base.version < self._floor:
             tensors.update({BASE + name: t for name, t in base.tensors.items()})

@@ -176,16 +176,18 @@ class Rounds:
             r.opened_at = clock.now
         if self._scheduled == (r.number, r.attempt):
             return
-        # Resumed mid-round: the round's updates are taken again from its opening (they
-        # were not saved), so its simulated time starts over from there too.
-        clock.now = min(clock.now, r.opened_at)
+        # Resumed mid-round: the updates not in the round yet are taken again from its
+        # opening (a checkpoint does not hold them), so its simulated time goes back to its
+        # last update in (a journal's replay puts them back), or to its opening.
+        clock.now = min(clock.now, r.opened_at + max(r.arrivals, default=0.0))
         wanted = {r.task(n) for n in r.sampled if n not in r.updates}
         for task in [*clock.outstanding, *clock.pending]:
             if task not in wanted:
                 clock.cancel(task)
         for n in r.sampled:
             task = r.task(n)
-            clock.schedule(task, r.opened_at, self.duration(n, task))
+            if task in wanted:
+                clock.schedule(task, r.opened_at, self.duration(n, task))
         self._scheduled = (r.number, r.attempt)
 
     def arrive(self, task: str, item: Any, version: Callable[[], int]) -> bool:

@@ -12,7 +12,8 @@ in the history does not move it much. Before any round has closed there is no
 history: the first round waits `fallback` seconds (TASK_TIMEOUT, the time after
 which a task is given up on anyway). A retried attempt a waits D * 2^(a-1): the
 arrivals a too short deadline lets in are only the fast ones, so without the
-doubling a round could be retried for ever.
+doubling a round could be retried for ever. D is at least AUTO_FLOOR (1 s), which
+arrivals all at the round's opening would otherwise bring to 0.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 AUTO_K = 3.0  # robust standard deviations past the median
 AUTO_ROUNDS = 5  # rounds of arrivals the estimate looks at
 MAD_TO_SD = 1.4826  # 1 / Phi^-1(3/4): MAD -> standard deviation for normal data
+AUTO_FLOOR = 1.0  # seconds: instant arrivals (all at 0) would give D = 0, which no round meets
 
 
 def auto(recent: Iterable[Iterable[float]], fallback: float) -> float:
@@ -34,4 +36,4 @@ def auto(recent: Iterable[Iterable[float]], fallback: float) -> float:
         return float(fallback)
     median = float(np.median(x))
     mad = float(np.median(np.abs(x - median)))
-    return median + AUTO_K * MAD_TO_SD * mad
+    return max(AUTO_FLOOR, median + AUTO_K * MAD_TO_SD * mad)
