@@ -271,3 +271,16 @@ def test_the_virtual_clock_refuses_an_asynchronous_rule(tmp_path: Path) -> None:
         "invalid setting CLOCK='virtual': orders the updates of round rules only, not fedbuff's:"
         " use a round rule (fedavg, ...) or CLOCK=real"
     )
+
+
+def test_availability_with_a_round_rule_needs_a_deadline(tmp_path: Path) -> None:
+    ok = load(tmp_path, AGGREGATION="fedavg", AVAILABILITY="diurnal", ROUND_DEADLINE="auto")
+    assert ok.round_deadline == "auto"
+    assert load(tmp_path, AVAILABILITY="diurnal").availability == "diurnal"  # asynchronous
+    with pytest.raises(config.ConfigError) as info:
+        load(tmp_path, AGGREGATION="fedavg", AVAILABILITY="diurnal:0.3")
+    assert str(info.value) == (
+        "invalid setting AVAILABILITY='diurnal:0.3': round rules then need a ROUND_DEADLINE"
+        " (seconds or auto): a round that finds too few clients online is tried again at its"
+        " deadline"
+    )

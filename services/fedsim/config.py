@@ -355,7 +355,15 @@ def _check_combinations(s: Settings) -> None:
 
     check_settings(s)  # first: a rule DP refuses needs no advice on its own settings
     rules.check(s)  # the rule's own, against the rest (Krum's n > 2f + 2)
-    if s.clock == "virtual" and rules.chosen(s).mode == "async":
+    rounds = rules.chosen(s).mode == "rounds"
+    if rounds and s.availability != "always" and s.round_deadline is None:
+        raise ConfigError(
+            "AVAILABILITY",
+            s.availability,
+            "round rules then need a ROUND_DEADLINE (seconds or auto): a round that finds too"
+            " few clients online is tried again at its deadline",
+        )
+    if s.clock == "virtual" and not rounds:
         raise ConfigError(
             "CLOCK",
             "virtual",
