@@ -116,7 +116,7 @@ def test_history_json_and_csv(make_app) -> None:
     entries = client.get("/v1/history").get_json()["history"]
     assert [(e["version"], e["accuracy"], e["round"]) for e in entries] == [(0, 0.1, None)]
     csv = client.get("/v1/history?format=csv").get_data(as_text=True).splitlines()
-    assert csv[0] == "version,round,time,accuracy,loss,samples,updates,clients"
+    assert csv[0] == "version,round,time,sim_seconds,accuracy,loss,samples,updates,clients"
     assert csv[1].startswith("0,,") and ",0.1,2.3,0,0," in csv[1]
     assert client.get("/v1/history?format=xml").status_code == 400
 

@@ -168,9 +168,46 @@ def test_fedasync_settings(tmp_path: Path) -> None:
     assert (s.aggregation, s.fedasync_alpha, s.fedasync_staleness) == ("fedasync", 1.0, 0.0)
 
 
-def test_min_clients_sets_the_quorum(tmp_path: Path) -> None:
-    assert load(tmp_path, MIN_CLIENTS="2").round_quorum == 2
-    assert load(tmp_path, MIN_CLIENTS="9").round_quorum == 3  # never more than are sampled
+def test_min_clients_is_the_quorum_at_the_round_deadline(tmp_path: Path) -> None:
+    assert load(tmp_path, ROUND_DEADLINE="60", MIN_CLIENTS="2").round_quorum == 2
+    assert load(tmp_path, ROUND_DEADLINE="auto", MIN_CLIENTS="9").round_quorum == 3  # at most C
+    assert load(tmp_path, ROUND_DEADLINE="60").round_quorum == 1  # 0: any update
+    assert load(tmp_path).round_quorum == 3  # no deadline: a round closes at C arrivals
+    with pytest.raises(config.ConfigError) as info:
+        load(tmp_path, MIN_CLIENTS="2")
+    assert str(info.value).startswith("invalid setting MIN_CLIENTS='2': the quorum a round needs")
+    assert "set CLIENTS_PER_ROUND=N and OVERSELECT" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"), [("off", None), ("AUTO", "auto"), ("12.5", 12.5), (" 600 ", 600.0)]
+)
+def test_round_deadline_is_off_auto_or_seconds(tmp_path: Path, raw: str, value: object) -> None:
+    assert load(tmp_path, ROUND_DEADLINE=raw).round_deadline == value
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "nan", "inf", "soon"])
+def test_a_bad_round_deadline_is_one_line(tmp_path: Path, raw: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        load(tmp_path, ROUND_DEADLINE=raw)
+    assert str(info.value) == (
+        f"invalid setting ROUND_DEADLINE={raw!r}: off, auto, or a number of seconds > 0"
+    )
+
+
+def test_overselect_is_at_least_one(tmp_path: Path) -> None:
+    assert load(tmp_path, OVERSELECT="1.3").overselect == 1.3
+    with pytest.raises(config.ConfigError, match=r"OVERSELECT='0\.9': a number >= 1"):
+        load(tmp_path, OVERSELECT="0.9")
+
+
+def test_an_old_round_timeout_stops_with_its_new_name(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        load(tmp_path, "ROUND_TIMEOUT=600\n")
+    assert str(info.value) == (
+        "invalid setting ROUND_TIMEOUT='600': no longer a setting: renamed ROUND_DEADLINE"
+        " (seconds, auto or off; docs/population.md): rename the line"
+    )
 
 
 def test_resolved_settings_are_json_friendly(tmp_path: Path) -> None:
@@ -224,3 +261,26 @@ def test_without_settings_leaves_out_every_fedsim_and_compose_key_and_keeps_the_
 
     assert config.without_settings(environ) == {"PATH": "/bin", "HOME": "/h", "MINE": "1"}
     assert config.without_settings(environ, extra={"MINE"}) == {"PATH": "/bin", "HOME": "/h"}
+
+
+def test_the_virtual_clock_refuses_an_asynchronous_rule(tmp_path: Path) -> None:
+    assert load(tmp_path, CLOCK="virtual", AGGREGATION="fedavg").clock == "virtual"
+    with pytest.raises(config.ConfigError) as info:
+        load(tmp_path, CLOCK="virtual", AGGREGATION="fedbuff")
+    assert str(info.value) == (
+        "invalid setting CLOCK='virtual': orders the updates of round rules only, not fedbuff's:"
+        " use a round rule (fedavg, ...) or CLOCK=real"
+    )
+
+
+def test_availability_with_a_round_rule_needs_a_deadline(tmp_path: Path) -> None:
+    ok = load(tmp_path, AGGREGATION="fedavg", AVAILABILITY="diurnal", ROUND_DEADLINE="auto")
+    assert ok.round_deadline == "auto"
+    assert load(tmp_path, AVAILABILITY="diurnal").availability == "diurnal"  # asynchronous
+    with pytest.raises(config.ConfigError) as info:
+        load(tmp_path, AGGREGATION="fedavg", AVAILABILITY="diurnal:0.3")
+    assert str(info.value) == (
+        "invalid setting AVAILABILITY='diurnal:0.3': round rules then need a ROUND_DEADLINE"
+        " (seconds or auto): a round that finds too few clients online is tried again at its"
+        " deadline"
+    )

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def environment(tmp_path: Path, mnist_dir: Path, **settings: str) -> dict[str, str]:
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(ROOT / "services"),  # this checkout's fedsim, whichever is installed
         "HOME": str(tmp_path),
         "FEDSIM_ENV_FILE": str(tmp_path / "no.env"),
         "DATA_DIR": str(mnist_dir),
@@ -156,3 +157,29 @@ def test_topk_rounds_from_real_workers_keep_residuals_per_client(tmp_path, mnist
     residuals = sorted(p.stem for p in (tmp_path / "models" / "worker-state").iterdir())
     trained = {c for e in history.read(tmp_path / "models")[1:] for c in e["clients"]}
     assert residuals == sorted(trained)
+
+
+@pytest.mark.slow
+def test_the_virtual_clock_gives_the_same_rounds_on_one_and_two_workers(tmp_path, mnist_dir):
+    # Lognormal speeds, 6 asked for 4 a round, closed at the first 4 in simulated time.
+    runs = []
+    for workers in (1, 2):
+        env = environment(
+            tmp_path / f"w{workers}",
+            mnist_dir,
+            PARTITION="iid",
+            NUM_CLIENTS="20",
+            CLIENTS_PER_ROUND="4",
+            OVERSELECT="1.5",
+            AGGREGATION="fedavg",
+            ROUNDS="3",
+            EPOCHS="1",
+            CLOCK="virtual",
+            CLIENT_SPEED="lognormal:0,0.5",
+        )
+        simulate(env, workers)
+        entries = history.read(tmp_path / f"w{workers}" / "models")
+        runs.append([(e["version"], e["round"], e["clients"], e["sim_seconds"]) for e in entries])
+    assert [r[:2] for r in runs[0]] == [(0, None), (1, 1), (2, 2), (3, 3)]
+    assert all(len(clients) == 4 for _, _, clients, _ in runs[0][1:])
+    assert runs[1] == runs[0]

@@ -26,6 +26,7 @@ class FakeQueue:
         self.recorded: list[int] = []
         self.workers: dict = {}
         self.finished = False
+        self.run_clock = lambda: 12.3456  # the run's clock, as the entries' sim_seconds show
 
     def want_evaluation(self, version: int) -> None:
         self.wanted.append(version)
@@ -101,6 +102,7 @@ def test_a_score_becomes_the_history_entry_and_stops_the_wait(core, tmp_path) ->
         "samples": 300,
         "updates": 2,
         "clients": ["client-1", "client-2"],
+        "sim_seconds": 12.346,  # the run's clock when v3 was made, to the millisecond
         "attackers": ["client-2"],
     }
     assert history.read(tmp_path) == [entry] and evaluations.last() == entry

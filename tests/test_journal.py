@@ -316,7 +316,7 @@ def test_a_stale_base_only_in_memory_is_logged_with_its_update(make_app) -> None
 
 
 def test_a_round_closed_on_time_and_the_open_round_are_replayed(make_app, clock) -> None:
-    rule = {**ROUNDS, "ROUND_TIMEOUT": 30, "SAVE_MODEL": 1}
+    rule = {**ROUNDS, "ROUND_DEADLINE": 30, "SAVE_MODEL": 1}
     app = _durable(make_app, **rule)
     client = app.test_client()
     first = _train_task(client)
@@ -336,6 +336,26 @@ def test_a_round_closed_on_time_and_the_open_round_are_replayed(make_app, clock)
     retry = post(client, answer(second, 2.0))
     assert retry.get_json()["duplicate"] is True
     assert lookup(client, second["id"]).get_json()["state"] == "pending"
+
+
+def test_a_retried_round_and_its_new_attempt_are_replayed(make_app, clock) -> None:
+    rule = {**ROUNDS, "ROUND_DEADLINE": 30, "MIN_CLIENTS": 2, "SAVE_MODEL": 1}
+    app = _durable(make_app, **rule)
+    client = app.test_client()
+    first = _train_task(client)
+    assert post(client, answer(first, 1.0)).status_code == 200
+    clock.advance(31)  # attempt 1 has 1 of the 2 it needs: round 1 is tried again
+    second = _train_task(client)
+    assert second["id"].startswith("r1a2.")
+    assert post(client, answer(second, 2.0)).status_code == 200  # waits in attempt 2
+    _kill(app)
+
+    client = _durable(make_app, **rule).test_client()
+    status = client.get("/v1/status").get_json()
+    assert status["version"] == 0 and status["round"]["attempt"] == 2
+    assert status["round"]["pending"] == 1
+    assert post(client, answer(second, 2.0)).get_json()["duplicate"] is True
+    assert post(client, answer(first, 1.0)).get_json()["error"] == "round_closed"
 
 
 def test_an_update_the_journal_cannot_take_is_503_and_its_retry_a_duplicate(make_app) -> None:

@@ -1,6 +1,7 @@
-"""Tasks and rounds through the API: the rules' math, rounds that hand out their sampled
-clients and close, leases, timeouts and restarts, the evaluations waiting for a score, and
-what a review of the rules and the queue found."""
+"""Rounds (aggregator/tasks/rounds.py) and tasks through the API: over-selection, deadlines
+and retries, availability, resuming mid-round; the rules' math, rounds that hand out their
+sampled clients and close, leases, deadlines and restarts, the evaluations waiting for a
+score, and what a review of the rules and the queue found."""
 
 from __future__ import annotations
 
@@ -9,7 +10,283 @@ import pytest
 from flask.testing import FlaskClient
 
 from fedsim import weights
-from helpers import ROUNDS, answer, ask, lookup, model_dir, post, served, state_of, upload
+from fedsim.aggregator import tasks
+from fedsim.aggregator.strategies import Refused
+from fedsim.aggregator.tasks import deadlines, ids
+from fedsim.data.population import Population
+from fedsim.protocol import TrainTask
+from helpers import (
+    ROUNDS,
+    FakeClock,
+    answer,
+    ask,
+    lookup,
+    model_dir,
+    post,
+    served,
+    state_of,
+    upload,
+)
+
+PLAN = {"PARTITION": "iid", "SEED": 7, "NUM_CLIENTS": 10}
+TRAINING = {"model": "mlp", "epochs": 1, "batch_size": 10, "learning_rate": 0.1, "optimizer": "sgd"}
+
+
+def round_queue(clock: FakeClock, n: int = 10, **kw) -> tasks.RoundQueue:
+    """A RoundQueue of n clients (100 images each), 2 per round unless told, seed 7."""
+    common = {
+        "seed": 7,
+        "per_round": 2,
+        "rounds": 3,
+        "task_timeout": 30.0,
+        "training": TRAINING,
+        "partition": PLAN,
+        "clock": clock,
+        "run_clock": clock,  # the run's clock reads the fake one as it is
+        "wall": lambda: 1.7e9,
+        "quorum": 2,
+        "key": b"k" * 32,  # the same lease key across a restart
+    }
+    clients = [tasks.Client(c, 100, f"h{c}") for c in range(1, n + 1)]
+    return tasks.RoundQueue(clients, **{**common, **kw})
+
+
+def hand_out(q: tasks.RoundQueue, version: int = 0) -> list[TrainTask]:
+    """Every task of the open attempt, each to its own worker."""
+    out = []
+    while True:
+        offer, _ = q.ask(f"w{len(out)}", version)
+        if offer.task is None:
+            return out
+        assert isinstance(offer.task, TrainTask)
+        out.append(offer.task)
+
+
+def arrive(q: tasks.RoundQueue, task: TrainTask, now: float, version: int = 0) -> None:
+    """`task`'s update reaches the queue at `now`, as the state puts it in."""
+    assert q.check_update(task.id, task.lease, task.client, version, version, 1) is True
+    q.add_update(task.id, task.id, now)
+    q.record_update(task.id, task.lease)
+
+
+def test_a_rounds_attempt_is_in_its_task_id_with_one_spelling() -> None:
+    assert ids.round_task(3, 17) == "r3.c17" and ids.parse_attempt("r3.c17") == (3, 1, 17)
+    assert ids.round_task(3, 17, 2) == "r3a2.c17" and ids.parse_attempt("r3a2.c17") == (3, 2, 17)
+    for other in ("r3a1.c17", "r3a0.c17", "r3a02.c17", "r3a.c17"):
+        assert ids.parse_attempt(other) is None and not ids.is_task(other)
+
+
+# --- over-selection: ask K = ceil(OVERSELECT x C), close at the first C -----------------------
+
+
+def test_over_selection_asks_more_and_closes_at_the_first_c_arrivals() -> None:
+    clock = FakeClock()
+    q = round_queue(clock, per_round=4, overselect=1.3)  # ceil(1.3 x 4) = ceil(5.2) = 6
+    given = hand_out(q)
+    assert [t.client_number for t in given] == ids.sample(7, 1, 6, 10)
+    for t in given[:3]:
+        arrive(q, t, clock())
+    assert q.due(clock()) is None
+    arrive(q, given[3], clock())
+    assert q.due(clock()) == "first 4 arrivals"
+    closed = q.close("first 4 arrivals")
+    assert sorted(closed.updates) == sorted(t.client_number for t in given[:4])
+    assert q.leases == {}  # the other two are cancelled
+    late = given[4]
+    with pytest.raises(Refused) as refused:
+        q.check_update(late.id, late.lease, late.client, 0, 1, 1)
+    assert refused.value.status == 409 and refused.value.code == "round_closed"
+    assert str(refused.value) == (
+        f"round 1 closed with its first 4 arrivals; the result of task {late.id} is not counted"
+    )
+
+
+def test_overselect_of_one_samples_as_before_and_a_float_product_is_not_rounded_up() -> None:
+    assert round_queue(FakeClock(), per_round=10, n=20, overselect=1.1).asked == 11
+    q = round_queue(FakeClock(), per_round=3)
+    assert [t.client_number for t in hand_out(q)] == ids.sample(7, 1, 3, 10)
+
+
+def test_over_selection_through_the_api_refuses_the_late_result_with_409(make_app) -> None:
+    client = make_app(**ROUNDS, ROUNDS=3, OVERSELECT=1.5).test_client()  # asks 3, keeps 2
+    ask(client)  # the evaluation of version 0
+    a, b, c = (ask(client, f"wk-{i}")["task"] for i in range(3))
+    assert len({a["client"], b["client"], c["client"]}) == 3
+    post(client, answer(a, 1.0))
+    assert post(client, answer(b, 3.0)).get_json()["version"] == 1
+    before = served(client)
+    late = post(client, answer(c, 9.0))
+    assert late.status_code == 409 and late.get_json()["error"] == "round_closed"
+    assert late.get_json()["detail"].startswith("round 1 closed with its first 2 arrivals")
+    assert served(client) == before
+
+
+# --- the deadline: close with a quorum, or retry with a new sample ----------------------------
+
+
+def test_the_deadline_closes_a_round_that_has_its_quorum() -> None:
+    clock = FakeClock()
+    q = round_queue(clock, per_round=3, quorum=2, deadline=60.0)
+    given = hand_out(q)
+    arrive(q, given[0], clock() + 5)
+    arrive(q, given[1], clock() + 10)
+    clock.advance(59.9)
+    assert q.due(clock()) is None
+    clock.advance(0.1)
+    assert q.due(clock()) == "deadline"
+    assert len(q.close("deadline").updates) == 2 and q.rounds_done == 1
+    assert q.closed["1"] == "round 1 closed at its deadline with 2 arrivals"
+
+
+def test_the_deadline_retries_a_round_without_its_quorum_with_a_new_sample() -> None:
+    clock = FakeClock()
+    q = round_queue(clock, per_round=3, quorum=2, deadline=60.0)
+    first = hand_out(q)
+    arrive(q, first[0], clock() + 1)
+    clock.advance(60)
+    assert q.due(clock()) == tasks.RETRY
+    failed = q.retry(clock())
+    assert (failed.number, failed.attempt, len(failed.updates)) == (1, 1, 1)
+    r = q.round
+    assert r is not None and (r.number, r.attempt, r.opened_at) == (1, 2, clock())
+    assert r.sampled == ids.sample(7, 1, 3, 10, attempt=2) and not r.updates
+    assert q.rounds_done == 0 and q.leases == {}  # nothing published, the old leases revoked
+    second = hand_out(q)
+    assert {t.id for t in second} == {f"r1a2.c{n}" for n in r.sampled}
+    assert {t.seed for t in second}.isdisjoint({t.seed for t in first})
+    with pytest.raises(Refused) as refused:  # the failed attempt's straggler
+        q.check_update(first[1].id, first[1].lease, first[1].client, 0, 0, 1)
+    assert refused.value.code == "round_closed" and "attempt 1 reached its deadline with 1 of" in (
+        str(refused.value)
+    )
+
+
+def test_a_round_retried_through_the_api_publishes_nothing_and_says_so(make_app, clock) -> None:
+    client = make_app(**ROUNDS, ROUNDS=3, ROUND_DEADLINE=30, MIN_CLIENTS=2).test_client()
+    ask(client)
+    a = ask(client)["task"]
+    ask(client, "wk-2")  # never answered
+    post(client, answer(a, 5.0))
+    clock.advance(30)
+    status = client.get("/v1/status").get_json()
+    assert status["version"] == 0 and status["round"]["attempt"] == 2
+    assert status["round"]["number"] == 1 and status["round"]["pending"] == 0
+    text = status["events"][-1]["text"]
+    assert text.startswith("round 1 attempt 1: 1 of the 2 updates it needs by its deadline")
+    retried = ask(client)["task"]
+    assert retried["id"].startswith("r1a2.c") and retried["round"] == 1
+    late = post(client, answer(a, 5.0))  # the failed attempt's update is not counted
+    assert late.status_code == 409 and late.get_json()["error"] == "round_closed"
+    assert client.get("/v1/status").get_json()["round"]["pending"] == 0
+
+
+# --- auto: D = median + 3 x 1.4826 x MAD of the recent arrivals ------------------------------
+
+
+def test_the_auto_deadline_on_hand_worked_arrivals() -> None:
+    # Arrivals 10, 12, 14, 30 and 11: median 12; |x - 12| = 2, 0, 2, 18, 1 -> MAD 2;
+    # D = 12 + 3 x 1.4826 x 2 = 20.8956.
+    assert deadlines.auto([[10.0, 12.0, 14.0], [30.0, 11.0]], 99.0) == pytest.approx(20.8956)
+    assert deadlines.auto([[5.0, 5.0, 5.0]], 99.0) == 5.0  # MAD 0: the median
+    assert deadlines.auto([[0.0, 0.0]], 99.0) == 1.0  # never under AUTO_FLOOR: no round meets 0
+    assert deadlines.auto([], 99.0) == 99.0  # the first round: the fallback, TASK_TIMEOUT
+
+
+def test_the_auto_deadline_learns_from_closed_rounds_and_doubles_per_attempt() -> None:
+    clock = FakeClock()
+    q = round_queue(clock, per_round=3, quorum=3, deadline="auto")
+    assert q.deadline_seconds() == 30.0  # no history yet: TASK_TIMEOUT
+    given = hand_out(q)
+    for t, after in zip(given, (10.0, 12.0, 14.0), strict=True):
+        arrive(q, t, clock() + after)
+    q.close("all sampled clients")
+    assert q.recent == [[10.0, 12.0, 14.0]]
+    hand_out(q, version=1)
+    assert q.deadline_seconds() == pytest.approx(12 + 3 * 1.4826 * 2)
+    clock.advance(q.deadline_seconds())
+    assert q.due(clock()) == tasks.RETRY
+    q.retry(clock())
+    assert q.deadline_seconds() == pytest.approx(2 * (12 + 3 * 1.4826 * 2))
+
+
+# --- availability: who is offline when a round opens is not asked -----------------------------
+
+
+def test_an_offline_client_is_not_sampled(tmp_path) -> None:
+    trace = tmp_path / "trace.csv"
+    # Clients 1-6 online for the first 100 s; 7-10 only from 100 s on.
+    trace.write_text(
+        "client,start,end\n"
+        + "".join(f"client-{c},0,100\n" for c in range(1, 7))
+        + "".join(f"client-{c},100,1000\n" for c in range(7, 11))
+    )
+    ids_ = [f"client-{c}" for c in range(1, 11)]
+    pop = Population.build({"SEED": 7, "AVAILABILITY": f"trace:{trace}"}, ids_)
+    clock = FakeClock(start=0.0)
+    q = round_queue(clock, per_round=4, quorum=4, online=lambda n, t: pop.online(f"client-{n}", t))
+    early = [t.client_number for t in hand_out(q)]
+    assert early == ids.sample(7, 1, 4, 10, online=range(1, 7))  # seeded among the online
+    # Round 1 is retried at 150 s, when only clients 7-10 are online.
+    clock.advance(150)
+    q.retry(clock())
+    assert q.round is not None and q.round.sampled == [7, 8, 9, 10]
+
+
+# --- resuming mid-round ------------------------------------------------------------------------
+
+
+def test_resume_mid_round_keeps_the_attempt_and_its_sample() -> None:
+    clock = FakeClock()
+    q = round_queue(clock, per_round=3, quorum=2, deadline=60.0)
+    first = hand_out(q)
+    clock.advance(60)
+    q.retry(clock())
+    second = hand_out(q)
+    saved = q.state_dict()
+    assert saved["open"] == {
+        "round": 1, "attempt": 2, "sampled": q.round.sampled, "opened_at": clock()
+    }  # fmt: skip
+    again = round_queue(clock, per_round=3, quorum=2, deadline=60.0)
+    again.load_state_dict(saved)
+    r = again.open_round(0, clock())
+    assert r is not None and (r.number, r.attempt, r.sampled) == (1, 2, q.round.sampled)
+    assert r.opened_at == clock()  # its deadline counts from the same opening
+    # A worker's result pushed again after the restart counts; the old attempt's does not.
+    task = second[0]
+    assert again.check_update(task.id, task.lease, task.client, 0, 0, 1) is True
+    with pytest.raises(Refused) as refused:
+        again.check_update(first[0].id, first[0].lease, first[0].client, 0, 0, 1)
+    assert refused.value.code == "round_closed"
+
+
+def test_a_bad_saved_round_state_is_refused() -> None:
+    q = round_queue(FakeClock())
+    for bad, why in (
+        ({"arrivals": [[-1.0]]}, "bad arrivals"),
+        ({"arrivals": "x"}, "bad arrivals"),
+        ({"open": {"round": 1, "attempt": 0, "sampled": [1]}}, "bad open round attempt"),
+        ({"open": {"round": 1, "attempt": 2, "sampled": [99]}}, "bad open round sample"),
+        ({"closed": {"1": 3}}, "bad closed rounds"),
+        ({"open": {"round": 1, "attempt": 1, "sampled": [1], "opened_at": -2}}, "bad open round"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            q.load_state_dict(bad)
+
+
+def test_resume_mid_round_through_the_api_keeps_the_attempt(make_app, clock) -> None:
+    rule = {**ROUNDS, "ROUNDS": 3, "ROUND_DEADLINE": 30, "MIN_CLIENTS": 2, "SAVE_MODEL": 1}
+    client = make_app(**rule).test_client()
+    ask(client)
+    a = ask(client)["task"]
+    post(client, answer(a, 5.0))
+    clock.advance(30)
+    task = ask(client)["task"]
+    assert task["id"].startswith("r1a2.")
+    state_of(client.application).save_if_due(force=True)
+    again = make_app(**rule).test_client()
+    assert again.get("/v1/status").get_json()["round"]["attempt"] == 2
+    assert post(again, answer(task, 1.0)).get_json()["duplicate"] is False
+
 
 # --- the rules' math through the API --------------------------------------------------
 
@@ -133,8 +410,8 @@ def test_stale_and_finished_updates_are_409_and_change_nothing(make_app) -> None
     assert client.get("/v1/status").get_json()["finished"] is True
 
 
-def test_a_round_closes_on_its_timeout_with_what_arrived(make_app, clock) -> None:
-    app = make_app(**ROUNDS, ROUND_TIMEOUT=30, ROUNDS=3)
+def test_a_round_closes_at_its_deadline_with_what_arrived(make_app, clock) -> None:
+    app = make_app(**ROUNDS, ROUND_DEADLINE=30, ROUNDS=3)
     client = app.test_client()
     ask(client)
     a = ask(client)["task"]
@@ -145,7 +422,7 @@ def test_a_round_closes_on_its_timeout_with_what_arrived(make_app, clock) -> Non
     clock.advance(1)
     # A model download notices the deadline and closes the round first.
     assert client.get("/v1/model").headers["X-Fedsim-Version"] == "1"
-    assert "timeout" in client.get("/v1/status").get_json()["events"][-1]["text"]
+    assert "(deadline)" in client.get("/v1/status").get_json()["events"][-1]["text"]
 
 
 def test_an_expired_lease_goes_to_another_worker_and_the_late_result_is_refused(

@@ -195,8 +195,8 @@ def test_a_round_closes_when_its_sampled_clients_answered(make_state) -> None:
     made.metrics.set_round.assert_called_once_with(2)
 
 
-def test_a_round_closes_on_its_timeout_when_polled(make_state, clock) -> None:
-    made = make_state(**ROUNDS, ROUND_TIMEOUT=30)
+def test_a_round_closes_at_its_deadline_when_polled(make_state, clock) -> None:
+    made = make_state(**ROUNDS, ROUND_DEADLINE=30)
     task = train_task(made, "wk-1")
     made.submit(answer(task, 2.0))
     clock.advance(29)
@@ -206,7 +206,7 @@ def test_a_round_closes_on_its_timeout_when_polled(make_state, clock) -> None:
 
     assert made.poll().version == 1
     assert mean_weight(made) == pytest.approx(2.0)
-    assert made.status()["events"][-1]["text"].startswith("round 1 closed (timeout)")
+    assert made.status()["events"][-1]["text"].startswith("round 1 closed (deadline)")
 
 
 # --- the checkpoint schedule (saving.py) -------------------------------------------------

@@ -589,11 +589,18 @@ def test_krum_needs_more_than_2f_plus_2_updates_per_round(rule_settings) -> None
 
 
 def test_krum_counts_the_rounds_that_close_at_min_clients(rule_settings) -> None:
-    settings = rule_settings(AGGREGATION="krum", MIN_CLIENTS=4, **ROUNDS_OF_10)
+    settings = rule_settings(AGGREGATION="krum", MIN_CLIENTS=4, ROUND_DEADLINE=60, **ROUNDS_OF_10)
     with pytest.raises(config.ConfigError) as info:
         strategies.check(settings)
     assert one_line_error(info).endswith(
         "rounds close at MIN_CLIENTS=4 updates: raise MIN_CLIENTS or lower KRUM_F"
+    )
+    settings = rule_settings(AGGREGATION="krum", ROUND_DEADLINE="auto", **ROUNDS_OF_10)
+    with pytest.raises(config.ConfigError) as info:
+        strategies.check(settings)
+    assert one_line_error(info).endswith(
+        "rounds close at ROUND_DEADLINE with 1 update (MIN_CLIENTS=0): raise MIN_CLIENTS or "
+        "lower KRUM_F"
     )
 
 

@@ -28,6 +28,7 @@ def queue(kind: type[tasks.Queue], clients, clock: FakeClock | None = None, **kw
         "training": TRAINING,
         "partition": PLAN,
         "clock": clock,
+        "run_clock": clock,  # the run's clock reads the fake one as it is
         "wall": lambda: 1.7e9,
     }
     return kind(clients, **{**common, **kw})
@@ -65,6 +66,7 @@ def take(q: tasks.Queue, uid: str = "host-1-aa", version: int = 0) -> TrainTask 
         ("c2.s5", (ids.parse_slice, (2, 5))),
         ("u42.c17", (ids.parse_update, (42, 17))),
         ("r3.c17", (ids.parse_round, (3, 17))),
+        ("r3a2.c17", (ids.parse_round, (3, 17))),
         ("eval.v12", (ids.parse_eval, 12)),
         ("eval.v0", (ids.parse_eval, 0)),
     ],
@@ -264,7 +266,6 @@ def test_only_the_attackers_tasks_carry_the_attack_with_the_tasks_seed() -> None
         tasks.RoundQueue,
         plain(),
         quorum=2,
-        round_timeout=60.0,
         per_round=4,
         attack={"kind": "scaled", "scale": 10.0},
         attackers=[2],
@@ -397,11 +398,12 @@ def test_sampled_updates_follow_the_rounds_samples_and_end_after_rounds_times_c(
     assert again.done_numbers == {1, 2, 4} and take(again).id == expected[2]
 
 
-# --- rounds: C sampled clients, closed when all are in, at quorum or on time ---------------
+# --- rounds: C sampled clients, closed when all are in or at the deadline -------------------
+# (over-selection, retries and resume: test_rounds.py)
 
 
 def rounds(clock: FakeClock | None = None, clients=None, **kw) -> tasks.RoundQueue:
-    kw = {"quorum": 3, "round_timeout": 60.0, "per_round": 3, **kw}
+    kw = {"quorum": 3, "deadline": 60.0, "per_round": 3, **kw}
     return queue(tasks.RoundQueue, clients or plain(), clock, **kw)
 
 
@@ -414,19 +416,19 @@ def test_a_round_hands_out_its_sample_on_the_version_it_opened_at() -> None:
     assert offer.task is None and offer.reason == "waiting for round 1 to close"
 
 
-def test_a_round_closes_when_all_are_in_or_at_quorum_or_on_time() -> None:
+def test_a_round_closes_when_all_are_in_or_at_its_deadline_with_a_quorum() -> None:
     clock = FakeClock()
     q = rounds(clock, quorum=2)
     a, b, c = (take(q, f"w{i}") for i in range(3))
     assert q.due(clock()) is None and q.deadline() == clock() + 60.0
     q.add_update(a.id, "update-a", clock())
-    clock.advance(60)
-    assert q.due(clock()) == "timeout"
     q.add_update(b.id, "update-b", clock())
-    assert q.due(clock()) == "quorum"
+    assert q.due(clock()) is None  # a quorum closes a round only at its deadline
+    clock.advance(60)
+    assert q.due(clock()) == "deadline"
     q.add_update(c.id, "update-c", clock())
     assert q.due(clock()) == "all sampled clients"
-    closed = q.close()
+    closed = q.close("all sampled clients")
     assert closed.number == 1 and len(closed.updates) == 3
     assert (q.rounds_done, q.round, q.leases) == (1, None, {})
     assert all(w.task is None for w in q.workers.values())
@@ -471,7 +473,7 @@ def test_under_slices_a_client_trains_its_slices_in_turn_round_by_round() -> Non
 
 def test_round_progress_is_saved_and_a_bad_count_refused() -> None:
     q = rounds()
-    assert q.state_dict() == {"rounds_done": 0}
+    assert q.state_dict() == {"rounds_done": 0, "arrivals": []}
     q.load_state_dict({"rounds_done": 99})
     assert q.rounds_done == 3 and q.finished
     with pytest.raises(ValueError, match="bad rounds_done"):

@@ -58,6 +58,8 @@ __all__ = [
 # Keys of earlier versions, with why they are gone; an empty value is ignored.
 RETIRED_KEYS = {
     "CLIENT_INDEX": "workers now take their logical client from the aggregator; delete the line",
+    "ROUND_TIMEOUT": "renamed ROUND_DEADLINE (seconds, auto or off; docs/population.md): rename the"
+    " line",
 }
 
 MIN_CLIENT_SAMPLES = 10  # dirichlet: the fewest images any logical client gets
@@ -111,8 +113,9 @@ class Settings:
     model: str
     seed: int
     aggregation: str
+    overselect: float
+    round_deadline: float | str | None  # seconds, "auto", or None (off)
     min_clients: int
-    round_timeout: float
     rounds: int
     save_model: int
     durable: bool
@@ -192,8 +195,11 @@ class Settings:
 
     @property
     def round_quorum(self) -> int:
-        """Updates that close a fedavg round: MIN_CLIENTS, else every sampled client."""
-        return min(self.min_clients, self.per_round) if self.min_clients else self.per_round
+        """The fewest updates a round is published with: at ROUND_DEADLINE, MIN_CLIENTS (0: 1);
+        without a deadline a round closes only at CLIENTS_PER_ROUND arrivals."""
+        if self.round_deadline is None:
+            return self.per_round
+        return min(self.min_clients, self.per_round) if self.min_clients else 1
 
     @property
     def delta(self) -> float:
@@ -349,6 +355,14 @@ def _check_combinations(s: Settings) -> None:
             str(s.clients_per_round),
             f"more than the {s.logical_clients} logical clients ({where})",
         )
+    if s.min_clients and s.round_deadline is None:
+        raise ConfigError(
+            "MIN_CLIENTS",
+            str(s.min_clients),
+            "the quorum a round needs at its ROUND_DEADLINE: set ROUND_DEADLINE (seconds or auto)"
+            " or MIN_CLIENTS=0; to close rounds at their first N arrivals, set"
+            " CLIENTS_PER_ROUND=N and OVERSELECT",
+        )
     from fedsim.pipeline.dp import check_settings  # DP against the rule and the attack
 
     check_settings(s)  # first: a rule DP refuses needs no advice on its own settings
@@ -359,3 +373,18 @@ def _check_combinations(s: Settings) -> None:
 
     check_secagg(s)  # secure aggregation against the rule, DP, attacks, compression
     rules.check(s)  # the rule's own, against the rest (Krum's n > 2f + 2)
+    rounds = rules.chosen(s).mode == "rounds"
+    if rounds and s.availability != "always" and s.round_deadline is None:
+        raise ConfigError(
+            "AVAILABILITY",
+            s.availability,
+            "round rules then need a ROUND_DEADLINE (seconds or auto): a round that finds too"
+            " few clients online is tried again at its deadline",
+        )
+    if s.clock == "virtual" and not rounds:
+        raise ConfigError(
+            "CLOCK",
+            "virtual",
+            f"orders the updates of round rules only, not {s.aggregation}'s: use a round rule"
+            " (fedavg, ...) or CLOCK=real",
+        )

@@ -85,6 +85,23 @@ def number(
     return parse
 
 
+def deadline(raw: str) -> float | str | None:
+    """`off` (None), `auto`, or seconds > 0 (ROUND_DEADLINE)."""
+    value = raw.strip().lower()
+    if value in ("", "off"):
+        return None
+    if value == "auto":
+        return "auto"
+    allowed = "off, auto, or a number of seconds > 0"
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(allowed) from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(allowed)
+    return seconds
+
+
 def choice(*options: str) -> Callable[[str], str]:
     """One of `options`, any case."""
 

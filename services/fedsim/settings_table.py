@@ -18,6 +18,7 @@ from fedsim.settings import (
     Setting,
     boolean,
     choice,
+    deadline,
     integer,
     number,
     optional_path,
@@ -129,10 +130,15 @@ GROUPS: tuple[Group, ...] = (
         "Aggregation",
         (
             AGGREGATION,
+            Setting("OVERSELECT", "1", number(1),
+                "round rules: ask ceil(OVERSELECT x CLIENTS_PER_ROUND) clients and close at the"
+                " first CLIENTS_PER_ROUND arrivals; the rest are cancelled (docs/population.md)"),
+            Setting("ROUND_DEADLINE", "off", deadline,
+                "round rules: seconds on the run's clock a round waits for its arrivals; auto:"
+                " median + 3 MADs of recent arrivals; off: no deadline"),
             Setting("MIN_CLIENTS", "0", integer(0),
-                "fedavg: updates that close a round early; 0: all the sampled clients"),
-            Setting("ROUND_TIMEOUT", "600", number(0, above=True),
-                "fedavg: seconds after a round opens that close it with what arrived"),
+                "with ROUND_DEADLINE: the fewest updates a round is published with at its deadline;"
+                " fewer: it is retried with a new sample; 0: 1"),
             Setting("ROUNDS", "10", integer(1),
                 "fedavg: rounds in the run; asynchronous rules off"
                 " slices: ROUNDS x CLIENTS_PER_ROUND updates"),

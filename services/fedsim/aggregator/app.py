@@ -59,8 +59,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         secagg_api.init_app(app)
     dashboard.init_app(app, summary=state.summary)
     if app.config["FEDSIM_TICKER"]:
-        # Often enough to close a timed-out round or save when idle without much delay.
-        state.start_ticker(
-            max(0.05, min(1.0, settings.idle_save_seconds / 4, settings.round_timeout / 4))
-        )
+        # Often enough to end a round at its deadline or save when idle without much delay.
+        deadline = settings.round_deadline
+        every = deadline / 4 if isinstance(deadline, float) else 1.0
+        state.start_ticker(max(0.05, min(1.0, settings.idle_save_seconds / 4, every)))
     return app

@@ -36,6 +36,7 @@ class Waiting:
     updates: int  # updates aggregated up to it
     clients: list[str] = field(default_factory=list)  # in the versions since the last scored
     rounds_closed: int = 0  # rounds closed when it was made (DP: epsilon composes them)
+    sim_seconds: float | None = None  # the run's clock when it was made (simulated time)
 
 
 class Core(Protocol):
@@ -76,8 +77,9 @@ class Evaluations:
     def want(self, snap: Snapshot, round_no: int | None, updates: int) -> None:
         """Queue a score of `snap`; drop the oldest waiting beyond MAX_WAITING_EVALUATIONS."""
         closed = privacy.rounds_done(self._core)  # at start: the checkpoint's, as it was made
+        at = self._core.queue.run_clock()  # CLOCK=virtual: simulated seconds
         self.waiting[snap.version] = Waiting(
-            snap, round_no, updates, sorted(set(self._since)), closed
+            snap, round_no, updates, sorted(set(self._since)), closed, round(at, 3)
         )
         self._since = []
         self._core.queue.want_evaluation(snap.version)
@@ -141,6 +143,7 @@ class Evaluations:
             "samples": waiting.snapshot.samples if waiting else None,
             "updates": waiting.updates if waiting else None,
             "clients": list(waiting.clients) if waiting else [],
+            "sim_seconds": waiting.sim_seconds if waiting else None,
         }
         if self._attackers:
             entry["attackers"] = [c for c in entry["clients"] if c in self._attackers]

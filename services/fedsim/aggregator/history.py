@@ -8,7 +8,8 @@ fsynced as each evaluation arrives, so it survives restarts:
      "clients": ["client-1", "client-3"]}
 
 `round` is the number of the round that made the version (null under the
-asynchronous rules); `samples` and `updates` are those aggregated so far;
+asynchronous rules); `sim_seconds` the run's clock when it was made (simulated
+seconds under CLOCK=virtual, real ones x TIME_SCALE else); `samples` and `updates` are those aggregated so far;
 `clients` are the logical clients whose updates went into the version since the
 previous evaluated one. A version appears once: a later entry for the same
 version replaces an earlier one (a version re-made after a restart). Readers
@@ -30,7 +31,9 @@ from typing import Any
 log = logging.getLogger("fedsim.aggregator")
 
 FILE = "history.jsonl"
-COLUMNS = ("version", "round", "time", "accuracy", "loss", "samples", "updates", "clients")
+COLUMNS = (
+    "version", "round", "time", "sim_seconds", "accuracy", "loss", "samples", "updates", "clients"
+)  # fmt: skip
 
 
 def path_in(model_dir: Path) -> Path:

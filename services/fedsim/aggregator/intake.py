@@ -3,7 +3,8 @@
 An asynchronous rule takes each update as it arrives and makes a version of it
 (or holds it, as fedbuff does until it has K); at the end of the run what it
 still holds is flushed into a last version. A round rule's update waits in its
-round, and the round becomes one version when it is full or times out. Both go
+round, and the round becomes one version at its first C arrivals or at its deadline
+with a quorum; short of it at the deadline, the round is tried again (tasks/rounds.py). Both go
 through the core's `rule_step` (the rule's step, checked) and `apply` (publish).
 The caller holds the state's lock.
 """
@@ -64,6 +65,34 @@ class Core(Protocol):
 
 def _metric(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def check_step(core: Core, tensors: Tensors | None, updates: list[Update]) -> Tensors | None:
+    """The weights to publish: `tensors` (None: the rule holds the updates) through the
+    pipeline's publish stages, which end with the finite check (every weight finite and
+    |w| <= MAX_WEIGHT). Also refuse a step that leaves the rule's own state (momentum,
+    moments, a buffer) non-finite: it would be saved, and every later version made from
+    it. Nothing is published then."""
+    who = ", ".join(f"{u.client_id} ({u.update_id})" for u in updates)
+    if tensors is not None:
+        try:
+            tensors = core.stages.publish(tensors)
+        except pipeline.Rejected as exc:
+            log.error("refused aggregate: %s; updates: %s", exc.reason, who)
+            raise Refused(
+                "bad_aggregate",
+                f"aggregating this update would make tensor {exc.tensor} non-finite or "
+                f"larger than {pipeline.MAX_WEIGHT:g}; the model stays at version "
+                f"{core.snapshot.version}",
+            ) from None
+    for name, tensor in core.strategy.tensor_state().items():
+        if not np.isfinite(tensor).all():
+            log.error("refused: the rule's %s would be non-finite; updates: %s", name, who)
+            raise Refused(
+                "bad_aggregate",
+                f"this update would make the rule's {name} non-finite; nothing changed",
+            )
+    return tensors
 
 
 # --- asynchronous rules ------------------------------------------------------------------
@@ -199,7 +228,7 @@ def add_to_round(core: Core, update: Update, version: int, now: float) -> None:
     """A round rule's update waits in its round, which closes when due."""
     queue = core.queue
     assert isinstance(queue, tasks.RoundQueue) and update.task_id is not None
-    queue.add_update(update.task_id, update, now)
+    queue.add_update(update.task_id, update)  # at the run clock's now
     core.saver.log_update(update, step=False)
     queue.record_update(update.task_id, update.lease)
     core.metrics.task_finished("train")
@@ -230,9 +259,30 @@ def close_round_if_due(core: Core, now: float) -> None:
         return
     if not isinstance(queue, tasks.RoundQueue):
         return
-    why = queue.due(now)
-    if why is not None:
+    why = queue.due()  # on the run's clock
+    if why == tasks.RETRY:
+        retry_round(core, now)
+    elif why is not None:
         close_round(core, now, why)
+
+
+def retry_round(core: Core, now: float) -> None:
+    """The open attempt reached its deadline short of the quorum: nothing is published, and
+    the round is tried again with a new sample."""
+    queue = core.queue
+    assert isinstance(queue, tasks.RoundQueue)
+    failed = queue.retry()
+    core.saver.log_close(failed.number, attempt=failed.attempt, retry=True)
+    core.saver.changed(now, held=True)  # a checkpoint keeps the new attempt and its sample
+    r = queue.round
+    assert r is not None
+    text = (
+        f"round {failed.number} attempt {failed.attempt}: {len(failed.updates)} of the "
+        f"{queue.quorum} updates it needs by its deadline; attempt {r.attempt} asks "
+        f"{', '.join(f'client-{n}' for n in r.sampled)}"
+    )
+    log.warning("%s", text)
+    core.events.add("round", text)
 
 
 def close_round(core: Core, now: float, why: str) -> None:
@@ -240,8 +290,8 @@ def close_round(core: Core, now: float, why: str) -> None:
     the rule refuses them."""
     queue = core.queue
     assert isinstance(queue, tasks.RoundQueue)
-    r = queue.close()
-    core.saver.log_close(r.number)
+    r = queue.close(why)
+    core.saver.log_close(r.number, attempt=r.attempt)
     updates = [r.updates[n] for n in r.sampled if n in r.updates]
     started = time.perf_counter()
     try:
@@ -271,9 +321,10 @@ def close_round(core: Core, now: float, why: str) -> None:
     core.metrics.aggregation_seconds(time.perf_counter() - started)
     snap = core.snapshot
     log.info(
-        "round %d closed (%s): %d of %d sampled clients, %d samples -> v%d, total %d samples%s",
+        "round %d closed (%s%s): %d of %d sampled clients, %d samples -> v%d, total %d samples%s",
         r.number,
         why,
+        f", attempt {r.attempt}" if r.attempt > 1 else "",
         len(updates),
         len(r.sampled),
         sum(u.num_samples for u in updates),
@@ -283,8 +334,8 @@ def close_round(core: Core, now: float, why: str) -> None:
     )
     core.events.add(
         "round",
-        f"round {r.number} closed ({why}): {len(updates)}/{len(r.sampled)} clients -> "
-        f"v{snap.version}",
+        f"round {r.number} closed ({why}{f', attempt {r.attempt}' if r.attempt > 1 else ''}): "
+        f"{len(updates)}/{len(r.sampled)} clients -> v{snap.version}",
     )
     core.metrics.set_round(min(queue.rounds_done + 1, queue.rounds))
     privacy.after_round(core, r.number)

@@ -20,6 +20,7 @@ from fedsim import checkpoints, pipeline, weights
 from fedsim.aggregator import history, privacy, strategies, tasks
 from fedsim.aggregator.strategies import Strategy
 from fedsim.aggregator.tasks import Client
+from fedsim.aggregator.tasks.clock import RealClock, VirtualClock
 from fedsim.aggregator.tasks.secagg import SecaggQueue
 from fedsim.config import Settings
 from fedsim.data import partition, population_file
@@ -289,17 +290,38 @@ def restore(
         clock=clock,
         wall=wall,
         profiles=profiles(settings, start.population),
+        run_clock=run_clock(settings, clock),
+        online=_online(start.population),
     )
     try:
         queue.load_state_dict(start.tasks_state)
         queue.load_attempts(start.tasks_state.get("attempts"))
+        queue.run_clock.load_state_dict(start.tasks_state.get("clock") or {})
     except (ValueError, TypeError, KeyError) as exc:
         raise StartupError(f"checkpoint has a bad task state: {exc}") from None
     return strategy, queue
 
 
+def run_clock(settings: Settings, clock: Callable[[], float]) -> RealClock | VirtualClock:
+    """The run's clock: simulated time (CLOCK=virtual), or the real one x TIME_SCALE."""
+    if settings.clock == "virtual":
+        return VirtualClock()
+    return RealClock(clock, settings.time_scale)
+
+
+def _online(found: Population | None) -> Callable[[int, float], bool] | None:
+    """Who is online at a time on the run's clock, for the rounds' sampling; None: all."""
+    if found is None or found.availability == "always":
+        return None
+    return lambda number, t: found.online(f"client-{number}", t)
+
+
 def make_queue(
-    settings: Settings, clients: list[Client], strategy: Strategy, **kw: Any
+    settings: Settings,
+    clients: list[Client],
+    strategy: Strategy,
+    online: Callable[[int, float], bool] | None = None,
+    **kw: Any,
 ) -> tasks.Queue:
     """The task queue the rule and settings call for: rounds of sampled clients for a round
     rule; slices in order (PARTITION=slices) or sampled clients for an asynchronous one."""
@@ -337,7 +359,12 @@ def make_queue(
         )
     if strategy.mode == "rounds":
         return tasks.RoundQueue(
-            clients, quorum=settings.round_quorum, round_timeout=settings.round_timeout, **common
+            clients,
+            quorum=settings.round_quorum,
+            deadline=settings.round_deadline,
+            overselect=settings.overselect,
+            online=online,
+            **common,
         )
     if settings.partition == "slices":
         return tasks.SliceQueue(clients, **common)

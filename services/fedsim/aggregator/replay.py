@@ -9,7 +9,8 @@ as it was when the last of them was acknowledged, each update in it once:
   against the same base model: the one logged with it when it was older than
   the newest checkpoint, else the version in memory or on disk, as before;
 - a round rule's update goes back into its round, which closes when it is full
-  or at its quorum as before; a `close` record closes a round that timed out.
+  at its first arrivals as before; a `close` record closes a round at its deadline, or
+  ends an attempt that is tried again (`retry`).
 
 Records of a round the state is not at (a gap after a lost checkpoint) are
 skipped with a log line. Without DURABLE a journal left by a run that had it is
@@ -29,6 +30,7 @@ from fedsim.aggregator.persistence import Start
 from fedsim.aggregator.saving import BASE, COVERED
 from fedsim.aggregator.strategies import Global, Refused, Update
 from fedsim.aggregator.tasks import ids
+from fedsim.aggregator.tasks.clock import VirtualClock
 
 log = logging.getLogger("fedsim.aggregator")
 
@@ -96,9 +98,15 @@ def _replay(core: Any, record: journal.Record, now: float) -> str:
     queue = core.queue
     if record.kind == "close":
         r = queue.round if isinstance(queue, tasks.RoundQueue) else None
-        if r is None or r.number != record.fields.get("round") or not r.updates:
+        attempt = record.fields.get("attempt", 1)
+        if r is None or (r.number, r.attempt) != (record.fields.get("round"), attempt):
             return "closes already made"
-        intake.close_round(core, now, "timeout")
+        if record.fields.get("retry"):
+            intake.retry_round(core, now)
+            return "rounds retried"
+        if not r.updates:
+            return "closes already made"
+        intake.close_round(core, now, "deadline")
         return "rounds closed"
     update, base, look = _update(record)
     version = core.snapshot.version
@@ -108,11 +116,21 @@ def _replay(core: Any, record: journal.Record, now: float) -> str:
             return "updates"
         assert isinstance(queue, tasks.RoundQueue) and update.task_id is not None
         r = queue.open_round(version)
-        parsed = ids.parse_round(update.task_id)
-        if r is None or parsed is None or parsed[0] != r.number or parsed[1] in r.updates:
+        parsed = ids.parse_attempt(update.task_id)
+        if (
+            r is None
+            or parsed is None
+            or parsed[:2] != (r.number, r.attempt)
+            or (parsed[2] in r.updates)
+        ):
             log.warning("journal: update %s for task %s is not of the open round: skipped",
                         update.update_id, update.task_id)  # fmt: skip
             return "skipped"
+        at, opened = record.fields.get("at"), record.fields.get("opened_at")
+        if isinstance(queue.run_clock, VirtualClock) and isinstance(at, int | float):
+            queue.run_clock.now = float(at)  # taken at its simulated time, as before
+            if r.opened_at is None and isinstance(opened, int | float):
+                r.opened_at = float(opened)
         intake.add_to_round(core, update, version, now)
         return "updates"
     except Refused as exc:

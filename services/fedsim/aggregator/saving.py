@@ -120,16 +120,22 @@ class Saver:
         }
         fields["meta"] = dict(update.meta)
         fields["base_used"] = base is not None
+        fields["at"] = self._core.queue.run_clock()  # when it was taken, on the run's clock
+        opened = getattr(getattr(self._core.queue, "round", None), "opened_at", None)
+        if opened is not None:
+            fields["opened_at"] = opened  # its round's opening, on the same clock
         tensors = dict(update.tensors)
         if base is not None and base.version < self._floor:
             tensors.update({BASE + name: t for name, t in base.tensors.items()})
             fields["base_samples"] = base.samples
         journal.append("update", fields, tensors, step=step)
 
-    def log_close(self, round_no: int) -> None:
-        """Journal that round `round_no` closed. Caller holds the lock."""
+    def log_close(self, round_no: int, *, attempt: int = 1, retry: bool = False) -> None:
+        """Journal that attempt `attempt` of round `round_no` closed, or ended to be tried
+        again (`retry`). Caller holds the lock."""
         if self.journal is not None and not self.replaying:
-            self.journal.append("close", {"round": round_no}, step=True)
+            fields = {"round": round_no, "attempt": attempt, "retry": retry}
+            self.journal.append("close", fields, step=True)
 
     def sync(self) -> None:
         """Return once every change journaled so far is fsynced (at once without a journal).
@@ -314,7 +320,11 @@ class Saver:
             "strategy_state": json.dumps(core.strategy.state_dict()),
             # with the attempts of tasks given back or run out (a dropout is drawn per attempt)
             "tasks_state": json.dumps(
-                {**core.queue.state_dict(), "attempts": core.queue.attempts_state()}
+                {
+                    **core.queue.state_dict(),
+                    "attempts": core.queue.attempts_state(),
+                    "clock": core.queue.run_clock.state_dict(),  # the run's (simulated) time
+                }
             ),
             "stages_state": json.dumps(core.stages.state_dict()),  # e.g. adaptive clipping's norm
             "updates": core.ledger.total,

@@ -27,8 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsim import pipeline
-from fedsim.aggregator import intake, persistence, privacy, quota, replay, tasks, views
+from fedsim.aggregator import intake, persistence, privacy, quota, replay, tasks, views, virtual
 from fedsim.aggregator.evaluations import MAX_WAITING_EVALUATIONS, Evaluations
 from fedsim.aggregator.events import Events, iso
 from fedsim.aggregator.ledger import Ledger
@@ -97,6 +96,7 @@ class State:
         self.events = Events(wall)
         self.saver = Saver(self, self._lock, clock, wall)
         self.quota = quota.Quota.of(start.clients, settings, self.strategy.mode, clock)
+        self.sim = virtual.driver(self, clock)  # CLOCK=virtual: the simulated order; else None
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         if self.attackers:
@@ -208,6 +208,7 @@ class State:
         """A task for worker `uid`, or why there is none; also the worker's short name."""
         with self._lock:
             intake.close_round_if_due(self, self._clock())
+            virtual.catch_up(self, self.sim)  # CLOCK=virtual: a round opens at its time
             offer, worker = self.queue.ask(uid, self.snapshot.version, retries)
             self._drain_expired()
             if offer.task is not None:
@@ -285,6 +286,8 @@ class State:
             with self.quota.charge(update, version):  # 429 beyond one client's share
                 if self.strategy.mode == "async":
                     intake.accept(self, update, version, now)
+                elif self.sim is not None:  # CLOCK=virtual: in simulated-arrival order
+                    virtual.arrive(self, self.sim, update)
                 else:
                     intake.add_to_round(self, update, version, now)
             return Result(self.snapshot.version, False, self.ledger.number(update.update_id))
@@ -347,38 +350,11 @@ class State:
         """
         saved = json.dumps(self.strategy.state_dict()), dict(self.strategy.tensor_state())
         try:
-            tensors = self._check(step(), updates)
+            tensors = intake.check_step(self, step(), updates)
         except Refused:
             self.strategy.load_state_dict(json.loads(saved[0]))
             self.strategy.load_tensor_state(saved[1])
             raise
-        return tensors
-
-    def _check(self, tensors: Tensors | None, updates: list[Update]) -> Tensors | None:
-        """The weights to publish: `tensors` (None: the rule holds the updates) through the
-        pipeline's publish stages, which end with the finite check (every weight finite and
-        |w| <= MAX_WEIGHT). Also refuse a step that leaves the rule's own state (momentum,
-        moments, a buffer) non-finite: it would be saved, and every later version made from
-        it. Nothing is published then."""
-        who = ", ".join(f"{u.client_id} ({u.update_id})" for u in updates)
-        if tensors is not None:
-            try:
-                tensors = self.stages.publish(tensors)
-            except pipeline.Rejected as exc:
-                log.error("refused aggregate: %s; updates: %s", exc.reason, who)
-                raise Refused(
-                    "bad_aggregate",
-                    f"aggregating this update would make tensor {exc.tensor} non-finite or "
-                    f"larger than {pipeline.MAX_WEIGHT:g}; the model stays at version "
-                    f"{self.snapshot.version}",
-                ) from None
-        for name, tensor in self.strategy.tensor_state().items():
-            if not np.isfinite(tensor).all():
-                log.error("refused: the rule's %s would be non-finite; updates: %s", name, who)
-                raise Refused(
-                    "bad_aggregate",
-                    f"this update would make the rule's {name} non-finite; nothing changed",
-                )
         return tensors
 
     def apply(self, tensors: Tensors, updates: list[Update], now: float) -> None:
@@ -416,7 +392,7 @@ class State:
         queue = self.queue
         if isinstance(queue, tasks.RoundQueue):
             deadline = queue.deadline()
-            if deadline is not None and self._clock() >= deadline:
+            if deadline is not None and queue.run_clock() >= deadline:
                 self.tick()
         return self.snapshot
 

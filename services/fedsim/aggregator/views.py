@@ -171,6 +171,8 @@ def status(core: Core) -> dict[str, Any]:
         # Secure aggregation (aggregator/tasks/secagg.py): phase, attempt, the last rounds'
         # clients masked in, dropouts recovered, protocol bytes and seconds; None when off.
         "secagg": queue_status.pop("secagg", None),
+        # The run's clock (tasks/clock.py): simulated seconds under CLOCK=virtual.
+        "clock": {"kind": s.clock, "sim_seconds": round(queue.run_clock(), 3)},
     }
 
 

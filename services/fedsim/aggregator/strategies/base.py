@@ -143,8 +143,9 @@ class RoundRule(Strategy):
     """A rule that makes one version from the updates of a round.
 
     `min_updates` is the fewest updates the rule can combine. `check` compares
-    it with the updates a round closes with (`round_quorum`); a round
-    closed by ROUND_TIMEOUT with fewer is refused by `aggregate` (no new version).
+    it with the fewest updates a round is published with (`round_quorum`:
+    MIN_CLIENTS at ROUND_DEADLINE, else CLIENTS_PER_ROUND); `aggregate` refuses
+    fewer all the same (no new version).
     """
 
     mode = "rounds"
@@ -174,8 +175,12 @@ class RoundRule(Strategy):
         quorum = settings.round_quorum
         if quorum >= need:
             return
-        if settings.min_clients and settings.min_clients < settings.per_round:
-            source, raise_ = f"rounds close at MIN_CLIENTS={quorum} updates", "raise MIN_CLIENTS"
+        if settings.round_deadline is not None and quorum < settings.per_round:
+            raise_ = "raise MIN_CLIENTS"
+            if settings.min_clients:
+                source = f"rounds close at MIN_CLIENTS={quorum} updates"
+            else:
+                source = "rounds close at ROUND_DEADLINE with 1 update (MIN_CLIENTS=0)"
         elif settings.clients_per_round:
             source, raise_ = f"CLIENTS_PER_ROUND is {quorum}", "raise it"
         else:

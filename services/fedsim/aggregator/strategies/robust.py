@@ -42,7 +42,7 @@ class TrimmedMean(RoundRule):
     For every coordinate j, sort the round's n values w_k[j], drop the
     k = floor(beta * n) largest and smallest, and average the n - 2k left.
     Tolerates up to k bad updates per round. `check` refuses a beta that
-    trims nothing from a full round; a round closed short by ROUND_TIMEOUT trims
+    trims nothing from a full round; a round closed short at ROUND_DEADLINE trims
     floor(beta * n) of what it has, possibly none.
     """
 
@@ -82,7 +82,7 @@ class Krum(RoundRule):
     For each of the round's n updates, score(i) = sum of |w_i - w_j|^2 over the
     n - f - 2 updates j closest to it; Krum keeps the update with the lowest
     score, multi-Krum averages the m lowest-scored ones (unweighted). Sound for
-    f attackers when n > 2f + 2; a round closed short by ROUND_TIMEOUT with
+    f attackers when n > 2f + 2; a round closed short at ROUND_DEADLINE with
     fewer is refused (no new version), and m is capped at n - f.
     Cost: O(n^2 d) for n updates of d parameters (all pairwise distances).
     """

@@ -16,11 +16,12 @@ from fedsim.aggregator.tasks.leases import (
     lease_key,
 )
 from fedsim.aggregator.tasks.queues import Queue, SampledQueue, SliceQueue
-from fedsim.aggregator.tasks.rounds import Round, RoundQueue
+from fedsim.aggregator.tasks.rounds import RETRY, Round, RoundQueue
 from fedsim.protocol import Offer
 
 __all__ = [
     "MAX_WORKERS",
+    "RETRY",
     "WORKER_LIVE_SECONDS",
     "Client",
     "Lease",

@@ -6,10 +6,12 @@ ASCII without leading zeros, so each task has one spelling:
 
 - `c2.s5`: PARTITION=slices under an asynchronous rule: client 2 trains its slice 5.
 - `u42.c17`: other partitions under an asynchronous rule: update 42 of the run, by client 17.
-- `r3.c17`: round rules: client 17's update in round 3.
+- `r3.c17`: round rules: client 17's update in round 3;
+  `r3a2.c17` in its second attempt (a round retried at its deadline, rounds.py).
 - `eval.v12`: score version 12 on the test set.
 
-Seeds: round r's sample is drawn with a generator seeded by (SEED, r), the
+Seeds: round r's sample is drawn with a generator seeded by (SEED, r), its
+attempt a >= 2 by (SEED, r, a), the
 attackers by SEED alone, and a task trains with a seed hashed from (SEED, its
 id), so the same seed gives the same experiment whatever the number of workers.
 """
@@ -26,9 +28,11 @@ import numpy as np
 from fedsim.protocol import client_id
 
 _N = r"(0|[1-9][0-9]*)"  # ASCII, no leading zeros: one spelling per task id
-_TASK = re.compile(rf"^(?:c{_N}\.s{_N}|u{_N}\.c{_N}|r{_N}\.c{_N}|eval\.v{_N})$")
-# The regex groups of each kind's two numbers (an evaluation has one).
-_SLICE, _UPDATE, _ROUND, _EVAL = 1, 3, 5, 7
+_ATTEMPT = r"(?:a([2-9]|[1-9][0-9]+))?"  # a round's attempt, spelt only from 2 on
+_TASK = re.compile(rf"^(?:c{_N}\.s{_N}|u{_N}\.c{_N}|r{_N}{_ATTEMPT}\.c{_N}|eval\.v{_N})$")
+# The regex groups of each kind's numbers (a round's: round, attempt, client; an evaluation's
+# one).
+_SLICE, _UPDATE, _ROUND, _EVAL = 1, 3, 5, 8
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,8 @@ def update_task(n: int, client: int) -> str:
     return f"u{n}.c{client}"
 
 
-def round_task(round_no: int, client: int) -> str:
-    return f"r{round_no}.c{client}"
+def round_task(round_no: int, client: int, attempt: int = 1) -> str:
+    return f"r{round_no}.c{client}" if attempt == 1 else f"r{round_no}a{attempt}.c{client}"
 
 
 def eval_task(version: int) -> str:
@@ -95,8 +99,18 @@ def parse_update(task_id: str) -> tuple[int, int] | None:
 
 
 def parse_round(task_id: str) -> tuple[int, int] | None:
-    """(round, client) of `r<round>.c<client>`, else None."""
-    return _pair(task_id, _ROUND)
+    """(round, client) of `r<round>.c<client>` or `r<round>a<attempt>.c<client>`, else None."""
+    parsed = parse_attempt(task_id)
+    return None if parsed is None else (parsed[0], parsed[2])
+
+
+def parse_attempt(task_id: str) -> tuple[int, int, int] | None:
+    """(round, attempt, client) of a round's task id (attempt 1 when not spelt), else None."""
+    match = _TASK.fullmatch(task_id)
+    if match is None or match.group(_ROUND) is None:
+        return None
+    attempt = match.group(_ROUND + 1)
+    return int(match.group(_ROUND)), int(attempt or 1), int(match.group(_ROUND + 2))
 
 
 def parse_eval(task_id: str) -> int | None:
@@ -105,10 +119,22 @@ def parse_eval(task_id: str) -> int | None:
     return None if match is None or match.group(_EVAL) is None else int(match.group(_EVAL))
 
 
-def sample(seed: int, round_no: int, k: int, n: int) -> list[int]:
-    """Round `round_no`'s k distinct clients of n (1-based, ascending), seeded by (seed, round)."""
-    rng = np.random.default_rng([seed, round_no])
-    return sorted(int(i) + 1 for i in rng.choice(n, size=k, replace=False))
+def sample(
+    seed: int,
+    round_no: int,
+    k: int,
+    n: int,
+    attempt: int = 1,
+    online: Sequence[int] | None = None,
+) -> list[int]:
+    """Round `round_no`'s k distinct clients of n (1-based, ascending), seeded by (seed, round),
+    or (seed, round, attempt) from the second attempt on. `online`: the clients it may draw
+    from (the others are away), all when None; fewer than k online gives them all. With all
+    online, the draw is the one of `rng.choice(n)`, so availability changes nothing then."""
+    rng = np.random.default_rng([seed, round_no] if attempt == 1 else [seed, round_no, attempt])
+    pool = np.arange(n) if online is None else np.asarray(sorted(online), dtype=np.int64) - 1
+    k = min(k, len(pool))
+    return sorted(int(i) + 1 for i in rng.choice(pool, size=k, replace=False))
 
 
 def choose_attackers(seed: int, k: int, n: int) -> list[int]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from fedsim.aggregator.strategies import Refused
 from fedsim.aggregator.tasks import ids
+from fedsim.aggregator.tasks.clock import RealClock, VirtualClock
 from fedsim.aggregator.tasks.ids import Client
 from fedsim.aggregator.tasks.leases import Leases, Worker
 from fedsim.protocol import Attack, EvalTask, Offer, Profile, TrainSettings, TrainTask
@@ -49,8 +50,12 @@ class Queue(Leases):
         attackers: Sequence[int] = (),
         key: bytes | None = None,
         profiles: Mapping[str, Profile] | None = None,
+        run_clock: RealClock | VirtualClock | None = None,
     ) -> None:
         super().__init__(task_timeout=task_timeout, clock=clock, wall=wall, key=key)
+        # The run's clock (clock.py): round openings, arrivals, deadlines and availability
+        # are on it; leases and workers stay on the real `clock`.
+        self.run_clock = run_clock if run_clock is not None else RealClock(clock)
         self.profiles = dict(profiles or {})  # by client id; none: everyone equal (clients.json)
         self.clients = {c.number: c for c in clients}
         self.attack = dict(attack) if attack else None  # {"kind", "scale"}, for the attackers

@@ -84,13 +84,15 @@ function renderCards(st) {
   $("version").textContent = st.version;
   const r = st.round;
   if (r) {
-    $("round").textContent = r.number + " / " + r.rounds;
+    $("round").textContent = r.number + " / " + r.rounds + (r.attempt > 1 ? " (try " + r.attempt + ")" : "");
     let detail = r.rounds_done + " done";
     if (!st.finished) {
-      detail += " · " + r.pending + " of " + r.quorum + " updates in";
+      detail += " · " + r.pending + " of " + (r.target ?? r.quorum) + " updates in";
       if (r.closes_in !== null && r.closes_in !== undefined)
         detail += " · closes in " + Math.round(r.closes_in) + " s";
     }
+    if (st.clock && st.clock.kind === "virtual")
+      detail += " · simulated " + Math.round(st.clock.sim_seconds) + " s";
     $("round-detail").textContent = detail + secaggText(st.secagg);
   } else {
     $("round").textContent = st.mode === "async" ? "async" : "-";

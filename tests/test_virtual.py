@@ -1,0 +1,149 @@
+"""CLOCK=virtual through the aggregator (aggregator/virtual.py): the same seed gives the same
+history, versions and clients, whatever the real order of the pushes and the workers."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import pytest
+
+from fedsim import weights
+from helpers import ROUNDS, answer, ask, post, state_of, write_plan, write_population
+
+VIRTUAL = {
+    **ROUNDS,
+    "CLIENTS_PER_ROUND": 3,
+    "OVERSELECT": 1.5,  # asks 5, keeps the first 3 in simulated time
+    "ROUND_DEADLINE": "auto",
+    "ROUNDS": 3,
+    "CLOCK": "virtual",
+    "CLIENT_SPEED": "lognormal:0,0.5",
+    "SAVE_MODEL": 1,
+}
+
+
+def fill(task_id: str) -> float:
+    """Each task's update: a value of its own, so versions differ when their updates do."""
+    return int(hashlib.sha256(task_id.encode()).hexdigest()[:6], 16) / 2**24
+
+
+def prepared(make_settings, model_dir: Path, **rule: object) -> dict:
+    rule = {**VIRTUAL, **rule, "MODEL_DIR": str(model_dir)}
+    settings = make_settings(**rule)
+    write_plan(settings)
+    write_population(settings)
+    return rule
+
+
+def run(make_app, rule: dict, order_seed: int, workers: int, stop_after: int | None = None):
+    """Workers ask, get tasks and push them in a real order shuffled by `order_seed`
+    (evaluations are answered at once). The history (version, round, clients, simulated
+    seconds), the final model, and the pushes in real order."""
+    app = make_app(**rule)
+    client = app.test_client()
+    rng = random.Random(order_seed)
+    held: dict[str, dict] = {}
+    pushed: list[tuple[str, int]] = []
+    for _ in range(1000):
+        for w in (f"wk-{i}" for i in range(workers)):
+            if w in held:
+                continue
+            task = ask(client, w)["task"]
+            if task is not None and task["kind"] == "evaluate":
+                body = {"worker": w, "task": task["id"], "lease": task["lease"]}
+                client.post("/v1/evaluations", json={**body, "accuracy": 0.5, "loss": 1.0})
+            elif task is not None:
+                held[w] = task
+        if not held:
+            if ask(client)["finished"]:
+                break
+            continue
+        task = held.pop(rng.choice(sorted(held)))
+        pushed.append((task["id"], post(client, answer(task, fill(task["id"]))).status_code))
+        if stop_after is not None and len(pushed) >= stop_after:
+            return app, held, pushed
+    history = [
+        (e["version"], e["round"], e["clients"], e["sim_seconds"])
+        for e in client.get("/v1/history").get_json()["history"]
+    ]
+    tensors, meta = weights.decode(client.get("/v1/model").data)
+    model = (meta["version"], meta["samples"], {k: v.tobytes() for k, v in tensors.items()})
+    return history, model, pushed
+
+
+def test_the_same_seed_gives_the_same_history_whatever_the_real_order(
+    make_app, make_settings, tmp_path
+) -> None:
+    histories, models, orders = [], [], []
+    for order_seed, workers in ((1, 1), (2, 2), (3, 5)):
+        rule = prepared(make_settings, tmp_path / f"run-{order_seed}")
+        history, model, pushed = run(make_app, rule, order_seed, workers)
+        histories.append(history)
+        models.append(model)
+        orders.append([task for task, _ in pushed])
+    assert [h[0] for h in histories[0]] == [0, 1, 2, 3]
+    # Round 1 waits up to TASK_TIMEOUT (no arrivals to learn from yet): its first 3 of the
+    # 5 asked; later rounds may close at the auto deadline learnt from round 1, with fewer.
+    assert len(histories[0][1][2]) == 3 and all(h[2] for h in histories[0][1:])
+    assert histories[0][3][3] > histories[0][1][3] > 0  # simulated seconds go on
+    assert histories[1] == histories[0] and histories[2] == histories[0]
+    assert models[1] == models[0] and models[2] == models[0]
+    assert orders[0] != orders[1] and orders[1] != orders[2]  # the real orders differed
+
+
+def test_an_update_early_in_real_time_waits_for_its_simulated_turn(
+    make_app, make_settings, tmp_path
+) -> None:
+    rule = prepared(make_settings, tmp_path / "models", OVERSELECT=1, CLIENT_SPEED="1")
+    app = make_app(**rule)
+    client = app.test_client()
+    ask(client)  # the evaluation of version 0
+    given = [ask(client, f"wk-{i}")["task"] for i in range(3)]
+    state = state_of(app)
+    finish = {t["id"]: state.sim.clock.finish_of(t["id"]) for t in given}
+    # Equal speeds, equal samples: the three finish together, taken in task-id order.
+    assert len(set(finish.values())) == 1
+    last = max(given, key=lambda t: t["id"])
+    reply = post(client, answer(last, 1.0))
+    assert reply.status_code == 200 and reply.get_json()["version"] == 0
+    assert post(client, answer(last, 1.0)).get_json()["duplicate"] is True  # held: a repeat
+    status = client.get("/v1/status").get_json()
+    assert status["round"]["pending"] == 0 and status["clock"]["sim_seconds"] == 0.0
+    for t in sorted(given, key=lambda t: t["id"])[:2]:
+        post(client, answer(t, 1.0))
+    status = client.get("/v1/status").get_json()
+    assert status["version"] == 1
+    assert status["clock"] == {"kind": "virtual", "sim_seconds": round(finish[last["id"]], 3)}
+
+
+# Stopped after 2 pushes: nothing taken yet; after 4: two updates in round 1 (simulated
+# time 4.46 s); after 6: round 2 just opened; after 9: one update in round 2.
+@pytest.mark.parametrize("stop_after", [2, 4, 6, 9])
+def test_resume_mid_round_under_the_virtual_clock_continues_the_same_history(
+    make_app, make_settings, tmp_path, stop_after: int
+) -> None:
+    rule = prepared(make_settings, tmp_path / "straight")
+    reference, _, _ = run(make_app, rule, order_seed=1, workers=2)
+    rule = prepared(make_settings, tmp_path / "resumed")
+    app, _, _ = run(make_app, rule, order_seed=1, workers=2, stop_after=stop_after)
+    state_of(app).save_if_due(force=True)  # the shutdown checkpoint
+    # A new aggregator on the same MODEL_DIR: the workers' tasks are pushed again.
+    history, _, _ = run(make_app, rule, order_seed=7, workers=3)
+    assert history == reference
+
+
+def test_a_journal_replay_under_the_virtual_clock_awaits_only_the_missing_updates(
+    make_app, make_settings, tmp_path
+) -> None:
+    rule = prepared(make_settings, tmp_path / "models", DURABLE="true", SAVE_MODEL=100)
+    reference, _, _ = run(make_app, prepared(make_settings, tmp_path / "ref"), 1, 2)
+    app, _, _ = run(make_app, rule, order_seed=1, workers=2, stop_after=4)
+    state = state_of(app)
+    assert state.queue.round is not None and state.queue.round.updates  # some taken
+    # A hard kill: no checkpoint, the journal replays the updates taken; the new
+    # aggregator awaits only the round's other tasks, and the history is the same.
+    state.saver.journal.close()
+    history, _, _ = run(make_app, rule, order_seed=5, workers=3)
+    assert history == reference
