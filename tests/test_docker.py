@@ -488,7 +488,7 @@ def test_compose_run_with_secure_aggregation_and_a_worker_killed_mid_round(proje
         "EPOCHS": "1",
         "SECAGG": "true",
         "TASK_TIMEOUT": "20",  # the killed worker's task runs out soon, and goes on without it
-        "ROUND_TIMEOUT": "300",
+        "ROUND_DEADLINE": "300",
     }
     p: Project = project(settings)
     p.add_mnist(mnist_dir)

@@ -27,7 +27,7 @@ def rounds(clock: FakeClock, **kw) -> tasks.RoundQueue:
         clock=clock,
         wall=lambda: 1.7e9,
         quorum=2,
-        round_timeout=600.0,
+        deadline=600.0,
         **kw,
     )
 

@@ -38,6 +38,9 @@ def test_rules_that_average_run(make_settings, rule: str) -> None:
         ({"SECAGG_THRESHOLD": 3}, "SECAGG_THRESHOLD", "more than half of and at most the 6"),
         ({"SECAGG_THRESHOLD": 7}, "SECAGG_THRESHOLD", r"\(4\.\.6\)"),
         ({"SECAGG": "false", "SECAGG_THRESHOLD": 4}, "SECAGG_THRESHOLD", "needs SECAGG=true"),
+        ({"OVERSELECT": 1.5}, "SECAGG", "OVERSELECT=1.5: a secure round's phases wait"),
+        ({"CLOCK": "virtual"}, "SECAGG", "CLOCK=virtual: a secure round's phases wait"),
+        ({"ROUND_DEADLINE": "auto"}, "SECAGG", "ROUND_DEADLINE=auto: give secure rounds"),
     ],
 )
 def test_refused_combinations_say_why_in_one_line(make_settings, overrides, key, message) -> None:

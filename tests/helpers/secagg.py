@@ -92,7 +92,7 @@ SECAGG = {
     "ROUNDS": 1,
     "SECAGG": "true",
     "TASK_TIMEOUT": 10,
-    "ROUND_TIMEOUT": 100,
+    "ROUND_DEADLINE": 100,
 }
 
 

@@ -352,7 +352,7 @@ def make_queue(
         return SecaggQueue(
             clients,
             quorum=settings.round_quorum,
-            round_timeout=settings.round_timeout,
+            deadline=settings.round_deadline,
             threshold=settings.secagg_t,
             size=size,
             **common,

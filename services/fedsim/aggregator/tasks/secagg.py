@@ -11,7 +11,7 @@ nonce, from which the workers derive the attempt's keys and masks; pipeline/seca
 4. unmask  `r<r>.c<n>.unmask`: U3's shares of b and U2 \\ U3's shares of s_sk; U4.
 
 A phase closes when every client it waits for is in, or TASK_TIMEOUT after it opened
-(ROUND_TIMEOUT for phase 3, which trains). A phase task whose lease runs out goes to
+(phase 3, which trains: ROUND_DEADLINE seconds when set). A phase task whose lease runs out goes to
 another worker (any worker can act for any client). Below SECAGG_THRESHOLD the attempt
 is abandoned, logged, and the round tried again with a new sample and a new nonce:
 nothing of it is published. The attempt is never saved: after a restart the round
@@ -124,7 +124,7 @@ class SecaggQueue(RoundQueue):
         a, r = self.attempt, self.round
         if a is None or r is None or self.phase_opened is None:
             return None
-        timeout = self.round_timeout if a.phase == "masked" else self.task_timeout
+        timeout = self._timeout(a.phase)
         if not self._complete(a) and now - self.phase_opened < timeout:
             return None
         closed = a.phase
@@ -178,9 +178,14 @@ class SecaggQueue(RoundQueue):
         a = self.attempt
         if a is None or self.phase_opened is None:
             return None
-        return self.phase_opened + (
-            self.round_timeout if a.phase == "masked" else self.task_timeout
-        )
+        return self.phase_opened + self._timeout(a.phase)
+
+    def _timeout(self, phase: str) -> float:
+        """Seconds a phase stays open: TASK_TIMEOUT, or for training ROUND_DEADLINE's."""
+        deadline = self.deadline_setting
+        if phase == "masked" and isinstance(deadline, int | float):
+            return float(deadline)
+        return self.task_timeout
 
     def take_outcome(self) -> Outcome:
         """The unmasked round; the round is closed (the next opens on the next request)."""

@@ -55,6 +55,23 @@ def check_settings(s: Any) -> None:
             f"COMPRESSION={compression}: masked updates are fixed-point words, not a codec's "
             "output; set COMPRESSION=none",
         )
+    for key, value, plain in (
+        ("OVERSELECT", f"{getattr(s, 'overselect', 1.0):g}", "1"),
+        ("CLOCK", getattr(s, "clock", "real"), "real"),
+    ):
+        if value != plain:
+            raise ConfigError(
+                "SECAGG",
+                "true",
+                f"{key}={value}: a secure round's phases wait for the clients they sampled, "
+                f"on the real clock; set {key}={plain}",
+            )
+    if getattr(s, "round_deadline", None) == "auto":
+        raise ConfigError(
+            "SECAGG",
+            "true",
+            "ROUND_DEADLINE=auto: give secure rounds a deadline in seconds, or off",
+        )
     m = s.per_round
     if m < 3:
         raise ConfigError(
