@@ -19,7 +19,7 @@ def _main() -> int:
     settings = config.load()
     # Imported here so that a bad setting is reported before TensorFlow loads.
     from fedsim import tfruntime
-    from fedsim.client import handstart, outbox, transport, worker
+    from fedsim.client import handstart, outbox, records, transport, worker
 
     tfruntime.keep_pyplot_out()  # a worker draws nothing: no font cache at its start
 
@@ -45,7 +45,7 @@ def _main() -> int:
     )
     started = time.monotonic()
 
-    def make_learner(workers: int) -> worker.Learner:
+    def make_learner(workers: int) -> records.Learner:
         threads = tfruntime.threads_for(settings.tf_threads, workers)
         tfruntime.configure(threads)
         from fedsim.client.training import Trainer

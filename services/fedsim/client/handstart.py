@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 from fedsim import pipeline
 from fedsim.client.outbox import Outbox
+from fedsim.client.records import Learner, LocalModel, Summary
 from fedsim.client.transport import Transport
-from fedsim.client.worker import AggregatorUnreachable, Learner, LocalModel, Summary
+from fedsim.client.worker import AggregatorUnreachable
 from fedsim.config import Settings
 from fedsim.data import mnist
 from fedsim.protocol import TrainSettings, UpdateMeta, valid_id

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsim.client.transport import Pushed, Transport
+from fedsim.client.answers import Pushed
+from fedsim.client.transport import Transport
 from fedsim.protocol import UpdateMeta
 
 log = logging.getLogger("fedsim.client")

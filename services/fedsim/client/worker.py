@@ -19,17 +19,15 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Callable
 
 import numpy as np
 
 from fedsim import models, pipeline, weights
 from fedsim.client import pacing
-from fedsim.client.outbox import Counts, Outbox, describe
+from fedsim.client.outbox import Outbox, describe
+from fedsim.client.records import Learner, LocalModel, Summary
 from fedsim.client.secagg import SecaggWorker
-from fedsim.client.training import Trained
 from fedsim.client.transport import ProtocolError, Transport
 from fedsim.config import Settings
 from fedsim.data import partition
@@ -38,7 +36,6 @@ from fedsim.protocol import (
     Evaluation,
     SecaggTask,
     Task,
-    TrainSettings,
     TrainTask,
     UpdateMeta,
 )
@@ -54,60 +51,9 @@ class AggregatorUnreachable(RuntimeError):
     """The aggregator did not answer for longer than the worker waits."""
 
 
-class Learner(Protocol):
-    labels: np.ndarray
-
-    def train(
-        self,
-        tensors: Mapping[str, np.ndarray],
-        indices: np.ndarray,
-        settings: TrainSettings,
-        seed: int,
-        *,
-        labels: np.ndarray | None = None,
-    ) -> tuple[dict[str, np.ndarray], Trained]: ...
-
-    def evaluate(self, tensors: Mapping[str, np.ndarray]) -> tuple[float, float, float]: ...
-
-
-@dataclass
-class Summary:
-    trained: int = 0
-    evaluations: int = 0
-    dropped: int = 0  # training tasks whose client dropped out (DROPOUT)
-    pulls_failed: int = 0
-    clients: list[str] = field(default_factory=list)
-    counts: Counts = field(default_factory=Counts)
-
-    def line(self, name: str, seconds: float) -> str:
-        c = self.counts
-        shown = ", ".join(self.clients[:5]) + (", ..." if len(self.clients) > 5 else "")
-        unconfirmed = f", {c.unconfirmed} not confirmed saved" if c.unconfirmed else ""
-        return (
-            f"{name} done: {self.trained} updates trained"
-            f"{f' ({shown})' if shown else ''}, {self.evaluations} evaluation"
-            f"{'' if self.evaluations == 1 else 's'}"
-            f"{f', {self.dropped} dropped' if self.dropped else ''}, pushes "
-            f"{c.pushes_accepted} accepted {c.pushes_failed} failed {c.pushes_refused} refused, "
-            f"pulls {self.pulls_failed} failed, re-pushed {c.repushed}{unconfirmed}, "
-            f"{c.retries} retries, bytes pushed {c.bytes_pushed} pulled {c.bytes_pulled}, "
-            f"{seconds:.1f}s"
-        )
-
-
 def new_worker_id() -> str:
     """Unique per process, readable in the aggregator's records: host, pid, random."""
     return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(2)}"
-
-
-@dataclass
-class LocalModel:
-    """The worker's copy of a global model version."""
-
-    version: int = -1
-    etag: str = ""
-    tensors: dict[str, np.ndarray] | None = None
-    fp16: bool = False  # pulled in half precision (COMPRESSION_DOWN=fp16), widened
 
 
 class Worker:
