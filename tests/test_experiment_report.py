@@ -245,9 +245,10 @@ def test_a_run_is_measured_from_its_history_logs_and_metrics():
 
     assert (got["final_accuracy"], got["best_accuracy"], got["best_round"]) == (0.94, 0.96, 5.0)
     assert got["also"] == [
-        {"target": 0.95, "rounds": 4.0, "seconds": 14.0},
-        {"target": 0.99, "rounds": None, "seconds": None},
+        {"target": 0.95, "rounds": 4.0, "seconds": 14.0, "sim_seconds": None},
+        {"target": 0.99, "rounds": None, "seconds": None, "sim_seconds": None},
     ]
+    assert got["sim_seconds_to_target"] is None  # the real clock: no simulated time
     assert got["slowest_worker_seconds"] == 19.5
     assert (got["rounds_to_target"], got["seconds_to_target"]) == (2.0, 12.0)
     assert got["seconds_per_round"] == 1.0
@@ -256,6 +257,24 @@ def test_a_run_is_measured_from_its_history_logs_and_metrics():
     assert got["memory_growth_bytes"] == 50 and got["peak_memory_bytes"] == 400
     assert got["refused_aggregates"] == 1 and got["evaluations"] == 6
     assert [p["x"] for p in got["curve"]] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_a_virtual_clock_run_reports_simulated_seconds_to_each_target(sweep):
+    entries = history(0.1, 0.8, 0.92, 0.91, 0.95)
+    for e, sim in zip(entries, (0.0, 31.5, 60.25, 95.0, 120.5), strict=True):
+        e["sim_seconds"] = sim
+    raw = outcome.Raw("finished", START, 20.0, entries)
+
+    got = outcome.measure(raw, per_round=10, workers=2, target=0.9, also=(0.95,))
+
+    assert got["sim_seconds_to_target"] == 60.25  # round 2, the first at 0.9
+    assert got["also"][0]["sim_seconds"] == 120.5
+    e, results = sweep
+    for r in results:
+        r["sim_seconds_to_target"] = 100.0 + r["seed"]
+    cells = report.summary(e, results).split("## Cells")[1].split("## By")[0]
+    assert "simulated s to 90%" in cells.splitlines()[2]
+    assert "102.0 ± 1.0 (3/3)" in cells  # seeds 1, 2, 3 of a cell that all reached it
 
 
 def test_an_asynchronous_run_is_read_in_rounds_worth_of_updates():

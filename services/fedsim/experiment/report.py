@@ -28,7 +28,8 @@ from fedsim.experiment.spec import FLOOR, Experiment
 
 FIGURES = (
     "status", "rounds", "evaluations", "final_accuracy", "final_loss", "best_accuracy",
-    "best_round", "target", "rounds_to_target", "seconds_to_target", "seconds",
+    "best_round", "target", "rounds_to_target", "seconds_to_target", "sim_seconds_to_target",
+    "seconds",
     "seconds_per_round", "train_seconds", "slowest_worker_seconds", "outside_training",
     "bytes_to_workers",
     "bytes_from_workers", "peak_memory_bytes", "memory_growth_bytes", "refused_aggregates",
@@ -42,9 +43,10 @@ def pairs(settings: dict[str, str]) -> str:
     return " ".join(f'{k}="{v}"' if " " in v or not v else f"{k}={v}" for k, v in settings.items())
 
 
-def further(t: float) -> tuple[str, str]:
-    """runs.csv's columns for a further target: rounds_to_0.95, seconds_to_0.95."""
-    return f"rounds_to_{t:g}", f"seconds_to_{t:g}"
+def further(t: float) -> tuple[str, str, str]:
+    """runs.csv's columns for a further target: rounds_to_0.95, seconds_to_0.95,
+    sim_seconds_to_0.95."""
+    return f"rounds_to_{t:g}", f"seconds_to_{t:g}", f"sim_seconds_to_{t:g}"
 
 
 def columns(e: Experiment) -> list[str]:
@@ -60,9 +62,10 @@ def rows(e: Experiment, results: Iterable[dict[str, Any]]) -> list[dict[str, Any
         row.update({axis: r["axes"].get(axis) for axis in e.axes})
         row["settings"] = pairs(r["settings"])
         for hit in r.get("also", []):
-            rounds, seconds = further(hit["target"])
+            rounds, seconds, sim = further(hit["target"])
             if rounds in row:
                 row[rounds], row[seconds] = hit["rounds"], hit["seconds"]
+                row[sim] = hit.get("sim_seconds")
         out.append(row)
     return out
 
@@ -147,6 +150,12 @@ def cells_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
     if t:
         head += [f"rounds to {t}", f"seconds to {t}"]
     head += [f"rounds to {a:.0%}" for a in e.also]
+    runs_all = [r for runs in cells.values() for r in runs]
+    simulated = any(r.get("sim_seconds_to_target") is not None for r in runs_all) or any(
+        h.get("sim_seconds") is not None for r in runs_all for h in r.get("also", [])
+    )
+    if simulated:  # CLOCK=virtual: the time a deployment of this population would take
+        head += [f"simulated s to {x:.0%}" for x in ((e.target,) if t else ()) + e.also]
     private = any(r.get("epsilon") is not None for runs in cells.values() for r in runs)
     head += ["ε at DP_DELTA"] if private else []
     head += ["rounds", "seconds", "MB to / from workers", "peak memory (GB)", "load"]
@@ -162,6 +171,13 @@ def cells_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
         for a in e.also:
             hits = [{"r": h["rounds"]} for r in runs for h in r.get("also", []) if h["target"] == a]
             row.append(reached(hits, "r"))
+        if simulated:
+            if t:
+                row.append(reached(runs, "sim_seconds_to_target"))
+            for a in e.also:
+                hits = [{"s": h.get("sim_seconds")} for r in runs for h in r.get("also", [])
+                        if h["target"] == a]  # fmt: skip
+                row.append(reached(hits, "s"))
         if private:
             row.append(shown(of(runs, "epsilon"), "{:.2f}"))
         mb = (shown(of(runs, "bytes_to_workers"), "{:.1f}", 1e6) + " / "
