@@ -270,8 +270,11 @@ def test_a_virtual_clock_run_reports_simulated_seconds_to_each_target(sweep):
     assert got["sim_seconds_to_target"] == 60.25  # round 2, the first at 0.9
     assert got["also"][0]["sim_seconds"] == 120.5
     e, results = sweep
+    real = report.summary(e, results).split("## Cells")[1].split("## By")[0]
+    assert "simulated" not in real  # the real clock's sim_seconds are wall seconds
     for r in results:
         r["sim_seconds_to_target"] = 100.0 + r["seed"]
+        r["settings"] = {**r["settings"], "CLOCK": "virtual"}
     cells = report.summary(e, results).split("## Cells")[1].split("## By")[0]
     assert "simulated s to 90%" in cells.splitlines()[2]
     assert "102.0 ± 1.0 (3/3)" in cells  # seeds 1, 2, 3 of a cell that all reached it

@@ -222,3 +222,37 @@ def test_server_optimizers_and_durable_runs_take_the_secure_mean(secagg_app, key
     state.close()
     again = state_of(secagg_app(AGGREGATION=rule, DURABLE="true", ROUNDS=2, write=False))
     assert again.snapshot.version == 2 and again.queue.finished  # resumed whole
+
+
+def test_dp_under_secure_aggregation_noises_the_equal_weight_mean(secagg_app, key_file, clock):
+    # Dirichlet clients hold different sample counts: under DP each masks its delta with
+    # weight 1, and the aggregator adds DP's central noise, std z * DP_CLIP / m, to the mean.
+    app = secagg_app(PARTITION="dirichlet", DP="central", DP_CLIP=60, DP_NOISE=1)
+    client = app.test_client()
+    state = state_of(app)
+    sampled = state.queue.open_round(0).sampled  # type: ignore[attr-defined]
+    assert len({state.queue.clients[n].samples for n in sampled}) > 1  # unequal counts
+    weights_given: list[int] = []
+    driver = Driver(client, key_file)
+    answer = driver.answer
+
+    def noting(task, worker="wk-1"):
+        if task["kind"] == "train":
+            weights_given.append(task["secagg"]["weight"])
+        return answer(task, worker)
+
+    driver.answer = noting
+    driver.run(clock)
+
+    assert weights_given == [1] * 5
+    clients = [f"client-{n}" for n in sampled]
+    noise = np.concatenate(
+        [
+            (t.astype(np.float64) - expected_mean(clients)).ravel()
+            for t in served_model(client).values()
+        ]
+    )
+    assert abs(noise.std() / (60 / 5) - 1) < 0.02  # 199,210 draws of std 12
+    assert abs(noise.mean()) < 0.2
+    epsilon = client.get("/v1/status").get_json()["privacy"]["epsilon"]
+    assert epsilon is not None and 0 < epsilon < float("inf")

@@ -23,6 +23,12 @@ def test_rules_that_average_run(make_settings, rule: str) -> None:
     assert make_settings(**{**BASE, "AGGREGATION": rule}).secagg
 
 
+@pytest.mark.parametrize("dp", [{"DP": "central"}, {"DP": "local"}])
+def test_dp_runs_with_the_clip_on_the_workers(make_settings, dp) -> None:
+    settings = make_settings(**{**BASE, **dp})
+    assert settings.secagg and settings.dp == dp["DP"] and settings.dp_clip_at == "worker"
+
+
 @pytest.mark.parametrize(
     ("overrides", "key", "message"),
     [
@@ -32,8 +38,7 @@ def test_rules_that_average_run(make_settings, rule: str) -> None:
         ({"AGGREGATION": "fedbuff"}, "SECAGG", "AGGREGATION=fedbuff needs single updates"),
         ({"AGGREGATION": "async-weighted"}, "SECAGG", "async-weighted needs single updates"),
         ({"ATTACK": "scaled", "ATTACKERS": 1}, "SECAGG", "ATTACK=scaled: attacks are not"),
-        ({"DP": "central"}, "SECAGG", "DP=central: DP re-checks each update's clip norm"),
-        ({"DP": "local", "DP_CLIP_AT": "worker"}, "SECAGG", "DP=local: DP re-checks"),
+        ({"DP": "central", "DP_CLIP_AT": "aggregator"}, "DP_CLIP_AT", "clip on the workers"),
         ({"CLIENTS_PER_ROUND": 2}, "SECAGG", "2 clients per round: secure aggregation needs"),
         ({"SECAGG_THRESHOLD": 3}, "SECAGG_THRESHOLD", "more than half of and at most the 6"),
         ({"SECAGG_THRESHOLD": 7}, "SECAGG_THRESHOLD", r"\(4\.\.6\)"),

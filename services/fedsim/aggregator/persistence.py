@@ -355,6 +355,7 @@ def make_queue(
             deadline=settings.round_deadline,
             threshold=settings.secagg_t,
             size=size,
+            equal_weights=settings.dp != "off",
             **common,
         )
     if strategy.mode == "rounds":

@@ -6,12 +6,16 @@ around it: refusals as 4xx (`Refused`), one log line per step (round, phase, cli
 worker; never a value of an update), events and metrics, and the round's close. The
 unmasked weighted mean goes to the rule as DP's does (pipeline/dp.py): every survivor's
 update is w_t + mean, so whatever averaging rule runs (fedavg, fedprox and the server
-optimizers) steps on the mean, and the ledger credits each survivor. Nothing of a
+optimizers) steps on the mean, and the ledger credits each survivor. The round goes
+through the pipeline's gather sides as a plain round does: under DP (weights of 1, so
+an equal-weight mean of the workers' clipped deltas) that adds the central noise of std
+z * DP_CLIP / m to the mean, and the round counts in epsilon. Nothing of a
 single update is logged, journaled or saved. The caller holds the state's lock.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -20,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from fedsim import pipeline
+from fedsim.aggregator import privacy
 from fedsim.aggregator.strategies import Refused, Update
 from fedsim.aggregator.tasks.secagg import SecaggQueue
 from fedsim.pipeline.secagg import server
@@ -148,12 +153,20 @@ def close_round(core: Any, now: float) -> None:
     ]  # fmt: skip
     stats = out.stats
     seconds = max(0.0, now - stats.started)  # the state's clock, the queue's too
-    try:
-        tensors = core.rule_step(lambda: core.strategy.aggregate(core.current(), updates), updates)
+    try:  # the gather sides (DP's central noise on the mean), then the rule
+        with core.stages.kept_on_error():
+            batch = core.stages.gather([u.tensors for u in updates], base, out.round.number)
+            gathered = [
+                dataclasses.replace(u, tensors=t) for u, t in zip(updates, batch, strict=True)
+            ]
+            tensors = core.rule_step(
+                lambda: core.strategy.aggregate(core.current(), gathered), updates
+            )
     except (Refused, pipeline.Rejected) as exc:
         log.error("round %d produced no new version: %s", out.round.number, exc.reason)
         core.events.add("round", f"round {out.round.number} refused: {exc.reason}")
         core.metrics.set_round(min(queue.rounds_done + 1, queue.rounds))
+        privacy.after_round(core, out.round.number)  # its noised mean was drawn: it counts
         return
     assert tensors is not None
     core.apply(tensors, updates, now)
@@ -185,4 +198,5 @@ def close_round(core: Any, now: float) -> None:
          "protocol_bytes": stats.bytes, "protocol_seconds": round(seconds, 3)}
     )  # fmt: skip
     core.metrics.set_round(min(queue.rounds_done + 1, queue.rounds))
+    privacy.after_round(core, out.round.number)
     core.evaluations.want(snap, out.round.number, core.ledger.total)

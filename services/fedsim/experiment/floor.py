@@ -129,7 +129,7 @@ def run(settings: Any) -> None:
             counts.append(done.samples)
         current = {n: t.astype(np.float32) for n, t in weighted_mean(updates, counts).items()}
         samples += sum(counts)
-        accuracy, loss, _ = trainer.evaluate(current)
+        accuracy, loss, scored = trainer.evaluate(current)
         entry = {
             "version": round_no,
             "round": round_no,
@@ -142,7 +142,13 @@ def run(settings: Any) -> None:
         }
         with history.open("a") as f:
             f.write(json.dumps(entry) + "\n")
-        log.info("floor round %d: accuracy %.4f loss %.4f", round_no, accuracy, loss)
+        log.info(
+            "floor round %d: accuracy %.4f loss %.4f (scored in %.2fs)",
+            round_no,
+            accuracy,
+            loss,
+            scored,
+        )
     log.info(
         "floor done: %d updates trained, 0 retries, %.1fs", trained, time.monotonic() - STARTED
     )

@@ -150,9 +150,9 @@ def cells_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
     if t:
         head += [f"rounds to {t}", f"seconds to {t}"]
     head += [f"rounds to {a:.0%}" for a in e.also]
-    runs_all = [r for runs in cells.values() for r in runs]
-    simulated = any(r.get("sim_seconds_to_target") is not None for r in runs_all) or any(
-        h.get("sim_seconds") is not None for r in runs_all for h in r.get("also", [])
+    # CLOCK=virtual runs only: under the real clock the history's sim_seconds are wall ones.
+    simulated = any(
+        r.get("settings", {}).get("CLOCK") == "virtual" for runs in cells.values() for r in runs
     )
     if simulated:  # CLOCK=virtual: the time a deployment of this population would take
         head += [f"simulated s to {x:.0%}" for x in ((e.target,) if t else ()) + e.also]

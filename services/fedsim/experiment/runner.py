@@ -160,6 +160,12 @@ def run_one(e: Experiment, engine: Engine, p: Planned, progress: Progress) -> di
     (p.job.folder / "history.jsonl").write_text(
         "".join(json.dumps(entry) + "\n" for entry in raw.entries)
     )
+    figures = measure(
+        raw, per_round=p.job.per_round, workers=p.job.workers, target=e.target, also=e.also
+    )
+    if resolved.get("CLOCK") != "virtual":  # the real clock's sim_seconds are wall seconds
+        figures["sim_seconds_to_target"] = None
+        figures["also"] = [{**hit, "sim_seconds": None} for hit in figures["also"]]
     result = {
         "experiment": e.name,
         "cell": p.cell.number,
@@ -171,9 +177,7 @@ def run_one(e: Experiment, engine: Engine, p: Planned, progress: Progress) -> di
         "engine": engine.name,
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **machine(),
-        **measure(
-            raw, per_round=p.job.per_round, workers=p.job.workers, target=e.target, also=e.also
-        ),
+        **figures,
     }
     write_json(p.result, result)
     progress.end(outcome_line(result))

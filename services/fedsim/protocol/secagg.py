@@ -95,13 +95,17 @@ def numbers_from_json(data: object, what: str) -> list[int]:
 
 @dataclass(frozen=True)
 class Masking:
-    """What a training task of phase 3 carries: the attempt and U2's public keys."""
+    """What a training task of phase 3 carries: the attempt, U2's public keys, and the
+    weight the client multiplies its delta by (its samples; 1 under DP, whose mean is an
+    equal-weight one). The aggregator divides the sum by the survivors' weights."""
 
     nonce: str
     keys: dict[str, list[str]]  # keys_json(U2)
+    weight: int | None = None  # None: the task's samples
 
     def to_json(self) -> dict[str, Any]:
-        return {"nonce": self.nonce, "keys": self.keys}
+        out: dict[str, Any] = {"nonce": self.nonce, "keys": self.keys}
+        return out if self.weight is None else {**out, "weight": self.weight}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Masking:
@@ -109,7 +113,13 @@ class Masking:
         unhex(nonce, "nonce", 16)
         keys = data.get("keys")
         keys_from_json(keys)
-        return cls(nonce, dict(keys))  # type: ignore[arg-type]
+        weight = data.get("weight")
+        ok = weight is None or (isinstance(weight, int) and not isinstance(weight, bool))
+        if not ok or (weight is not None and weight < 1):
+            raise Invalid(
+                "bad_task", f"a masking's weight must be an integer >= 1, got {weight!r:.40}"
+            )
+        return cls(nonce, dict(keys), weight)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

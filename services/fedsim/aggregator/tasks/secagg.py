@@ -82,9 +82,18 @@ class SecaggQueue(RoundQueue):
 
     kind = "secagg"
 
-    def __init__(self, clients: Sequence[Client], *, threshold: int, size: int, **kw: Any) -> None:
+    def __init__(
+        self,
+        clients: Sequence[Client],
+        *,
+        threshold: int,
+        size: int,
+        equal_weights: bool = False,
+        **kw: Any,
+    ) -> None:
         super().__init__(clients, **kw)
         self.threshold, self.size = threshold, size
+        self.equal_weights = equal_weights  # DP: an equal-weight mean (pipeline/dp.py)
         self.attempt: server.Attempt | None = None
         self.phase_opened: float | None = None  # when the open phase's first task went out
         self.offered: set[int] = set()  # phase 3: clients given their training task
@@ -110,7 +119,8 @@ class SecaggQueue(RoundQueue):
             rng = np.random.default_rng([self.seed, r.number, self.stats.attempts])
             picked = rng.choice(len(self.clients), size=self.per_round, replace=False)
             r.sampled = sorted(int(i) + 1 for i in picked)
-        weights = {n: self._samples(self.clients[n]) for n in r.sampled}
+        weights = {n: 1 if self.equal_weights else self._samples(self.clients[n])
+                   for n in r.sampled}  # fmt: skip
         self.attempt = server.Attempt(
             r.number, secrets.token_bytes(16), r.sampled, weights, self.threshold, self.size
         )
@@ -216,7 +226,7 @@ class SecaggQueue(RoundQueue):
                 self.offered.add(n)
                 task = self._train_task(task_id, self.clients[n], worker, now, r.base_version,
                                         round_no=r.number, slice_no=self._slice(r, n))  # fmt: skip
-                masking = Masking(a.nonce.hex(), keys_json(a.public_keys(a.u2)))
+                masking = Masking(a.nonce.hex(), keys_json(a.public_keys(a.u2)), a.weights[n])
                 return Offer(replace(task, secagg=masking))
             return Offer(self._phase_task(a, n, task_id, worker, now))
         return Offer(

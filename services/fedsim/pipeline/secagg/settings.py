@@ -5,8 +5,9 @@ sum of deltas (fedavg, fedprox and the server optimizers fedavgm, fedadam, fedyo
 fedadagrad). Refused: robust rules (they look at single updates), asynchronous rules
 (an update is mixed in alone, so its sum is itself), attacks (the simulation of an
 attacker's update is not what masking is about), compression (a codec's output is
-not a fixed-point vector), and DP (its aggregator re-checks each update's clip norm,
-which masks hide; see docs/secagg.md).
+not a fixed-point vector). DP runs with the clip on the workers (the aggregator cannot
+re-check a masked update's norm; adaptive clipping, which needs DP_CLIP_AT=aggregator,
+is refused with it); see docs/secagg.md.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ def check_settings(s: Any) -> None:
             "true",
             f"ATTACK={s.attack}: attacks are not simulated under secure aggregation",
         )
-    if s.dp != "off":
+    if s.dp == "central" and s.dp_clip_at != "worker":
         raise ConfigError(
-            "SECAGG",
-            "true",
-            f"DP={s.dp}: DP re-checks each update's clip norm on the aggregator, which masked "
-            "updates hide; run DP or SECAGG, not both",
+            "DP_CLIP_AT",
+            s.dp_clip_at,
+            "under SECAGG the aggregator sees no single update to clip: clip on the workers "
+            "(DP_CLIP_AT=worker)",
         )
     compression = getattr(s, "compression", "none")
     if compression != "none":

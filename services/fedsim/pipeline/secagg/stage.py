@@ -84,7 +84,7 @@ class Mask(Stage):
             int(update.task["round"]),
             bytes.fromhex(masking.nonce),
             flat(update.delta()),
-            int(update.task["samples"]),
+            masking.weight or int(update.task["samples"]),
             keys_from_json(masking.keys),
         )
         meta = {**update.meta, "secagg": masking.nonce}
