@@ -150,17 +150,11 @@ def decode(
 
 def validate(tensors: Mapping[str, np.ndarray], layout: Layout) -> None:
     """Check names, shapes, dtype and finiteness against a model's layout. Raises WeightsError(422)."""
-    expected = dict(layout)
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise WeightsError(422, f"wrong tensor names: missing {missing}, unexpected {extra}")
-    for name, shape in layout:
+    check_layout(tensors, layout)
+    for name, _ in layout:
         tensor = tensors[name]
         if tensor.dtype != np.float32:
             raise WeightsError(422, f"tensor {name} is {tensor.dtype}, expected float32")
-        if tensor.shape != shape:
-            raise WeightsError(422, f"tensor {name} has shape {tensor.shape}, expected {shape}")
         if not np.isfinite(tensor).all():
             raise WeightsError(422, f"tensor {name} contains NaN or infinity")
 

@@ -61,6 +61,28 @@ def get(url: str, timeout: float = 5) -> bytes | None:
         return None
 
 
+def watch(
+    job: Job,
+    model_dir: Path,
+    pids: list[int],
+    finished: Callable[[], bool],
+    on_entry: Callable[[dict[str, Any]], None],
+    clock: float,
+) -> tuple[str, list[dict[str, Any]], dict[int, int], float, int]:
+    """Follow a run's history until `finished`, sampling its processes' memory: (status,
+    entries, memory at each version, seconds since `clock`, peak memory)."""
+    with PeakMemory(lambda: tree_rss(*pids)) as memory:
+        status, entries, memory_at = follow(
+            job,
+            entries=lambda: read_history(model_dir / "history.jsonl"),
+            done=finished,
+            memory=lambda: memory.last,
+            on_entry=on_entry,
+        )
+        seconds = time.monotonic() - clock
+    return status, entries, memory_at, seconds, memory.peak
+
+
 class LocalEngine:
     name = "local"
 
@@ -148,18 +170,10 @@ class LocalEngine:
                         raise RunFailed(f"worker-{i} exited {code} ({path}): {tail(path)}")
                 return all(code == 0 for code in codes)
 
-            pids = [p.pid for p in procs]
-            with PeakMemory(lambda: tree_rss(*pids)) as memory:
-                status, entries, memory_at = follow(
-                    job,
-                    entries=lambda: read_history(model_dir / "history.jsonl"),
-                    done=finished,
-                    memory=lambda: memory.last,
-                    on_entry=on_entry,
-                )
-                seconds = time.monotonic() - clock
-                metrics = get(env["AGGREGATOR_URL"] + "/metrics") or b""
-            peak = memory.peak
+            status, entries, memory_at, seconds, peak = watch(
+                job, model_dir, [p.pid for p in procs], finished, on_entry, clock
+            )
+            metrics = get(env["AGGREGATOR_URL"] + "/metrics") or b""
         finally:
             for proc in reversed(procs):  # the workers first, then the aggregator
                 stop(proc)
@@ -219,16 +233,9 @@ class KerasEngine(LocalEngine):
             return code == 0
 
         try:
-            with PeakMemory(lambda: tree_rss(proc.pid)) as memory:
-                status, entries, memory_at = follow(
-                    job,
-                    entries=lambda: read_history(model_dir / "history.jsonl"),
-                    done=finished,
-                    memory=lambda: memory.last,
-                    on_entry=on_entry,
-                )
-                seconds = time.monotonic() - clock
-            peak = memory.peak
+            status, entries, memory_at, seconds, peak = watch(
+                job, model_dir, [proc.pid], finished, on_entry, clock
+            )
         finally:
             stop(proc)
         raw = Raw(
