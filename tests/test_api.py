@@ -151,6 +151,27 @@ def test_history_by_pages_after_a_version_at_most_limit_entries(make_app) -> Non
         assert "ASCII digits" in bad.get_json()["detail"]
 
 
+def test_status_shows_at_most_500_clients_the_most_recently_seen_unless_asked(make_app) -> None:
+    app = make_app(PARTITION="iid", NUM_CLIENTS=1200, CLIENTS_PER_ROUND=10)
+    client = app.test_client()
+    rows = state_of(app).clients._planned  # seen by the views as the dashboard's rows
+    rows["client-1100"]["last_seen"] = "2026-01-01T00:00:02+00:00"
+    rows["client-900"]["last_seen"] = "2026-01-01T00:00:01+00:00"
+
+    status = client.get("/v1/status").get_json()
+
+    ids = [c["id"] for c in status["clients"]]
+    assert status["clients_total"] == 1200 and len(ids) == 500
+    # The two seen first, then the unseen in the plan's order, all listed in the plan's order.
+    assert ids == [f"client-{n}" for n in range(1, 499)] + ["client-900", "client-1100"]
+    assert len(client.get("/v1/status?clients=all").get_json()["clients"]) == 1200
+    assert [c["id"] for c in client.get("/v1/status?clients=1").get_json()["clients"]] == [
+        "client-1100"
+    ]
+    bad = client.get("/v1/status?clients=-1")
+    assert bad.status_code == 400 and bad.get_json()["error"] == "bad_clients"
+
+
 def test_past_versions_are_served_for_their_evaluation(make_app) -> None:
     client = make_app(EVAL_EVERY=1).test_client()
     ask(client)  # eval.v0 leased, not answered

@@ -14,7 +14,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from fedsim.aggregator import history, intake, uploads
+from fedsim.aggregator import history, intake, uploads, views
 from fedsim.aggregator.state import State
 from fedsim.aggregator.strategies import Refused
 from fedsim.protocol import Ask, Dropout, Evaluation, Invalid, digits, valid_id, worker_id
@@ -386,7 +386,18 @@ def get_history() -> Response:
 
 @bp.get("/v1/status")
 def status() -> Response:
-    return jsonify(_state().status())
+    """The run's state; `?clients=N` (or `all`) client rows instead of the first 500."""
+    raw = request.args.get("clients")
+    limit: int | None = views.STATUS_CLIENTS
+    if raw is not None:
+        limit = None if raw == "all" else digits(raw)
+        if raw != "all" and limit is None:
+            return error(
+                400,
+                "bad_clients",
+                f"clients must be an integer >= 0 in ASCII digits or all, got {raw[:40]!r}",
+            )
+    return jsonify(_state().status(limit))
 
 
 @bp.get("/metrics")

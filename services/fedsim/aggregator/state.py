@@ -149,10 +149,10 @@ class State:
         """Why the last checkpoint write failed, until one works (updates get 503 meanwhile)."""
         return self.saver.disk_error
 
-    def status(self) -> dict[str, Any]:
+    def status(self, clients: int | None = views.STATUS_CLIENTS) -> dict[str, Any]:
         with self._lock:
             intake.close_round_if_due(self, self._clock())
-            return views.status(self)
+            return views.status(self, clients)
 
     def summary(self) -> dict[str, Any]:
         with self._lock:

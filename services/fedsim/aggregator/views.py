@@ -23,6 +23,9 @@ from fedsim.data.population import ClientProfile, Population
 
 HISTORY = 20  # recent aggregated updates shown by /v1/status
 MAX_CLIENTS_SHOWN = 1000  # hand-started clients remembered for /v1/status
+# Client rows /v1/status gives unless asked for more (?clients=N or all): a poll's size does
+# not grow with a population of thousands; beyond it, the most recently seen are shown.
+STATUS_CLIENTS = 500
 
 
 def applied(update: Update, version: int, stamp: str) -> dict[str, Any]:
@@ -129,8 +132,18 @@ class Core(Protocol):
     population: Population | None
 
 
-def status(core: Core) -> dict[str, Any]:
-    """GET /v1/status: the version, rule, round, run, clients, workers, events, last checkpoint."""
+def shown_clients(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """At most `limit` of the client rows (None: all): the most recently seen, in their
+    order (the plan's, then hand-started ones)."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["last_seen"] or "", -i), reverse=True)
+    return [rows[i] for i in sorted(order[:limit])]
+
+
+def status(core: Core, clients: int | None = STATUS_CLIENTS) -> dict[str, Any]:
+    """GET /v1/status: the version, rule, round, run, clients (at most `clients` rows; None:
+    all), workers, events, last checkpoint."""
     s, queue, snap = core.settings, core.queue, core.snapshot
     queue_status = queue.status()
     if isinstance(queue, tasks.RoundQueue) and queue.round:
@@ -158,7 +171,8 @@ def status(core: Core) -> dict[str, Any]:
         "updates": core.ledger.total,
         "pending_updates": pending,
         "unsaved_updates": core.ledger.unsaved(),
-        "clients": core.clients.rows(),
+        "clients": shown_clients(rows := core.clients.rows(), clients),
+        "clients_total": len(rows),
         "workers": queue_status["workers"],
         "evaluations_pending": queue_status["evaluations_pending"],
         "history": list(core.recent),
