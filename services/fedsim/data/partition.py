@@ -24,7 +24,6 @@ of its index list, so every process can rebuild the same clients and prove it di
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim import checkpoints, config
+from fedsim import config
+from fedsim.data import listing
 from fedsim.data.mnist import DataError
 
 FILE = "partitions.json"
@@ -226,39 +226,16 @@ def manifest(plan: Mapping[str, object], parts: Sequence[Part], labels: np.ndarr
 
 def write(model_dir: Path, content: dict) -> Path:
     """Write the manifest to MODEL_DIR/partitions.json atomically; returns the path."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / FILE
-    checkpoints.write_atomic(path, _dumps(content).encode())
-    return path
-
-
-def _dumps(content: dict) -> str:
-    """JSON with one line per client, so the file reads and diffs well."""
-    head = json.dumps({key: value for key, value in content.items() if key != "clients"})
-    clients = ",\n".join("  " + json.dumps(client) for client in content["clients"])
-    return head[:-1] + ', "clients": [\n' + clients + "\n]}\n"
+    return listing.write(model_dir, FILE, content)
 
 
 def read(model_dir: Path) -> dict:
     """MODEL_DIR/partitions.json, checked; PartitionError names the file and the fault."""
-    path = model_dir / FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PartitionError(
-            f"no {FILE} in {model_dir}: run python -m fedsim.prepare "
-            "(or docker compose up, which runs the prepare service) first"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PartitionError(f"{path}: cannot be read ({exc})") from None
-    try:
-        content = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PartitionError(f"{path}: not JSON ({exc})") from None
+    content = listing.read(model_dir, FILE, PartitionError)
     try:
         _check_manifest(content)
     except PartitionError as exc:
-        raise PartitionError(f"{path}: {exc}") from None
+        raise PartitionError(f"{model_dir / FILE}: {exc}") from None
     return content
 
 

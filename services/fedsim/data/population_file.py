@@ -8,12 +8,12 @@ refused with one line that names the file and the fault, as partitions.json is.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedsim.data import listing
 from fedsim.data.population import (
     DAY,
     FILE,
@@ -31,37 +31,16 @@ _CLIENT_KEYS = {"id", "speed", "bandwidth", "dropout"}
 
 def write(model_dir: Path, population: Population) -> Path:
     """Write clients.json atomically, one line per client; returns the path."""
-    from fedsim.checkpoints import write_atomic
-
-    content = population.to_json()
-    head = json.dumps({k: v for k, v in content.items() if k != "clients"}, allow_nan=False)
-    lines = ",\n".join("  " + json.dumps(c, allow_nan=False) for c in content["clients"])
-    model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / FILE
-    write_atomic(path, (head[:-1] + ', "clients": [\n' + lines + "\n]}\n").encode())
-    return path
+    return listing.write(model_dir, FILE, population.to_json())
 
 
 def read(model_dir: Path) -> Population:
     """MODEL_DIR/clients.json, checked; PopulationError names the file and the fault."""
-    path = model_dir / FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PopulationError(
-            f"no {FILE} in {model_dir}: run python -m fedsim.prepare "
-            "(or docker compose up, which runs the prepare service) first"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PopulationError(f"{path}: cannot be read ({exc})") from None
-    try:
-        content = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PopulationError(f"{path}: not JSON ({exc})") from None
+    content = listing.read(model_dir, FILE, PopulationError)
     try:
         return Population.from_json(content)
     except PopulationError as exc:
-        raise PopulationError(f"{path}: {exc}") from None
+        raise PopulationError(f"{model_dir / FILE}: {exc}") from None
 
 
 def differences(population: Population, settings: Any) -> list[str]:
