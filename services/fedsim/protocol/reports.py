@@ -24,6 +24,18 @@ def worker_id(data: Mapping[str, Any]) -> str:
     return uid
 
 
+def task_answer(data: Mapping[str, Any], what: str, code: str = "bad_task") -> tuple[str, str, str]:
+    """(worker, task, lease) of a worker's answer to a task; `what` names the task in the
+    error (Invalid with `code`) when the id or the lease is malformed."""
+    uid = worker_id(data)
+    task, lease = data.get("task"), data.get("lease")
+    if not isinstance(task, str) or not valid_id(task):
+        raise Invalid(code, f"task must be {what}")
+    if not isinstance(lease, str) or not LEASE.fullmatch(lease):
+        raise Invalid(code, "lease must be the task's lease")
+    return uid, task, lease
+
+
 @dataclass(frozen=True)
 class Ask:
     """A request for work: the worker's id and the retries it has needed so far."""
@@ -54,13 +66,7 @@ class Dropout:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Dropout:
-        uid = worker_id(data)
-        task, lease = data.get("task"), data.get("lease")
-        if not isinstance(task, str) or not valid_id(task):
-            raise Invalid("bad_task", "task must be the id of the training task given back")
-        if not isinstance(lease, str) or not LEASE.fullmatch(lease):
-            raise Invalid("bad_task", "lease must be the task's lease")
-        return cls(uid, task, lease)
+        return cls(*task_answer(data, "the id of the training task given back"))
 
 
 @dataclass(frozen=True)
@@ -79,12 +85,7 @@ class Evaluation:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Evaluation:
-        uid = worker_id(data)
-        task, lease = data.get("task"), data.get("lease")
-        if not isinstance(task, str) or not valid_id(task):
-            raise Invalid("bad_task", "task must be the evaluation task's id")
-        if not isinstance(lease, str) or not LEASE.fullmatch(lease):
-            raise Invalid("bad_task", "lease must be the task's lease")
+        uid, task, lease = task_answer(data, "the evaluation task's id")
         scores = {}
         for key, hi in cls.BOUNDS:
             value = data.get(key)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from fedsim.protocol.base import (
-    LEASE,
     Invalid,
     client_id,
     client_number,
@@ -26,9 +25,8 @@ from fedsim.protocol.base import (
     task_head,
     task_tail,
     typed,
-    valid_id,
 )
-from fedsim.protocol.reports import worker_id
+from fedsim.protocol.reports import task_answer
 
 PHASES = ("keys", "shares", "unmask")  # the phase tasks; the masked input rides on training
 MAX_CLIENTS = 1000  # entries in one message's maps: more than any round samples
@@ -207,12 +205,7 @@ class SecaggReport:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SecaggReport:
-        uid = worker_id(data)
-        task, lease = data.get("task"), data.get("lease")
-        if not isinstance(task, str) or not valid_id(task):
-            raise Invalid("bad_report", "task must be the phase task's id")
-        if not isinstance(lease, str) or not LEASE.fullmatch(lease):
-            raise Invalid("bad_report", "lease must be the task's lease")
+        uid, task, lease = task_answer(data, "the phase task's id", "bad_report")
         nonce = data.get("nonce")
         unhex(nonce, "nonce", 16, "bad_report")
         phase = data.get("phase")
