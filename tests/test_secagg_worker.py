@@ -118,3 +118,30 @@ def test_phase_tasks_round_trip_and_bad_ones_are_refused() -> None:
                      ("keys", {"client-1": ["00", "11"]}), ("survivors", ["x"])):  # fmt: skip
         with pytest.raises(Invalid):
             SecaggTask.from_json({**task.to_json(), key: bad})
+
+
+@pytest.mark.parametrize(
+    ("weight", "ok"),
+    [
+        (None, True),
+        (1, True),
+        (600, True),
+        (0, False),
+        (-2, False),
+        (True, False),
+        (1.5, False),
+        ("3", False),
+    ],
+)
+def test_a_maskings_weight_is_a_whole_number_of_at_least_one(weight, ok) -> None:
+    from fedsim.protocol import Invalid, Masking
+    from fedsim.protocol.secagg import keys_json
+
+    keys = keys_json({1: (b"\x01" * 32, b"\x02" * 32), 2: (b"\x03" * 32, b"\x04" * 32)})
+    data = {"nonce": "ab" * 16, "keys": keys, **({} if weight is None else {"weight": weight})}
+    if ok:
+        masking = Masking.from_json(data)
+        assert masking.weight == weight and Masking.from_json(masking.to_json()) == masking
+    else:
+        with pytest.raises(Invalid, match="a masking's weight must be an integer >= 1"):
+            Masking.from_json(data)
