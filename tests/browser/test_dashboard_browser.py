@@ -42,10 +42,30 @@ def browser():
 
 
 def wait_for(driver, condition, what: str):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT, poll_frequency=0.2).until(
-        lambda d: condition(d), message=f"the page did not show {what} within {WAIT} s"
+    # The page rebuilds its tables on every poll: an element found a moment
+    # ago may be gone when it is read, so such a read is simply tried again.
+    return WebDriverWait(
+        driver, WAIT, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(lambda d: condition(d), message=f"the page did not show {what} within {WAIT} s")
+
+
+def rows(driver, selector: str) -> list[dict]:
+    """The rows matching selector, read in one script so that a poll cannot
+    replace them half-way: each row's data attributes, class, cells' text and
+    the number of label-mix bars."""
+    return driver.execute_script(
+        """
+        return [...document.querySelectorAll(arguments[0])].map((r) => ({
+          data: {...r.dataset},
+          cls: r.className,
+          cells: [...r.querySelectorAll('td')].map((c) => c.innerText.trim()),
+          mix: r.querySelectorAll('.mix span').length,
+        }));
+        """,
+        selector,
     )
 
 
@@ -93,15 +113,12 @@ def test_the_dashboard_follows_a_run(browser):
         assert text(browser, "accuracy") == "91.20%"
 
         # Every logical client has its row, in order, with its sample count.
-        rows = browser.find_elements("css selector", "#clients tbody tr")
-        assert [r.get_attribute("data-client") for r in rows] == [c["id"] for c in run.clients]
-        first = rows[0].find_elements("tag name", "td")
-        assert first[1].text == str(run.clients[0]["samples"])
-        assert len(rows[0].find_elements("css selector", ".mix span")) == sum(
-            1 for n in run.clients[0]["labels"] if n
-        )
-        workers = browser.find_elements("css selector", "#workers tbody tr")
-        assert [w.get_attribute("data-worker") for w in workers] == ["w1", "w2"]
+        clients = rows(browser, "#clients tbody tr")
+        assert [r["data"]["client"] for r in clients] == [c["id"] for c in run.clients]
+        assert clients[0]["cells"][1] == str(run.clients[0]["samples"])
+        assert clients[0]["mix"] == sum(1 for n in run.clients[0]["labels"] if n)
+        workers = rows(browser, "#workers tbody tr")
+        assert [w["data"]["worker"] for w in workers] == ["w1", "w2"]
         # No attacker yet: no attacker column.
         assert not browser.find_element("css selector", "#clients th.attacker-col").is_displayed()
 
@@ -115,10 +132,7 @@ def test_the_dashboard_follows_a_run(browser):
             ),
             "the refusal",
         )
-        assert (
-            browser.find_element("css selector", "#events li:first-child").get_attribute("class")
-            == "kind-refused"
-        )
+        assert rows(browser, "#events li:first-child")[0]["cls"] == "kind-refused"
 
         # Everyone equal: no population columns; one slow, flaky client shows them.
         assert not browser.find_element("css selector", "#clients th.population-col").is_displayed()
@@ -128,10 +142,10 @@ def test_the_dashboard_follows_a_run(browser):
             lambda d: d.find_element("css selector", "#clients th.population-col").is_displayed(),
             "the population columns",
         )
-        cells = browser.find_elements("css selector", "tr[data-client='client-2'] td")
-        assert [c.text for c in cells[7:10]] == ["\u00d73.00", "250 kB/s", "10.00% (2)"]
-        other = browser.find_elements("css selector", "tr[data-client='client-1'] td")
-        assert [c.text for c in other[7:10]] == ["\u00d71.00", "\u221e", "0.00% (0)"]
+        (slow,) = rows(browser, "tr[data-client='client-2']")
+        assert slow["cells"][7:10] == ["\u00d73.00", "250 kB/s", "10.00% (2)"]
+        (other,) = rows(browser, "tr[data-client='client-1']")
+        assert other["cells"][7:10] == ["\u00d71.00", "\u221e", "0.00% (0)"]
 
         run.mark_attacker("client-5")
         wait_for(
@@ -139,12 +153,7 @@ def test_the_dashboard_follows_a_run(browser):
             lambda d: d.find_element("css selector", "#clients th.attacker-col").is_displayed(),
             "the attacker column",
         )
-        assert (
-            browser.find_element("css selector", "tr[data-client='client-5']").get_attribute(
-                "class"
-            )
-            == "attacker"
-        )
+        assert rows(browser, "tr[data-client='client-5']")[0]["cls"] == "attacker"
 
         # The aggregator goes away and comes back on the same port.
         server.stop()
