@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from fedsim.config import Settings
 
 SGD_MOMENTUM = 0.9  # heavy-ball momentum for "sgd"; see LEARNING_RATE in the README
+# Training steps Keras runs per call of its compiled function. With one, each batch of
+# 10 pays Python's dispatch (the mlp then spends 2.7 ms a step, 1.6 ms with 16); the
+# steps, their order and the weights they give are the same.
+STEPS_PER_EXECUTION = 16
 
 # name -> ordered (tensor name, shape); every tensor is float32.
 SHAPES: dict[str, tuple[tuple[str, tuple[int, ...]], ...]] = {
@@ -143,6 +147,7 @@ def build(name: str, *, seed: int, learning_rate: float, optimizer: str = "sgd")
         optimizer=opt,
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        steps_per_execution=STEPS_PER_EXECUTION,
     )
     return model
 

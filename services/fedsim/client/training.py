@@ -204,6 +204,7 @@ def _proximal_class() -> type:
                 optimizer=inner.optimizer,  # shared: its state is the task's, fresh per task
                 loss=inner.loss,
                 metrics=["accuracy"],
+                steps_per_execution=models.STEPS_PER_EXECUTION,
             )
 
         def start(self, mu: float) -> None:
