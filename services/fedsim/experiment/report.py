@@ -35,7 +35,7 @@ FIGURES = (
     "bytes_from_workers", "peak_memory_bytes", "memory_growth_bytes", "refused_aggregates",
     "epsilon", "load_start", "load_end",
 )  # fmt: skip
-MACHINE = ("fedsim", "cpus", "memory_bytes", "finished_at")
+MACHINE = ("fedsim", "cpus", "memory_bytes", "finished_at", "sweep_load_start", "loaded")
 
 
 def pairs(settings: dict[str, str]) -> str:
@@ -246,6 +246,7 @@ def header(e: Experiment, results: Sequence[dict[str, Any]]) -> list[str]:
         "Times are comparable only between runs taken under a similar load.",
         "",
     ]
+    lines += _starts(results)
     if spent:
         lines += [
             f"Outside training (start-up, evaluation, HTTP, waiting): {1 - train / spent:.0%} "
@@ -253,6 +254,24 @@ def header(e: Experiment, results: Sequence[dict[str, Any]]) -> list[str]:
             "",
         ]
     return lines
+
+
+def _starts(results: Sequence[dict[str, Any]]) -> list[str]:
+    """What the load was when the sweeps that made these runs started (a sweep refuses
+    above the limit unless forced); nothing for runs from before the check."""
+    starts = [r for r in results if r.get("sweep_load_start") not in (None, "")]
+    if not starts:
+        return []
+    loaded = [r for r in starts if str(r.get("loaded")).lower() == "true"]
+    top = max(float(r["sweep_load_start"]) for r in starts)
+    if not loaded:
+        return [f"Each sweep started on an idle machine (1-minute load at most {top:.2f}).", ""]
+    return [
+        f"**Loaded:** {len(loaded)} of {len(results)} runs come from a sweep forced to start "
+        f"above a 1-minute load of 1.0 (up to {top:.2f}); their times are not comparable "
+        "with the others'.",
+        "",
+    ]
 
 
 def against_floor(e: Experiment, results: Sequence[dict[str, Any]]) -> list[str]:

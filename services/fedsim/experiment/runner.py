@@ -137,7 +137,18 @@ def machine() -> dict[str, Any]:
     return {"fedsim": fedsim.__version__, "cpus": os.cpu_count(), "memory_bytes": kib * 1024}
 
 
-def run_one(e: Experiment, engine: Engine, p: Planned, progress: Progress) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Started:
+    """The 1-minute load when this sweep started, and whether it was forced above the limit:
+    each run's row carries both, so a resumed sweep's runs say which start they had."""
+
+    load: float
+    loaded: bool = False
+
+
+def run_one(
+    e: Experiment, engine: Engine, p: Planned, progress: Progress, started: Started | None = None
+) -> dict[str, Any]:
     if p.job.folder.exists():
         shutil.rmtree(p.job.folder)  # a run cut short: again from the start
     p.job.folder.mkdir(parents=True)
@@ -179,6 +190,8 @@ def run_one(e: Experiment, engine: Engine, p: Planned, progress: Progress) -> di
         **machine(),
         **figures,
     }
+    if started is not None:
+        result |= {"sweep_load_start": started.load, "loaded": started.loaded}
     write_json(p.result, result)
     progress.end(outcome_line(result))
     return result
@@ -192,6 +205,7 @@ def sweep(
     progress: Progress | None = None,
     out: Callable[[str], None] = print,
     engine_for: Callable[[str], Engine] | None = None,
+    started: Started | None = None,
 ) -> list[dict[str, Any]]:
     """Run what is not finished yet, then write the report; the results, in plan order.
 
@@ -231,7 +245,7 @@ def sweep(
             progress.skip(p.job.expected_rounds)
             continue
         try:
-            done[p.job.folder] = run_one(e, engine_of(p.cell), p, progress)
+            done[p.job.folder] = run_one(e, engine_of(p.cell), p, progress, started)
         except RunFailed as exc:
             # One run's failure (a model that diverged, a worker that died) is a result of
             # the sweep, not its end: the others still run. It has no result.json, so the
