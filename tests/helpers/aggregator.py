@@ -58,6 +58,8 @@ def build_app(
             "FEDSIM_SETTINGS": settings,
             "FEDSIM_CLOCK": None if ticker else clock,
             "FEDSIM_TICKER": ticker,
+            # One thread drives these apps: an ask held for another request would only wait.
+            "FEDSIM_HOLD": 0.0,
         }
     )
     app.test_client_class = AuthClient

@@ -25,6 +25,7 @@ bp = Blueprint("api", __name__)
 
 MAX_JSON_BYTES = 4096  # task requests and evaluation reports are a few hundred bytes
 MAX_WAIT_HINT = 2.0  # longest retry_after the aggregator suggests to an idle worker
+HELD_WAIT_HINT = 0.01  # after an ask held for a change: ask again at once
 
 
 class AnyTextConverter(PathConverter):
@@ -38,6 +39,16 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _http_error)
     app.before_request(_authenticate)
+    app.after_request(_wake_held_asks)
+
+
+def _wake_held_asks(response: Response) -> Response:
+    """After a request that changed state (an update, a score, a dropout ...), the asks
+    held for work look again (fedsim.aggregator.holding)."""
+    changed = request.method not in ("GET", "HEAD") and request.path != "/v1/tasks"
+    if changed and response.status_code < 400 and request.path.startswith("/v1/"):
+        _state().holds.changed()
+    return response
 
 
 # --- tokens -----------------------------------------------------------------------------
@@ -220,8 +231,9 @@ def ask() -> Response:
         asked = Ask.from_json(_json_body())
     except Invalid as exc:
         return _bad(exc)
-    offer, name = _state().ask(asked.worker, asked.retries)
-    wait = min(offer.retry_after, MAX_WAIT_HINT)
+    state = _state()
+    offer, name, held = state.holds.ask(lambda: state.ask(asked.worker, asked.retries))
+    wait = HELD_WAIT_HINT if held else min(offer.retry_after, MAX_WAIT_HINT)
     return jsonify(dataclasses.replace(offer, worker=name, retry_after=wait).to_json())
 
 

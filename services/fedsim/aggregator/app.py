@@ -7,13 +7,14 @@ with threads: the global state lives in that process. The routes are in api.py.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
 
 from fedsim import config, tokens
-from fedsim.aggregator import api, dashboard, privacy, secagg_api
+from fedsim.aggregator import api, dashboard, holding, privacy, secagg_api
 from fedsim.aggregator.metrics import Guarded, Metrics
 from fedsim.aggregator.state import StartupError, State
 
@@ -30,6 +31,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         FEDSIM_SETTINGS=None,  # a config.Settings; None: read the environment
         FEDSIM_CLOCK=None,  # monotonic clock for leases, round timeouts, idle saves (tests swap it)
         FEDSIM_TICKER=True,  # background thread for round timeouts and idle saves
+        # How long an idle worker's ask may wait for work; None: HOLD_SECONDS, or 0 under
+        # a swapped clock (a held ask waits real seconds that such a clock does not see).
+        FEDSIM_HOLD=None,
     )
     if test_config is not None:
         app.config.from_mapping(test_config)
@@ -45,6 +49,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     # limit so that a body it cut short is still seen to be too large.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_update_bytes + 1
     app.extensions["fedsim"] = state
+    hold = app.config["FEDSIM_HOLD"]
+    if hold is None:
+        hold = 0.0 if clock else holding.HOLD_SECONDS
+    state.holds = holding.Holds(float(hold), holding.slots_for(os.environ.get("THREADS")))
     app.extensions["fedsim_tokens"] = known
     metrics = Metrics()
     app.extensions["fedsim_metrics"] = metrics

@@ -30,6 +30,7 @@ import numpy as np
 from fedsim.aggregator import intake, persistence, privacy, quota, replay, tasks, views, virtual
 from fedsim.aggregator.evaluations import MAX_WAITING_EVALUATIONS, Evaluations
 from fedsim.aggregator.events import Events, iso
+from fedsim.aggregator.holding import Holds
 from fedsim.aggregator.ledger import Ledger
 from fedsim.aggregator.metrics import Recorder
 from fedsim.aggregator.persistence import StartupError
@@ -97,6 +98,7 @@ class State:
         self.saver = Saver(self, self._lock, clock, wall)
         self.quota = quota.Quota.of(start.clients, settings, self.strategy.mode, clock)
         self.sim = virtual.driver(self, clock)  # CLOCK=virtual: the simulated order; else None
+        self.holds = Holds()  # idle workers' asks wait here for the next change
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         if self.attackers:
@@ -400,6 +402,7 @@ class State:
         """Close what is due, then checkpoint if due. Called by the ticker and lazily."""
         with self._lock:
             intake.close_round_if_due(self, self._clock())
+        self.holds.changed()  # a deadline or an expired lease may have made work
         self.saver.save_if_due(wait=False)
 
     def start_ticker(self, interval: float) -> None:
