@@ -316,6 +316,71 @@ def test_a_dp_run_reports_its_last_epsilon_and_the_summary_shows_it(sweep):
     assert "ε at DP_DELTA" in summary and f"{m:.2f} ± {sd:.2f}" in summary
 
 
+AGGREGATOR_METRICS = """\
+fedsim_aggregation_seconds_sum 0.75
+fedsim_aggregation_seconds_count 5.0
+fedsim_checkpoint_seconds_sum 0.25
+fedsim_checkpoint_seconds_count 2.0
+fedsim_process_peak_resident_memory_bytes 2.5e+08
+"""
+NEW = ("aggregator_seconds_per_round", "aggregator_peak_memory_bytes", "status_bytes",
+       "history_bytes")  # fmt: skip
+
+
+def test_the_aggregators_own_time_memory_and_answers_are_read_from_what_it_left():
+    raw = outcome.Raw(
+        "finished", START, 5.0, history(0.1, 0.5, 0.6, 0.7, 0.8), metrics=AGGREGATOR_METRICS,
+        status_bytes=5123, history_bytes=180,
+    )  # fmt: skip
+
+    got = outcome.measure(raw, per_round=10, workers=2, target=None)
+
+    # (0.75 s making versions + 0.25 s writing checkpoints) over the history's 4 rounds
+    assert got["aggregator_seconds_per_round"] == (0.75 + 0.25) / 4
+    assert got["aggregator_peak_memory_bytes"] == 250_000_000
+    assert (got["status_bytes"], got["history_bytes"]) == (5123, 180)
+    # An aggregator without those metrics (or no /metrics answer): nothing, not zero.
+    none = outcome.measure(dataclasses.replace(raw, metrics="", status_bytes=None,
+                                               history_bytes=None),
+                           per_round=10, workers=2, target=None)  # fmt: skip
+    assert [none[k] for k in NEW] == [None, None, None, None]
+
+
+def test_the_summary_shows_the_aggregators_own_time_and_memory_when_runs_report_them(sweep):
+    e, results = sweep
+    for r in results:
+        r["aggregator_seconds_per_round"] = 0.010 + r["seed"] / 1000  # 11, 12, 13 ms
+        r["aggregator_peak_memory_bytes"] = 200e6 + r["seed"] * 1e6  # 201, 202, 203 MB
+
+    cells = report.summary(e, results).split("## Cells")[1].split("## By")[0]
+
+    head, first = cells.splitlines()[2], cells.splitlines()[4]
+    assert "aggregator ms / round" in head and "aggregator peak (MB)" in head
+    ms, sd = independent_mean_sd([11.0, 12.0, 13.0])
+    mb, mb_sd = independent_mean_sd([201.0, 202.0, 203.0])
+    assert f"| {ms:.1f} ± {sd:.1f} | {mb:.0f} ± {mb_sd:.0f} |" in first
+
+
+def test_the_report_of_runs_made_before_those_figures_leaves_them_blank(sweep, tmp_path):
+    e, results = sweep  # result.json files as older runs wrote them: none of NEW
+    assert not any(k in r for r in results for k in NEW)
+    folder = tmp_path / "results"
+    for r in results:
+        cell = next(c for c in e.cells if c.number == r["cell"])
+        run = folder / "runs" / cell.key("local", "rounds", 0.9) / f"seed-{r['seed']}"
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps(r))
+
+    report.write(e, report.collect(e, folder, "local"), folder)
+
+    rows = list(csv.DictReader(io.StringIO((folder / "runs.csv").read_text())))
+    assert len(rows) == len(results)
+    assert all(row[k] == "" for row in rows for k in NEW)
+    summary = (folder / "summary.md").read_text()
+    assert "aggregator" not in summary  # the cells table as before
+    assert f"{independent_mean_sd(FINAL[1])[0]:.2%}" in summary
+
+
 # --- the progress line -------------------------------------------------------------------
 
 

@@ -111,6 +111,10 @@ def test_a_sweep_interrupted_after_its_first_cell_resumes_without_running_it_aga
         assert float(row["final_accuracy"]) == last_accuracy(p.job.folder)
         assert float(row["rounds"]) == 2 and int(row["bytes_to_workers"]) > 0
         assert int(row["peak_memory_bytes"]) > 0 and row["load_start"] and row["load_end"]
+        # The aggregator's own figures, from its /metrics and the watcher's last answers.
+        assert float(row["aggregator_seconds_per_round"]) > 0
+        assert 0 < int(row["aggregator_peak_memory_bytes"]) < int(row["peak_memory_bytes"])
+        assert int(row["status_bytes"]) > 0 and int(row["history_bytes"]) > 0
         settings = json.loads((p.job.folder / "settings.json").read_text())
         assert settings["RUN_LABEL"] == p.job.label and settings["SEED"] == p.seed
         assert settings["AGGREGATION"] == row["AGGREGATION"]
@@ -122,6 +126,10 @@ def test_a_sweep_interrupted_after_its_first_cell_resumes_without_running_it_aga
         shown = f"{statistics.fmean(finals):.2%} ± {statistics.stdev(finals):.2%}"
         line = next(x for x in summary.splitlines() if f"| `{rule}` |" in x)
         assert shown in line
+        ms = [float(r["aggregator_seconds_per_round"]) / 1e-3 for r in rows
+              if r["AGGREGATION"] == rule]  # fmt: skip
+        assert f"{statistics.fmean(ms):.1f} ± {statistics.stdev(ms):.1f}" in line
+    assert "aggregator ms / round" in summary and "aggregator peak (MB)" in summary
     assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The report again from the files alone says the same.
@@ -238,6 +246,9 @@ def test_the_compose_engine_runs_a_two_cell_experiment(tmp_path, mnist_dir):
     for r in results:
         assert r["rounds"] == 2 and r["final_accuracy"] > 0.5
         assert r["bytes_to_workers"] > 0 and r["peak_memory_bytes"] > 0
+        assert r["aggregator_seconds_per_round"] > 0
+        assert 0 < r["aggregator_peak_memory_bytes"] < r["peak_memory_bytes"]
+        assert r["status_bytes"] > 0 and r["history_bytes"] > 0
     for p in runner.plan(e, folder):
         name = (p.job.folder / "compose.project").read_text().strip()
         assert leftovers(f"com.docker.compose.project={name}") == {

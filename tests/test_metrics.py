@@ -171,6 +171,21 @@ def test_process_metrics_are_included_by_default_and_can_be_left_out(clock):
     assert with_process >= without
 
 
+def test_the_peak_resident_memory_is_the_processs_high_water_mark(clock):
+    metrics = Metrics(clock=clock)
+    grown = bytearray(64 * 2**20)
+    grown[::4096] = b"x" * len(grown[::4096])  # a byte per page: 64 MiB resident
+    holding = value(metrics, "process_resident_memory_bytes")
+    del grown  # given back: the resident figure falls, the peak stays
+
+    peak = value(metrics, "fedsim_process_peak_resident_memory_bytes")
+
+    assert peak >= holding > 0
+    assert value(metrics, "process_resident_memory_bytes") < peak
+    left_out = Metrics(clock=clock, process=False)
+    assert value(left_out, "fedsim_process_peak_resident_memory_bytes") is None
+
+
 def test_every_name_follows_the_conventions(metrics):
     metrics.update_refused("stale")
     metrics.task_handed_out("train")

@@ -73,6 +73,11 @@ def test_a_client_dropping_after_its_training_task_is_recovered(
     assert "fedsim_secagg_clients_masked_total 4.0" in metrics
     assert "fedsim_secagg_dropouts_recovered_total 1.0" in metrics
     assert "fedsim_secagg_protocol_seconds_count 1.0" in metrics
+    # The aggregator's own time for the round counts its unmasking (the rebuilt masks).
+    assert last["unmask_seconds"] > 0
+    made = next(x for x in metrics.splitlines() if x.startswith("fedsim_aggregation_seconds_sum"))
+    assert float(made.split()[1]) >= last["unmask_seconds"]
+    assert "fedsim_aggregation_seconds_count 1.0" in metrics
 
 
 def test_below_the_threshold_the_attempt_is_abandoned_and_nothing_published(

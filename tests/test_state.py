@@ -81,7 +81,7 @@ def test_an_update_makes_the_next_version_with_its_number(make_state) -> None:
     assert made.snapshot.version == 1 and made.snapshot.samples == 100
     assert mean_weight(made) == pytest.approx(2.0)
     assert made.lookup("u-1") == {"update_id": "u-1", "state": "applied", "version": 1, "seq": 1}
-    assert names(made.metrics) == ["update_accepted", "set_version"]
+    assert names(made.metrics) == ["update_accepted", "set_version", "aggregation_seconds"]
 
 
 def test_a_repeated_update_id_is_acknowledged_once_and_changes_nothing(make_state) -> None:
@@ -175,6 +175,18 @@ def test_a_buffering_rule_holds_updates_then_makes_one_version(make_state) -> No
     assert [r["update_id"] for r in made.status()["history"]] == ["u-1", "u-2"]
 
 
+def test_an_asynchronous_rules_step_is_timed_whether_it_holds_or_makes_a_version(
+    make_state,
+) -> None:
+    made = make_state(AGGREGATION="fedbuff", FEDBUFF_K=2)
+
+    made.submit(update(1.0))  # held
+    made.submit(update(3.0, client="client-2", update_id="u-2"))  # a version
+
+    timed = [c.args[0] for c in made.metrics.method_calls if c[0] == "aggregation_seconds"]
+    assert len(timed) == 2 and all(seconds >= 0 for seconds in timed)
+
+
 # --- rounds ------------------------------------------------------------------------------
 
 
@@ -191,7 +203,7 @@ def test_a_round_closes_when_its_sampled_clients_answered(make_state) -> None:
     record = made.evaluations.waiting[1]
     assert record.round == 1 and record.updates == 2
     assert record.clients == sorted({first.client, second.client})
-    assert "aggregation_seconds" in names(made.metrics)
+    assert names(made.metrics).count("aggregation_seconds") == 1  # the round, not each update
     made.metrics.set_round.assert_called_once_with(2)
 
 

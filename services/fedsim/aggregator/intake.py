@@ -109,6 +109,7 @@ def accept(
     """An asynchronous rule takes `update`: a new version, or the update held. The base
     model is `base`, else looked up when the rule wants one and `look` (a replay says)."""
     strategy = core.strategy
+    started = time.perf_counter()
     if base is None and look and strategy.wants_base:
         base = _base_of(core, update.base_version)
     try:
@@ -132,6 +133,7 @@ def accept(
         _log_accepted(core, update)
         _after_version(core)
     _flush_if_done(core, now)
+    core.metrics.aggregation_seconds(time.perf_counter() - started)  # held or made a version
 
 
 def model_of(core: Core, version: int) -> Tensors | None:
@@ -318,7 +320,6 @@ def close_round(core: Core, now: float, why: str) -> None:
         return
     assert tensors is not None
     core.apply(tensors, updates, now)
-    core.metrics.aggregation_seconds(time.perf_counter() - started)
     snap = core.snapshot
     log.info(
         "round %d closed (%s%s): %d of %d sampled clients, %d samples -> v%d, total %d samples%s",
@@ -340,3 +341,4 @@ def close_round(core: Core, now: float, why: str) -> None:
     core.metrics.set_round(min(queue.rounds_done + 1, queue.rounds))
     privacy.after_round(core, r.number)
     core.evaluations.want(snap, r.number, core.ledger.total)
+    core.metrics.aggregation_seconds(time.perf_counter() - started)  # ε's accounting included

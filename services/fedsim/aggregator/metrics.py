@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import resource
 import time
 from collections.abc import Callable
 from functools import partial
@@ -74,6 +75,19 @@ def _seconds(what: str, value: object) -> float:
     return _number(what, value, lambda v: 0 <= v < math.inf, "a finite number of seconds >= 0")
 
 
+def peak_resident_bytes() -> float:
+    """This process's peak resident memory: /proc/self/status' VmHWM, else getrusage's
+    ru_maxrss (KiB on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
 class Recorder:
     """What the aggregator measures, one method each. This base records nothing."""
 
@@ -88,7 +102,8 @@ class Recorder:
         """An update id came again and was acknowledged without aggregating it twice."""
 
     def aggregation_seconds(self, seconds: float) -> None:
-        """One aggregation step took `seconds` (e.g. closing a round)."""
+        """Making a version took `seconds`: one update taken by an asynchronous rule, or a
+        round closed (with secure aggregation's unmasking), up to its version published."""
 
     def bytes_received(self, n: int) -> None:
         """Bytes of an update's body, read."""
@@ -154,6 +169,13 @@ class Metrics(Recorder):
         if process:
             # process_resident_memory_bytes, process_cpu_seconds_total, ... (Linux only).
             ProcessCollector(registry=r)
+            # The peak is read at each scrape from the kernel's own high-water mark, so no
+            # sampling misses a short spike (a round's unmasking, a checkpoint's encoding).
+            Gauge(
+                "fedsim_process_peak_resident_memory_bytes",
+                "Peak resident memory of the aggregator's process since it started (VmHWM).",
+                registry=r,
+            ).set_function(peak_resident_bytes)
         counter, gauge = partial(Counter, registry=r), partial(Gauge, registry=r)
         histogram = partial(Histogram, registry=r)
 
@@ -177,7 +199,8 @@ class Metrics(Recorder):
         )
         self._aggregation = histogram(
             "fedsim_aggregation_seconds",
-            "Time to aggregate: one update (asynchronous rules) or one round.",
+            "Wall time to make a version: one update taken (asynchronous rules) or one round "
+            "closed (the pipeline's stages, secure aggregation's unmasking, the rule, publishing).",
             buckets=AGGREGATION_BUCKETS,
         )
         self._last_accepted = gauge(

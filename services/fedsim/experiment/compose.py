@@ -4,7 +4,8 @@ Each run is `docker compose up -d --scale client=N` in the project folder under
 its own project name (so its own models volume) and its own host port, with its
 settings in an env file of its own (`--env-file`: the project's `.env` is not
 read, and the caller's environment keeps no fedsim setting). The images are
-built once per sweep. The history and metrics are read over HTTP through the
+built once per sweep. The history (a page at a time after the status, as the
+dashboard reads it: answers.py) and metrics are read over HTTP through the
 proxy, the memory is the sum of the project's containers' (`docker stats`), and
 the project is taken down with its volumes at the end of the run.
 """
@@ -20,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedsim.experiment.answers import Answers
 from fedsim.experiment.local import clean_environ, get
 from fedsim.experiment.outcome import Raw
 from fedsim.experiment.procs import PeakMemory, free_port
@@ -95,9 +97,7 @@ class ComposeEngine:
                     raise RunFailed(f"no answer from {url}/healthz in {HEALTH_SECONDS} s")
                 time.sleep(1)
 
-            def entries() -> list[dict[str, Any]]:
-                body = get(url + "/v1/history")
-                return json.loads(body)["history"] if body else []
+            answers = Answers(url, get)  # the status, then the history's new page
 
             def finished() -> bool:
                 out = self._run(*compose, "ps", "-a", "--format", "json", "client").stdout
@@ -114,12 +114,14 @@ class ComposeEngine:
             with PeakMemory(lambda: self._memory(compose), every=2.0) as memory:
                 status, found, memory_at = follow(
                     job,
-                    entries=entries,
+                    entries=answers.entries,
                     done=finished,
                     memory=lambda: memory.last,
                     on_entry=on_entry,
                 )
                 seconds = time.monotonic() - clock
+                answers.drain()  # the whole history, and the answers' sizes at the end
+                found = answers.history() or found
                 metrics = get(url + "/metrics") or b""
             workers_log = self._run(*compose, "logs", "--no-color", "client", check=False).stdout
             aggregator_log = self._run(
@@ -139,6 +141,8 @@ class ComposeEngine:
             worker_logs=workers_log,
             aggregator_log=aggregator_log,
             metrics=metrics.decode("utf-8", "replace"),
+            status_bytes=answers.status_bytes,
+            history_bytes=answers.history_bytes,
             load_start=load_start,
             load_end=load(),
         )

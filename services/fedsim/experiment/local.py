@@ -22,11 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from fedsim import config
+from fedsim.experiment.answers import Answers
 from fedsim.experiment.outcome import Raw
 from fedsim.experiment.procs import PeakMemory, free_port, start, stop, tree_rss
 from fedsim.experiment.watch import Job, RunFailed, follow, load, tail
 
 HEALTH_SECONDS = 120  # the aggregator answers /healthz within this, or the run fails
+# The status and a history page are read as often as the dashboard reads them: the
+# progress comes from the history file, these only measure the answers' sizes.
+ANSWERS_SECONDS = 2.0
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
@@ -68,19 +72,27 @@ def watch(
     finished: Callable[[], bool],
     on_entry: Callable[[dict[str, Any]], None],
     clock: float,
+    answers: Answers | None = None,
 ) -> tuple[str, list[dict[str, Any]], dict[int, int], float, int]:
-    """Follow a run's history until `finished`, sampling its processes' memory: (status,
-    entries, memory at each version, seconds since `clock`, peak memory)."""
+    """Follow a run's history until `finished`, sampling its processes' memory (and polling
+    the aggregator's `answers`, when given): (status, entries, memory at each version,
+    seconds since `clock`, peak memory)."""
+
+    def entries() -> list[dict[str, Any]]:
+        if answers is not None:
+            answers.entries()
+        return read_history(model_dir / "history.jsonl")
+
     with PeakMemory(lambda: tree_rss(*pids)) as memory:
-        status, entries, memory_at = follow(
+        status, entries_seen, memory_at = follow(
             job,
-            entries=lambda: read_history(model_dir / "history.jsonl"),
+            entries=entries,
             done=finished,
             memory=lambda: memory.last,
             on_entry=on_entry,
         )
         seconds = time.monotonic() - clock
-    return status, entries, memory_at, seconds, memory.peak
+    return status, entries_seen, memory_at, seconds, memory.peak
 
 
 class LocalEngine:
@@ -170,9 +182,11 @@ class LocalEngine:
                         raise RunFailed(f"worker-{i} exited {code} ({path}): {tail(path)}")
                 return all(code == 0 for code in codes)
 
+            answers = Answers(env["AGGREGATOR_URL"], get, every=ANSWERS_SECONDS)
             status, entries, memory_at, seconds, peak = watch(
-                job, model_dir, [p.pid for p in procs], finished, on_entry, clock
+                job, model_dir, [p.pid for p in procs], finished, on_entry, clock, answers
             )
+            answers.poll()  # the answers' sizes at the run's end, its history the longest
             metrics = get(env["AGGREGATOR_URL"] + "/metrics") or b""
         finally:
             for proc in reversed(procs):  # the workers first, then the aggregator
@@ -191,6 +205,8 @@ class LocalEngine:
             ),
             aggregator_log=(job.logs / "aggregator.log").read_text(errors="replace"),
             metrics=metrics.decode("utf-8", "replace"),
+            status_bytes=answers.status_bytes,
+            history_bytes=answers.history_bytes,
             load_start=load_start,
             load_end=load(),
         )

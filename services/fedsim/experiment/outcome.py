@@ -21,6 +21,7 @@ TRAIN_LINE = re.compile(r" train samples \d+ loss \S+ acc \S+ \((\d+(?:\.\d+)?)s
 # A worker's last line: "... worker-1 done: 4 updates trained ..., 0 retries, 31.2s".
 WORKER_DONE = re.compile(r" done: \d+ updates trained.*, (\d+(?:\.\d+)?)s$", re.M)
 REFUSED_LINE = "refused aggregate:"  # the aggregator's line for a non-finite or exploding model
+AGGREGATOR_PEAK = "fedsim_process_peak_resident_memory_bytes"  # its VmHWM, in its /metrics
 GROWTH_FROM_ROUND = 5  # memory growth is read from this round (TensorFlow has warmed up) on
 
 
@@ -37,6 +38,8 @@ class Raw:
     worker_logs: str = ""
     aggregator_log: str = ""
     metrics: str = ""  # the aggregator's /metrics text at the end
+    status_bytes: int | None = None  # the last /v1/status answer the watcher read
+    history_bytes: int | None = None  # the last /v1/history page the watcher read
     load_start: float = 0.0
     load_end: float = 0.0
 
@@ -53,10 +56,30 @@ class Point:
     sim_seconds: float | None = None  # CLOCK=virtual: the simulated time of the version
 
 
-def metric(text: str, name: str) -> int | None:
-    """A counter's value in Prometheus' text format; None when it is absent."""
+def value(text: str, name: str) -> float | None:
+    """A sample's value in Prometheus' text format; None when it is absent."""
     match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)
-    return None if match is None else round(float(match.group(1)))
+    return None if match is None else float(match.group(1))
+
+
+def metric(text: str, name: str) -> int | None:
+    """A counter's value, rounded to a whole number; None when it is absent."""
+    found = value(text, name)
+    return None if found is None else round(found)
+
+
+def aggregator_seconds_per_round(text: str, rounds: float) -> float | None:
+    """The aggregator's own wall time per round: the time it spent making versions (closing
+    rounds: the pipeline's stages such as DP's clipping and noise, secure aggregation's
+    unmasking, the rule, publishing, ε's accounting; or taking updates, under an
+    asynchronous rule) and writing checkpoints, over the run, divided by its rounds.
+    From /metrics: fedsim_aggregation_seconds_sum + fedsim_checkpoint_seconds_sum.
+    None without those (an older aggregator, no metrics) or without a round."""
+    making = value(text, "fedsim_aggregation_seconds_sum")
+    saving = value(text, "fedsim_checkpoint_seconds_sum")
+    if making is None or saving is None or rounds <= 0:
+        return None
+    return round((making + saving) / rounds, 6)
 
 
 def stamp(entry: Mapping[str, Any]) -> float | None:
@@ -138,9 +161,10 @@ def measure(
     train = sum(float(s) for s in TRAIN_LINE.findall(raw.worker_logs))
     worker_seconds_each = [float(s) for s in WORKER_DONE.findall(raw.worker_logs)]
     worker_seconds = workers * raw.seconds
+    rounds = final.x if final else 0
     return {
         "status": raw.status,
-        "rounds": final.x if final else 0,
+        "rounds": rounds,
         "evaluations": len(scored),
         "final_accuracy": final.accuracy if final else None,
         "final_loss": final.loss if final else None,
@@ -160,6 +184,11 @@ def measure(
         "bytes_to_workers": metric(raw.metrics, "fedsim_sent_bytes_total"),
         "bytes_from_workers": metric(raw.metrics, "fedsim_received_bytes_total"),
         "peak_memory_bytes": raw.peak_memory or None,
+        "aggregator_seconds_per_round": aggregator_seconds_per_round(raw.metrics, rounds),
+        # The aggregator's process alone (VmHWM, from its /metrics), the workers' left out.
+        "aggregator_peak_memory_bytes": metric(raw.metrics, AGGREGATOR_PEAK) or None,
+        "status_bytes": raw.status_bytes,
+        "history_bytes": raw.history_bytes,
         "memory_growth_bytes": _growth(points),
         "refused_aggregates": raw.aggregator_log.count(REFUSED_LINE),
         "epsilon": _epsilon(raw.entries),

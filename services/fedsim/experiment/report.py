@@ -4,7 +4,8 @@
   figures of outcome.measure, the load the run was taken under.
 - summary.md: fedsim's version, the machine and its load; a table of the cells
   (mean ± standard deviation over the seeds, the best cell in bold,
-  rounds-to-target with how many seeds reached it); then a table per grid
+  rounds-to-target with how many seeds reached it; the aggregator's own time per
+  round and peak memory when its runs report them); then a table per grid
   axis when there are several: its values down, the other axes' combinations
   across, the final accuracy in each.
 - curves.png: test accuracy per round, a line per cell and the spread over
@@ -33,9 +34,15 @@ FIGURES = (
     "seconds_per_round", "train_seconds", "slowest_worker_seconds", "outside_training",
     "bytes_to_workers",
     "bytes_from_workers", "peak_memory_bytes", "memory_growth_bytes", "refused_aggregates",
-    "epsilon", "load_start", "load_end",
+    "epsilon", "aggregator_seconds_per_round", "aggregator_peak_memory_bytes", "status_bytes",
+    "history_bytes", "load_start", "load_end",
 )  # fmt: skip
 MACHINE = ("fedsim", "cpus", "memory_bytes", "finished_at", "sweep_load_start", "loaded")
+# The aggregator's own figures in the cells table: heading, format, scale.
+OWN: dict[str, tuple[str, str, float]] = {
+    "aggregator_seconds_per_round": ("aggregator ms / round", "{:.1f}", 1e-3),
+    "aggregator_peak_memory_bytes": ("aggregator peak (MB)", "{:.0f}", 1e6),
+}
 
 
 def pairs(settings: dict[str, str]) -> str:
@@ -158,6 +165,10 @@ def cells_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
         head += [f"simulated s to {x:.0%}" for x in ((e.target,) if t else ()) + e.also]
     private = any(r.get("epsilon") is not None for runs in cells.values() for r in runs)
     head += ["ε at DP_DELTA"] if private else []
+    # Runs of an aggregator that reports its own time and memory (older runs.csv have none).
+    own = [k for k in ("aggregator_seconds_per_round", "aggregator_peak_memory_bytes")
+           if any(r.get(k) is not None for runs in cells.values() for r in runs)]  # fmt: skip
+    head += [OWN[k][0] for k in own]
     head += ["rounds", "seconds", "MB to / from workers", "peak memory (GB)", "load"]
     top = best(cells)
     titles = {c.number: c.axes for c in e.cells}
@@ -180,6 +191,7 @@ def cells_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
                 row.append(reached(hits, "s"))
         if private:
             row.append(shown(of(runs, "epsilon"), "{:.2f}"))
+        row += [shown(of(runs, k), *OWN[k][1:]) for k in own]
         mb = (shown(of(runs, "bytes_to_workers"), "{:.1f}", 1e6) + " / "
               + shown(of(runs, "bytes_from_workers"), "{:.1f}", 1e6))  # fmt: skip
         row += [

@@ -21,6 +21,7 @@ starts again with a new nonce (`state_dict` is RoundQueue's, rounds done only).
 from __future__ import annotations
 
 import secrets
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -64,6 +65,7 @@ class Stats:
     bytes: int = 0  # received and sent in phase messages and masked inputs
     masked_in: int = 0
     recovered: int = 0  # dropouts whose masks were rebuilt
+    unmask_seconds: float = 0.0  # wall time of the unmasking: the sum less the rebuilt masks
 
 
 @dataclass
@@ -147,8 +149,10 @@ class SecaggQueue(RoundQueue):
             elif closed == "masked":
                 a.close_masked()
             else:
+                unmasking = time.perf_counter()
                 mean, _ = a.close_unmask()
                 assert self.stats is not None
+                self.stats.unmask_seconds = time.perf_counter() - unmasking
                 self.stats.masked_in, self.stats.recovered = len(a.u3), len(a.dropped)
                 self.outcome = Outcome(r, mean, a.u3, dict(a.weights), self.stats)
                 self.attempt = None
