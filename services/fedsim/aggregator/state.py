@@ -91,7 +91,7 @@ class State:
         self.attackers = [f"client-{n}" for n in sorted(self.queue.attackers)]
         self.evaluations = Evaluations(self, start.history, self.attackers)
         self.population = start.population  # clients.json: speed, bandwidth, dropout
-        self.clients = views.Clients(self.manifest, start.clients, self.attackers, start.population)
+        self.clients = views.Clients(start.clients, self.attackers, start.population)
         self.recent: deque[dict[str, Any]] = deque(maxlen=views.HISTORY)
         self.events = Events(wall)
         self.saver = Saver(self, self._lock, clock, wall)
