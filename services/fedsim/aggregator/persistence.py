@@ -154,10 +154,10 @@ class _Profiles(Mapping[str, Profile]):
         )
 
     def __iter__(self) -> Iterator[str]:
-        return (c.id for c in self._found.clients)
+        return (f"client-{n}" for n in range(1, len(self._found) + 1))
 
     def __len__(self) -> int:
-        return len(self._found.clients)
+        return len(self._found)
 
 
 def load(settings: Settings, rule: str) -> Start:
