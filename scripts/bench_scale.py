@@ -110,6 +110,7 @@ def measure_aggregator(env: dict[str, str], rounds: int) -> dict[str, Any]:
         "plan_held_bytes": plan_bytes,
         "checkpoint_bytes": checkpoint.stat().st_size if checkpoint else None,
         "status_bytes": len(status.data),
+        "status_rows": len(status.get_json()["clients"]),  # at most 500 (?clients=)
         "status_seconds": round(status_seconds, 4),
         "history_page_bytes": len(page.data),
         "history_bytes": len(whole.data),
