@@ -257,8 +257,6 @@ class Population:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Population) and self.to_json() == other.to_json()
 
-    __hash__ = None  # type: ignore[assignment]
-
     def _profile(self, i: int) -> ClientProfile:
         """Client number i + 1's profile."""
         return ClientProfile(
@@ -276,13 +274,15 @@ class Population:
         return tuple(self._profile(i) for i in range(len(self)))
 
     def client(self, client: str | ClientProfile) -> ClientProfile:
-        if isinstance(client, ClientProfile):
-            return client
+        return client if isinstance(client, ClientProfile) else self._profile(self._index(client))
+
+    def _index(self, client: str) -> int:
+        """The position of "client-N" (N - 1); PopulationError when it is not one of ours."""
         digits = client[7:] if isinstance(client, str) and client.startswith("client-") else ""
         ok = digits.isascii() and digits.isdigit() and not digits.startswith("0")
         if not ok or int(digits) > len(self):
             raise PopulationError(f"{client!r:.40} is not a logical client of this population")
-        return self._profile(int(digits) - 1)
+        return int(digits) - 1
 
     @property
     def uniform(self) -> bool:
@@ -317,13 +317,15 @@ class Population:
         ) + self.network_seconds(client, bytes_down + bytes_up)
 
     def online(self, client: str | ClientProfile, t: float) -> bool:
-        """Whether the client is online at simulated second t (t >= 0 from the run's start)."""
-        profile = self.client(client)
+        """Whether the client is online at simulated second t (t >= 0 from the run's start);
+        read from the columns, as the rounds ask it of every client when they sample."""
+        i = None if isinstance(client, ClientProfile) else self._index(client)
         if self.availability == "diurnal":
-            assert profile.phase is not None
-            return (t - profile.phase) % DAY < self.online_fraction * DAY
+            phase = client.phase if i is None else self.phases[i]  # type: ignore[union-attr,index]
+            return bool((t - float(phase)) % DAY < self.online_fraction * DAY)
         if self.availability == "trace":
-            return any(lo <= t < hi for lo, hi in profile.windows or ())
+            windows = client.windows if i is None else self.windows[i]  # type: ignore[union-attr,index]
+            return any(lo <= t < hi for lo, hi in windows or ())
         return True
 
     def drops(self, client: str | ClientProfile, task_seed: int, attempt: int = 0) -> bool:
