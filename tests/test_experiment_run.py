@@ -319,3 +319,59 @@ def test_docker_stats_memory_reads_in_bytes():
     assert memory_bytes("1.5GiB / 23.4GiB") == round(1.5 * 2**30)
     assert memory_bytes("812kB / 1GB") == 812_000
     assert memory_bytes("--") == 0
+
+
+# --- the Compose engine's history, a page at a time -----------------------------------
+
+
+class FakeAggregator:
+    """/v1/status and /v1/history?after= of a run whose state the test sets; the URLs asked."""
+
+    def __init__(self) -> None:
+        self.version, self.pending, self.entries, self.asked = 0, [], {}, []
+
+    def fetch(self, url: str) -> bytes:
+        self.asked.append(url.removeprefix("http://agg"))
+        if "/v1/status" in url:
+            return json.dumps(
+                {"version": self.version, "evaluations_pending": self.pending}
+            ).encode()
+        after = int(url.split("after=")[1]) if "after=" in url else -1
+        page = [self.entries[v] for v in sorted(self.entries) if v > after]
+        return json.dumps({"history": page}).encode()
+
+    def score(self, version: int, accuracy: float = 0.5) -> None:
+        self.entries[version] = {"version": version, "accuracy": accuracy}
+
+
+def test_the_compose_history_is_read_after_a_cursor_below_what_is_still_scored() -> None:
+    from fedsim.experiment.compose import HistoryPoll
+
+    run = FakeAggregator()
+    poll = HistoryPoll("http://agg", fetch=run.fetch)
+    run.version, run.pending = 3, [2]  # version 3 scored before version 2
+    run.score(0), run.score(1), run.score(3)
+    assert [e["version"] for e in poll()] == [0, 1, 3]
+    assert run.asked[-1] == "/v1/history"  # the first page: from the start
+
+    run.score(2)
+    run.version, run.pending = 4, [4]
+    assert [e["version"] for e in poll()] == [0, 1, 2, 3]
+    assert run.asked[-1] == "/v1/history?after=1"  # below version 2, scored late
+    run.score(4)
+    run.pending = []
+    poll()
+    assert [e["version"] for e in poll()] == [0, 1, 2, 3, 4]
+    assert run.asked[-1] == "/v1/history?after=4"  # nothing more is asked for twice
+
+    # A restart lost versions 3 and 4 and makes them again from version 2.
+    run.version, run.entries = 2, {v: run.entries[v] for v in (0, 1, 2)}
+    poll()  # sees version 2 below the 4 held: the next poll reads from the start
+    run.version = 3
+    run.score(3, accuracy=0.7)
+    assert [(e["version"], e["accuracy"]) for e in poll()] == [
+        (0, 0.5),
+        (1, 0.5),
+        (2, 0.5),
+        (3, 0.7),
+    ]

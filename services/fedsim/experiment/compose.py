@@ -30,6 +30,34 @@ UNITS = {"B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10
 HEALTH_SECONDS = 300
 
 
+class HistoryPoll:
+    """A run's history read over HTTP a page at a time, as the dashboard reads it: each
+    poll asks for the versions after a cursor, which the status read before sets below any
+    version still being scored (they may finish out of order); a version below the highest
+    held means a restart dropped versions, and the history is read again from the start.
+    So a poll's answer, and the aggregator's work for it, do not grow with the run."""
+
+    def __init__(self, url: str, fetch: Callable[[str], bytes | None] = get) -> None:
+        self.url, self._fetch = url, fetch
+        self._held: dict[int, dict[str, Any]] = {}
+        self._cursor = -1  # the next page's `after`
+
+    def __call__(self) -> list[dict[str, Any]]:
+        status = self._fetch(self.url + "/v1/status?clients=0")
+        after = f"?after={self._cursor}" if self._cursor >= 0 else ""
+        page = self._fetch(self.url + "/v1/history" + after)
+        if status is not None and page is not None:
+            st = json.loads(status)
+            if self._held and st["version"] < max(self._held):
+                self._held, self._cursor = {}, -1  # a restart re-makes lost versions
+            else:
+                self._held.update((e["version"], e) for e in json.loads(page)["history"])
+                top = max(self._held, default=-1)
+                pending = [v - 1 for v in st.get("evaluations_pending") or []]
+                self._cursor = max(-1, min([top, st["version"], *pending]))
+        return [self._held[v] for v in sorted(self._held)]
+
+
 def memory_bytes(usage: str) -> int:
     """`docker stats`' "123.4MiB / 23.4GiB" -> 129394278 (the part before the slash)."""
     match = re.match(r"\s*([0-9.]+)\s*([A-Za-z]+)", usage)
@@ -95,9 +123,7 @@ class ComposeEngine:
                     raise RunFailed(f"no answer from {url}/healthz in {HEALTH_SECONDS} s")
                 time.sleep(1)
 
-            def entries() -> list[dict[str, Any]]:
-                body = get(url + "/v1/history")
-                return json.loads(body)["history"] if body else []
+            entries = HistoryPoll(url)
 
             def finished() -> bool:
                 out = self._run(*compose, "ps", "-a", "--format", "json", "client").stdout
