@@ -154,9 +154,9 @@ def test_history_by_pages_after_a_version_at_most_limit_entries(make_app) -> Non
 def test_status_shows_at_most_500_clients_the_most_recently_seen_unless_asked(make_app) -> None:
     app = make_app(PARTITION="iid", NUM_CLIENTS=1200, CLIENTS_PER_ROUND=10)
     client = app.test_client()
-    rows = state_of(app).clients._planned  # seen by the views as the dashboard's rows
-    rows["client-1100"]["last_seen"] = "2026-01-01T00:00:02+00:00"
-    rows["client-900"]["last_seen"] = "2026-01-01T00:00:01+00:00"
+    rows = state_of(app).clients  # seen by the views as the dashboard's rows
+    rows.record("client-1100")["last_seen"] = "2026-01-01T00:00:02+00:00"
+    rows.record("client-900")["last_seen"] = "2026-01-01T00:00:01+00:00"
 
     status = client.get("/v1/status").get_json()
 

@@ -167,3 +167,28 @@ def test_mnist_files_plain_or_gzipped_and_status_of_a_closed_port(tmp_path):
     assert found["t10k-labels-idx1-ubyte"] == tmp_path / "t10k-labels-idx1-ubyte"
     assert found["train-labels-idx1-ubyte"] is None
     assert status(free_port()) is None
+
+
+# --- bench_scale's measurements, on a small plan ----------------------------------------
+
+
+def test_bench_scale_measures_the_aggregator_of_a_plan_without_training(tmp_path):
+    import bench_scale
+    from fedsim import config
+    from helpers import write_plan, write_population, write_tokens, write_v0
+
+    env = bench_scale.environment(tmp_path, 50, 10, 12, tmp_path / "data", "lognormal:0,0.5")
+    settings = config.load(environ=env, env_file=tmp_path / "no.env")
+    write_v0(settings.model_dir)
+    write_plan(settings)
+    write_population(settings)
+    write_tokens(settings)
+
+    got = bench_scale.measure_aggregator(env, rounds=12)
+
+    assert got["plan_held_bytes"] == 50 * (4 + 32 + 40)  # the roster's columns
+    assert got["rss_after_bytes"] >= got["rss_before_bytes"] > 0
+    assert got["checkpoint_bytes"] > 796_840  # the mlp's float32 weights and the metadata
+    assert got["status_rows"] == 50 and got["status_bytes"] > 50 * 200  # a row is ~300 B
+    # A page of 10 of the 13 entries (versions 0-12), each naming its 10 clients.
+    assert 0 < got["history_page_bytes"] < got["history_bytes"]

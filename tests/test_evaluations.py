@@ -151,3 +151,16 @@ def test_the_last_score_finishes_the_run(core) -> None:
 
     core.metrics.set_finished.assert_called_once_with(True)
     assert core.events.rows()[-1]["kind"] == "finished"
+
+
+def test_a_page_is_the_entries_after_a_version_in_order_and_copies(core) -> None:
+    scored = [{"version": v, "accuracy": v / 10, "loss": 1.0, "clients": []} for v in (0, 3, 1, 2)]
+    evaluations = Evaluations(core, scored, attackers=[])  # version 2 scored after 3
+
+    page = evaluations.page(after=0, limit=2)
+
+    assert [e["version"] for e in page] == [1, 2, 3]  # the page of 2 and one to say "more"
+    assert [e["version"] for e in evaluations.page()] == [0, 1, 2, 3]
+    assert [e["version"] for e in evaluations.page(after=2, limit=5)] == [3]
+    page[0]["clients"] = ["client-9"]  # a copy: the history is not changed through it
+    assert evaluations.page(after=0, limit=0)[0]["clients"] == []

@@ -136,3 +136,19 @@ def test_drain_reads_page_after_page_to_the_end():
 
     assert len(answers.history()) == 2 * PAGE + 5 and not answers.more
     assert sum("/v1/history" in url for url in agg.asked) == 3
+
+
+def test_a_restart_that_lost_versions_reads_the_history_again_from_the_start():
+    agg = Aggregator()
+    answers = Answers("http://agg", agg.get)
+    for v in range(5):
+        agg.made(v, 0.5)
+    assert [e["version"] for e in answers.entries()] == [0, 1, 2, 3, 4]
+    # The aggregator restarts from its version-2 checkpoint and makes 3 again, scored 0.7.
+    agg.version, agg.scored = 2, {v: agg.scored[v] for v in (0, 1, 2)}
+    answers.poll()
+    assert answers.history() == [] and answers.cursor is None
+    agg.made(3, 0.7)
+    assert [(e["version"], e["accuracy"]) for e in answers.entries()] == [
+        (0, 0.5), (1, 0.5), (2, 0.5), (3, 0.7)
+    ]  # fmt: skip

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+
 import pytest
 
 from fedsim.aggregator import persistence
 from fedsim.aggregator.persistence import StartupError
 from fedsim.protocol import Profile
-from helpers import write_plan, write_population, write_v0
+from helpers import state_of, write_plan, write_population, write_v0
 
 
 def prepared(make_settings, population: bool = True, **overrides: object):
@@ -70,3 +73,30 @@ def test_a_file_of_another_plan_is_refused(make_settings) -> None:
     write_population(other)  # four clients
     with pytest.raises(StartupError, match="has 4 clients, the partition plan 3"):
         persistence.load(settings, settings.aggregation)
+
+
+def test_the_aggregators_state_grows_by_under_200_bytes_a_client(make_settings, clock) -> None:
+    """The plan (76 B a client: tasks/roster.py) and a population that is not uniform (32 B:
+    speed, bandwidth, dropout, phase) in columns; no record per client until it is seen."""
+    from helpers import build_app
+
+    def held(n: int) -> int:
+        folder = make_settings().model_dir.parent / f"m{n}"
+        gc.collect()
+        tracemalloc.start()
+        try:
+            app = build_app(
+                make_settings, clock, MODEL_DIR=folder, PARTITION="iid", NUM_CLIENTS=n,
+                CLIENTS_PER_ROUND=10, AGGREGATION="fedavg", CLIENT_SPEED="lognormal:0,0.5",
+            )  # fmt: skip
+            gc.collect()
+            size, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(state_of(app).clients) == n
+        return size
+
+    held(100)  # the first app fills the caches every later one shares
+    small, large = held(100), held(10_000)
+
+    assert large - small < 200 * (10_000 - 100)

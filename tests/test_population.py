@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -237,3 +239,33 @@ def test_an_unreadable_file_is_refused(tmp_path: Path, text: str) -> None:
         PopulationError, match=rf"{FILE}: (not JSON|not a JSON object|cannot be read)"
     ):
         population_file.read(tmp_path)
+
+
+# --- held as columns -----------------------------------------------------------------------
+
+
+def test_10000_clients_are_held_in_four_floats_each() -> None:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        pop = build(10_000, CLIENT_SPEED="lognormal:0,0.5", AVAILABILITY="diurnal")
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    # speed, bandwidth, dropout and phase: 4 x 8 B a client, where a profile took ~250 B.
+    assert held < 10_000 * 4 * 8 + 64_000
+    c = pop.client("client-10000")
+    assert c.id == "client-10000" and c.speed == pop.clients[-1].speed and c.phase is not None
+
+
+@pytest.mark.parametrize("name", ["client-0", "client-21", "client-01", "client-", "typed", 3])
+def test_a_client_outside_the_population_is_named(name: object) -> None:
+    with pytest.raises(PopulationError, match="is not a logical client of this population"):
+        build(20).client(name)  # type: ignore[arg-type]
+
+
+def test_a_population_is_of_the_plans_clients_in_order() -> None:
+    with pytest.raises(PopulationError, match="client 2 is 'client-3': a population's clients"):
+        Population.build({"SEED": 1}, ["client-1", "client-3"])

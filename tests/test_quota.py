@@ -221,3 +221,20 @@ def test_a_bad_window_stops_the_start_with_one_line_naming_it(make_settings, raw
         make_settings(CLIENT_QUOTA_VERSIONS=raw)
     assert str(refused.value).startswith(f"invalid setting CLIENT_QUOTA_VERSIONS={raw!r}: ")
     assert "\n" not in str(refused.value)
+
+
+def test_a_rosters_shares_are_its_clients_samples_and_the_largest_is_the_outsiders(
+    make_settings,
+) -> None:
+    from fedsim.aggregator.tasks import Client
+    from fedsim.aggregator.tasks.roster import Roster
+
+    listed = [Client(1, 300, "0" * 64), Client(2, 7000, "1" * 64), Client(3, 20, "2" * 64)]
+    settings = make_settings(NUM_IMAGES_TRAIN=5000)
+
+    by_roster = Quota.of(Roster.of_clients(listed), settings, "async", FakeClock())
+    by_list = Quota.of(listed, settings, "async", FakeClock())
+
+    for client in ("client-1", "client-2", "client-3", "client-4", "typed"):
+        assert by_roster.share(client) == by_list.share(client)
+    assert by_roster.share("client-2") == 7000 and by_roster.share("typed") == 7000

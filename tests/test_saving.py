@@ -199,3 +199,22 @@ def test_a_failing_disk_refuses_new_updates_with_503_and_recovers(make_app, monk
     assert checkpoints.load_newest(model_dir(app)).version == 1
     assert lookup(client, "kept").get_json()["state"] == "saved"
     assert post(client, upload(5.0, update_id="later")).status_code == 200
+
+
+def test_a_checkpoint_does_not_grow_with_the_number_of_clients(make_settings, clock) -> None:
+    """Its metadata holds the open round's sample (C numbers), no record per client: 10,000
+    clients' checkpoint is 100 clients' but for the sampled numbers' extra digits."""
+    from helpers import build_app
+
+    sizes = {}
+    for n in (100, 10_000):
+        app = build_app(
+            make_settings, clock, MODEL_DIR=make_settings().model_dir.parent / f"m{n}",
+            PARTITION="iid", NUM_CLIENTS=n, CLIENTS_PER_ROUND=50, AGGREGATION="fedavg",
+        )  # fmt: skip
+        state = state_of(app)
+        state.ask("worker-1")  # round 1 opens: its sample is saved with the checkpoint
+        state.saver.changed(clock(), held=True)
+        sizes[n] = state.save_if_due(force=True).stat().st_size
+
+    assert 0 <= sizes[10_000] - sizes[100] <= 50 * 3  # at most 3 more digits a sampled number

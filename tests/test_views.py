@@ -3,9 +3,16 @@ update (applied, saved, unknown, forgotten after a restart or lost in it)."""
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+
 import pytest
 from flask.testing import FlaskClient
 
+from fedsim.aggregator.strategies import Update
+from fedsim.aggregator.tasks import Client
+from fedsim.aggregator.tasks.roster import Roster
+from fedsim.aggregator.views import Clients
 from helpers import lookup, post, state_of, upload
 
 # --- status ---------------------------------------------------------------------------
@@ -129,3 +136,76 @@ def test_forgotten_after_a_restart_versus_lost_in_it(make_app, monkeypatch) -> N
     assert lost.status_code == 404 and lost.get_json()["forgotten"] is False
     # Without its seq an unknown id is never called forgotten.
     assert lookup(client, "u1").get_json()["forgotten"] is False
+
+
+# --- the client rows ------------------------------------------------------------------
+
+
+def _clients(n: int, attackers: list[str] = ()) -> Clients:  # the rows of a plan of n
+    roster = Roster.of_clients([Client(i, 60, f"{i:064x}") for i in range(1, n + 1)])
+    return Clients(roster, list(attackers))
+
+
+def _seen(rows: Clients, client_id: str, stamp: str, **meta) -> None:
+    rows.see(Update(client_id, f"u-{client_id}-{stamp}", 0, 60, {}, meta), 0, stamp)
+
+
+def _most_recent(rows: list[dict], limit: int) -> list[dict]:
+    """What /v1/status lists: the `limit` most recently seen (ties: the first), in order."""
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["last_seen"] or "", -i), reverse=True)
+    return [rows[i] for i in sorted(order[:limit])]
+
+
+def test_rows_of_clients_never_seen_come_from_the_plan() -> None:
+    rows = _clients(5, attackers=["client-2"])
+
+    _seen(rows, "client-4", "2026-01-01T00:00:01", loss=0.5)
+    rows.dropped("client-3")
+    rows.dropped("not-a-client")  # outside the plan: nothing to count
+
+    by_id = {r["id"]: r for r in rows.rows()}
+    assert [r["id"] for r in rows.rows()] == [f"client-{n}" for n in range(1, 6)]
+    assert by_id["client-1"]["updates"] == 0 and by_id["client-1"]["samples"] == 60
+    assert by_id["client-2"]["attacker"] and not by_id["client-1"]["attacker"]
+    assert by_id["client-3"]["dropouts"] == 1 and by_id["client-3"]["last_seen"] is None
+    assert by_id["client-4"]["updates"] == 1 and by_id["client-4"]["loss"] == 0.5
+    by_id["client-4"]["updates"] = 99  # a copy: the record is not changed through it
+    assert rows.record("client-4")["updates"] == 1
+
+
+@pytest.mark.parametrize("limit", [1, 3, 7, 12, 40, None])
+def test_the_rows_shown_are_the_most_recently_seen_then_the_plans_first(limit) -> None:
+    rows = _clients(30)
+    stamps = [f"2026-01-01T00:00:0{s}" for s in (3, 1, 3, 2, 5, 1, 4)]
+    for n, stamp in zip((7, 2, 25, 11, 30, 3, 18), stamps, strict=True):
+        _seen(rows, f"client-{n}", stamp)
+    rows.dropped("client-1")  # seen, never updated: as the never seen
+    _seen(rows, "typed", "2026-01-01T00:00:04")  # a hand-started client, after the plan's
+    _seen(rows, "client-2", "2026-01-01T00:00:06")  # seen again: now the most recent
+
+    shown, total = rows.shown(limit)
+
+    assert total == 31
+    assert shown == _most_recent(rows.rows(), 31 if limit is None else limit)
+
+
+def test_10000_clients_never_seen_hold_no_row() -> None:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        rows = _clients(10_000)
+        gc.collect()
+        base, _ = tracemalloc.get_traced_memory()
+        for n in range(1, 11):
+            _seen(rows, f"client-{n}", "2026-01-01T00:00:01")
+        gc.collect()
+        ten, _ = tracemalloc.get_traced_memory()
+        shown, total = rows.shown(500)
+    finally:
+        tracemalloc.stop()
+
+    assert total == 10_000 and len(shown) == 500
+    assert base < 10_000 * (4 + 32 + 40) + 64_000  # the roster's columns, no row per client
+    assert shown[0]["id"] == "client-1" and shown[-1]["id"] == "client-500"
+    # Ten rows of about 1 kB each; the 9,990 never seen add nothing.
+    assert ten - base < 10 * 2_000

@@ -387,7 +387,7 @@ def get_history() -> Response:
     fmt = request.args.get("format", "json")
     if fmt not in ("json", "csv"):
         return error(400, "bad_format", f"format must be json or csv, got {fmt[:20]!r}")
-    entries = _state().history(after=args.get("after", -1))
+    entries = _state().history(after=args.get("after", -1), limit=args.get("limit"))
     more = "limit" in args and len(entries) > args["limit"]
     if more:
         entries = entries[: args["limit"]]

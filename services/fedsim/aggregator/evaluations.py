@@ -154,5 +154,15 @@ class Evaluations:
             entry["delta"] = account.delta
         return entry
 
+    def page(self, after: int = -1, limit: int | None = None) -> list[dict[str, Any]]:
+        """Copies of the entries of versions after `after`, in order: all, or the first
+        `limit` + 1 (a page, and whether more follow), only those copied."""
+        chosen = sorted((e for e in self.entries if e["version"] > after), key=_version)
+        return [dict(e) for e in chosen[: None if limit is None else limit + 1]]
+
     def last(self) -> dict[str, Any] | None:
         return self.entries[-1] if self.entries else None
+
+
+def _version(entry: dict[str, Any]) -> int:
+    return entry["version"]

@@ -81,13 +81,27 @@ def append(model_dir: Path, entry: Mapping[str, Any]) -> None:
     """Add one entry durably (append, flush, fsync)."""
     line = json.dumps(dict(entry), separators=(",", ":")) + "\n"
     path = path_in(model_dir)
-    # After a torn last line (a crash mid-append), start on a line of our own.
-    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+    # After a torn last line (a crash mid-append), start on a line of our own: its last
+    # byte tells, read alone so an append does not grow with the history's length.
+    if _last_byte(path) not in (b"", b"\n"):
         line = "\n" + line
     with open(path, "a", encoding="utf-8") as out:
         out.write(line)
         out.flush()
         os.fsync(out.fileno())
+
+
+def _last_byte(path: Path) -> bytes:
+    """The file's last byte; b"" when it is empty or absent."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return b""
+            f.seek(-1, os.SEEK_END)
+            return f.read(1)
+    except FileNotFoundError:
+        return b""
 
 
 def rewrite(model_dir: Path, entries: Iterable[Mapping[str, Any]]) -> None:

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from fedsim.aggregator import history, privacy, strategies, tasks
 from fedsim.aggregator.strategies import Strategy
 from fedsim.aggregator.tasks import Client
 from fedsim.aggregator.tasks.clock import RealClock, VirtualClock
+from fedsim.aggregator.tasks.roster import Roster
 from fedsim.aggregator.tasks.secagg import SecaggQueue
 from fedsim.config import Settings
 from fedsim.data import partition, population_file
@@ -55,8 +56,8 @@ class Start:
     strategy_tensors: dict[str, Any]  # the rule's tensors ({} when made by another rule)
     held: list[tuple[str, str, int, int, str | None]]  # updates in the rule's saved buffer
     tasks_state: dict[str, Any]
-    manifest: dict[str, Any]
-    clients: list[Client]
+    manifest: dict[str, Any]  # partitions.json without its clients (`clients` holds them)
+    clients: Sequence[Client]  # a Roster (tasks/roster.py), or a list in tests
     history: list[dict[str, Any]]
     stages_state: dict[str, Any] = field(default_factory=dict)  # the pipeline's stages' state
     population: Population | None = None  # clients.json; None: everyone equal
@@ -84,8 +85,10 @@ def _json_meta(meta: Mapping[str, str], key: str, default: Any) -> Any:
         return default
 
 
-def load_plan(settings: Settings) -> tuple[dict[str, Any], list[Client]]:
-    """The partition manifest, checked against the settings, and its logical clients."""
+def load_plan(settings: Settings) -> tuple[dict[str, Any], Roster]:
+    """The partition manifest, checked against the settings, without its clients, and its
+    logical clients as a compact Roster (tasks/roster.py): the plan's records are dropped
+    once read, so 10,000 clients hold under 1 MB."""
     try:
         manifest = partition.read(settings.model_dir)
     except partition.PartitionError as exc:
@@ -96,19 +99,11 @@ def load_plan(settings: Settings) -> tuple[dict[str, Any], list[Client]]:
             f"{settings.model_dir / partition.FILE} does not match the settings: "
             f"{'; '.join(diffs)}; {_reset_hint(settings)}"
         )
-    clients = [
-        Client(
-            number=i,
-            samples=int(c["samples"]),
-            sha256=str(c["sha256"]),
-            slices=tuple(c["slices"]) if c.get("slices") else None,
-        )
-        for i, c in enumerate(manifest["clients"], 1)
-    ]
-    return manifest, clients
+    clients = Roster.of(manifest["clients"])
+    return {k: v for k, v in manifest.items() if k != "clients"}, clients
 
 
-def load_population(settings: Settings, clients: list[Client]) -> Population:
+def load_population(settings: Settings, clients: Sequence[Client]) -> Population:
     """clients.json, checked against the settings and the plan's clients. Without the file,
     settings that ask for everyone equal, always there (the defaults) need none."""
     ids = [c.id for c in clients]
@@ -129,21 +124,40 @@ def load_population(settings: Settings, clients: list[Client]) -> Population:
     return found
 
 
-def profiles(settings: Settings, found: Population | None) -> dict[str, Profile]:
-    """What each training task tells its worker of its client; {} when all are equal."""
+def profiles(settings: Settings, found: Population | None) -> Mapping[str, Profile]:
+    """What each training task tells its worker of its client, made when a task asks for it
+    (not one record per client held); {} when all are equal."""
     if found is None or found.uniform:
         return {}
-    return {
-        c.id: Profile(
+    return _Profiles(settings, found)
+
+
+class _Profiles(Mapping[str, Profile]):
+    """A population's task profiles by client id."""
+
+    def __init__(self, settings: Settings, found: Population) -> None:
+        self._settings, self._found = settings, found
+
+    def __getitem__(self, client_id: str) -> Profile:
+        try:
+            c = self._found.client(client_id)
+        except PopulationError:
+            raise KeyError(client_id) from None
+        s = self._settings
+        return Profile(
             speed=c.speed,
             bandwidth=None if c.bandwidth == float("inf") else c.bandwidth,
             dropout=c.dropout,
-            dropout_mode=settings.dropout_mode,
-            clock=settings.clock,
-            time_scale=settings.time_scale,
+            dropout_mode=s.dropout_mode,
+            clock=s.clock,
+            time_scale=s.time_scale,
         )
-        for c in found.clients
-    }
+
+    def __iter__(self) -> Iterator[str]:
+        return (f"client-{n}" for n in range(1, len(self._found) + 1))
+
+    def __len__(self) -> int:
+        return len(self._found)
 
 
 def load(settings: Settings, rule: str) -> Start:
@@ -318,7 +332,7 @@ def _online(found: Population | None) -> Callable[[int, float], bool] | None:
 
 def make_queue(
     settings: Settings,
-    clients: list[Client],
+    clients: Sequence[Client],
     strategy: Strategy,
     online: Callable[[int, float], bool] | None = None,
     **kw: Any,

@@ -27,10 +27,11 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from fedsim.aggregator.strategies import Refused, Update
 from fedsim.aggregator.tasks import Client
+from fedsim.aggregator.tasks.roster import Roster
 from fedsim.config import Settings
 
 MAX_CLIENTS = 100_000  # clients whose recent updates are kept; the least recent go first
@@ -54,7 +55,7 @@ class Quota:
         self,
         *,
         versions: int,
-        shares: dict[str, int],
+        shares: Mapping[str, int],
         outside: int,
         mode: str,
         clock: Callable[[], float],
@@ -69,8 +70,13 @@ class Quota:
     def of(
         cls, clients: Iterable[Client], settings: Settings, mode: str, clock: Callable[[], float]
     ) -> Quota:
-        """The quota of the plan's `clients` under CLIENT_QUOTA_VERSIONS, for a rule of `mode`."""
-        shares = {c.id: c.samples for c in clients}
+        """The quota of the plan's `clients` under CLIENT_QUOTA_VERSIONS, for a rule of `mode`.
+        A roster's shares are read from its samples column, not copied per client."""
+        shares: Mapping[str, int] = (
+            clients.samples_by_id
+            if isinstance(clients, Roster)
+            else {c.id: c.samples for c in clients}
+        )
         outside = max([settings.num_images_train, *shares.values()])
         return cls(
             versions=settings.client_quota_versions,

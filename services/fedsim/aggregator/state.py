@@ -92,7 +92,7 @@ class State:
         self.attackers = [f"client-{n}" for n in sorted(self.queue.attackers)]
         self.evaluations = Evaluations(self, start.history, self.attackers)
         self.population = start.population  # clients.json: speed, bandwidth, dropout
-        self.clients = views.Clients(self.manifest, start.clients, self.attackers, start.population)
+        self.clients = views.Clients(start.clients, self.attackers, start.population)
         self.recent: deque[dict[str, Any]] = deque(maxlen=views.HISTORY)
         self.events = Events(wall)
         self.saver = Saver(self, self._lock, clock, wall)
@@ -164,11 +164,10 @@ class State:
         with self._lock:
             return views.lookup(self, update_id, seq)
 
-    def history(self, after: int = -1) -> list[dict[str, Any]]:
-        """The history's entries of versions after `after` (all by default), in order."""
+    def history(self, after: int = -1, limit: int | None = None) -> list[dict[str, Any]]:
+        """Copies of the entries of versions after `after`, in order (a page: evaluations.py)."""
         with self._lock:
-            chosen = [dict(e) for e in self.evaluations.entries if e["version"] > after]
-        return sorted(chosen, key=lambda e: e["version"])
+            return self.evaluations.page(after, limit)
 
     def info(self) -> tuple[int, bool]:
         """(version, finished), for error bodies."""

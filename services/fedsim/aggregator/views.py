@@ -8,8 +8,10 @@ the state's lock.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from fedsim.aggregator import privacy, tasks
@@ -18,6 +20,7 @@ from fedsim.aggregator.events import Events
 from fedsim.aggregator.ledger import Ledger
 from fedsim.aggregator.snapshot import Snapshot
 from fedsim.aggregator.strategies import Strategy, Update
+from fedsim.aggregator.tasks.roster import Roster, number_of
 from fedsim.config import Settings
 from fedsim.data.population import ClientProfile, Population
 
@@ -43,41 +46,60 @@ def applied(update: Update, version: int, stamp: str) -> dict[str, Any]:
 
 
 class Clients:
-    """The logical clients of the plan, and the newest MAX_CLIENTS_SHOWN hand-started ones."""
+    """The plan's logical clients and the newest MAX_CLIENTS_SHOWN hand-started ones.
+
+    A planned client gets a record of its own only once seen (an update, a dropout); the
+    row of one never seen is made from the roster and the population when shown, so the
+    memory grows with the clients seen, not with the plan (10,000 clients, tasks/roster.py).
+    """
 
     def __init__(
         self,
-        manifest: dict[str, Any],
-        clients: list[tasks.Client],
+        clients: Sequence[tasks.Client],
         attackers: list[str],
         people: Population | None = None,
     ) -> None:
-        profile = {c.id: c for c in people.clients} if people is not None else {}
-        self._planned = {
-            c.id: {
-                "id": c.id,
-                "samples": c.samples,
-                "labels": manifest["clients"][i].get("labels"),
-                "slices": f"{c.slices[0]}-{c.slices[1]}" if c.slices else None,
-                "updates": 0,
-                "last_seen": None,
-                "staleness": None,
-                "loss": None,
-                "accuracy": None,
-                "attacker": c.id in attackers,
-                **_profile(profile.get(c.id)),
-                "dropouts": 0,  # tasks given back (DROPOUT_MODE=abort)
-            }
-            for i, c in enumerate(clients)
-        }
+        self._roster = clients
+        self._attackers = frozenset(attackers)
+        self._people = people
+        self._seen: dict[int, dict[str, Any]] = {}  # by client number, made on first sight
         self._others: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._planned)
+        return len(self._roster)
+
+    def _row(self, number: int) -> dict[str, Any]:
+        """The row of planned client `number` as it is before it is seen."""
+        c = self._roster[number - 1]
+        labels = self._roster.label_counts(number) if isinstance(self._roster, Roster) else None
+        profile = self._people.client(c.id) if self._people is not None else None
+        return {
+            "id": c.id,
+            "samples": c.samples,
+            "labels": labels,
+            "slices": f"{c.slices[0]}-{c.slices[1]}" if c.slices else None,
+            "updates": 0,
+            "last_seen": None,
+            "staleness": None,
+            "loss": None,
+            "accuracy": None,
+            "attacker": c.id in self._attackers,
+            **_profile(profile),
+            "dropouts": 0,  # tasks given back (DROPOUT_MODE=abort)
+        }
+
+    def record(self, client_id: str) -> dict[str, Any] | None:
+        """The record of a planned client, kept from now on; None outside the plan."""
+        number = number_of(client_id, len(self._roster))
+        if number is None:
+            return None
+        if number not in self._seen:
+            self._seen[number] = self._row(number)
+        return self._seen[number]
 
     def see(self, update: Update, staleness: int, stamp: str) -> None:
         """Note an accepted update of its client at `stamp`, `staleness` versions behind."""
-        record = self._planned.get(update.client_id)
+        record = self.record(update.client_id)
         if record is None:  # a hand-started client, outside the plan
             record = self._others.pop(update.client_id, None) or {
                 "id": update.client_id,
@@ -98,12 +120,43 @@ class Clients:
                 record[key] = update.meta[key]
 
     def dropped(self, client: str | None) -> None:
-        record = self._planned.get(client or "")
+        record = self.record(client or "")
         if record is not None:
             record["dropouts"] += 1
 
+    def _copy(self, number: int) -> dict[str, Any]:
+        seen = self._seen.get(number)
+        return dict(seen) if seen is not None else self._row(number)
+
     def rows(self) -> list[dict[str, Any]]:
-        return [dict(c) for c in self._planned.values()] + [dict(c) for c in self._others.values()]
+        """Every row: the plan's in its order, then the hand-started ones."""
+        planned = [self._copy(n) for n in range(1, len(self._roster) + 1)]
+        return planned + [dict(c) for c in self._others.values()]
+
+    def shown(self, limit: int | None) -> tuple[list[dict[str, Any]], int]:
+        """At most `limit` rows (None: all) and the number of rows: the most recently seen,
+        ties to the first in order, then the never seen in order; listed in order (the
+        plan's, then hand-started ones). Made from the clients seen and the `limit` first
+        of the others, not from every row."""
+        planned = len(self._roster)
+        total = planned + len(self._others)
+        if limit is None or total <= limit:
+            return self.rows(), total
+        # (last_seen, -position) of each record seen at some time; the others sort below.
+        timed = [(r["last_seen"], -(n - 1)) for n, r in self._seen.items() if r["last_seen"]]
+        timed += [(r["last_seen"], -(planned + i)) for i, r in enumerate(self._others.values())]
+        chosen = {-pos for _, pos in heapq.nlargest(limit, timed)}
+        timed_positions = {-pos for _, pos in timed}
+        position = 0
+        while len(chosen) < limit and position < planned:  # never seen: the plan's first
+            if position not in timed_positions:
+                chosen.add(position)
+            position += 1
+        others = list(self._others.values())
+        rows = [
+            self._copy(p + 1) if p < planned else dict(others[p - planned]) for p in sorted(chosen)
+        ]
+        return rows, total
 
 
 def _profile(c: ClientProfile | None) -> dict[str, Any]:
@@ -130,15 +183,6 @@ class Core(Protocol):
     held: list[Update]
     privacy: privacy.Privacy | None
     population: Population | None
-
-
-def shown_clients(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
-    """At most `limit` of the client rows (None: all): the most recently seen, in their
-    order (the plan's, then hand-started ones)."""
-    if limit is None or len(rows) <= limit:
-        return rows
-    order = sorted(range(len(rows)), key=lambda i: (rows[i]["last_seen"] or "", -i), reverse=True)
-    return [rows[i] for i in sorted(order[:limit])]
 
 
 def status(core: Core, clients: int | None = STATUS_CLIENTS) -> dict[str, Any]:
@@ -171,8 +215,8 @@ def status(core: Core, clients: int | None = STATUS_CLIENTS) -> dict[str, Any]:
         "updates": core.ledger.total,
         "pending_updates": pending,
         "unsaved_updates": core.ledger.unsaved(),
-        "clients": shown_clients(rows := core.clients.rows(), clients),
-        "clients_total": len(rows),
+        "clients": (shown := core.clients.shown(clients))[0],
+        "clients_total": shown[1],
         "workers": queue_status["workers"],
         "evaluations_pending": queue_status["evaluations_pending"],
         "history": list(core.recent),

@@ -38,6 +38,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -169,23 +170,52 @@ def population_settings(settings: Any) -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Population:
-    """The logical clients' profiles, in plan order, and how availability is decided."""
+    """The logical clients' profiles, in plan order (client-1 ... client-N), and how
+    availability is decided. Held as columns, one float64 per client and attribute (8 B,
+    where a profile object took about 250 B); a `ClientProfile` is made when asked for."""
 
     settings: dict[str, Any]  # POPULATION_KEYS, as given
-    clients: tuple[ClientProfile, ...]
+    speeds: np.ndarray  # compute time multipliers
+    bandwidths: np.ndarray  # bytes per second; inf: free
+    dropouts: np.ndarray  # probabilities a task fails part-way
     availability: str = "always"  # "always", "diurnal" or "trace"
     online_fraction: float = 1.0  # diurnal: the part of each day a client is online
+    phases: np.ndarray | None = None  # diurnal: seconds into the day each client comes online
+    windows: tuple[tuple[tuple[float, float], ...], ...] | None = None  # trace: per client
+
+    @classmethod
+    def of_profiles(
+        cls,
+        settings: dict[str, Any],
+        profiles: Sequence[ClientProfile],
+        availability: str = "always",
+        online_fraction: float = 1.0,
+    ) -> Population:
+        """The population of `profiles` (ids client-1 ... client-N, in order) in columns."""
+        _check_ids([c.id for c in profiles])
+        column = partial(np.fromiter, dtype=np.float64, count=len(profiles))
+        return cls(
+            settings,
+            column(c.speed for c in profiles),
+            column(c.bandwidth for c in profiles),
+            column(c.dropout for c in profiles),
+            availability,
+            online_fraction,
+            column(c.phase for c in profiles) if availability == "diurnal" else None,
+            tuple(c.windows or () for c in profiles) if availability == "trace" else None,
+        )
 
     @classmethod
     def build(cls, settings: Any, client_ids: Sequence[str], seed: int | None = None) -> Population:
-        """The population of `client_ids` for `settings` (a config.Settings or a mapping of
-        POPULATION_KEYS); `seed` overrides SEED. A trace file is read here."""
+        """The population of `client_ids` (client-1 ... client-N) for `settings` (a Settings
+        or a mapping of POPULATION_KEYS); `seed` overrides SEED. A trace file is read here."""
         keys = population_settings(settings)
         if seed is not None:
             keys["SEED"] = int(seed)
         n, seed = len(client_ids), int(keys["SEED"])
+        _check_ids(client_ids)
         try:
             speed = parse_spread(str(keys["CLIENT_SPEED"]))
             bandwidth = parse_spread(str(keys["CLIENT_BANDWIDTH"]), base_needed=True, infinite=True)
@@ -206,7 +236,7 @@ class Population:
             phases = np.random.default_rng([seed, _PHASE]).uniform(0, DAY, n).tolist()
         elif kind == "trace":
             windows = read_trace(Path(arg), client_ids)
-        clients = tuple(
+        clients = [
             ClientProfile(
                 id=cid,
                 speed=float(speeds[i]),
@@ -216,32 +246,52 @@ class Population:
                 windows=tuple(windows.get(cid, ())) if kind == "trace" else None,
             )
             for i, cid in enumerate(client_ids)
-        )
-        return cls(keys, clients, kind, fraction)
+        ]
+        return cls.of_profiles(keys, clients, kind, fraction)
 
     # --- questions -------------------------------------------------------------------
 
-    def client(self, client: str | ClientProfile) -> ClientProfile:
-        if isinstance(client, ClientProfile):
-            return client
-        found = self._by_id.get(client)
-        if found is None:
-            raise PopulationError(f"{client!r:.40} is not a logical client of this population")
-        return found
+    def __len__(self) -> int:
+        return len(self.speeds)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Population) and self.to_json() == other.to_json()
+
+    def _profile(self, i: int) -> ClientProfile:
+        """Client number i + 1's profile."""
+        return ClientProfile(
+            id=f"client-{i + 1}",
+            speed=float(self.speeds[i]),
+            bandwidth=float(self.bandwidths[i]),
+            dropout=float(self.dropouts[i]),
+            phase=None if self.phases is None else float(self.phases[i]),
+            windows=None if self.windows is None else self.windows[i],
+        )
 
     @property
-    def _by_id(self) -> dict[str, ClientProfile]:
-        cached = self.__dict__.get("_index")
-        if cached is None:
-            cached = {c.id: c for c in self.clients}
-            object.__setattr__(self, "_index", cached)
-        return cached
+    def clients(self) -> tuple[ClientProfile, ...]:
+        """Every client's profile, in plan order (made now: for a few, ask `client`)."""
+        return tuple(self._profile(i) for i in range(len(self)))
+
+    def client(self, client: str | ClientProfile) -> ClientProfile:
+        return client if isinstance(client, ClientProfile) else self._profile(self._index(client))
+
+    def _index(self, client: str) -> int:
+        """The position of "client-N" (N - 1); PopulationError when it is not one of ours."""
+        digits = client[7:] if isinstance(client, str) and client.startswith("client-") else ""
+        ok = digits.isascii() and digits.isdigit() and not digits.startswith("0")
+        if not ok or int(digits) > len(self):
+            raise PopulationError(f"{client!r:.40} is not a logical client of this population")
+        return int(digits) - 1
 
     @property
     def uniform(self) -> bool:
         """Everyone equal, always there, never failing: today's behaviour."""
-        return self.availability == "always" and all(
-            c.speed == 1 and math.isinf(c.bandwidth) and c.dropout == 0 for c in self.clients
+        return (
+            self.availability == "always"
+            and bool(np.all(self.speeds == 1))
+            and bool(np.all(np.isinf(self.bandwidths)))
+            and bool(np.all(self.dropouts == 0))
         )
 
     def compute_seconds(
@@ -267,13 +317,15 @@ class Population:
         ) + self.network_seconds(client, bytes_down + bytes_up)
 
     def online(self, client: str | ClientProfile, t: float) -> bool:
-        """Whether the client is online at simulated second t (t >= 0 from the run's start)."""
-        profile = self.client(client)
+        """Whether the client is online at simulated second t (t >= 0 from the run's start);
+        read from the columns, as the rounds ask it of every client when they sample."""
+        i = None if isinstance(client, ClientProfile) else self._index(client)
         if self.availability == "diurnal":
-            assert profile.phase is not None
-            return (t - profile.phase) % DAY < self.online_fraction * DAY
+            phase = client.phase if i is None else self.phases[i]  # type: ignore[union-attr,index]
+            return bool((t - float(phase)) % DAY < self.online_fraction * DAY)
         if self.availability == "trace":
-            return any(lo <= t < hi for lo, hi in profile.windows or ())
+            windows = client.windows if i is None else self.windows[i]  # type: ignore[union-attr,index]
+            return any(lo <= t < hi for lo, hi in windows or ())
         return True
 
     def drops(self, client: str | ClientProfile, task_seed: int, attempt: int = 0) -> bool:
@@ -291,13 +343,11 @@ class Population:
         return dict(cached)
 
     def _summary(self) -> dict[str, Any]:
-        speeds = np.array([c.speed for c in self.clients])
-        rates = np.array([c.bandwidth for c in self.clients])
-        finite = rates[np.isfinite(rates)]
+        finite = self.bandwidths[np.isfinite(self.bandwidths)]
         return {
             **{k.lower(): v for k, v in self.settings.items() if k != "SEED"},
-            "clients": len(self.clients),
-            "speed": _spread_summary(speeds),
+            "clients": len(self),
+            "speed": _spread_summary(self.speeds),
             "bandwidth": _spread_summary(finite) if finite.size else None,
         }
 
@@ -319,6 +369,15 @@ class Population:
         from fedsim.data.population_file import check  # the checks, kept apart for size
 
         return check(cls, content)
+
+
+def _check_ids(client_ids: Sequence[str]) -> None:
+    """A population's clients are the plan's: client-1 ... client-N, in order."""
+    for i, cid in enumerate(client_ids, 1):
+        if cid != f"client-{i}":
+            raise PopulationError(
+                f"client {i} is {cid!r:.40}: a population's clients are client-1 ... client-N"
+            )
 
 
 def drop_draw(task_seed: int, attempt: int) -> float:

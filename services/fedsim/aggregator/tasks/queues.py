@@ -26,6 +26,7 @@ from fedsim.aggregator.tasks import ids
 from fedsim.aggregator.tasks.clock import RealClock, VirtualClock
 from fedsim.aggregator.tasks.ids import Client
 from fedsim.aggregator.tasks.leases import Leases, Worker
+from fedsim.aggregator.tasks.roster import by_number
 from fedsim.protocol import Attack, EvalTask, Offer, Profile, TrainSettings, TrainTask
 
 
@@ -56,8 +57,8 @@ class Queue(Leases):
         # The run's clock (clock.py): round openings, arrivals, deadlines and availability
         # are on it; leases and workers stay on the real `clock`.
         self.run_clock = run_clock if run_clock is not None else RealClock(clock)
-        self.profiles = dict(profiles or {})  # by client id; none: everyone equal (clients.json)
-        self.clients = {c.number: c for c in clients}
+        self.profiles = profiles or {}  # by client id; none: everyone equal (clients.json)
+        self.clients: Mapping[int, Client] = by_number(clients)  # a roster's: made when asked
         self.attack = dict(attack) if attack else None  # {"kind", "scale"}, for the attackers
         self.attackers = frozenset(attackers)
         self.seed, self.per_round, self.rounds = seed, per_round, rounds
