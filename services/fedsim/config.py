@@ -381,10 +381,10 @@ def _check_combinations(s: Settings) -> None:
             "round rules then need a ROUND_DEADLINE (seconds or auto): a round that finds too"
             " few clients online is tried again at its deadline",
         )
-    if s.clock == "virtual" and not rounds:
+    if s.clock == "virtual" and not rounds and s.partition == "slices":
         raise ConfigError(
             "CLOCK",
             "virtual",
-            f"orders the updates of round rules only, not {s.aggregation}'s: use a round rule"
-            " (fedavg, ...) or CLOCK=real",
+            f"{s.aggregation} under PARTITION=slices trains each range's slices in order, which"
+            " has no simulated order: use another PARTITION (iid, ...) or CLOCK=real",
         )

@@ -21,6 +21,7 @@ from fedsim.aggregator import history, privacy, strategies, tasks
 from fedsim.aggregator.strategies import Strategy
 from fedsim.aggregator.tasks import Client
 from fedsim.aggregator.tasks.clock import RealClock, VirtualClock
+from fedsim.aggregator.tasks.flights import FlightQueue
 from fedsim.aggregator.tasks.roster import Roster
 from fedsim.aggregator.tasks.secagg import SecaggQueue
 from fedsim.config import Settings
@@ -306,6 +307,7 @@ def restore(
         profiles=profiles(settings, start.population),
         run_clock=run_clock(settings, clock),
         online=_online(start.population),
+        next_online=_next_online(start.population),
     )
     try:
         queue.load_state_dict(start.tasks_state)
@@ -330,15 +332,24 @@ def _online(found: Population | None) -> Callable[[int, float], bool] | None:
     return lambda number, t: found.online(f"client-{number}", t)
 
 
+def _next_online(found: Population | None) -> Callable[[int, float], float | None] | None:
+    """When a client is next online on the run's clock, for the flights; None: always."""
+    if found is None or found.availability == "always":
+        return None
+    return lambda number, t: found.next_online(f"client-{number}", t)
+
+
 def make_queue(
     settings: Settings,
     clients: Sequence[Client],
     strategy: Strategy,
     online: Callable[[int, float], bool] | None = None,
+    next_online: Callable[[int, float], float | None] | None = None,
     **kw: Any,
 ) -> tasks.Queue:
     """The task queue the rule and settings call for: rounds of sampled clients for a round
-    rule; slices in order (PARTITION=slices) or sampled clients for an asynchronous one."""
+    rule; slices in order (PARTITION=slices), clients in flight on the simulated clock
+    (CLOCK=virtual) or sampled clients for an asynchronous one."""
     common = {
         "seed": settings.seed,
         "per_round": settings.per_round,
@@ -383,4 +394,6 @@ def make_queue(
         )
     if settings.partition == "slices":
         return tasks.SliceQueue(clients, **common)
+    if settings.clock == "virtual":
+        return FlightQueue(clients, next_online=next_online, **common)
     return tasks.SampledQueue(clients, **common)

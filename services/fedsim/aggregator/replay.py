@@ -25,12 +25,13 @@ import logging
 from collections import Counter
 from typing import Any
 
-from fedsim.aggregator import intake, journal, tasks
+from fedsim.aggregator import intake, journal, tasks, virtual_async
 from fedsim.aggregator.persistence import Start
 from fedsim.aggregator.saving import BASE, COVERED
 from fedsim.aggregator.strategies import Global, Refused, Update
 from fedsim.aggregator.tasks import ids
 from fedsim.aggregator.tasks.clock import VirtualClock
+from fedsim.aggregator.virtual_async import Flights
 
 log = logging.getLogger("fedsim.aggregator")
 
@@ -112,7 +113,16 @@ def _replay(core: Any, record: journal.Record, now: float) -> str:
     version = core.snapshot.version
     try:
         if core.strategy.mode == "async":
-            intake.accept(core, update, version, now, base=base, look=look)
+            at = record.fields.get("at")
+
+            def take() -> None:
+                intake.accept(core, update, core.snapshot.version, now, base=base, look=look)
+
+            if isinstance(core.sim, Flights) and isinstance(at, int | float):
+                # CLOCK=virtual: taken in its flight's place, at its simulated time.
+                done = virtual_async.replay(core, core.sim, update, at, take)
+                return "updates" if done else "skipped"
+            take()
             return "updates"
         assert isinstance(queue, tasks.RoundQueue) and update.task_id is not None
         r = queue.open_round(version)

@@ -27,7 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.aggregator import intake, persistence, privacy, quota, replay, tasks, views, virtual
+from fedsim.aggregator import (
+    intake,
+    persistence,
+    privacy,
+    quota,
+    replay,
+    tasks,
+    views,
+    virtual,
+    virtual_async,
+)
 from fedsim.aggregator.evaluations import MAX_WAITING_EVALUATIONS, Evaluations
 from fedsim.aggregator.events import Events, iso
 from fedsim.aggregator.holding import Holds
@@ -174,9 +184,12 @@ class State:
         return self.snapshot.version, self.queue.finished
 
     def snapshot_of(self, version: int) -> Snapshot | None:
-        """The current snapshot, or a past one kept for its evaluation."""
+        """The current snapshot, or a past one kept for its evaluation or as the version a
+        task starts from (CLOCK=virtual, asynchronous rules)."""
         snap = self.snapshot
-        return snap if snap.version == version else self.evaluations.snapshot_of(version)
+        if snap.version == version:
+            return snap
+        return self.evaluations.snapshot_of(version) or virtual_async.base(self.sim, version)
 
     def save_if_due(self, *, force: bool = False, wait: bool = True) -> Path | None:
         return self.saver.save_if_due(force=force, wait=wait)
@@ -285,10 +298,10 @@ class State:
                 )
                 return Result(version, True, self.ledger.number(update.update_id))
             with self.quota.charge(update, version):  # 429 beyond one client's share
-                if self.strategy.mode == "async":
-                    intake.accept(self, update, version, now)
-                elif self.sim is not None:  # CLOCK=virtual: in simulated-arrival order
+                if self.sim is not None:  # CLOCK=virtual: in simulated-arrival order
                     virtual.arrive(self, self.sim, update)
+                elif self.strategy.mode == "async":
+                    intake.accept(self, update, version, now)
                 else:
                     intake.add_to_round(self, update, version, now)
             return Result(self.snapshot.version, False, self.ledger.number(update.update_id))

@@ -1,54 +1,37 @@
-"""CLOCK=virtual in the aggregator: round rules' updates taken in simulated-arrival order.
+"""CLOCK=virtual in the aggregator: updates taken in simulated-arrival order.
 
 A training task's simulated duration comes from the population (clients.json) and the
 task's size, never from the real time it took (`duration`). An update that arrives is
 held (`RoundQueue.hold`) and waits in tasks/clock.py's event order; when its turn comes
 it goes into its round through the same intake as under the real clock, and the round
-closes (first C arrivals, deadline, retry) at simulated times. The caller holds the
-state's lock.
+closes (first C arrivals, deadline, retry) at simulated times. Asynchronous rules
+have their own event model, C clients in flight (virtual_async.py). The caller
+holds the state's lock.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fedsim.aggregator import intake, tasks
+from fedsim.aggregator import intake, tasks, virtual_async
 from fedsim.aggregator.strategies import Refused, Update
-from fedsim.aggregator.tasks import ids
-from fedsim.aggregator.tasks.clock import (
-    SECONDS_PER_SAMPLE,
-    Rounds,
-    VirtualClock,
-    simulated_duration,
-)
-from fedsim.data.population import drop_draw
-from fedsim.models import parameter_count
+from fedsim.aggregator.tasks.clock import Rounds, VirtualClock, task_durations
+from fedsim.aggregator.virtual_async import Flights
+
+Sim = Rounds | Flights
 
 
-def driver(core: Any, now: Any) -> Rounds | None:
-    """The simulation of `core` (the state) under CLOCK=virtual with a round rule; None
-    otherwise. `now()` is the real clock, which the intake's checkpoint timer runs on."""
+def driver(core: Any, now: Any) -> Sim | None:
+    """The simulation of `core` (the state) under CLOCK=virtual: a round rule's rounds, or
+    an asynchronous rule's clients in flight (virtual_async.py); None under CLOCK=real.
+    `now()` is the real clock, which the intake's checkpoint timer runs on."""
     settings, queue = core.settings, core.queue
     if settings.clock != "virtual":
         return None
-    # config.load refuses CLOCK=virtual with an asynchronous rule.
+    if core.strategy.mode == "async":
+        return virtual_async.driver(core, now)
     assert isinstance(queue, tasks.RoundQueue) and isinstance(queue.run_clock, VirtualClock)
-    population = core.population
-    per_sample = SECONDS_PER_SAMPLE[settings.model]
-    nbytes = 4.0 * parameter_count(settings.model)  # float32 weights, pulled and pushed
-
-    def duration(number: int, task_id: str) -> float:
-        client = queue.clients[number]
-        samples = client.samples // len(client.slice_numbers) if client.slices else client.samples
-        one = population.duration(client.id, samples, settings.epochs, nbytes, nbytes, per_sample)
-        seed = ids.task_seed(settings.seed, task_id)
-        return simulated_duration(
-            one,
-            population.client(client.id).dropout,
-            lambda attempt: drop_draw(seed, attempt),
-            settings.dropout_mode,
-            settings.task_timeout,
-        )
+    duration = task_durations(settings, core.population, queue.clients)
 
     def deliver(update: Update, at: float) -> None:
         intake.add_to_round(core, update, core.snapshot.version, now())
@@ -59,9 +42,12 @@ def driver(core: Any, now: Any) -> Rounds | None:
     return Rounds(queue, queue.run_clock, duration, deliver, end)
 
 
-def arrive(core: Any, sim: Rounds, update: Update) -> None:
-    """A round rule's update arrived: held until its simulated turn, then taken with every
-    event due by then. Raises Refused when its task is not awaited (nothing changes)."""
+def arrive(core: Any, sim: Sim, update: Update) -> None:
+    """An update arrived: held until its simulated turn, then taken with every event due by
+    then. Raises Refused when its task is not awaited (nothing changes)."""
+    if isinstance(sim, Flights):
+        virtual_async.arrive(core, sim, update)
+        return
     task = update.task_id
     assert task is not None
     sim.sync(core.snapshot.version)
@@ -74,7 +60,9 @@ def arrive(core: Any, sim: Rounds, update: Update) -> None:
     sim.arrive(task, update, lambda: core.snapshot.version)
 
 
-def catch_up(core: Any, sim: Rounds | None) -> None:
-    """Take the events due (a round to open, a deadline with nothing left to wait for)."""
-    if sim is not None:
+def catch_up(core: Any, sim: Sim | None) -> None:
+    """Take the events due (a round to open, a deadline, a client in flight to start)."""
+    if isinstance(sim, Flights):
+        virtual_async.run(core, sim)
+    elif sim is not None:
         sim.run(lambda: core.snapshot.version)

@@ -229,9 +229,12 @@ class Worker:
 
     def _ensure_model(self, version: int, what: str) -> None:
         """Make the worker's copy the current model, downloading only when stale: the ETag
-        (version and digest) says, also when a restart made this version from other weights."""
+        (version and digest) says, also when a restart made this version from other weights.
+        Under CLOCK=virtual the task's own `version`: the one its client started from in
+        simulated time, which newer versions may have followed (asynchronous rules)."""
         fp16 = self.settings.compression_down == "fp16"
-        pulled = self.transport.pull(etag=self.model.etag, fp16=fp16)
+        wanted = version if self.settings.clock == "virtual" else None
+        pulled = self.transport.pull(etag=self.model.etag, version=wanted, fp16=fp16)
         self.summary.counts.retries += pulled.retries
         self.summary.counts.bytes_pulled += pulled.bytes
         if not pulled.ok:

@@ -328,6 +328,20 @@ class Population:
             return any(lo <= t < hi for lo, hi in windows or ())
         return True
 
+    def next_online(self, client: str | ClientProfile, t: float) -> float | None:
+        """The first simulated second >= t at which the client is online; None: never again
+        (`online`'s columns, asked of every free client when a flight starts)."""
+        i = None if isinstance(client, ClientProfile) else self._index(client)
+        if self.availability == "diurnal":
+            phase = client.phase if i is None else self.phases[i]  # type: ignore[union-attr,index]
+            into = (t - float(phase)) % DAY
+            return t if into < self.online_fraction * DAY else t + (DAY - into)
+        if self.availability == "trace":
+            windows = client.windows if i is None else self.windows[i]  # type: ignore[union-attr,index]
+            starts = [max(lo, t) for lo, hi in windows or () if hi > t and hi > lo]
+            return min(starts, default=None)
+        return t
+
     def drops(self, client: str | ClientProfile, task_seed: int, attempt: int = 0) -> bool:
         """Whether this attempt of the task fails: the same answer for the same task seed and
         attempt, whoever asks (a task given again after a dropout is a new attempt)."""

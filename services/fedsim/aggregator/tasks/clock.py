@@ -25,7 +25,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fedsim.aggregator.tasks.ids import task_seed
+from fedsim.data.population import Population, drop_draw
+from fedsim.models import parameter_count
+
 if TYPE_CHECKING:
+    from fedsim.aggregator.tasks.ids import Client
     from fedsim.aggregator.tasks.rounds import RoundQueue
 
 Duration = Callable[[int, str], float]  # (client number, task id) -> simulated seconds
@@ -237,3 +242,28 @@ def simulated_duration(
         total += seconds / 2 if mode == "abort" else timeout
         attempt += 1
     return total + seconds
+
+
+def task_durations(
+    settings: Any, population: Population, clients: Mapping[int, Client]
+) -> Duration:
+    """Each training task's simulated seconds: its client's duration for the task's samples
+    (one slice under PARTITION=slices), weights pulled and pushed as float32, with the
+    attempts its client drops first (seeded from the task, as the worker draws them)."""
+    per_sample = SECONDS_PER_SAMPLE[settings.model]
+    nbytes = 4.0 * parameter_count(settings.model)
+
+    def duration(number: int, task_id: str) -> float:
+        client = clients[number]
+        samples = client.samples // len(client.slice_numbers) if client.slices else client.samples
+        one = population.duration(client.id, samples, settings.epochs, nbytes, nbytes, per_sample)
+        seed = task_seed(settings.seed, task_id)
+        return simulated_duration(
+            one,
+            population.client(client.id).dropout,
+            lambda attempt: drop_draw(seed, attempt),
+            settings.dropout_mode,
+            settings.task_timeout,
+        )
+
+    return duration

@@ -1,0 +1,181 @@
+"""Asynchronous rules under CLOCK=virtual through the aggregator (aggregator/virtual_async.py):
+the same seed gives the same versions, whatever the real order of the pushes and the workers,
+and after a restart."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsim import weights
+from fedsim.settings import ConfigError
+from helpers import answer, ask, post, state_of, write_plan, write_population
+
+FLIGHTS = {
+    "AGGREGATION": "fedasync",
+    "PARTITION": "iid",
+    "NUM_CLIENTS": 10,
+    "CLIENTS_PER_ROUND": 3,  # 3 clients in flight
+    "ROUNDS": 3,  # 9 updates
+    "CLOCK": "virtual",
+    "CLIENT_SPEED": "lognormal:0,0.5",
+    "EVAL_EVERY": 1,
+    "SAVE_MODEL": 1,
+    "KEEP_CHECKPOINTS": 20,
+}
+
+
+def prepared(make_settings, model_dir: Path, **rule: object) -> dict:
+    rule = {**FLIGHTS, **rule, "MODEL_DIR": str(model_dir)}
+    settings = make_settings(**rule)
+    write_plan(settings)
+    write_population(settings)
+    return rule
+
+
+def trained(client, task: dict) -> float:
+    """A worker's update: pulls the task's base version (as a worker does under CLOCK=virtual)
+    and moves it by a value of the task's own, so the result hangs on the base it got."""
+    reply = client.get(f"/v1/model?version={task['base_version']}")
+    assert reply.status_code == 200, reply.get_json()
+    tensors, meta = weights.decode(reply.data)
+    assert int(meta["version"]) == task["base_version"]
+    mean = float(np.mean(next(iter(tensors.values()))))
+    return mean / 2 + int(hashlib.sha256(task["id"].encode()).hexdigest()[:6], 16) / 2**24
+
+
+def run(make_app, rule: dict, order_seed: int, workers: int, stop_after: int | None = None):
+    """Workers ask, train and push in a real order shuffled by `order_seed` (evaluations are
+    answered at once). The history (version, clients, simulated seconds), the final model,
+    and the pushes in real order."""
+    app = make_app(**rule)
+    client = app.test_client()
+    rng = random.Random(order_seed)
+    held: dict[str, dict] = {}
+    pushed: list[tuple[str, int]] = []
+    for _ in range(1000):
+        finished = False
+        for w in (f"wk-{i}" for i in range(workers)):
+            if w in held:
+                continue
+            offer = ask(client, w)
+            task, finished = offer["task"], offer["finished"]
+            if task is not None and task["kind"] == "evaluate":
+                body = {"worker": w, "task": task["id"], "lease": task["lease"]}
+                client.post("/v1/evaluations", json={**body, "accuracy": 0.5, "loss": 1.0})
+            elif task is not None:
+                held[w] = {**task, "fill": trained(client, task)}
+        if not held:
+            if finished:
+                break
+            continue
+        task = held.pop(rng.choice(sorted(held)))
+        pushed.append((task["id"], post(client, answer(task, task["fill"])).status_code))
+        if stop_after is not None and len(pushed) >= stop_after:
+            return app, held, pushed
+    history = [
+        (e["version"], e["clients"], e["sim_seconds"])
+        for e in client.get("/v1/history").get_json()["history"]
+    ]
+    tensors, meta = weights.decode(client.get("/v1/model").data)
+    model = (meta["version"], meta["samples"], {k: v.tobytes() for k, v in tensors.items()})
+    return history, model, pushed
+
+
+@pytest.mark.parametrize("rule", ["fedasync", "fedbuff", "async-weighted"])
+def test_the_same_seed_gives_the_same_versions_whatever_the_real_order(
+    make_app, make_settings, tmp_path, rule: str
+) -> None:
+    extra = {"FEDBUFF_K": 2} if rule == "fedbuff" else {}
+    histories, models, orders = [], [], []
+    for order_seed, workers in ((1, 1), (2, 3), (3, 5)):
+        settings = prepared(make_settings, tmp_path / f"run-{order_seed}", AGGREGATION=rule, **extra)
+        history, model, pushed = run(make_app, settings, order_seed, workers)
+        assert all(code == 200 for _, code in pushed)
+        histories.append(history)
+        models.append(model)
+        orders.append([task for task, _ in pushed])
+    versions = 5 if rule == "fedbuff" else 9  # 9 updates, by 2 (the last one flushed alone)
+    assert [h[0] for h in histories[0]] == list(range(versions + 1))
+    times = [h[2] for h in histories[0]]
+    assert times == sorted(times) and times[-1] > 0  # simulated seconds go on
+    assert histories[1] == histories[0] and histories[2] == histories[0]
+    assert models[1] == models[0] and models[2] == models[0]
+    assert len({tuple(o) for o in orders}) == 3  # the real orders differed
+
+
+def test_an_update_waits_for_the_earlier_finishes_and_staleness_follows_the_simulation(
+    make_app, make_settings, tmp_path
+) -> None:
+    app = make_app(**prepared(make_settings, tmp_path / "models"))
+    client = app.test_client()
+    ask(client)  # the evaluation of version 0
+    given = [ask(client, f"wk-{i}")["task"] for i in range(3)]
+    assert all(t["base_version"] == 0 for t in given)
+    assert ask(client, "wk-9")["task"] is None  # 3 in flight: nothing more has started
+    sim = state_of(app).sim
+    finish = {t["id"]: sim.queue.clock.finish_of(t["id"]) for t in given}
+    order = sorted(given, key=lambda t: (finish[t["id"]], t["id"]))
+    last = order[-1]
+    reply = post(client, answer(last, trained(client, last)))
+    assert reply.status_code == 200 and reply.get_json()["version"] == 0  # held: its turn later
+    assert post(client, answer(last, 0.1)).get_json()["duplicate"] is True
+    post(client, answer(order[0], trained(client, order[0])))
+    status = client.get("/v1/status").get_json()
+    assert status["version"] == 1 and status["clock"]["sim_seconds"] == round(
+        finish[order[0]["id"]], 3
+    )
+    # The freed slot starts a fourth client at that finish, on version 1.
+    fourth = ask(client, "wk-3")["task"]
+    if fourth["kind"] == "evaluate":  # version 1's score first
+        fourth = ask(client, "wk-4")["task"]
+    assert fourth["base_version"] == 1
+    post(client, answer(order[1], trained(client, order[1])))
+    # The slowest of the first three was held; it is taken once the fourth cannot finish
+    # before it, with staleness 2 (versions 1 and 2 were made while it trained).
+    if sim.queue.clock.finish_of(fourth["id"]) > finish[last["id"]]:
+        assert client.get("/v1/status").get_json()["version"] == 3
+        seen = {c["id"]: c for c in client.get("/v1/status?clients=all").get_json()["clients"]}
+        assert seen[last["client"]]["staleness"] == 2
+
+
+# Stopped after 2 pushes: one held, nothing applied; after 5 and 7: mid-run.
+@pytest.mark.parametrize("stop_after", [2, 5, 7])
+def test_a_restart_mid_run_continues_the_same_history(
+    make_app, make_settings, tmp_path, stop_after: int
+) -> None:
+    reference, ref_model, _ = run(make_app, prepared(make_settings, tmp_path / "straight"), 1, 2)
+    rule = prepared(make_settings, tmp_path / "resumed")
+    app, _, _ = run(make_app, rule, order_seed=1, workers=2, stop_after=stop_after)
+    state = state_of(app)
+    state.save_if_due(force=True)  # the shutdown checkpoint
+    resumed = state.snapshot.version
+    # A new aggregator on the same MODEL_DIR: the tasks in flight are handed out again.
+    history, model, _ = run(make_app, rule, order_seed=7, workers=3)
+    assert model == ref_model
+    assert [(v, t) for v, _, t in history] == [(v, t) for v, _, t in reference]
+    # A score still waiting at the restart is asked for again, without the clients that
+    # made the version (waiting scores are not saved): that entry names none.
+    assert [e for e in history if e[0] != resumed] == [e for e in reference if e[0] != resumed]
+
+
+def test_a_journal_replay_takes_the_updates_in_their_flights_place(
+    make_app, make_settings, tmp_path
+) -> None:
+    reference, _, _ = run(make_app, prepared(make_settings, tmp_path / "ref"), 1, 2)
+    rule = prepared(make_settings, tmp_path / "models", DURABLE="true", SAVE_MODEL=100)
+    app, _, _ = run(make_app, rule, order_seed=1, workers=2, stop_after=6)
+    state = state_of(app)
+    assert state.snapshot.version >= 2 and state.ledger.total >= 2  # some applied
+    state.saver.journal.close()  # a hard kill: no checkpoint beyond version 0
+    history, _, _ = run(make_app, rule, order_seed=5, workers=3)
+    assert history == reference
+
+
+def test_slices_stay_refused_under_the_virtual_clock(make_settings, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="CLOCK.*PARTITION=slices"):
+        make_settings(**{**FLIGHTS, "PARTITION": "slices", "CLIENT_SLICES": "1-2 3-4 5-6"})
