@@ -263,13 +263,16 @@ def test_without_settings_leaves_out_every_fedsim_and_compose_key_and_keeps_the_
     assert config.without_settings(environ, extra={"MINE"}) == {"PATH": "/bin", "HOME": "/h"}
 
 
-def test_the_virtual_clock_refuses_an_asynchronous_rule(tmp_path: Path) -> None:
+def test_the_virtual_clock_takes_asynchronous_rules_but_not_slices(tmp_path: Path) -> None:
     assert load(tmp_path, CLOCK="virtual", AGGREGATION="fedavg").clock == "virtual"
+    fedbuff = load(tmp_path, CLOCK="virtual", AGGREGATION="fedbuff", PARTITION="iid")
+    assert fedbuff.clock == "virtual"
     with pytest.raises(config.ConfigError) as info:
-        load(tmp_path, CLOCK="virtual", AGGREGATION="fedbuff")
+        load(tmp_path, CLOCK="virtual", AGGREGATION="fedbuff")  # PARTITION=slices by default
     assert str(info.value) == (
-        "invalid setting CLOCK='virtual': orders the updates of round rules only, not fedbuff's:"
-        " use a round rule (fedavg, ...) or CLOCK=real"
+        "invalid setting CLOCK='virtual': fedbuff under PARTITION=slices trains each range's"
+        " slices in order, which has no simulated order: use another PARTITION (iid, ...) or"
+        " CLOCK=real"
     )
 
 

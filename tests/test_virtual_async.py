@@ -143,13 +143,15 @@ def test_an_update_waits_for_the_earlier_finishes_and_staleness_follows_the_simu
         assert seen[last["client"]]["staleness"] == 2
 
 
-# Stopped after 2 pushes: one held, nothing applied; after 5 and 7: mid-run.
+# Stopped after 2 pushes: one held, nothing applied; after 5 and 7: mid-run. With a
+# checkpoint of every version, or only the one at shutdown (the flights' bases in it).
 @pytest.mark.parametrize("stop_after", [2, 5, 7])
+@pytest.mark.parametrize("save", [{}, {"SAVE_MODEL": 100, "KEEP_CHECKPOINTS": 1}])
 def test_a_restart_mid_run_continues_the_same_history(
-    make_app, make_settings, tmp_path, stop_after: int
+    make_app, make_settings, tmp_path, stop_after: int, save: dict
 ) -> None:
     reference, ref_model, _ = run(make_app, prepared(make_settings, tmp_path / "straight"), 1, 2)
-    rule = prepared(make_settings, tmp_path / "resumed")
+    rule = prepared(make_settings, tmp_path / "resumed", **save)
     app, _, _ = run(make_app, rule, order_seed=1, workers=2, stop_after=stop_after)
     state = state_of(app)
     state.save_if_due(force=True)  # the shutdown checkpoint

@@ -21,7 +21,7 @@ from fedsim.aggregator import history, privacy, strategies, tasks
 from fedsim.aggregator.strategies import Strategy
 from fedsim.aggregator.tasks import Client
 from fedsim.aggregator.tasks.clock import RealClock, VirtualClock
-from fedsim.aggregator.tasks.flights import FlightQueue
+from fedsim.aggregator.tasks.flights import BASE_TENSORS, FlightQueue
 from fedsim.aggregator.tasks.roster import Roster
 from fedsim.aggregator.tasks.secagg import SecaggQueue
 from fedsim.config import Settings
@@ -234,7 +234,10 @@ def load(settings: Settings, rule: str) -> Start:
         )
     return Start(
         checkpoint=checkpoints.Checkpoint(ckpt.path, ckpt.version, model_tensors, ckpt.metadata),
-        strategy_tensors=rule_tensors if meta.get("strategy") == rule else {},
+        # CLOCK=virtual's flights keep their bases beside the rule's tensors (virtual_async.py)
+        strategy_tensors={k: v for k, v in rule_tensors.items() if not k.startswith(BASE_TENSORS)}
+        if meta.get("strategy") == rule
+        else {},
         held=held,
         samples=_int_meta(meta, "samples"),
         updates=_int_meta(meta, "updates"),

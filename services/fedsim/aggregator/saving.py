@@ -45,6 +45,7 @@ from fedsim.aggregator.ledger import Ledger
 from fedsim.aggregator.metrics import Recorder
 from fedsim.aggregator.snapshot import Snapshot
 from fedsim.aggregator.strategies import Global, Refused, Strategy, Update
+from fedsim.aggregator.tasks.flights import BASE_TENSORS
 from fedsim.config import Settings
 
 log = logging.getLogger("fedsim.aggregator")
@@ -336,4 +337,10 @@ class Saver:
             checkpoints.STRATEGY_PREFIX + name: tensor
             for name, tensor in core.strategy.tensor_state().items()
         }
+        # CLOCK=virtual, asynchronous rules: the older versions clients in flight start from,
+        # so that a restart hands their tasks out on them again (virtual_async.py).
+        for version, base in getattr(getattr(core, "sim", None), "bases", {}).items():
+            if version != core.snapshot.version:
+                for name, tensor in base.tensors.items():
+                    rule[f"{checkpoints.STRATEGY_PREFIX}{BASE_TENSORS}{version}/{name}"] = tensor
         return _View(core.snapshot, metadata, core.ledger.total, rule, int(metadata[COVERED]))

@@ -21,7 +21,8 @@ from fedsim.aggregator import intake
 from fedsim.aggregator.snapshot import Snapshot
 from fedsim.aggregator.strategies import Refused, Update
 from fedsim.aggregator.tasks.clock import task_durations
-from fedsim.aggregator.tasks.flights import Flight, FlightQueue
+from fedsim.aggregator.tasks.flights import BASE_TENSORS, Flight, FlightQueue
+from fedsim.models import SHAPES
 
 log = logging.getLogger("fedsim.aggregator")
 
@@ -51,13 +52,17 @@ def driver(core: Any, now: Callable[[], float]) -> Flights:
     queue.duration = task_durations(core.settings, core.population, queue.clients)
     sim = Flights(queue, now)
     current = core.snapshot
+    kept = _kept(core) if queue.bases() - {current.version} else {}
     for version in sorted(queue.bases()):
-        found = current if version == current.version else _saved(core, version)
+        found = current if version == current.version else kept.get(version)
+        if found is None:
+            found = _saved(core, version)
         if found is not None:
             sim.keep(version, found)
             continue
-        # Without its checkpoint file the flight's own base is gone: it starts from the
-        # resumed version (its times stay), so its update, and what follows, differ.
+        # Neither the checkpoint nor a file of its own holds the flight's base (a checkpoint
+        # written before this was kept): it starts from the resumed version (its times
+        # stay), so its update, and what follows, differ from an uninterrupted run.
         for f in [f for f in queue.flying.values() if f.base == version]:
             queue.rebase(f.n, current.version)
             log.warning(
@@ -140,6 +145,26 @@ def replay(core: Any, sim: Flights, update: Update, at: float, take: Callable[[]
     sim.prune()
     run(core, sim)
     return True
+
+
+def _kept(core: Any) -> dict[int, Snapshot]:
+    """The flights' bases the checkpoint resumed from holds beside the model."""
+    s = core.settings
+    try:
+        ckpt = checkpoints.read(checkpoints.path_for(s.model_dir, core.snapshot.version))
+    except (OSError, weights.WeightsError):
+        return {}
+    by_version: dict[int, dict[str, Any]] = {}
+    for key, tensor in checkpoints.split(ckpt.tensors)[1].items():
+        if key.startswith(BASE_TENSORS):
+            version, _, name = key.removeprefix(BASE_TENSORS).partition("/")
+            if version.isdigit() and name:
+                by_version.setdefault(int(version), {})[name] = tensor
+    return {
+        v: Snapshot.of(t, v, 0, s.model, s.compression_down)
+        for v, t in by_version.items()
+        if set(t) == {name for name, _ in SHAPES[s.model]}
+    }
 
 
 def _saved(core: Any, version: int) -> Snapshot | None:

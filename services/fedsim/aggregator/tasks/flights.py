@@ -43,6 +43,9 @@ from fedsim.aggregator.tasks.leases import Worker
 from fedsim.aggregator.tasks.queues import Queue
 from fedsim.protocol import Offer
 
+# A checkpoint holds the versions flights start from beside the rule's tensors, as
+# "<BASE_TENSORS><version>/<model tensor>" (aggregator/virtual_async.py).
+BASE_TENSORS = "flight-base.v"
 DRAW = 0xA5C  # tags the generator of an update's client, apart from the rounds' samples
 NextOnline = Callable[[int, float], float | None]  # (client number, t) -> first t' >= t online
 
