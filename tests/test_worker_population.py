@@ -8,6 +8,7 @@ sleep only moves it, shared by the worker and the aggregator, so nothing really 
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 from flask import Flask
@@ -151,3 +152,23 @@ def test_silent_dropouts_wait_for_their_lease_to_run_out(make_settings, caplog) 
     assert sum(c["dropouts"] for c in s["clients"]) == 0  # nothing was given back
     assert caplog.text.count("silent until its lease runs out") == expected
     assert caplog.text.count("ran out after TASK_TIMEOUT=5s") == expected
+
+
+def test_under_the_virtual_clock_a_worker_trains_each_task_on_its_own_base_version(
+    make_settings, caplog
+) -> None:
+    # fedasync, 3 clients in flight: a task that starts on version v is often handed out
+    # after newer versions were made; the worker pulls v itself, and no push is refused.
+    clock = SleepLog()
+    settings, adapter = setup(
+        make_settings, clock, AGGREGATION="fedasync", NUM_CLIENTS=6, CLIENTS_PER_ROUND=3,
+        ROUNDS=3, CLOCK="virtual", CLIENT_SPEED="lognormal:0,0.5", EVAL_EVERY=3,
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        worker = run_worker(settings, adapter, clock)
+    s = status(adapter)
+    assert s["finished"] and s["updates"] == 9 and s["version"] == 9
+    assert worker.summary.trained == 9 and worker.summary.counts.pushes_refused == 0
+    # Each pull was of the task's own base, which newer versions had often followed.
+    pulled = [int(v) for v in re.findall(r" pull  version (\d+) ", caplog.text)]
+    assert pulled == sorted(set(pulled)) and len(pulled) > 1
