@@ -183,3 +183,33 @@ def test_the_virtual_clock_gives_the_same_rounds_on_one_and_two_workers(tmp_path
     assert [r[:2] for r in runs[0]] == [(0, None), (1, 1), (2, 2), (3, 3)]
     assert all(len(clients) == 4 for _, _, clients, _ in runs[0][1:])
     assert runs[1] == runs[0]
+
+
+@pytest.mark.slow
+def test_the_virtual_clock_gives_the_same_asynchronous_versions_on_one_and_two_workers(
+    tmp_path, mnist_dir
+):
+    # fedbuff, 3 clients in flight, 12 updates of 30 iid clients (2,000 images), a tenth 10x
+    # slower.
+    runs = []
+    for workers in (1, 2):
+        env = environment(
+            tmp_path / f"w{workers}",
+            mnist_dir,
+            PARTITION="iid",
+            NUM_CLIENTS="30",
+            CLIENTS_PER_ROUND="3",
+            AGGREGATION="fedbuff",
+            FEDBUFF_K="2",
+            ROUNDS="4",
+            EPOCHS="1",
+            EVAL_EVERY="2",
+            CLOCK="virtual",
+            CLIENT_SPEED="slow:0.1,10",
+        )
+        simulate(env, workers)
+        entries = history.read(tmp_path / f"w{workers}" / "models")
+        runs.append([(e["version"], e["clients"], e["sim_seconds"]) for e in entries])
+    assert [r[0] for r in runs[0]] == [0, 2, 4, 6]  # 12 updates, 2 a version
+    assert all(r[1] for r in runs[0][1:])
+    assert runs[1] == runs[0]

@@ -129,6 +129,7 @@ def test_an_update_waits_for_the_earlier_finishes_and_staleness_follows_the_simu
     assert status["version"] == 1 and status["clock"]["sim_seconds"] == round(
         finish[order[0]["id"]], 3
     )
+    assert status["flights"] == {"in_flight": 3, "waiting": 1, "applied": 1, "updates": 9}
     # The freed slot starts a fourth client at that finish, on version 1.
     fourth = ask(client, "wk-3")["task"]
     if fourth["kind"] == "evaluate":  # version 1's score first

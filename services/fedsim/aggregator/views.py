@@ -229,6 +229,8 @@ def status(core: Core, clients: int | None = STATUS_CLIENTS) -> dict[str, Any]:
         # Secure aggregation (aggregator/tasks/secagg.py): phase, attempt, the last rounds'
         # clients masked in, dropouts recovered, protocol bytes and seconds; None when off.
         "secagg": queue_status.pop("secagg", None),
+        # CLOCK=virtual, asynchronous rules: updates in flight, waiting their turn, applied
+        "flights": queue_status.pop("flights", None),
         # The run's clock (tasks/clock.py): simulated seconds under CLOCK=virtual.
         "clock": {"kind": s.clock, "sim_seconds": round(queue.run_clock(), 3)},
     }
