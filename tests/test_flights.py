@@ -167,7 +167,9 @@ def test_the_plan_is_saved_and_resumed_and_a_bad_one_refused() -> None:
     again.clock.load_state_dict(now)
     again.start(1)  # awaits the saved flights again; starts nothing new (the slots are full)
     assert again.flying == half.flying and again.landed == {int(event.task[1:].split(".")[0])}
-    assert again.clock.outstanding == {f.task: half.clock.finish_of(f.task) for f in half.flying.values()}
+    assert again.clock.outstanding == {
+        f.task: half.clock.finish_of(f.task) for f in half.flying.values()
+    }
     for bad in ({"clients_of": [99]}, {"clients_of": [1], "flying": [[1, 0, -1.0]]}, {"flying": 3}):
         with pytest.raises(ValueError, match="bad"):
             queue(pop).load_state_dict(bad)

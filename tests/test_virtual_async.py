@@ -93,7 +93,9 @@ def test_the_same_seed_gives_the_same_versions_whatever_the_real_order(
     extra = {"FEDBUFF_K": 2} if rule == "fedbuff" else {}
     histories, models, orders = [], [], []
     for order_seed, workers in ((1, 1), (2, 3), (3, 5)):
-        settings = prepared(make_settings, tmp_path / f"run-{order_seed}", AGGREGATION=rule, **extra)
+        settings = prepared(
+            make_settings, tmp_path / f"run-{order_seed}", AGGREGATION=rule, **extra
+        )
         history, model, pushed = run(make_app, settings, order_seed, workers)
         assert all(code == 200 for _, code in pushed)
         histories.append(history)
@@ -180,5 +182,5 @@ def test_a_journal_replay_takes_the_updates_in_their_flights_place(
 
 
 def test_slices_stay_refused_under_the_virtual_clock(make_settings, tmp_path) -> None:
-    with pytest.raises(ConfigError, match="CLOCK.*PARTITION=slices"):
+    with pytest.raises(ConfigError, match=r"CLOCK.*PARTITION=slices"):
         make_settings(**{**FLIGHTS, "PARTITION": "slices", "CLIENT_SLICES": "1-2 3-4 5-6"})

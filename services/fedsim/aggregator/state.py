@@ -27,17 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.aggregator import (
-    intake,
-    persistence,
-    privacy,
-    quota,
-    replay,
-    tasks,
-    views,
-    virtual,
-    virtual_async,
-)
+from fedsim.aggregator import intake, persistence, privacy, quota, replay, tasks, views, virtual
 from fedsim.aggregator.evaluations import MAX_WAITING_EVALUATIONS, Evaluations
 from fedsim.aggregator.events import Events, iso
 from fedsim.aggregator.holding import Holds
@@ -184,12 +174,10 @@ class State:
         return self.snapshot.version, self.queue.finished
 
     def snapshot_of(self, version: int) -> Snapshot | None:
-        """The current snapshot, or a past one kept for its evaluation or as the version a
-        task starts from (CLOCK=virtual, asynchronous rules)."""
+        """The current snapshot, or a past one kept for its evaluation or a task's base."""
         snap = self.snapshot
-        if snap.version == version:
-            return snap
-        return self.evaluations.snapshot_of(version) or virtual_async.base(self.sim, version)
+        kept = self.evaluations.snapshot_of(version) or virtual.base(self.sim, version)
+        return snap if snap.version == version else kept
 
     def save_if_due(self, *, force: bool = False, wait: bool = True) -> Path | None:
         return self.saver.save_if_due(force=force, wait=wait)

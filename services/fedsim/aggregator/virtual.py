@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedsim.aggregator import intake, tasks, virtual_async
+from fedsim.aggregator.snapshot import Snapshot
 from fedsim.aggregator.strategies import Refused, Update
 from fedsim.aggregator.tasks.clock import Rounds, VirtualClock, task_durations
 from fedsim.aggregator.virtual_async import Flights
@@ -66,3 +67,8 @@ def catch_up(core: Any, sim: Sim | None) -> None:
         virtual_async.run(core, sim)
     elif sim is not None:
         sim.run(lambda: core.snapshot.version)
+
+
+def base(sim: Sim | None, version: int) -> Snapshot | None:
+    """A version tasks start from that the simulation keeps (asynchronous rules), or None."""
+    return virtual_async.base(sim, version)
