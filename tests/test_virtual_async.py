@@ -13,7 +13,7 @@ import pytest
 
 from fedsim import weights
 from fedsim.settings import ConfigError
-from helpers import answer, ask, post, state_of, write_plan, write_population
+from helpers import answer, ask, post, state_of, upload, write_plan, write_population
 
 FLIGHTS = {
     "AGGREGATION": "fedasync",
@@ -184,3 +184,20 @@ def test_a_journal_replay_takes_the_updates_in_their_flights_place(
 def test_slices_stay_refused_under_the_virtual_clock(make_settings, tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"CLOCK.*PARTITION=slices"):
         make_settings(**{**FLIGHTS, "PARTITION": "slices", "CLIENT_SLICES": "1-2 3-4 5-6"})
+
+
+def test_an_update_without_a_task_is_refused_and_changes_nothing(
+    make_app, make_settings, tmp_path
+) -> None:
+    app = make_app(**prepared(make_settings, tmp_path / "models"))
+    client = app.test_client()
+    before = client.get("/v1/status").get_json()
+    body = upload(0.5, client_id="client-1", update_id="hand-1", base_version=0, num_samples=10)
+    reply = post(client, body)
+    assert reply.status_code == 409 and reply.get_json()["error"] == "no_task"
+    after = client.get("/v1/status").get_json()
+    assert (after["version"], after["updates"], after["flights"]) == (
+        before["version"],
+        before["updates"],
+        before["flights"],
+    )

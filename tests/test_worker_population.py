@@ -172,3 +172,17 @@ def test_under_the_virtual_clock_a_worker_trains_each_task_on_its_own_base_versi
     # Each pull was of the task's own base, which newer versions had often followed.
     pulled = [int(v) for v in re.findall(r" pull  version (\d+) ", caplog.text)]
     assert pulled == sorted(set(pulled)) and len(pulled) > 1
+
+
+def test_under_the_virtual_clock_dropped_asynchronous_tasks_are_trained_again(
+    make_settings,
+) -> None:
+    clock = SleepLog()
+    settings, adapter = setup(
+        make_settings, clock, AGGREGATION="fedasync", NUM_CLIENTS=6, CLIENTS_PER_ROUND=3,
+        ROUNDS=3, CLOCK="virtual", DROPOUT="0.5", DROPOUT_MODE="abort",
+    )  # fmt: skip
+    worker = run_worker(settings, adapter, clock)
+    s = status(adapter)
+    assert s["finished"] and s["updates"] == 9 and worker.summary.trained == 9
+    assert worker.summary.dropped > 0 and worker.summary.counts.pushes_refused == 0

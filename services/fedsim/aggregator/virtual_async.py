@@ -87,7 +87,12 @@ def arrive(core: Any, sim: Flights, update: Update) -> None:
     """An update arrived (real time): it waits for its simulated turn, then every event due
     is taken in simulated order. Raises Refused when its task is not in flight."""
     queue, task = sim.queue, update.task_id
-    assert task is not None
+    if task is None:
+        raise Refused(
+            "no_task",
+            "CLOCK=virtual takes only updates for tasks, in simulated order: start a worker "
+            "instead of a client with its own range",
+        )
     run(core, sim)
     if task not in queue.clock.outstanding:
         raise Refused("unknown_task", f"task {task} is not in flight in simulated time")

@@ -14,7 +14,10 @@ online then, at the first moment one is). Its staleness is
 
 the versions made between its start and its finish (V(t): the version at t), so
 slow clients (a larger d_n) come back staler, whatever real order the workers
-push in. A task is handed out only once it has started in simulated time, that
+push in. This is the simulation of FedBuff's experiments (Nguyen et al., AISTATS
+2022, arXiv:2106.06639, Section 5: a fixed concurrency of clients training at
+once, a new one drawn uniformly as one finishes, durations drawn per client),
+applied in the conservative order of Chandy and Misra 1979 (tasks/clock.py). A task is handed out only once it has started in simulated time, that
 is once the version it starts from exists; a worker trains it on that version
 (`?version=` of /v1/model), even when newer ones were made since. Every start,
 draw and finish hangs on the seed and the population only, so the same seed
