@@ -151,11 +151,8 @@ def test_a_result_trained_from_another_version_is_refused_as_stale() -> None:
 
 def test_the_plan_is_saved_and_resumed_and_a_bad_one_refused() -> None:
     pop = population()
-    q = queue(pop)
-    applied, _ = simulate(q, order_seed=1, workers=2)
     half = queue(pop)
     half.start(0)
-    event = None
     for task in sorted(half.flying.values(), key=lambda f: f.n):
         half.clock.arrive(task.task, task.task)
     event = half.clock.next()
@@ -165,7 +162,7 @@ def test_the_plan_is_saved_and_resumed_and_a_bad_one_refused() -> None:
     again = queue(pop)
     again.load_state_dict(state)
     again.clock.load_state_dict(now)
-    again.start(1)  # awaits the saved flights again; starts nothing new (the slots are full)
+    assert again.start(1) == []  # awaits the saved flights again; the slots are full
     assert again.flying == half.flying and again.landed == {int(event.task[1:].split(".")[0])}
     assert again.clock.outstanding == {
         f.task: half.clock.finish_of(f.task) for f in half.flying.values()
@@ -173,4 +170,5 @@ def test_the_plan_is_saved_and_resumed_and_a_bad_one_refused() -> None:
     for bad in ({"clients_of": [99]}, {"clients_of": [1], "flying": [[1, 0, -1.0]]}, {"flying": 3}):
         with pytest.raises(ValueError, match="bad"):
             queue(pop).load_state_dict(bad)
-    assert applied  # the straight run made its updates
+    with pytest.raises(ValueError, match="made under CLOCK=real"):
+        queue(pop).load_state_dict({"updates_done": "1-3"})  # a SampledQueue's progress

@@ -14,9 +14,9 @@ online then, at the first moment one is). Its staleness is
 
 the versions made between its start and its finish (V(t): the version at t), so
 slow clients (a larger d_n) come back staler, whatever real order the workers
-push in. This is the simulation of FedBuff's experiments (Nguyen et al., AISTATS
-2022, arXiv:2106.06639, Section 5: a fixed concurrency of clients training at
-once, a new one drawn uniformly as one finishes, durations drawn per client),
+push in. This is how FedBuff's experiments simulate asynchrony (Nguyen et al., AISTATS
+2022, arXiv:2106.06639: a fixed concurrency of clients training at once, a new
+one drawn uniformly as one finishes, each with its own duration),
 applied in the conservative order of Chandy and Misra 1979 (tasks/clock.py). A task is handed out only once it has started in simulated time, that
 is once the version it starts from exists; a worker trains it on that version
 (`?version=` of /v1/model), even when newer ones were made since. Every start,
@@ -225,6 +225,11 @@ class FlightQueue(Queue):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("updates_done") and "clients_of" not in state:
+            raise ValueError(
+                "its updates were made under CLOCK=real, which draws clients otherwise: "
+                "resume with CLOCK=real, or reset (docker compose down -v)"
+            )
         started = state.get("clients_of", [])
         if not isinstance(started, list) or not all(
             isinstance(c, int) and c in self.clients for c in started
