@@ -306,7 +306,7 @@ def post_update() -> Response:
         if exc.status in (429, 503):
             response.headers["Retry-After"] = str(getattr(exc, "retry_after", 5))
         return response
-    state.save_if_due(wait=False)
+    state.after_update()  # a checkpoint due is written by the ticker thread
     return jsonify(
         accepted=True, version=result.version, duplicate=result.duplicate, seq=result.seq
     )
