@@ -10,7 +10,7 @@ Measures and prints:
   - bytes on the wire per mlp update against its 796,840 bytes of float32 weights.
 
     .venv/bin/python scripts/bench_aggregator.py [--seconds 10] [--clients 8] [--threads 8]
-        [--save-model 2] [--durable] [--proxy]
+        [--save-model 2] [--durable] [--proxy] [--profile FILE]
 
 The uploads' line is also printed as `aggregator  N updates/s through the proxy with
 tokens (aim 300/s)`. It writes a version-0 checkpoint of the mlp layout into a temporary
@@ -22,6 +22,7 @@ start above 1.0 unless --force. A benchmark, not a test: it gates nothing.
 from __future__ import annotations
 
 import argparse
+import pstats
 import signal
 import sys
 import tempfile
@@ -33,6 +34,7 @@ import requests
 
 from benchlib import Bench, add_arguments, cpu_seconds, serve, vm_hwm_kib
 from benchlib.procs import children
+from benchlib.profile import print_shares
 from fedsim import checkpoints, weights
 from fedsim.models import parameter_count
 
@@ -118,6 +120,15 @@ def main() -> int:
     parser.add_argument(
         "--proxy", action="store_true", help="through the proxy (nginx), as Compose runs it"
     )
+    parser.add_argument(
+        "--uploads-only", action="store_true", help="no downloads phase (e.g. for --profile)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="profile gunicorn's request threads (cProfile) into this file and print each "
+        "upload step's share; the rates are then slowed by the profiler",
+    )
     add_arguments(parser)
     args = parser.parse_args()
     if args.proxy and (missing := serve.nginx_missing()) is not None:
@@ -134,7 +145,7 @@ def main() -> int:
         env |= {"AGGREGATION": "async-weighted", "SAVE_MODEL": str(args.save_model)}
         env |= {"DURABLE": "true" if args.durable else "false"}
         headers = serve.workers_header(env)
-        proc, url, log = serve.start_gunicorn(tmp, env, args.threads)
+        proc, url, log = serve.start_gunicorn(tmp, env, args.threads, args.profile)
         nginx = None
         try:
             serve.wait_healthy(url, proc, log)
@@ -184,17 +195,19 @@ def main() -> int:
                 },
                 load,
             )
-            load, cpu = bench.load(), cpu_seconds(worker)
-            ok, other = serve.for_seconds(downloader, args.clients, secs, url)
-            per_download = 1000 * (cpu_seconds(worker) - cpu) / max(ok, 1)
-            bench.say(
-                f"downloads: {ok / secs:.0f} model downloads/s ({ok} in {secs:g} s, {other} failed); "
-                f"aggregator CPU {per_download:.2f} ms per download",
-                load,
-            )
-            results["downloads"] = bench.figure(
-                {"per_second": ok / secs, "ok": ok, "failed": other, "cpu_ms": per_download}, load
-            )
+            if not args.uploads_only:
+                load, cpu = bench.load(), cpu_seconds(worker)
+                ok, other = serve.for_seconds(downloader, args.clients, secs, url)
+                per_download = 1000 * (cpu_seconds(worker) - cpu) / max(ok, 1)
+                bench.say(
+                    f"downloads: {ok / secs:.0f} model downloads/s ({ok} in {secs:g} s, {other} failed); "
+                    f"aggregator CPU {per_download:.2f} ms per download",
+                    load,
+                )
+                results["downloads"] = bench.figure(
+                    {"per_second": ok / secs, "ok": ok, "failed": other, "cpu_ms": per_download},
+                    load,
+                )
             peak = vm_hwm_kib(worker)
             bench.say(f"memory: aggregator worker peak RSS (VmHWM) {peak / 1024:.0f} MiB")
             results["memory"] = bench.figure({"worker_peak_kib": peak})
@@ -205,6 +218,10 @@ def main() -> int:
                     server.wait(timeout=60)
         saved = checkpoints.versions(Path(env["MODEL_DIR"]))
         print(f"shutdown: exit {proc.returncode}, newest checkpoint v{saved[0] if saved else '-'}")
+    if args.profile is not None:
+        print(f"profile ({args.profile}; request threads' CPU, uploads and downloads):")
+        print_shares(pstats.Stats(str(args.profile)), "the rest (Flask, downloads...)")
+        results["profiled"] = True
     bench.finish(results)
     return 0
 

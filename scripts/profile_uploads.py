@@ -28,19 +28,9 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as gunicorn_conf sets it
 
 from benchlib import serve
+from benchlib.profile import print_shares
 from fedsim import config, weights
 from fedsim.aggregator.app import create_app
-
-# The steps of an upload, by the function that does each (file suffix, function name).
-STEPS = (
-    ("read the body", "fedsim/aggregator/api.py", "_read_body"),
-    ("decode (safetensors)", "fedsim/weights.py", "decode"),
-    ("validate (layout, finite)", "fedsim/pipeline/registry.py", "receive"),
-    ("rule step (merge, checks)", "fedsim/aggregator/state.py", "rule_step"),
-    ("publish the version", "fedsim/aggregator/state.py", "apply"),
-    ("journal commit (DURABLE)", "fedsim/aggregator/saving.py", "sync"),
-    ("checkpoint writes", "fedsim/aggregator/saving.py", "_save_once"),
-)
 
 
 def main() -> int:
@@ -86,23 +76,13 @@ def main() -> int:
         app.extensions["fedsim"].close()
 
     stats = pstats.Stats(profile)
-    total = stats.total_tt  # type: ignore[attr-defined]
     print(
         f"{args.updates} mlp updates, SAVE_MODEL={args.save_model}, "
         f"DURABLE={str(args.durable).lower()}, checkpoints "
         f"{'in the request' if args.inline else 'by the writer thread (not profiled)'}: "
         f"{per_update:.2f} ms of CPU per update unprofiled (this process, all threads)"
     )
-    found = {}
-    for (path, _, func), row in stats.stats.items():  # type: ignore[attr-defined]
-        for label, suffix, name in STEPS:
-            if func == name and path.endswith(suffix):
-                found[label] = found.get(label, 0.0) + row[3]  # cumulative time
-    for label, _, _ in STEPS:
-        if label in found:
-            print(f"  {label:<28} {100 * found[label] / total:5.1f}%")
-    rest = total - sum(found.values())
-    print(f"  {'the rest (Flask, test client)':<28} {100 * rest / total:5.1f}%")
+    print_shares(stats, "the rest (Flask, test client)")
     if args.top:
         stats.sort_stats("tottime").print_stats(args.top)
     return 0

@@ -64,19 +64,20 @@ def workers_header(env: dict[str, str]) -> dict[str, str]:
 
 
 def start_gunicorn(
-    tmp: Path, env: dict[str, str], threads: int
+    tmp: Path, env: dict[str, str], threads: int, profile: Path | None = None
 ) -> tuple[subprocess.Popen, str, Path]:
-    """The aggregator as the image runs it (1 worker x `threads`); process, URL and log."""
+    """The aggregator as the image runs it (1 worker x `threads`); process, URL and log.
+    With `profile`, its request threads under cProfile, written there at its exit."""
     port = free_port()
     log = tmp / "gunicorn.log"
     gunicorn = Path(sys.executable).with_name("gunicorn")
-    argv = [
-        gunicorn,
-        "-c",
-        "python:fedsim.aggregator.gunicorn_conf",
-        "fedsim.aggregator.app:create_app()",
-    ]
+    conf = "benchlib.gunicorn_profile" if profile else "fedsim.aggregator.gunicorn_conf"
+    argv = [gunicorn, "-c", f"python:{conf}", "fedsim.aggregator.app:create_app()"]
     full = {**os.environ, **env, "BIND": f"127.0.0.1:{port}", "THREADS": str(threads)}
+    if profile is not None:
+        scripts = str(Path(__file__).resolve().parents[1])  # benchlib's folder's parent
+        path = os.pathsep.join(p for p in (scripts, os.environ.get("PYTHONPATH", "")) if p)
+        full |= {"FEDSIM_PROFILE_OUT": str(profile), "PYTHONPATH": path}
     return start(argv, env=full, log=log, cwd=tmp), f"http://127.0.0.1:{port}", log
 
 

@@ -117,15 +117,18 @@ def _read_body() -> bytes:
     short) are HTTP errors and pass on to `_http_error`.
     """
     try:
-        length = request.content_length
-        if length is None:  # chunked: read to its end
+        length, cap = request.content_length, current_app.config["MAX_CONTENT_LENGTH"]
+        if length is None or (cap is not None and length > cap):  # chunked, or over: 413
             return request.get_data(cache=False)
         # Asked for whole, gunicorn reads the body in a few large recv()s into one buffer;
         # read 64 kB at a time (as get_data does), it re-copied what it had buffered on
-        # every read: a third of an mlp upload's CPU. The stream ends at Content-Length.
+        # every read: a third of an mlp upload's CPU. The server's own stream, not
+        # Werkzeug's wrapper, which copies it twice more: its Content-Length is within
+        # the cap and gunicorn never reads past it.
+        stream = request.environ["wsgi.input"]
         parts, missing = [], length
         while missing > 0:
-            part = request.stream.read(missing)
+            part = stream.read(missing)
             if not part:
                 break
             parts.append(part)
