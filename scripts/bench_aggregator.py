@@ -219,7 +219,7 @@ def main() -> int:
         saved = checkpoints.versions(Path(env["MODEL_DIR"]))
         print(f"shutdown: exit {proc.returncode}, newest checkpoint v{saved[0] if saved else '-'}")
     if args.profile is not None:
-        print(f"profile ({args.profile}; request threads' CPU, uploads and downloads):")
+        print(f"profile ({args.profile}; the CPU of gunicorn's request threads):")
         print_shares(pstats.Stats(str(args.profile)), "the rest (Flask, downloads...)")
         results["profiled"] = True
     bench.finish(results)
