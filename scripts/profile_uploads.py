@@ -2,12 +2,13 @@
 """Where the aggregator's CPU goes per accepted mlp update: a profile, not a benchmark.
 
 Posts --updates mlp updates (async-weighted, with the workers' token) to the aggregator
-app in this process through Flask's test client, one after another, first unprofiled
-(the CPU per update), then under cProfile on this thread's CPU clock; prints each step
-of the upload path as a share of the profiled CPU (waits for the disk are not in it). One thread and no sockets: gunicorn's and nginx's own work
-is not in it, and the checkpoint writer (a thread of the app) is profiled only when the
-writes are made in the request (--inline, as under the tests). Proportions, which a
-busy machine distorts little; timings are bench_aggregator.py's.
+app in this process through Flask's test client, one after another: first unprofiled
+(the CPU per update, all threads), then under cProfile on this thread's CPU clock, and
+prints each step of the upload path as a share of the profiled CPU (waits for the disk
+are not in it). One thread and no sockets: gunicorn's and nginx's own work is not in it
+(bench_aggregator.py --profile has it), and the checkpoint writer (a thread of the app)
+is profiled only when the requests write (--inline, as under the tests). Proportions,
+which a busy machine distorts little; timings are bench_aggregator.py's.
 
     .venv/bin/python scripts/profile_uploads.py [--updates 300] [--save-model 2]
         [--durable] [--inline] [--top 0]
