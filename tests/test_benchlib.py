@@ -167,3 +167,25 @@ def test_mnist_files_plain_or_gzipped_and_status_of_a_closed_port(tmp_path):
     assert found["t10k-labels-idx1-ubyte"] == tmp_path / "t10k-labels-idx1-ubyte"
     assert found["train-labels-idx1-ubyte"] is None
     assert status(free_port()) is None
+
+
+def test_profile_shares_name_the_upload_steps_seen_and_the_rest():
+    import cProfile
+    import pstats
+
+    import numpy as np
+
+    from benchlib.profile import shares
+    from fedsim import weights
+
+    data = weights.encode({"w": np.ones((300, 300), dtype=np.float32)}, {})
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(20):
+        weights.decode(data)
+        sorted(range(20_000), key=lambda n: -n)  # work outside every step: "the rest"
+    profile.disable()
+    found = dict(shares(pstats.Stats(profile)))
+    assert set(found) == {"decode (safetensors)", "the rest"}
+    assert 0 < found["decode (safetensors)"] < 1 and 0 < found["the rest"] < 1
+    assert sum(found.values()) == pytest.approx(1)

@@ -219,6 +219,15 @@ def test_the_writer_thread_writes_checkpoints_and_the_newest_version_wins(
     assert served(make_app(SAVE_MODEL=2).test_client())[1:] == (4, 400)
 
 
+def test_close_with_the_writer_thread_running_saves_the_newest_version(make_app) -> None:
+    app = make_app(SAVE_MODEL=10, IDLE_SAVE_SECONDS=3600, ticker=True)
+    for n in (1, 2, 3):  # none due: fewer than SAVE_MODEL, never idle
+        assert post(app.test_client(), upload(float(n), update_id=f"u{n}")).status_code == 200
+    state_of(app).close()  # as SIGTERM does: the thread stops, then a last write
+    assert checkpoints.versions(model_dir(app)) == [3, 0]
+    assert served(make_app(SAVE_MODEL=10).test_client())[1:] == (3, 300)
+
+
 def test_durable_updates_acknowledged_before_their_checkpoint_survive_a_kill(
     make_app, monkeypatch
 ) -> None:
