@@ -2,22 +2,27 @@
 """Benchmark the aggregator under a real gunicorn on 127.0.0.1 (mlp, async-weighted).
 
 Measures and prints:
-  - accepted updates per second with N concurrent uploaders (processes, keep-alive),
+  - accepted updates per second with N concurrent uploaders (processes, keep-alive, each
+    request with the workers' token), straight to gunicorn or, with --proxy, through the
+    proxy (deploy/nginx, as Compose runs it), and the aggregator's CPU per update,
   - model downloads per second with N concurrent downloaders,
   - the aggregator worker's peak resident memory (VmHWM),
   - bytes on the wire per mlp update against its 796,840 bytes of float32 weights.
 
     .venv/bin/python scripts/bench_aggregator.py [--seconds 10] [--clients 8] [--threads 8]
-        [--save-model 2] [--durable]
+        [--save-model 2] [--durable] [--proxy] [--profile FILE]
 
-It writes a version-0 checkpoint of the mlp layout into a temporary MODEL_DIR,
-so it needs neither TensorFlow nor MNIST (scripts/benchlib's stand-in). Refuses to start
-above a load of 1.0 unless --force. A benchmark, not a test: it gates nothing.
+The uploads' line is also printed as `aggregator  N updates/s through the proxy with
+tokens (aim 300/s)`. It writes a version-0 checkpoint of the mlp layout into a temporary
+MODEL_DIR, so it needs neither TensorFlow nor MNIST (scripts/benchlib's stand-in); --proxy
+needs nginx (Debian's package). It prints the 1-minute load at its start and refuses to
+start above 1.0 unless --force. A benchmark, not a test: it gates nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import pstats
 import signal
 import sys
 import tempfile
@@ -29,10 +34,12 @@ import requests
 
 from benchlib import Bench, add_arguments, cpu_seconds, serve, vm_hwm_kib
 from benchlib.procs import children
+from benchlib.profile import print_shares
 from fedsim import checkpoints, weights
 from fedsim.models import parameter_count
 
 RAW_BYTES = parameter_count("mlp") * 4  # 796,840: the float32 weights alone
+AIM = 300  # accepted updates per second through the proxy with tokens (issue 18)
 
 
 def update_body(client: str, update_id: str, base_version: int = 0) -> bytes:
@@ -110,10 +117,26 @@ def main() -> int:
     parser.add_argument(
         "--durable", action="store_true", help="DURABLE=true: acknowledge once in the journal"
     )
+    parser.add_argument(
+        "--proxy", action="store_true", help="through the proxy (nginx), as Compose runs it"
+    )
+    parser.add_argument(
+        "--uploads-only", action="store_true", help="no downloads phase (e.g. for --profile)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="profile gunicorn's request threads (cProfile) into this file and print each "
+        "upload step's share; the rates are then slowed by the profiler",
+    )
     add_arguments(parser)
     args = parser.parse_args()
+    if args.proxy and (missing := serve.nginx_missing()) is not None:
+        print(missing, file=sys.stderr)
+        return 1
     bench = Bench.from_args("bench_aggregator", args)
     bench.header()
+    path = "through the proxy" if args.proxy else "straight to gunicorn"
 
     results: dict[str, object] = {"wire": wire_bytes()}  # sizes: no load to mark
     with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as name:
@@ -122,18 +145,24 @@ def main() -> int:
         env |= {"AGGREGATION": "async-weighted", "SAVE_MODEL": str(args.save_model)}
         env |= {"DURABLE": "true" if args.durable else "false"}
         headers = serve.workers_header(env)
-        proc, url, log = serve.start_gunicorn(tmp, env, args.threads)
+        proc, url, log = serve.start_gunicorn(tmp, env, args.threads, args.profile)
+        nginx = None
         try:
             serve.wait_healthy(url, proc, log)
+            if args.proxy:
+                nginx, url = serve.start_nginx(tmp, url)
+                serve.wait_healthy(url, nginx, tmp / "nginx.log")
             worker = worker_pid(proc.pid)
             print(
-                f"setup: gunicorn 1 worker x {args.threads} threads, "
+                f"setup: gunicorn 1 worker x {args.threads} threads"
+                f"{', behind nginx 1 worker (deploy/nginx)' if args.proxy else ''}, "
                 f"SAVE_MODEL={args.save_model}, DURABLE={str(args.durable).lower()}, "
-                f"{args.clients} client processes, "
+                f"{args.clients} client processes with the workers' token, "
                 f"{args.seconds:g} s per phase; worker RSS at start {vm_hwm_kib(worker) / 1024:.0f} MiB"
             )
             secs = args.seconds
             load, cpu = bench.load(), cpu_seconds(worker)
+            proxy_cpu = cpu_seconds(nginx.pid) if nginx else 0.0  # its master and worker
             body = update_body("client-1", "0" * serve.ID_WIDTH)
             ok, other = serve.for_seconds(
                 serve.uploads, args.clients, secs, url, body, "", headers, ""
@@ -141,36 +170,58 @@ def main() -> int:
             cpu_up = cpu_seconds(worker) - cpu
             status = requests.get(url + "/v1/status", timeout=10, headers=headers).json()
             per_update = 1000 * cpu_up / max(ok, 1)
+            nginx_ms = ""
+            if nginx is not None:
+                proxy_cpu = 1000 * (cpu_seconds(nginx.pid) - proxy_cpu) / max(ok, 1)
+                nginx_ms = f", nginx CPU {proxy_cpu:.2f} ms"
             bench.say(
-                f"uploads: {ok / secs:.0f} accepted updates/s ({ok} in {secs:g} s, "
+                f"uploads {path}: {ok / secs:.0f} accepted updates/s ({ok} in {secs:g} s, "
                 f"{other} not accepted; version {status['version']}, "
                 f"last checkpoint v{status['last_checkpoint']['version']}); "
-                f"aggregator CPU {per_update:.2f} ms per update",
+                f"aggregator CPU {per_update:.2f} ms per update{nginx_ms}",
                 load,
+            )
+            bench.say(
+                f"aggregator  {ok / secs:.0f} updates/s {path} with tokens (aim {AIM}/s)", load
             )
             results["uploads"] = bench.figure(
-                {"per_second": ok / secs, "accepted": ok, "other": other, "cpu_ms": per_update},
+                {
+                    "path": path,
+                    "per_second": ok / secs,
+                    "accepted": ok,
+                    "other": other,
+                    "cpu_ms": per_update,
+                    "aim_per_second": AIM,
+                },
                 load,
             )
-            load, cpu = bench.load(), cpu_seconds(worker)
-            ok, other = serve.for_seconds(downloader, args.clients, secs, url)
-            per_download = 1000 * (cpu_seconds(worker) - cpu) / max(ok, 1)
-            bench.say(
-                f"downloads: {ok / secs:.0f} model downloads/s ({ok} in {secs:g} s, {other} failed); "
-                f"aggregator CPU {per_download:.2f} ms per download",
-                load,
-            )
-            results["downloads"] = bench.figure(
-                {"per_second": ok / secs, "ok": ok, "failed": other, "cpu_ms": per_download}, load
-            )
+            if not args.uploads_only:
+                load, cpu = bench.load(), cpu_seconds(worker)
+                ok, other = serve.for_seconds(downloader, args.clients, secs, url)
+                per_download = 1000 * (cpu_seconds(worker) - cpu) / max(ok, 1)
+                bench.say(
+                    f"downloads: {ok / secs:.0f} model downloads/s ({ok} in {secs:g} s, {other} failed); "
+                    f"aggregator CPU {per_download:.2f} ms per download",
+                    load,
+                )
+                results["downloads"] = bench.figure(
+                    {"per_second": ok / secs, "ok": ok, "failed": other, "cpu_ms": per_download},
+                    load,
+                )
             peak = vm_hwm_kib(worker)
             bench.say(f"memory: aggregator worker peak RSS (VmHWM) {peak / 1024:.0f} MiB")
             results["memory"] = bench.figure({"worker_peak_kib": peak})
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            for server in (nginx, proc):
+                if server is not None:
+                    server.send_signal(signal.SIGTERM)
+                    server.wait(timeout=60)
         saved = checkpoints.versions(Path(env["MODEL_DIR"]))
         print(f"shutdown: exit {proc.returncode}, newest checkpoint v{saved[0] if saved else '-'}")
+    if args.profile is not None:
+        print(f"profile ({args.profile}; the CPU of gunicorn's request threads):")
+        print_shares(pstats.Stats(str(args.profile)), "the rest (Flask, downloads...)")
+        results["profiled"] = True
     bench.finish(results)
     return 0
 

@@ -22,7 +22,6 @@ not a test: it gates nothing.
 from __future__ import annotations
 
 import argparse
-import os
 import select
 import shutil
 import signal
@@ -38,10 +37,9 @@ from pathlib import Path
 
 import requests
 
-from benchlib import ROOT, Bench, PeakMemory, add_arguments, cpu_seconds, free_port, serve
+from benchlib import ROOT, Bench, PeakMemory, add_arguments, cpu_seconds, serve
 from fedsim import weights
 
-ENTRYPOINT = ROOT / "deploy" / "nginx" / "entrypoint.sh"
 MAKE_CERTS = ROOT / "scripts" / "make-certs.sh"
 MLP_UPDATE_BYTES = 797_520  # what a real mlp upload declares
 ANSWER_BOUND = 1.0  # seconds: the bound a normal pull is held to
@@ -243,27 +241,6 @@ def throughput(
 # --- servers -----------------------------------------------------------------------------
 
 
-def start_nginx(tmp: Path, upstream: str, tls: bool = False) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    name = "nginx-tls" if tls else "nginx"
-    env = {
-        **os.environ,
-        "NGINX_PREFIX": str(tmp / name),
-        "LISTEN_PORT": str(port),
-        "UPSTREAM": upstream.removeprefix("http://"),
-        "TLS": str(tls).lower(),
-        "CERT_DIR": str(tmp / "certs"),
-        "NGINX_USER": "root",  # used only when this runs as root: no other user is needed
-    }
-    proc = subprocess.Popen(
-        [str(ENTRYPOINT)],
-        env=env,
-        stdout=(tmp / f"{name}.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    return proc, f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-
-
 def phase(
     bench: Bench,
     name: str,
@@ -327,12 +304,12 @@ def main() -> int:
     )
     add_arguments(parser)
     args = parser.parse_args()
-    for tool in ("nginx", "openssl"):
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            print(
-                f"{tool} not found: apt-get install -y {tool} (Debian's package)", file=sys.stderr
-            )
-            return 1
+    missing = serve.nginx_missing()
+    if missing is None and shutil.which("openssl") is None:
+        missing = "openssl not found: apt-get install -y openssl (Debian's package)"
+    if missing is not None:
+        print(missing, file=sys.stderr)
+        return 1
     bench = Bench.from_args("bench_slow_clients", args)
     bench.header()
 
@@ -343,8 +320,8 @@ def main() -> int:
         subprocess.run([str(MAKE_CERTS), str(tmp / "certs")], check=True, capture_output=True)
         ca = str(tmp / "certs" / "ca.pem")
         gunicorn, direct, log = serve.start_gunicorn(tmp, env, args.threads)
-        nginx, proxied = start_nginx(tmp, direct)
-        nginx_tls, tls_url = start_nginx(tmp, direct, tls=True)
+        nginx, proxied = serve.start_nginx(tmp, direct)
+        nginx_tls, tls_url = serve.start_nginx(tmp, direct, tls=True)
         try:
             serve.wait_healthy(direct, gunicorn, log)
             serve.wait_healthy(proxied, nginx, tmp / "nginx.log")

@@ -10,6 +10,7 @@ import numpy as np
 from flask.testing import FlaskClient
 
 from fedsim import weights
+from fedsim.aggregator.snapshot import Snapshot
 from helpers import ask, post, served, state_of, tensors, upload
 
 # --- routes ---------------------------------------------------------------------------
@@ -58,18 +59,19 @@ def test_etag_differs_when_a_restart_remakes_a_version_from_other_weights(make_a
     assert again.headers["X-Fedsim-Version"] == "1"
 
 
-def test_model_is_encoded_once_per_version_not_per_request(client, monkeypatch) -> None:
-    body = upload(1.0)
+def test_model_is_encoded_once_per_version_downloaded_not_per_request(client, monkeypatch) -> None:
     calls = []
-    real = weights.encode
-    monkeypatch.setattr(weights, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
-    first = client.get("/v1/model").data
+    real = Snapshot._encode
+    monkeypatch.setattr(Snapshot, "_encode", lambda *a: calls.append(a[0].version) or real(*a))
+    first = client.get("/v1/model").data  # version 0, encoded on its first download
     assert client.get("/v1/model").data == first
-    assert calls == []
-    post(client, body)
+    assert calls == [0]
+    post(client, upload(1.0))  # version 1: never downloaded, never encoded
+    post(client, upload(2.0))
     for _ in range(3):
         client.get("/v1/model")
-    assert len(calls) == 1
+    assert calls == [0, 2]
+    assert weights.decode(client.get("/v1/model").data)[1]["version"] == "2"
 
 
 def test_duplicate_update_id_is_acknowledged_and_aggregated_once(client: FlaskClient) -> None:

@@ -192,3 +192,25 @@ def test_bench_scale_measures_the_aggregator_of_a_plan_without_training(tmp_path
     assert got["status_rows"] == 50 and got["status_bytes"] > 50 * 200  # a row is ~300 B
     # A page of 10 of the 13 entries (versions 0-12), each naming its 10 clients.
     assert 0 < got["history_page_bytes"] < got["history_bytes"]
+
+
+def test_profile_shares_name_the_upload_steps_seen_and_the_rest():
+    import cProfile
+    import pstats
+
+    import numpy as np
+
+    from benchlib.profile import shares
+    from fedsim import weights
+
+    data = weights.encode({"w": np.ones((300, 300), dtype=np.float32)}, {})
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(20):
+        weights.decode(data)
+        sorted(range(20_000), key=lambda n: -n)  # work outside every step: "the rest"
+    profile.disable()
+    found = dict(shares(pstats.Stats(profile)))
+    assert set(found) == {"decode (safetensors)", "the rest"}
+    assert 0 < found["decode (safetensors)"] < 1 and 0 < found["the rest"] < 1
+    assert sum(found.values()) == pytest.approx(1)

@@ -125,6 +125,26 @@ def test_every_broken_framing_is_a_json_400_and_changes_nothing(server: Server) 
     assert good.json()["duplicate"] is False
 
 
+def test_a_body_cut_short_of_its_content_length_is_a_json_400(server: Server) -> None:
+    data = upload(3.0, update_id="cut")
+    head = (
+        "POST /v1/updates HTTP/1.1\r\nHost: aggregator\r\n"
+        f"Authorization: Bearer {WORKERS_TOKEN}\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode()
+    before = model_state(server)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + data[: len(data) // 2])
+        sock.shutdown(socket.SHUT_WR)  # the sender stops half way
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    status_line, _, rest = received.partition(b"\r\n")
+    assert status_line.split()[1] == b"400", received[:300]
+    refusal = json.loads(rest.partition(b"\r\n\r\n")[2])
+    assert refusal["error"] == "unreadable" and "the body holds" in refusal["detail"], refusal
+    assert model_state(server) == before
+
+
 def test_model_etag_and_304_over_http(server: Server) -> None:
     first = requests.get(server.url + "/v1/model", timeout=10)
     assert first.headers["ETag"].startswith('"0-')

@@ -47,3 +47,12 @@ def test_a_checkpoint_keeps_the_newest_ids_within_count_and_bytes(monkeypatch) -
     # 2 + (len('"id-4"') + 2) * 2 = 18 bytes hold two ids, not three.
     monkeypatch.setattr(ledger, "SAVED_IDS_BYTES", 18)
     assert book.recent() == ["id-3", "id-4"]
+
+
+def test_ids_json_escapes_count_in_the_bytes_a_checkpoint_keeps(monkeypatch) -> None:
+    # json.dumps('a"b') is "a\"b" with its quotes, 6 bytes; json.dumps("é") is "\u00e9", 8.
+    book = Ledger(["plain", 'a"b', "é"], total=3, version=1, saved_at="t0")
+    monkeypatch.setattr(ledger, "SAVED_IDS_BYTES", 2 + (8 + 2) + (6 + 2))
+    assert book.recent() == ['a"b', "é"]
+    monkeypatch.setattr(ledger, "SAVED_IDS_BYTES", 2 + (8 + 2) + (6 + 2) - 1)
+    assert book.recent() == ["é"]

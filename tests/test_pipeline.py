@@ -287,3 +287,25 @@ def test_an_aggregate_that_is_not_finite_or_too_large_is_not_published(value):
 def test_a_finite_aggregate_is_published_as_it_is():
     aggregate = tensors(0.125)
     assert pipeline.build(SimpleNamespace(model="mlp")).publish(aggregate) is aggregate
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        (0.0, True),
+        (1e6, True),
+        (-1e6, True),
+        (1.01e6, False),
+        (-1.01e6, False),
+        (np.nan, False),
+        (np.inf, False),
+        (-np.inf, False),
+    ],
+)
+def test_within_is_finite_and_bounded_by_max_weight(value: float, ok: bool) -> None:
+    from fedsim.pipeline.checks import within
+
+    tensor = np.zeros((4, 3), dtype=np.float32)
+    tensor[2, 1] = value
+    assert within(tensor) is ok
+    assert within(np.zeros((0, 3), dtype=np.float32))  # nothing to refuse

@@ -4,8 +4,10 @@ disk."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -165,6 +167,92 @@ def test_close_checkpoints_unsaved_updates(make_app) -> None:
     ckpt = checkpoints.load_newest(model_dir(app))
     assert ckpt is not None and ckpt.version == 1
     assert json.loads(ckpt.metadata["applied_ids"]) == ["last"]
+
+
+# --- the writer thread ------------------------------------------------------------------
+
+
+class HeldWrites:
+    """checkpoints.save that records each version asked for and waits at the first until
+    `release`; once `crashed`, it writes nothing (the process is gone)."""
+
+    def __init__(self, real) -> None:
+        self.real, self.versions = real, []
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.crashed = False
+
+    def __call__(self, model_dir, version, *args, **kwargs):
+        self.versions.append(version)
+        self.entered.set()
+        assert self.release.wait(20), "the test never released the write"
+        if self.crashed:
+            raise OSError(errno.EIO, "the aggregator was killed")
+        return self.real(model_dir, version, *args, **kwargs)
+
+
+def test_the_writer_thread_writes_checkpoints_and_the_newest_version_wins(
+    make_app, monkeypatch
+) -> None:
+    app = make_app(SAVE_MODEL=2, ticker=True)
+    held = HeldWrites(checkpoints.save)
+    monkeypatch.setattr(checkpoints, "save", held)
+    client = app.test_client()
+    try:
+        # Prepare: update 2 makes a checkpoint due; the writer thread takes version 2 and
+        # its write is held. Execute: the requests are answered all the same, and two more
+        # updates arrive while the write is held.
+        for n in (1, 2):
+            assert post(client, upload(float(n), update_id=f"u{n}")).status_code == 200
+        assert held.entered.wait(10), "no checkpoint write started"
+        for n in (3, 4):
+            assert post(client, upload(float(n), update_id=f"u{n}")).status_code == 200
+        held.release.set()
+        # Assert: after version 2 the next write takes the newest version, 4; 3 is never
+        # written on its own.
+        wait_until(lambda: checkpoints.versions(model_dir(app))[0] == 4, 10, "no v4 written")
+        assert held.versions == [2, 4]
+    finally:
+        state_of(app).close()
+    ckpt = checkpoints.read(checkpoints.path_for(model_dir(app), 4))
+    assert json.loads(ckpt.metadata["applied_ids"]) == ["u1", "u2", "u3", "u4"]
+    # A restart resumes from it.
+    assert served(make_app(SAVE_MODEL=2).test_client())[1:] == (4, 400)
+
+
+def test_close_with_the_writer_thread_running_saves_the_newest_version(make_app) -> None:
+    app = make_app(SAVE_MODEL=10, IDLE_SAVE_SECONDS=3600, ticker=True)
+    for n in (1, 2, 3):  # none due: fewer than SAVE_MODEL, never idle
+        assert post(app.test_client(), upload(float(n), update_id=f"u{n}")).status_code == 200
+    state_of(app).close()  # as SIGTERM does: the thread stops, then a last write
+    assert checkpoints.versions(model_dir(app)) == [3, 0]
+    assert served(make_app(SAVE_MODEL=10).test_client())[1:] == (3, 300)
+
+
+def test_durable_updates_acknowledged_before_their_checkpoint_survive_a_kill(
+    make_app, monkeypatch
+) -> None:
+    first = make_app(SAVE_MODEL=1, DURABLE="true", ticker=True)
+    held = HeldWrites(checkpoints.save)
+    monkeypatch.setattr(checkpoints, "save", held)
+    client = first.test_client()
+    try:
+        # Prepare: three updates acknowledged while the first checkpoint write is held.
+        for n in (1, 2, 3):
+            assert post(client, upload(float(n), update_id=f"u{n}")).status_code == 200
+        assert held.entered.wait(10)
+        assert checkpoints.versions(model_dir(first)) == [0]
+        # Execute: the aggregator is killed before any checkpoint is written, and starts
+        # again on the same folder.
+        held.crashed = True
+        again = make_app(SAVE_MODEL=1, DURABLE="true").test_client()
+    finally:
+        held.release.set()
+        state_of(first).close()  # its writes fail: nothing of the killed process is written
+    # Assert: the journal gave every acknowledged update back, once.
+    assert served(again)[1:] == (3, 300)
+    for n in (1, 2, 3):
+        assert lookup(again, f"u{n}").get_json()["version"] == n
+    assert checkpoints.versions(model_dir(first)) == [0]
 
 
 # --- disk faults ----------------------------------------------------------------------

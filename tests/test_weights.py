@@ -410,3 +410,17 @@ def test_invalid_tensors_are_422(change, reason: str) -> None:
 def test_quote_makes_hostile_text_one_ascii_line() -> None:
     shown = weights.quote("a\nb\u202ec" + "x" * 100)
     assert shown.isascii() and "\n" not in shown and shown.endswith("...")
+
+
+def test_decode_without_copies_gives_read_only_views_of_the_bytes() -> None:
+    data = weights.encode({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, {"k": "v"})
+    copied, _ = weights.decode(data)
+    viewed, meta = weights.decode(data, copy=False)
+    np.testing.assert_array_equal(viewed["w"], copied["w"])
+    assert meta == {"k": "v"} and viewed["w"].shape == (2, 3)
+    assert np.shares_memory(viewed["w"], np.frombuffer(data, dtype=np.uint8))
+    assert not viewed["w"].flags.writeable
+    with pytest.raises(ValueError):
+        viewed["w"][0, 0] = 1.0  # nothing may write through to an upload's bytes
+    copied["w"][0, 0] = 9.0  # a copy is the caller's own
+    assert weights.decode(data)[0]["w"][0, 0] == 0.0

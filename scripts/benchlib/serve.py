@@ -1,4 +1,5 @@
-"""A stand-in aggregator under a real gunicorn on 127.0.0.1, and uploaders that load it.
+"""A stand-in aggregator under a real gunicorn on 127.0.0.1, the proxy (deploy/nginx) in
+front of it, and uploaders that load it.
 
 The model folder holds checkpoint 0 of the mlp and the default partition plan
 made from stand-in labels, so neither TensorFlow nor MNIST is needed.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ from fedsim.models import SHAPES
 
 from .procs import free_port, start
 
+NGINX_ENTRYPOINT = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "entrypoint.sh"
 ID_WIDTH = 32  # update ids are patched into one pre-encoded body, so they share a width
 TRAIN_IMAGES = 60_000  # MNIST's training set, which the stand-in labels cover
 
@@ -61,20 +64,51 @@ def workers_header(env: dict[str, str]) -> dict[str, str]:
 
 
 def start_gunicorn(
-    tmp: Path, env: dict[str, str], threads: int
+    tmp: Path, env: dict[str, str], threads: int, profile: Path | None = None
 ) -> tuple[subprocess.Popen, str, Path]:
-    """The aggregator as the image runs it (1 worker x `threads`); process, URL and log."""
+    """The aggregator as the image runs it (1 worker x `threads`); process, URL and log.
+    With `profile`, its request threads under cProfile, written there at its exit."""
     port = free_port()
     log = tmp / "gunicorn.log"
     gunicorn = Path(sys.executable).with_name("gunicorn")
-    argv = [
-        gunicorn,
-        "-c",
-        "python:fedsim.aggregator.gunicorn_conf",
-        "fedsim.aggregator.app:create_app()",
-    ]
+    conf = "benchlib.gunicorn_profile" if profile else "fedsim.aggregator.gunicorn_conf"
+    argv = [gunicorn, "-c", f"python:{conf}", "fedsim.aggregator.app:create_app()"]
     full = {**os.environ, **env, "BIND": f"127.0.0.1:{port}", "THREADS": str(threads)}
+    if profile is not None:
+        scripts = str(Path(__file__).resolve().parents[1])  # benchlib's folder's parent
+        path = os.pathsep.join(p for p in (scripts, os.environ.get("PYTHONPATH", "")) if p)
+        full |= {"FEDSIM_PROFILE_OUT": str(profile), "PYTHONPATH": path}
     return start(argv, env=full, log=log, cwd=tmp), f"http://127.0.0.1:{port}", log
+
+
+def nginx_missing() -> str | None:
+    """Why the proxy cannot start here (nginx is Debian's package), or None."""
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        return "nginx not found: apt-get install -y nginx (Debian's package)"
+    return None
+
+
+def start_nginx(tmp: Path, upstream: str, tls: bool = False) -> tuple[subprocess.Popen, str]:
+    """The proxy as its image runs it (deploy/nginx/entrypoint.sh) in front of `upstream`;
+    its process and URL. With `tls`, the certificates in tmp/certs (scripts/make-certs.sh)."""
+    port = free_port()
+    name = "nginx-tls" if tls else "nginx"
+    env = {
+        **os.environ,
+        "NGINX_PREFIX": str(tmp / name),
+        "LISTEN_PORT": str(port),
+        "UPSTREAM": upstream.removeprefix("http://"),
+        "TLS": str(tls).lower(),
+        "CERT_DIR": str(tmp / "certs"),
+        "NGINX_USER": "root",  # used only when this runs as root: no other user is needed
+    }
+    proc = subprocess.Popen(
+        [str(NGINX_ENTRYPOINT)],
+        env=env,
+        stdout=(tmp / f"{name}.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    return proc, f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, ca: str = "") -> None:

@@ -11,12 +11,15 @@ environment; command-line flags (e.g. `-b`) override them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 # One BLAS thread: the aggregator's numpy work (means, medians, Krum's distances) is
 # small, and on a busy machine a thread per core made Krum 15-20 times slower. Set
 # before numpy is first imported (the app imports it).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from gunicorn.glogging import Logger
 
 from fedsim.config import ConfigError
 
@@ -37,6 +40,17 @@ timeout = 60  # a stuck worker is killed after this; a request takes millisecond
 keepalive = 5  # clients reuse their connection between pull and push
 control_socket_disable = True  # no ~/.gunicorn control socket: unused, and HOME may be read-only
 
+
+class QuietAccessLogger(Logger):
+    """gunicorn's logger, which builds every request's access line only to drop it when
+    the access logger is off (below): a tenth of a millisecond per upload for nothing."""
+
+    def access(self, resp, req, environ, request_time) -> None:
+        if self.access_log.isEnabledFor(logging.INFO):
+            super().access(resp, req, environ, request_time)
+
+
+logger_class = QuietAccessLogger
 # The app's loggers (fedsim.*) print beside gunicorn's own, in the same format as the clients.
 logconfig_dict = {
     "version": 1,

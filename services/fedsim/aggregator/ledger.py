@@ -12,7 +12,9 @@ recognised after a restart; the ids restored are then numbers
 from __future__ import annotations
 
 import json
+from bisect import bisect_right
 from collections import OrderedDict
+from itertools import accumulate, islice
 
 REMEMBERED_IDS = 100_000  # applied update ids kept in memory for dedup (~15 MB at most)
 SAVED_IDS = 256  # the most recent of them saved in a checkpoint, for dedup after a restart
@@ -58,15 +60,14 @@ class Ledger:
     def recent(self) -> list[str]:
         """The newest ids, oldest first, that a checkpoint keeps: at most SAVED_IDS of them and
         SAVED_IDS_BYTES of JSON (2 + sum of len(json(id)) + 2)."""
-        recent: list[str] = []
-        size = 2
-        for update_id in reversed(self._applied):
-            size += len(json.dumps(update_id)) + 2
-            if len(recent) == SAVED_IDS or size > SAVED_IDS_BYTES:
-                break
-            recent.append(update_id)
-        recent.reverse()
-        return recent
+        newest = list(islice(reversed(self._applied), SAVED_IDS))
+        joined = "".join(newest)
+        if joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined:
+            sizes = [len(update_id) + 4 for update_id in newest]  # nothing escaped: quotes, ", "
+        else:
+            sizes = [len(json.dumps(update_id)) + 2 for update_id in newest]
+        fits = bisect_right(list(accumulate(sizes, initial=2)), SAVED_IDS_BYTES) - 1
+        return newest[:fits][::-1]
 
     def saved(self, version: int, total: int, time: str) -> None:
         """A checkpoint of `version`, holding the first `total` updates, was written at `time`."""

@@ -43,7 +43,7 @@ def parse(
     the validate stage checks the model's layout). `dtypes`: the safetensors dtypes a body
     may hold (F32, and a codec's). Raises BadUpdate."""
     try:
-        tensors, header = weights.decode(body, dtypes=dtypes)
+        tensors, header = weights.decode(body, dtypes=dtypes, copy=False)  # read-only views
     except weights.WeightsError as exc:
         code = "unreadable" if exc.status == 400 else "invalid_weights"
         raise BadUpdate(exc.status, code, exc.reason) from None

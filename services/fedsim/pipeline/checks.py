@@ -22,23 +22,39 @@ from fedsim.pipeline.base import Rejected, Stage, Tensors
 MAX_WEIGHT = 1e6  # the largest weight an update or a published model may hold
 
 
+def within(tensor: np.ndarray) -> bool:
+    """Whether every weight is finite and |w| <= MAX_WEIGHT: two reductions, no temporary
+    array (a NaN makes min and max NaN, which compares false with the bound, as ±inf
+    does). Every upload and every version it makes is checked."""
+    if tensor.size == 0:
+        return True
+    return float(tensor.min()) >= -MAX_WEIGHT and float(tensor.max()) <= MAX_WEIGHT
+
+
 def check_update(tensors: Tensors, layout: weights.Layout) -> None:
     """Refuse an update that is not the model's layout, float32, finite and bounded."""
     try:
-        weights.validate(tensors, layout)
+        weights.check_layout(tensors, layout)
     except weights.WeightsError as exc:
         raise Rejected(exc.reason) from None
+    ok = {}
+    for name, _ in layout:  # the layout's order, as weights.validate names the first
+        tensor = tensors[name]
+        if tensor.dtype != np.float32:
+            raise Rejected(f"tensor {name} is {tensor.dtype}, expected float32")
+        ok[name] = within(tensor)
+        if not ok[name] and not np.isfinite(tensor).all():
+            raise Rejected(f"tensor {name} contains NaN or infinity")
     for name, tensor in tensors.items():
-        peak = float(np.abs(tensor).max(initial=0.0))
-        if peak > MAX_WEIGHT:
+        if not ok[name]:
+            peak = float(np.abs(tensor).max())
             raise Rejected(f"tensor {name} holds {peak:.3g}, beyond {MAX_WEIGHT:g}", name)
 
 
 def publishable(tensors: Tensors) -> None:
     """Refuse global weights with a NaN, an infinity or |w| > MAX_WEIGHT, naming the tensor."""
     for name, tensor in tensors.items():
-        # NaN compares false with the bound, so finiteness is checked on its own.
-        if not np.isfinite(tensor).all() or np.abs(tensor).max(initial=0) > MAX_WEIGHT:
+        if not within(np.asarray(tensor)):
             raise Rejected(f"tensor {name} would be non-finite or beyond {MAX_WEIGHT:g}", name)
 
 

@@ -28,15 +28,19 @@ def weighted_merge(
     """The running weighted mean: w = (a * w_global + b * w_client) / (a + b).
 
     Computed as w_global + b / (a + b) * (w_client - w_global): the same value,
-    without a * w_global growing with the sample count.
+    without a * w_global growing with the sample count. One new array per tensor, the
+    steps made in it (every accepted update of the asynchronous rule runs this).
     """
     if a < 0 or b <= 0:
         raise ValueError(f"need a >= 0 and b > 0, got a={a}, b={b}")
-    step = b / (a + b)
-    return {
-        name: (g + np.float32(step) * (client_w[name] - g)).astype(np.float32, copy=False)
-        for name, g in global_w.items()
-    }
+    step = np.float32(b / (a + b))
+    out = {}
+    for name, g in global_w.items():
+        w = np.subtract(client_w[name], g, dtype=np.float32)
+        w *= step
+        w += g
+        out[name] = w
+    return out
 
 
 def weighted_mean(models: Sequence[Tensors], counts: Sequence[float]) -> dict[str, np.ndarray]:
