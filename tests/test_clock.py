@@ -8,7 +8,8 @@ import pytest
 
 from fedsim.aggregator import tasks
 from fedsim.aggregator.strategies import Refused
-from fedsim.aggregator.tasks.clock import Rounds, VirtualClock
+from fedsim.aggregator.tasks.clock import VirtualClock
+from fedsim.aggregator.tasks.virtual_rounds import Rounds
 from fedsim.data.population import Population
 from fedsim.protocol import TrainTask
 from helpers import FakeClock

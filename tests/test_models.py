@@ -40,7 +40,8 @@ def test_unknown_model() -> None:
 
 @pytest.mark.parametrize(("optimizer", "cls"), [("sgd", "SGD"), ("adam", "Adam")])
 def test_optimizer_setting(make_settings, optimizer: str, cls: str) -> None:
-    model = models.from_settings(make_settings(OPTIMIZER=optimizer, LEARNING_RATE="0.01"))
+    s = make_settings(OPTIMIZER=optimizer, LEARNING_RATE="0.01")
+    model = models.build(s.model, seed=s.seed, learning_rate=s.learning_rate, optimizer=s.optimizer)
     assert type(model.optimizer).__name__ == cls
     assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.01)
 

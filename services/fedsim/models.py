@@ -11,12 +11,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedsim.config import OPTIMIZERS
+from fedsim.settings_table import OPTIMIZERS
 
 if TYPE_CHECKING:
     import keras
-
-    from fedsim.config import Settings
 
 SGD_MOMENTUM = 0.9  # heavy-ball momentum for "sgd"; see LEARNING_RATE in the README
 # Training steps Keras runs per call of its compiled function. With one, each batch of
@@ -74,16 +72,6 @@ def initial_weights(name: str, seed: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, i])
         tensors[tensor] = rng.uniform(-limit, limit, shape).astype(np.float32)
     return tensors
-
-
-def from_settings(settings: Settings) -> keras.Model:
-    """The model, optimizer and seed that MODEL, OPTIMIZER, LEARNING_RATE and SEED name."""
-    return build(
-        settings.model,
-        seed=settings.seed,
-        learning_rate=settings.learning_rate,
-        optimizer=settings.optimizer,
-    )
 
 
 def build(name: str, *, seed: int, learning_rate: float, optimizer: str = "sgd") -> keras.Model:

@@ -16,7 +16,8 @@ from typing import Any
 from fedsim.aggregator import intake, tasks, virtual_async
 from fedsim.aggregator.snapshot import Snapshot
 from fedsim.aggregator.strategies import Refused, Update
-from fedsim.aggregator.tasks.clock import Rounds, VirtualClock, task_durations
+from fedsim.aggregator.tasks.clock import VirtualClock, task_durations
+from fedsim.aggregator.tasks.virtual_rounds import Rounds
 from fedsim.aggregator.virtual_async import Flights
 
 Sim = Rounds | Flights

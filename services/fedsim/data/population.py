@@ -365,7 +365,7 @@ class Population:
             "bandwidth": _spread_summary(finite) if finite.size else None,
         }
 
-    # --- the file --------------------------------------------------------------------
+    # --- the file (read back and checked by population_file.from_json) ------------------
 
     def to_json(self) -> dict[str, Any]:
         body = self._body()
@@ -376,13 +376,6 @@ class Population:
         if self.availability == "diurnal":
             how |= {"fraction": self.online_fraction, "day": DAY}
         return {"availability": how, "clients": [c.to_json() for c in self.clients]}
-
-    @classmethod
-    def from_json(cls, content: Any) -> Population:
-        """The population a clients.json content holds, checked; PopulationError says where."""
-        from fedsim.data.population_file import check  # the checks, kept apart for size
-
-        return check(cls, content)
 
 
 def _check_ids(client_ids: Sequence[str]) -> None:

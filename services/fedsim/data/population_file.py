@@ -38,7 +38,7 @@ def read(model_dir: Path) -> Population:
     """MODEL_DIR/clients.json, checked; PopulationError names the file and the fault."""
     content = listing.read(model_dir, FILE, PopulationError)
     try:
-        return Population.from_json(content)
+        return from_json(content)
     except PopulationError as exc:
         raise PopulationError(f"{model_dir / FILE}: {exc}") from None
 
@@ -67,7 +67,7 @@ def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check(cls: type[Population], content: Any) -> Population:
+def from_json(content: Any) -> Population:
     """The Population of a clients.json content, or PopulationError with the first fault."""
     if not isinstance(content, dict):
         raise PopulationError("not a JSON object")
@@ -100,7 +100,7 @@ def check(cls: type[Population], content: Any) -> Population:
         raise PopulationError("clients is not a non-empty list")
     extra = {"diurnal": {"phase"}, "trace": {"windows"}}.get(mode, set())
     profiles = [_client(i, c, _CLIENT_KEYS | extra) for i, c in enumerate(clients)]
-    return cls.of_profiles(dict(settings), profiles, mode, float(fraction))
+    return Population.of_profiles(dict(settings), profiles, mode, float(fraction))
 
 
 def _client(i: int, entry: object, keys: set[str]) -> ClientProfile:
