@@ -80,25 +80,108 @@ def test_topk_keeps_exactly_the_k_largest_magnitudes() -> None:
     k = compress.kept(0.01, x.size)
     assert idx.dtype == np.int32 and len(idx) == k == len(np.unique(idx))
     assert (np.diff(idx) > 0).all()  # ascending: the same delta gives the same bytes
-    assert np.array_equal(values, x.ravel()[idx])
+    assert values.dtype == np.float16
+    assert np.array_equal(values, x.ravel()[idx].astype(np.float16))
     threshold = np.sort(np.abs(x).ravel())[-k]
-    assert (np.abs(values) >= threshold).all()
+    assert (np.abs(x.ravel()[idx]) >= threshold).all()
     left = np.delete(np.abs(x).ravel(), idx)
     assert left.max() <= threshold
     back = compress.topk_decode(idx, values, x.shape)
-    assert np.count_nonzero(back) == k and np.array_equal(back.ravel()[idx], values)
+    assert back.dtype == np.float32 and np.count_nonzero(back) == k
+    assert np.array_equal(back.ravel()[idx], values.astype(np.float32))
+
+
+def wire_round_trip(idx: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    gaps, wire_values = compress.gaps_encode(idx, values)
+    assert gaps.dtype == np.uint16 and wire_values.dtype == np.float16
+    back = compress.gaps_decode(gaps)
+    assert (np.diff(back) >= 1).all()  # strictly increasing: fillers never repeat an index
+    assert set(idx.tolist()) <= set(back.tolist())
+    fillers = np.isin(back, idx, invert=True)
+    assert not wire_values[fillers].any()  # a filler adds nothing
+    np.testing.assert_array_equal(wire_values[~fillers], values.astype(np.float16))
+    return gaps, back
+
+
+def test_the_gaps_of_near_indices_need_no_filler() -> None:
+    idx, values = compress.topk_encode(delta(5)["hidden1/kernel"], 0.02)
+    gaps, back = wire_round_trip(idx, values)
+    assert gaps.size == idx.size and np.array_equal(back, idx)
+    assert gaps[0] == idx[0] and np.array_equal(gaps[1:], np.diff(idx))
+
+
+def test_long_gaps_are_bridged_by_fillers_of_value_zero() -> None:
+    # 200,000 entries, 5 kept: gaps of 0, 65535 (the largest without a filler), 1,
+    # 131070 (a filler, then 65535) and 3393.
+    idx = np.array([0, 65535, 65536, 65536 + 131070, 199_999], np.int64)
+    values = np.array([0.5, -0.25, 0.125, 2.0, -1.0], np.float32)
+    gaps, back = wire_round_trip(idx, values)
+    assert gaps.tolist() == [0, 65535, 1, 65535, 65535, 3393]
+    assert back.tolist() == [0, 65535, 65536, 131071, 196606, 199_999]
+    assert gaps.size - idx.size <= 200_000 // compress.MAX_GAP
+    # The worst case: one entry at the end needs size // 65535 fillers, the bound checked.
+    gaps, _ = wire_round_trip(np.array([199_999]), np.ones(1, np.float32))
+    assert gaps.size == 1 + 200_000 // compress.MAX_GAP
+    x = np.zeros(200_000, np.float32)
+    x[idx] = values
+    wire = {"w:index": compress.gaps_encode(idx, values)[0], "w:value": gaps_values(idx, values)}
+    got = compress.decode("topk", wire, (("w", (200_000,)),), 5 / 200_000)
+    np.testing.assert_array_equal(got["w"], x)
+
+
+def gaps_values(idx: np.ndarray, values: np.ndarray) -> np.ndarray:
+    return compress.gaps_encode(idx, values)[1]
+
+
+def test_an_update_body_at_two_percent_is_over_30_times_smaller_than_float32() -> None:
+    from fedsim import weights
+
+    meta = {"client_id": "client-1", "update_id": "r1.c1", "base_version": "0",
+            "num_samples": "600", "loss": "0.25", "accuracy": "0.9"}  # fmt: skip
+    d = delta(6)
+    f32 = weights.encode(d, meta)
+    wire = compress.encode("topk", d, 0.02)
+    body = weights.encode(wire, {**meta, "codec": "topk16"}, wire=True)
+    entries = sum(t.size for key, t in wire.items() if key.endswith(compress.INDEX))
+    kept = sum(compress.kept(0.02, math.prod(shape)) for _, shape in LAYOUT)
+    assert kept <= entries <= kept + sum(math.prod(s) // compress.MAX_GAP for _, s in LAYOUT)
+    header = int.from_bytes(body[:8], "little")
+    assert len(body) - 8 - header == 4 * entries  # 2 bytes of gap and 2 of value an entry
+    assert len(f32) / len(body) >= 30, (len(f32), len(body))
 
 
 def test_error_feedback_sends_every_delta_in_the_end() -> None:
     deltas = [delta(seed) for seed in range(6)]
     residual, sent_sum = None, {n: np.zeros(s, np.float32) for n, s in LAYOUT}
     for d in deltas:
+        before = residual
         sent, residual = compress.feedback(d, residual, 0.01)
         for name, t in dense(sent).items():
+            acc = d[name] + (before[name] if before else np.float32(0))
+            # Each step loses nothing, bit for bit: sent (as fp16) + e' == acc in float32.
+            assert np.array_equal(t + residual[name], acc)
+            assert np.count_nonzero(residual[name].ravel()[sent[name][0]]) > 0  # rounding kept
             sent_sum[name] += t
     for name, _ in LAYOUT:
         total = np.sum([d[name] for d in deltas], axis=0)
         np.testing.assert_allclose(sent_sum[name] + residual[name], total, atol=1e-6)
+
+
+def test_a_value_beyond_half_precision_is_sent_in_parts() -> None:
+    # Infinity would have the update refused, and the residual would send it again: the
+    # worker sends 65504, the largest float16, and keeps the rest for the next update.
+    d = {n: np.zeros(s, np.float32) for n, s in LAYOUT}
+    d["output/bias"][3] = -1e5
+    sent, residual = compress.feedback(d, None, 0.01)
+    idx, values = sent["output/bias"]
+    assert idx.tolist() == [3] and values.tolist() == [-65504.0]
+    assert residual["output/bias"][3] == np.float32(-1e5 + 65504)  # exact
+    zero = {n: np.zeros(s, np.float32) for n, s in LAYOUT}
+    sent, residual = compress.feedback(zero, residual, 0.01)
+    assert sent["output/bias"][1].tolist() == [-34496.0] and not residual["output/bias"].any()
+    stage = compress.Compress("topk", LAYOUT, fraction=0.01)
+    got = stage.decode(compress.wire_topk(sent), Upload({"codec": "topk16"}, 0, lambda v: zero))
+    assert got["output/bias"][3] == -34496.0
 
 
 # --- the stage: worker side encodes the delta, aggregator side decodes onto the base -----
@@ -123,19 +206,19 @@ def test_the_aggregator_gets_back_the_weights_the_worker_trained(tmp_path, codec
     d = delta(4)
     task = {"client": "client-1", "id": "r1.c1", "run": "ab12", "base_version": 0}
     sent = stage.worker(outgoing(d, task))
-    assert sent.meta == {"codec": codec}
+    assert sent.meta == {"codec": compress.WIRE_NAMES[codec]}
     got = stage.decode(sent.tensors, upload_of(sent))
     base = base_model()
     for name, _ in LAYOUT:
         assert got[name].dtype == np.float32
         if bound is not None:
             assert np.abs(got[name] - (base[name] + d[name])).max() <= bound
-        else:  # top-k: exactly the kept entries of the delta moved the base
+        else:  # top-k: exactly the kept entries of the delta, in half precision, moved it
             moved = np.flatnonzero(got[name] != base[name])
             assert len(moved) <= compress.kept(0.01, d[name].size)
-            np.testing.assert_allclose(
-                got[name].ravel()[moved], (base[name] + d[name]).ravel()[moved], rtol=1e-6
-            )
+            sent_delta = outgoing(d).delta()[name]  # (base + d) - base, as the worker took it
+            half = sent_delta.astype(np.float16).astype(np.float32)
+            assert np.array_equal(got[name].ravel()[moved], (base[name] + half).ravel()[moved])
 
 
 def test_the_aggregator_refuses_another_codec_or_none() -> None:
@@ -146,6 +229,20 @@ def test_the_aggregator_refuses_another_codec_or_none() -> None:
             Rejected, match=f"COMPRESSION=int8 updates, the upload says codec {shown}"
         ):
             stage.decode(wire, Upload(meta, 0, lambda v: base_model()))
+
+
+def test_the_earlier_topk_form_is_refused_by_name() -> None:
+    stage = compress.Compress("topk", LAYOUT, fraction=0.01)
+    assert {"U16", "F16", "I32"} == stage.dtypes  # I32 reaches the stage to be named
+    earlier = {}
+    for name, shape in LAYOUT:  # int32 indices, float32 values, as workers sent them before
+        idx = np.arange(compress.kept(0.01, math.prod(shape)), dtype=np.int32)
+        earlier[name + ":index"], earlier[name + ":value"] = idx, np.ones(idx.size, np.float32)
+    with pytest.raises(Rejected, match="says codec 'topk': the earlier top-k form") as caught:
+        stage.decode(earlier, Upload({"codec": "topk"}, 0, lambda v: base_model()))
+    assert "COMPRESSION=topk updates (codec topk16)" in caught.value.reason
+    with pytest.raises(Rejected, match="must be 1-D uint16 gaps, is int32"):
+        stage.decode(earlier, Upload({"codec": "topk16"}, 0, lambda v: base_model()))
 
 
 def test_a_base_no_longer_kept_is_a_409() -> None:
@@ -169,6 +266,15 @@ def topk_wire(**changes: np.ndarray) -> dict[str, np.ndarray]:
 
 
 IDX, VAL = "output/bias:index", "output/bias:value"  # output/bias: 10 entries, k = 1
+H_IDX, H_VAL = "hidden1/bias:index", "hidden1/bias:value"  # 200 entries, k = 2
+
+
+def u16(*gaps: int) -> np.ndarray:
+    return np.array(gaps, np.int64).astype(np.uint16)  # a negative step wraps, as in C
+
+
+def f16(*values: float) -> np.ndarray:
+    return np.array(values, np.float16)
 
 
 @pytest.mark.parametrize(
@@ -192,25 +298,34 @@ IDX, VAL = "output/bias:index", "output/bias:value"  # output/bias: 10 entries, 
          "output/bias", "holds -128"),
         ("int8", int8_wire(**{"output/bias": np.zeros(10, np.float32)}),
          "output/bias", "is float32, expected int8"),
-        ("topk", topk_wire(**{IDX: np.array([10], np.int32)}), IDX, "outside [0, 10)"),
-        ("topk", topk_wire(**{IDX: np.array([-1], np.int32)}), IDX, "outside [0, 10)"),
-        ("topk", topk_wire(**{IDX: np.array([2, 2], np.int32), VAL: np.ones(2, np.float32)}),
-         IDX, "keeps 2 entries, at most 1"),
-        ("topk", topk_wire(**{"hidden1/bias:index": np.array([3, 3], np.int32),
-                              "hidden1/bias:value": np.ones(2, np.float32)}),
-         "hidden1/bias:index", "repeats an index"),
-        ("topk", topk_wire(**{VAL: np.array([np.nan], np.float32)}), VAL, "non-finite"),
-        ("topk", topk_wire(**{VAL: np.ones(2, np.float32)}), VAL, "like its indices"),
-        ("topk", topk_wire(**{IDX: np.array([1.0], np.float32)}), IDX, "1-D int32"),
+        ("topk", topk_wire(**{IDX: u16(10)}), IDX, "reaches index 10, past its 10 entries"),
+        # Indices 5 then 3: a step of -2 wraps to a gap of 65534 and lands past the end.
+        ("topk", topk_wire(**{H_IDX: u16(5, 3 - 5), H_VAL: f16(1, 1)}), H_IDX,
+         "reaches index 65539, past its 200 entries"),
+        ("topk", topk_wire(**{H_IDX: u16(5, 0), H_VAL: f16(1, 1)}), H_IDX,
+         "has a gap of 0 at entry 1: indices must strictly increase"),
+        ("topk", topk_wire(**{IDX: u16(2, 1), VAL: f16(1, 1)}), IDX,
+         "holds 2 entries, at most 1 of 10 (1 kept and 0 fillers)"),
+        ("topk", topk_wire(**{"hidden1/kernel:index": u16(*[1] * 1571),
+                              "hidden1/kernel:value": f16(*[1] * 1571)}), "hidden1/kernel:index",
+         "holds 1571 entries, at most 1570 of 156800 (1568 kept and 2 fillers)"),
+        ("topk", topk_wire(**{VAL: f16(np.inf)}), VAL, "non-finite"),
+        ("topk", topk_wire(**{VAL: f16(np.nan)}), VAL, "non-finite"),
+        ("topk", topk_wire(**{VAL: f16(1, 1)}), VAL, "float16 of shape (1,) like its gaps"),
+        ("topk", topk_wire(**{VAL: np.ones(1, np.float32)}), VAL, "must be float16"),
+        ("topk", topk_wire(**{IDX: np.array([1], np.int32)}), IDX, "1-D uint16 gaps, is int32"),
+        ("topk", topk_wire(**{IDX: np.array([[1]], np.uint16)}), IDX, "1-D uint16 gaps"),
     ],
     ids=["fp16-dtype", "fp16-inf", "fp16-shape", "scale-nan", "scale-negative", "scale-huge",
-         "scale-shape", "code-128", "int8-dtype", "index-high", "index-negative", "too-many",
-         "repeated", "value-nan", "lengths", "index-dtype"],
+         "scale-shape", "code-128", "int8-dtype", "index-past-end", "decreasing", "zero-gap",
+         "too-many", "too-many-fillers", "value-inf", "value-nan", "lengths", "value-dtype",
+         "index-dtype", "index-2d"],
 )  # fmt: skip
 def test_a_breach_of_the_codec_is_refused_naming_the_tensor(codec, wire, tensor, detail) -> None:
     stage = compress.Compress(codec, LAYOUT, fraction=0.01)
+    said = {"codec": compress.WIRE_NAMES[codec]}
     with pytest.raises(Rejected, match=re.escape(detail)) as caught:
-        stage.decode(wire, Upload({"codec": codec}, 0, lambda v: base_model()))
+        stage.decode(wire, Upload(said, 0, lambda v: base_model()))
     assert caught.value.tensor == tensor and caught.value.status == 422
 
 
@@ -221,7 +336,8 @@ def test_missing_or_unexpected_tensors_are_refused(codec) -> None:
     first = sorted(wire)[0]
     for broken in ({k: v for k, v in wire.items() if k != first}, {**wire, "extra": wire[first]}):
         with pytest.raises(Rejected, match=f"wrong tensor names for COMPRESSION={codec}"):
-            stage.decode(broken, Upload({"codec": codec}, 0, lambda v: base_model()))
+            said = {"codec": compress.WIRE_NAMES[codec]}
+            stage.decode(broken, Upload(said, 0, lambda v: base_model()))
 
 
 # --- error feedback on the worker: the residual follows the logical client ---------------
@@ -230,7 +346,9 @@ def test_missing_or_unexpected_tensors_are_refused(codec) -> None:
 def push(stage: compress.Compress, d: dict, task_id: str, base_version: int, client="client-7"):
     task = {"client": client, "id": task_id, "run": "5eed", "base_version": base_version}
     wire = stage.worker(outgoing(d, task)).tensors
-    return dense({n: (wire[n + ":index"], wire[n + ":value"]) for n, _ in LAYOUT})
+    return dense(
+        {n: (compress.gaps_decode(wire[n + ":index"]), wire[n + ":value"]) for n, _ in LAYOUT}
+    )
 
 
 def test_the_residual_survives_a_restart_and_moves_to_another_worker(tmp_path: Path) -> None:
@@ -307,4 +425,4 @@ def test_the_stage_runs_only_when_compression_is_on(make_settings) -> None:
     built = pipeline.build(make_settings(COMPRESSION="topk", COMPRESSION_TOPK="0.05"))
     stage = built.stages[built.names.index("compress")]
     assert (stage.codec, stage.fraction) == ("topk", 0.05)
-    assert built.dtypes == {"F32", "I32"} and built.wants_base
+    assert built.dtypes == {"F32", "U16", "F16", "I32"} and built.wants_base

@@ -336,7 +336,8 @@ def test_a_lease_survives_a_restart(make_app) -> None:
 def compressed(codec: str, fill: float = 0.01, **meta: object) -> bytes:
     """A worker's body under COMPRESSION=`codec` for a delta of `fill` from version 0 (zeros)."""
     delta = tensors("mlp", fill)
-    return upload(tensors_=compress.encode(codec, delta, 0.01), codec=codec, wire=True, **meta)
+    wire = compress.encode(codec, delta, 0.01)
+    return upload(tensors_=wire, codec=compress.WIRE_NAMES[codec], wire=True, **meta)
 
 
 @pytest.mark.parametrize("codec", ["fp16", "int8", "topk"])
@@ -387,3 +388,45 @@ def test_topk_over_its_fraction_is_refused(make_app) -> None:
     assert response.status_code == 422
     assert "entries, at most" in response.get_json()["detail"]
     assert served(client) == before
+
+
+def _topk_with(**changes: np.ndarray) -> dict[str, np.ndarray]:
+    return {**compress.encode("topk", tensors("mlp", 0.01), 0.01), **changes}
+
+
+def _earlier_topk() -> dict[str, np.ndarray]:
+    """The earlier top-k form: int32 indices and float32 values."""
+    out = {}
+    for name, shape in LAYOUT:
+        idx = np.arange(compress.kept(0.01, int(np.prod(shape))), dtype=np.int32)
+        out[name + ":index"], out[name + ":value"] = idx, np.ones(idx.size, np.float32)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("wire", "codec", "detail"),
+    [
+        (_earlier_topk(), "topk", "says codec 'topk': the earlier top-k form"),
+        (_earlier_topk(), "topk16", "hidden1/kernel:index must be 1-D uint16 gaps, is int32"),
+        (_topk_with(**{"hidden1/bias:index": np.array([5, 0], np.uint16)}), "topk16",
+         "hidden1/bias:index has a gap of 0"),
+        (_topk_with(**{"output/bias:index": np.array([10], np.uint16)}), "topk16",
+         "output/bias:index reaches index 10"),
+        (_topk_with(**{"output/bias:value": np.array([np.inf], np.float16)}), "topk16",
+         "output/bias:value holds a value non-finite"),
+        (_topk_with(**{"output/bias:value": np.ones(1, np.float32)}), "topk16",
+         "output/bias:value must be float16"),
+    ],
+    ids=["earlier-form", "int32-indices", "zero-gap", "past-end", "inf", "float32-values"],
+)  # fmt: skip
+def test_a_bad_topk_upload_is_a_422_and_changes_nothing(make_app, wire, codec, detail) -> None:
+    client = make_app(COMPRESSION="topk").test_client()
+    before = served(client)
+    body = upload(update_id="bad", tensors_=wire, codec=codec, wire=True)
+    response = post(client, body)
+    assert response.status_code == 422, response.get_json()
+    assert response.get_json()["error"] == "invalid_weights"
+    assert detail in response.get_json()["detail"]
+    assert served(client) == before
+    ok = post(client, compressed("topk", update_id="bad"))
+    assert ok.status_code == 200 and ok.get_json()["version"] == 1  # the id was not kept

@@ -68,6 +68,24 @@ def test_decode_reads_what_the_reference_writer_writes_and_the_reverse() -> None
         np.testing.assert_array_equal(tensor, tensors()[name])
 
 
+def test_wire_dtypes_keep_their_dtype_when_allowed() -> None:
+    # A codec's tensors (top-k's uint16 gaps and float16 values, int8 codes, masked words).
+    arrays = {
+        "g": np.array([0, 65535, 1], np.uint16),
+        "h": np.array([0.5, -65504.0], np.float16),
+        "q": np.array([-127, 127], np.int8),
+        "i": np.array([-1, 2**31 - 1], np.int32),
+        "m": np.array([2**64 - 1], np.uint64),
+    }
+    body = weights.encode(arrays, {}, wire=True)
+    decoded, _ = weights.decode(body, dtypes=("U16", "F16", "I8", "I32", "U64"))
+    for name, array in arrays.items():
+        assert decoded[name].dtype == array.dtype
+        np.testing.assert_array_equal(decoded[name], array)
+    assert st_load(body)["g"].dtype == np.uint16  # the reference reader agrees
+    assert weights.decode(weights.encode(arrays, {}))[0]["g"].dtype == np.float32  # not wire
+
+
 def test_decoded_arrays_are_writable_copies() -> None:
     decoded, _ = weights.decode(weights.encode(tensors(), {}))
     decoded["a/bias"][0] = 7.0
@@ -211,6 +229,7 @@ def test_duplicated_keys_are_400(header: str) -> None:
         ("F6_E2M3", 6),
         ("F4", 4),
         ("I32", 32),
+        ("U16", 16),
         ("U8", 8),
         ("BOOL", 8),
         ("F64", 64),

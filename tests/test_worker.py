@@ -20,6 +20,7 @@ from fedsim.aggregator import history, tasks
 from fedsim.aggregator.app import create_app
 from fedsim.client.transport import ProtocolError
 from fedsim.client.worker import Worker
+from fedsim.pipeline.compress import WIRE_NAMES
 from helpers import (
     TYPED_TOKEN,
     FakeLearner,
@@ -424,7 +425,8 @@ def test_a_compressed_run_applies_every_update(make_settings, caplog, codec) -> 
     assert (s["version"], s["updates"], s["samples"], s["finished"]) == (12, 12, 60000, True)
     assert sum(w.summary.counts.pushes_accepted for w in workers) == 12
     assert re.search(
-        rf"push  base \d+ -> version \d+ \({codec}, \d+ bytes, retries 0\)", caplog.text
+        rf"push  base \d+ -> version \d+ \({WIRE_NAMES[codec]}, \d+ bytes, retries 0\)",
+        caplog.text,
     )
     assert re.search(r"pull  version \d+ \(fp16, \d+ bytes", caplog.text)
     assert "bytes pushed" in workers[0].summary.line("worker-1", 1.0)
@@ -437,6 +439,7 @@ def test_int8_and_topk_send_far_fewer_bytes_than_float32(make_settings, tmp_path
         settings, adapter = setup(
             make_settings,
             COMPRESSION=codec,
+            COMPRESSION_TOPK="0.02",  # 4 bytes an entry: the top 2% still 30 times fewer
             MODEL_DIR=str(folder / "models"),
             WORKER_STATE_DIR=str(folder / "state"),
         )
@@ -444,7 +447,7 @@ def test_int8_and_topk_send_far_fewer_bytes_than_float32(make_settings, tmp_path
         assert status(adapter)["updates"] == 12
         sizes[codec] = pushed_bytes(workers)
     assert sizes["none"] / sizes["int8"] >= 3.9
-    assert sizes["none"] / sizes["topk"] >= 30  # COMPRESSION_TOPK=0.01
+    assert sizes["none"] / sizes["topk"] >= 30
 
 
 def test_topk_residuals_follow_each_client_in_the_shared_folder(make_settings) -> None:

@@ -10,7 +10,7 @@ byte of tensor data is looked at, so an unsupported dtype (BF16, F8, F4, ...) is
 refused from the header alone, and the only exception that ever leaves it is
 `WeightsError`: 400 for bytes that are not readable safetensors, 422 for readable
 tensors of a dtype other than F32 (or, for a compressed update, the codec's
-F16, I8 or I32: `decode(dtypes=...)`). What is refused beyond the reference reader:
+F16, I8 or U16: `decode(dtypes=...)`). What is refused beyond the reference reader:
 duplicated JSON keys (two parsers could pick different values), integers of more
 than 18 digits, nesting deeper than Python's recursion limit, JSON's non-standard
 NaN/Infinity, unknown entry fields, non-printable names, and metadata values that
@@ -84,16 +84,20 @@ class _Refused(ValueError):
 
 
 # The dtypes on the wire beside float32 weights: a compressed update's (fedsim.pipeline.
-# compress) and secure aggregation's masked words (U64). Only F32 is read unless a caller
+# compress: F16, I8, top-k's U16 gaps; I32 for error feedback's files) and secure
+# aggregation's masked words (U64). Only F32 is read unless a caller
 # allows more (`decode(dtypes=...)`).
 WIRE = {
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
     "I8": np.dtype("i1"),
+    "U16": np.dtype("<u2"),
     "I32": np.dtype("<i4"),
     "U64": np.dtype("<u8"),
 }
-_KEPT = frozenset({"f2", "i1", "i4", "u8"})  # kind and size of the dtypes `encode(wire=True)` keeps
+_KEPT = frozenset(
+    {"f2", "i1", "u2", "i4", "u8"}
+)  # kind and size of the dtypes `encode(wire=True)` keeps
 
 
 def encode(
@@ -101,8 +105,8 @@ def encode(
 ) -> bytes:
     """safetensors bytes; tensors are stored as float32, metadata values as strings.
 
-    With `wire`, tensors already of a `WIRE` dtype (a codec's float16, int8, int32, masked
-    uint64 words) keep it.
+    With `wire`, tensors already of a `WIRE` dtype (a codec's float16, int8, uint16 gaps,
+    int32, masked uint64 words) keep it.
     """
 
     def stored(value: np.ndarray) -> np.ndarray:

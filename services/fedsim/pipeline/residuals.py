@@ -7,7 +7,8 @@ its task, so the residual lives in WORKER_STATE_DIR (Compose: the named volume
 `<client>.safetensors`, written atomically (a temporary file, fsync, rename).
 
 A file holds the residual e after the task it follows, float32 under `e/<tensor>`,
-and that task's sent top-k entries (`sent/<tensor>:index`, `:value`), with metadata:
+and that task's sent top-k entries (`sent/<tensor>:index`, int32 flat indices, and
+`:value`, the half-precision values widened to float32), with metadata:
 the run, the client, the task id and the task's base version. Reading it for a task:
 
 - another task of the same run and client, from a base version not older than the
@@ -95,8 +96,8 @@ class Residuals:
         residual: Mapping[str, np.ndarray],
         sent: Mapping[str, tuple[np.ndarray, np.ndarray]],
     ) -> None:
-        """Keep `residual` (e after `task`) and what `task` sent; a write that fails is
-        logged and the residual kept in memory."""
+        """Keep `residual` (e after `task`) and what `task` sent (flat indices, values); a
+        write that fails is logged and the residual kept in memory."""
         tensors: dict[str, np.ndarray] = {
             f"e/{n}": np.asarray(t, np.float32) for n, t in residual.items()
         }
