@@ -466,7 +466,7 @@ def test_compose_run_with_topk_keeps_residuals_in_the_shared_volume(project, mni
     status = p.status()
     assert (status["version"], status["updates"], status["finished"]) == (3, 15, True), status
     logs = "".join(p.container_logs(c["Name"]) for c in clients)
-    assert len(re.findall(r" push  base \d+ -> version \d+ \(topk, \d+ bytes", logs)) == 15, logs
+    assert len(re.findall(r" push  base \d+ -> version \d+ \(topk16, \d+ bytes", logs)) == 15, logs
     # Every update's body, compressed, as the aggregator counted it: far below float32's 797 kB.
     metrics = _get(p, "/metrics")[1].decode()
     received = float(re.search(r"^fedsim_received_bytes_total (\S+)", metrics, re.M).group(1))

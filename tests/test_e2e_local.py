@@ -151,7 +151,7 @@ def test_topk_rounds_from_real_workers_keep_residuals_per_client(tmp_path, mnist
         COMPRESSION="topk",
     )
     out = simulate(env, 2)
-    assert len(re.findall(r"push  base \d+ -> version \d+ \(topk, \d+ bytes", out)) == 6
+    assert len(re.findall(r"push  base \d+ -> version \d+ \(topk16, \d+ bytes", out)) == 6
     assert re.search(r"round 2 closed \(all sampled clients\): 3 of 3 sampled clients", out)
     assert checkpoints.load_newest(tmp_path / "models").version == 2
     residuals = sorted(p.stem for p in (tmp_path / "models" / "worker-state").iterdir())
