@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedsim import config, models
 from fedsim.pipeline import compress
@@ -426,3 +428,46 @@ def test_the_stage_runs_only_when_compression_is_on(make_settings) -> None:
     stage = built.stages[built.names.index("compress")]
     assert (stage.codec, stage.fraction) == ("topk", 0.05)
     assert built.dtypes == {"F32", "U16", "F16", "I32"} and built.wants_base
+
+
+# --- the gaps, for any indices (Hypothesis, derandomized) ------------------------------------
+
+
+@st.composite
+def kept_entries(draw) -> tuple[int, np.ndarray, np.ndarray]:
+    """A tensor's size (up to 300,000: four fillers' worth) and sorted unique kept indices
+    with float16-exact values, spread anywhere (bunched, at both ends, far apart)."""
+    size = draw(st.integers(1, 300_000))
+    idx = draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=40, unique=True))
+    values = draw(st.lists(st.sampled_from([0.5, -1.0, 2.0**-14, 65504.0]), min_size=len(idx),
+                           max_size=len(idx)))  # fmt: skip
+    return size, np.sort(np.array(idx, np.int64)), np.array(values, np.float32)
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(kept_entries())
+def test_any_kept_indices_come_back_through_the_aggregators_checks(entries) -> None:
+    size, idx, values = entries
+    order = np.argsort(idx)
+    x = np.zeros(size, np.float32)
+    x[idx] = values[order]
+    gaps, wire_values = compress.gaps_encode(idx, values[order])
+    assert gaps.size <= idx.size + size // compress.MAX_GAP
+    fraction = idx.size / size  # k = the entries kept, so the bound is as tight as it gets
+    got = compress.decode(
+        "topk", {"w:index": gaps, "w:value": wire_values}, (("w", (size,)),), fraction
+    )
+    np.testing.assert_array_equal(got["w"], x)
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(st.lists(st.integers(0, 65535), max_size=12), st.integers(1, 200_000))
+def test_any_gaps_are_refused_or_decode_inside_the_tensor(raw: list[int], size: int) -> None:
+    gaps = np.array(raw, np.uint16)
+    wire = {"w:index": gaps, "w:value": np.ones(gaps.size, np.float16)}
+    try:
+        got = compress.decode("topk", wire, (("w", (size,)),), 1.0)
+    except Rejected as exc:
+        assert exc.tensor == "w:index" and exc.status == 422
+        return
+    assert np.count_nonzero(got["w"]) == gaps.size  # one entry each, none lost or repeated
