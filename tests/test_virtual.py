@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from fedsim import weights
-from helpers import ROUNDS, answer, ask, post, state_of, write_plan, write_population
+from helpers import ROUNDS, answer, ask, post, state_of
 
 VIRTUAL = {
     **ROUNDS,
@@ -30,11 +31,7 @@ def fill(task_id: str) -> float:
 
 
 def prepared(make_settings, model_dir: Path, **rule: object) -> dict:
-    rule = {**VIRTUAL, **rule, "MODEL_DIR": str(model_dir)}
-    settings = make_settings(**rule)
-    write_plan(settings)
-    write_population(settings)
-    return rule
+    return helpers.planned(make_settings, model_dir, VIRTUAL, **rule)
 
 
 def run(make_app, rule: dict, order_seed: int, workers: int, stop_after: int | None = None):

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import helpers
 from fedsim import weights
 from fedsim.settings import ConfigError
-from helpers import answer, ask, post, state_of, upload, write_plan, write_population
+from helpers import answer, ask, post, state_of, upload
 
 FLIGHTS = {
     "AGGREGATION": "fedasync",
@@ -30,11 +31,7 @@ FLIGHTS = {
 
 
 def prepared(make_settings, model_dir: Path, **rule: object) -> dict:
-    rule = {**FLIGHTS, **rule, "MODEL_DIR": str(model_dir)}
-    settings = make_settings(**rule)
-    write_plan(settings)
-    write_population(settings)
-    return rule
+    return helpers.planned(make_settings, model_dir, FLIGHTS, **rule)
 
 
 def trained(client, task: dict) -> float:

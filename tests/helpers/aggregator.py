@@ -66,6 +66,18 @@ def build_app(
     return app
 
 
+def planned(
+    make_settings: Callable[..., config.Settings], model_dir: Path, base: dict, **rule: object
+) -> dict:
+    """The settings `base` and `rule` make on `model_dir`, with their plan and population
+    written there: what the apps of a run are then built from."""
+    rule = {**base, **rule, "MODEL_DIR": str(model_dir)}
+    settings = make_settings(**rule)
+    write_plan(settings)
+    write_population(settings)
+    return rule
+
+
 def state_of(app: Flask) -> State:
     return app.extensions["fedsim"]
 
