@@ -159,57 +159,45 @@ def test_topk_rounds_from_real_workers_keep_residuals_per_client(tmp_path, mnist
     assert residuals == sorted(trained)
 
 
-@pytest.mark.slow
-def test_the_virtual_clock_gives_the_same_rounds_on_one_and_two_workers(tmp_path, mnist_dir):
-    # Lognormal speeds, 6 asked for 4 a round, closed at the first 4 in simulated time.
-    runs = []
-    for workers in (1, 2):
-        env = environment(
-            tmp_path / f"w{workers}",
-            mnist_dir,
-            PARTITION="iid",
-            NUM_CLIENTS="20",
-            CLIENTS_PER_ROUND="4",
-            OVERSELECT="1.5",
-            AGGREGATION="fedavg",
-            ROUNDS="3",
-            EPOCHS="1",
-            CLOCK="virtual",
-            CLIENT_SPEED="lognormal:0,0.5",
-        )
-        simulate(env, workers)
-        entries = history.read(tmp_path / f"w{workers}" / "models")
-        runs.append([(e["version"], e["round"], e["clients"], e["sim_seconds"]) for e in entries])
-    assert [r[:2] for r in runs[0]] == [(0, None), (1, 1), (2, 2), (3, 3)]
-    assert all(len(clients) == 4 for _, _, clients, _ in runs[0][1:])
-    assert runs[1] == runs[0]
+ROUNDS_VIRTUAL = {  # lognormal speeds, 6 asked for 4 a round, closed at the first 4
+    "NUM_CLIENTS": "20",
+    "CLIENTS_PER_ROUND": "4",
+    "OVERSELECT": "1.5",
+    "AGGREGATION": "fedavg",
+    "ROUNDS": "3",
+    "CLIENT_SPEED": "lognormal:0,0.5",
+}
+FEDBUFF_VIRTUAL = {  # 3 clients in flight, 12 updates of 30 clients (2,000 images), 2 a version
+    "NUM_CLIENTS": "30",
+    "CLIENTS_PER_ROUND": "3",
+    "AGGREGATION": "fedbuff",
+    "FEDBUFF_K": "2",
+    "ROUNDS": "4",
+    "EVAL_EVERY": "2",
+    "CLIENT_SPEED": "slow:0.1,10",  # a tenth 10x slower
+}
 
 
 @pytest.mark.slow
-def test_the_virtual_clock_gives_the_same_asynchronous_versions_on_one_and_two_workers(
-    tmp_path, mnist_dir
+@pytest.mark.parametrize(
+    ("rule", "versions", "rounds", "clients"),
+    [
+        (ROUNDS_VIRTUAL, [0, 1, 2, 3], [None, 1, 2, 3], 4),
+        (FEDBUFF_VIRTUAL, [0, 2, 4, 6], [None] * 4, None),
+    ],
+    ids=["rounds", "fedbuff"],
+)
+def test_the_virtual_clock_gives_the_same_history_on_one_and_two_workers(
+    tmp_path, mnist_dir, rule, versions, rounds, clients
 ):
-    # fedbuff, 3 clients in flight, 12 updates of 30 iid clients (2,000 images), a tenth 10x
-    # slower.
     runs = []
     for workers in (1, 2):
-        env = environment(
-            tmp_path / f"w{workers}",
-            mnist_dir,
-            PARTITION="iid",
-            NUM_CLIENTS="30",
-            CLIENTS_PER_ROUND="3",
-            AGGREGATION="fedbuff",
-            FEDBUFF_K="2",
-            ROUNDS="4",
-            EPOCHS="1",
-            EVAL_EVERY="2",
-            CLOCK="virtual",
-            CLIENT_SPEED="slow:0.1,10",
-        )
+        folder = tmp_path / f"w{workers}"
+        env = environment(folder, mnist_dir, PARTITION="iid", EPOCHS="1", CLOCK="virtual", **rule)
         simulate(env, workers)
-        entries = history.read(tmp_path / f"w{workers}" / "models")
-        runs.append([(e["version"], e["clients"], e["sim_seconds"]) for e in entries])
-    assert [r[0] for r in runs[0]] == [0, 2, 4, 6]  # 12 updates, 2 a version
-    assert all(r[1] for r in runs[0][1:])
+        entries = history.read(folder / "models")
+        runs.append([(e["version"], e["round"], e["clients"], e["sim_seconds"]) for e in entries])
+    assert [r[0] for r in runs[0]] == versions and [r[1] for r in runs[0]] == rounds
+    # every scored version after v0 names its clients (a round: exactly its CLIENTS_PER_ROUND)
+    assert all(len(r[2]) == clients if clients else r[2] for r in runs[0][1:])
     assert runs[1] == runs[0]

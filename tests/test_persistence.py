@@ -100,3 +100,30 @@ def test_the_aggregators_state_grows_by_under_200_bytes_a_client(make_settings, 
     small, large = held(100), held(10_000)
 
     assert large - small < 200 * (10_000 - 100)
+
+
+@pytest.mark.parametrize(
+    ("stored", "kept"),
+    [
+        (
+            '{"round": 3, "waiting": {"3": ["client-1", "client-4"]}, "since": ["client-2"]}',
+            {"round": 3, "waiting": {"3": ["client-1", "client-4"]}, "since": ["client-2"]},
+        ),
+        (
+            '{"round": null, "waiting": {}, "since": []}',
+            {"round": None, "waiting": {}, "since": []},
+        ),
+        (None, {}),  # a checkpoint made before it kept them
+        ("not json", {}),
+        ('{"round": "3", "waiting": {}, "since": []}', {}),
+        ('{"round": 1, "waiting": {"1": [1]}, "since": []}', {}),
+        ('{"round": 1, "waiting": {"v1": []}, "since": []}', {}),
+        ('{"round": 1, "waiting": [], "since": []}', {}),
+        ('{"round": 1, "waiting": {}, "since": "client-1"}', {}),
+        ('{"round": 1, "since": []}', {}),
+        ("[1]", {}),
+    ],
+)
+def test_the_clients_of_the_entries_to_come_are_read_or_dropped(stored, kept) -> None:
+    meta = {} if stored is None else {"pending": stored}
+    assert persistence._pending(meta, "ckpt") == kept

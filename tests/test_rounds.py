@@ -485,6 +485,29 @@ def test_rounds_and_slices_progress_survive_a_restart(make_app) -> None:
     assert ask(again)["task"]["id"] == "c1.s2"
 
 
+def test_a_version_scored_after_a_restart_keeps_its_round_and_clients(make_app) -> None:
+    # Prepare: round 1 closes with two clients and v1 waits for its score; a checkpoint.
+    app = make_app(**ROUNDS, ROUNDS=3, SAVE_MODEL=1)
+    client = app.test_client()
+    ask(client)  # the score of v0, left unanswered
+    a, b = ask(client)["task"], ask(client)["task"]
+    post(client, answer(a, 1.0))
+    post(client, answer(b, 1.0))
+    # Execute: a restart, then v1's score.
+    again = make_app(**ROUNDS, ROUNDS=3, SAVE_MODEL=1).test_client()
+    task = ask(again, "wk-2")["task"]
+    assert task["id"] == "eval.v1"
+    body = {"worker": "wk-2", "task": task["id"], "lease": task["lease"]}
+    assert (
+        again.post("/v1/evaluations", json={**body, "accuracy": 0.5, "loss": 1.0}).status_code
+        == 200
+    )
+    # Assert: the entry says what it would have said without the restart.
+    entry = again.get("/v1/history").get_json()["history"][-1]
+    assert (entry["version"], entry["round"]) == (1, 1)
+    assert entry["clients"] == sorted({a["client"], b["client"]})
+
+
 def test_a_task_update_is_checked_against_its_task(make_app) -> None:
     client = make_app(**ROUNDS, ROUNDS=3).test_client()
     ask(client)

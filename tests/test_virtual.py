@@ -4,13 +4,11 @@ history, versions and clients, whatever the real order of the pushes and the wor
 from __future__ import annotations
 
 import hashlib
-import random
 from pathlib import Path
 
 import pytest
 
 import helpers
-from fedsim import weights
 from helpers import ROUNDS, answer, ask, post, state_of
 
 VIRTUAL = {
@@ -35,39 +33,10 @@ def prepared(make_settings, model_dir: Path, **rule: object) -> dict:
 
 
 def run(make_app, rule: dict, order_seed: int, workers: int, stop_after: int | None = None):
-    """Workers ask, get tasks and push them in a real order shuffled by `order_seed`
-    (evaluations are answered at once). The history (version, round, clients, simulated
-    seconds), the final model, and the pushes in real order."""
-    app = make_app(**rule)
-    client = app.test_client()
-    rng = random.Random(order_seed)
-    held: dict[str, dict] = {}
-    pushed: list[tuple[str, int]] = []
-    for _ in range(1000):
-        for w in (f"wk-{i}" for i in range(workers)):
-            if w in held:
-                continue
-            task = ask(client, w)["task"]
-            if task is not None and task["kind"] == "evaluate":
-                body = {"worker": w, "task": task["id"], "lease": task["lease"]}
-                client.post("/v1/evaluations", json={**body, "accuracy": 0.5, "loss": 1.0})
-            elif task is not None:
-                held[w] = task
-        if not held:
-            if ask(client)["finished"]:
-                break
-            continue
-        task = held.pop(rng.choice(sorted(held)))
-        pushed.append((task["id"], post(client, answer(task, fill(task["id"]))).status_code))
-        if stop_after is not None and len(pushed) >= stop_after:
-            return app, held, pushed
-    history = [
-        (e["version"], e["round"], e["clients"], e["sim_seconds"])
-        for e in client.get("/v1/history").get_json()["history"]
-    ]
-    tensors, meta = weights.decode(client.get("/v1/model").data)
-    model = (meta["version"], meta["samples"], {k: v.tobytes() for k, v in tensors.items()})
-    return history, model, pushed
+    """helpers.drive with each task's update a value of its own."""
+    return helpers.drive(
+        make_app, rule, order_seed, workers, lambda _, task: fill(task["id"]), stop_after=stop_after
+    )
 
 
 def test_the_same_seed_gives_the_same_history_whatever_the_real_order(

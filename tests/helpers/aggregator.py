@@ -3,6 +3,7 @@ through Flask's test client: post an update, ask for a task, answer it, look an 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from flask import Flask
 from flask.testing import FlaskClient
 
-from fedsim import checkpoints, config
+from fedsim import checkpoints, config, weights
 from fedsim.aggregator.app import create_app
 from fedsim.aggregator.state import State
 
@@ -126,3 +127,50 @@ def answer(task: dict, fill: float, num_samples: int | None = None, **extra: obj
         slices=None,
         **extra,
     )
+
+
+def drive(
+    make_app: Callable[..., Flask],
+    rule: dict,
+    order_seed: int,
+    workers: int,
+    fill: Callable[[FlaskClient, dict], float],
+    fields: tuple[str, ...] = ("version", "round", "clients", "sim_seconds"),
+    stop_after: int | None = None,
+):
+    """A run of `workers` fake workers on an app of `rule`: they ask, get a task each and
+    push their results in a real order shuffled by `order_seed`; evaluations are answered
+    at once. A task's update is `fill(client, task)`, taken when the task is handed out.
+
+    Returns the history (the entries' `fields`), the final model (version, samples,
+    bytes) and the pushes in real order (task id, status); or, stopped after `stop_after`
+    pushes, the app, the tasks still held and the pushes."""
+    app = make_app(**rule)
+    client = app.test_client()
+    rng = random.Random(order_seed)
+    held: dict[str, dict] = {}
+    pushed: list[tuple[str, int]] = []
+    for _ in range(1000):
+        finished = False
+        for w in (f"wk-{i}" for i in range(workers)):
+            if w in held:
+                continue
+            offer = ask(client, w)
+            task, finished = offer["task"], offer["finished"]
+            if task is not None and task["kind"] == "evaluate":
+                body = {"worker": w, "task": task["id"], "lease": task["lease"]}
+                client.post("/v1/evaluations", json={**body, "accuracy": 0.5, "loss": 1.0})
+            elif task is not None:
+                held[w] = {**task, "fill": fill(client, task)}
+        if not held:
+            if finished:
+                break
+            continue
+        task = held.pop(rng.choice(sorted(held)))
+        pushed.append((task["id"], post(client, answer(task, task["fill"])).status_code))
+        if stop_after is not None and len(pushed) >= stop_after:
+            return app, held, pushed
+    history = [tuple(e[f] for f in fields) for e in client.get("/v1/history").get_json()["history"]]
+    tensors, meta = weights.decode(client.get("/v1/model").data)
+    model = (meta["version"], meta["samples"], {k: v.tobytes() for k, v in tensors.items()})
+    return history, model, pushed

@@ -70,6 +70,27 @@ class Evaluations:
     def scored(self, version: int) -> bool:
         return any(e["version"] == version for e in self.entries)
 
+    def pending(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the entries to come: the current version's round, the
+        clients of each version waiting for its score, and those since the last one waiting.
+        Caller holds the state's lock."""
+        current = self.waiting.get(self._core.snapshot.version)
+        return {
+            "round": current.round if current else None,
+            "waiting": {str(v): list(w.clients) for v, w in self.waiting.items()},
+            "since": list(self._since),
+        }
+
+    def restore(self, pending: dict[str, Any]) -> int | None:
+        """Take back a checkpoint's `pending()`. A restart scores only the checkpoint's
+        version, so the clients of every version still unscored (some may have been scored
+        after the checkpoint was written) go into the next entry. Returns the round that made
+        the checkpoint's version (None: none, or not kept)."""
+        waiting = pending.get("waiting", {})
+        unscored = [c for v, cs in waiting.items() if not self.scored(int(v)) for c in cs]
+        self._since = sorted(set(unscored) | set(pending.get("since", [])))
+        return pending.get("round")
+
     def saw(self, client_id: str) -> None:
         """`client_id`'s update went into a version: its next history entry names it."""
         self._since.append(client_id)

@@ -62,6 +62,7 @@ class Start:
     history: list[dict[str, Any]]
     stages_state: dict[str, Any] = field(default_factory=dict)  # the pipeline's stages' state
     population: Population | None = None  # clients.json; None: everyone equal
+    pending: dict[str, Any] = field(default_factory=dict)  # Evaluations.pending() when saved
 
 
 def _reset_hint(settings: Settings) -> str:
@@ -249,7 +250,35 @@ def load(settings: Settings, rule: str) -> Start:
         history=kept,
         stages_state=_json_meta(meta, "stages_state", {}) if same_rule else {},
         population=found,
+        pending=_pending(meta, ckpt.path) if same_rule else {},
     )
+
+
+def _pending(meta: Mapping[str, str], path: object) -> dict[str, Any]:
+    """The checkpoint's `Evaluations.pending()`: {} when it has none (made before they were
+    kept) or they are malformed (the entries to come then name fewer clients)."""
+    found = _json_meta(meta, "pending", {})
+    if found == {}:
+        return {}
+
+    def names(value: object) -> bool:
+        return isinstance(value, list) and all(isinstance(c, str) for c in value)
+
+    def by_version(value: object) -> bool:
+        return isinstance(value, dict) and all(
+            k.isascii() and k.isdigit() and names(v) for k, v in value.items()
+        )
+
+    if (
+        isinstance(found, dict)
+        and set(found) == {"round", "waiting", "since"}
+        and (found["round"] is None or type(found["round"]) is int)
+        and by_version(found["waiting"])
+        and names(found["since"])
+    ):
+        return found
+    log.warning("checkpoint %s has a malformed pending entry: its score names no clients", path)
+    return {}
 
 
 def stages(settings: Settings, start: Start) -> pipeline.Pipeline:

@@ -39,6 +39,7 @@ import numpy as np
 
 from fedsim import checkpoints, pipeline, weights
 from fedsim.aggregator import tasks
+from fedsim.aggregator.evaluations import Evaluations
 from fedsim.aggregator.events import Events, iso
 from fedsim.aggregator.journal import Journal
 from fedsim.aggregator.ledger import Ledger
@@ -66,6 +67,7 @@ class Core(Protocol):
     events: Events
     metrics: Recorder
     stages: pipeline.Pipeline
+    evaluations: Evaluations
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,8 @@ class Saver:
                 }
             ),
             "stages_state": json.dumps(core.stages.state_dict()),  # e.g. adaptive clipping's norm
+            # the round and clients of the history entries still to come (evaluations.py)
+            "pending": json.dumps(core.evaluations.pending()),
             "updates": core.ledger.total,
             "applied_ids": json.dumps(core.ledger.recent()),
             "time": iso(self._wall()),

@@ -19,8 +19,7 @@ import logging
 from flask import Blueprint, Flask, Response, g, jsonify, request
 
 from fedsim import models, weights
-from fedsim.aggregator import secure
-from fedsim.aggregator.api import _read_body, _state, _workers_only, error
+from fedsim.aggregator import secure, web
 from fedsim.aggregator.strategies import Refused
 from fedsim.protocol import Invalid, SecaggReport, client_number, valid_id
 from fedsim.protocol.base import LEASE
@@ -38,23 +37,23 @@ def init_app(app: Flask) -> None:
 
 
 def _refused(status: int, code: str, detail: str) -> Response:
-    state = _state()
+    state = web.state()
     log.warning("refused secure aggregation message: %d %s: %s", status, code, detail)
     state.note_refusal(request.path, code, detail)
     if status == 409:
         version, finished = state.info()
-        return error(status, code, detail, version=version, finished=finished)
-    return error(status, code, detail)
+        return web.error(status, code, detail, version=version, finished=finished)
+    return web.error(status, code, detail)
 
 
 @bp.post("/v1/secagg")
 def report() -> Response:
-    if (refused := _workers_only()) is not None:
+    if (refused := web.workers_only()) is not None:
         return refused
     if request.content_length is not None and request.content_length > MAX_REPORT_BYTES:
         return _refused(413, "too_large", f"body is over {MAX_REPORT_BYTES} bytes")
     try:
-        raw = _read_body()
+        raw = web.read_body()
         if len(raw) > MAX_REPORT_BYTES:
             raise Invalid("too_large", f"body is over {MAX_REPORT_BYTES} bytes", 413)
         try:
@@ -66,7 +65,7 @@ def report() -> Response:
         msg = SecaggReport.from_json(body)
     except Invalid as exc:
         return _refused(exc.status, exc.code, exc.detail)
-    state = _state()
+    state = web.state()
     state.metrics.bytes_received(len(raw))
     try:
         answer = state.secure(lambda core, now: secure.report(core, msg, len(raw), now))
@@ -79,14 +78,14 @@ def report() -> Response:
 
 @bp.post("/v1/secagg/masked")
 def masked() -> Response:
-    if (refused := _workers_only()) is not None:
+    if (refused := web.workers_only()) is not None:
         return refused
-    state = _state()
+    state = web.state()
     limit = state.settings.max_update_bytes
     if request.content_length is not None and request.content_length > limit:
         return _refused(413, "too_large", f"body is over MAX_UPDATE_BYTES={limit}")
     try:
-        body = _read_body()
+        body = web.read_body()
     except Invalid as exc:
         return _refused(exc.status, exc.code, exc.detail)
     if len(body) > limit:

@@ -113,8 +113,9 @@ class State:
             f"started from checkpoint v{ckpt.version} ({self.strategy.name}, "
             f"{settings.partition}, {len(start.clients)} logical clients)",
         )
+        made_by = self.evaluations.restore(start.pending)  # the round that made ckpt.version
         if not self.evaluations.scored(ckpt.version):
-            self.evaluations.want(self.snapshot, None, self.ledger.total)
+            self.evaluations.want(self.snapshot, made_by, self.ledger.total)
         with self._lock:  # DURABLE: what the journal holds beyond the checkpoint
             replay.resume(self, start, clock())
         if self.queue.training_done and self.evaluations.entries and not self.queue.evals:

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Where a worker's memory goes over many tasks (issue 18's W2 growth).
+
+One process trains tasks one after another as a worker does (fedsim.client.training's
+Trainer: one model, a fresh optimizer per task, W2's settings by default: McMahan's CNN,
+600 iid images a client, E = 5, B = 10, SGD at 0.02), scores the model every
+--eval-every tasks on the 10,000 test images, and prints its resident memory (VmRSS)
+after every --every tasks, with the growth from task --from to the last.
+
+    .venv/bin/python scripts/profile_worker_memory.py [--model cnn] [--tasks 60]
+        [--threads 1] [--data ./data] [--json FILE]
+
+Compare allocators by running it under them, e.g. `MALLOC_ARENA_MAX=2` or
+`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2`; the allocator in use is
+printed. Refuses to start above a load of 1.0 unless --force. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchlib import ROOT, Bench, add_arguments
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def allocator() -> str:
+    preload = os.environ.get("LD_PRELOAD", "")
+    arenas = os.environ.get("MALLOC_ARENA_MAX")
+    if preload:
+        return f"LD_PRELOAD={preload}"
+    return f"glibc malloc{f', MALLOC_ARENA_MAX={arenas}' if arenas else ''}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="cnn", choices=["cnn", "mlp"])
+    parser.add_argument("--tasks", type=int, default=60)
+    parser.add_argument("--images", type=int, default=600, help="images a client")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--learning-rate", type=float, default=0.02)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="TensorFlow's intra-op threads")
+    parser.add_argument("--every", type=int, default=5, help="print memory every N tasks")
+    parser.add_argument("--from", dest="start", type=int, default=10, help="growth from task")
+    parser.add_argument("--data", type=Path, default=ROOT / "data")
+    add_arguments(parser)
+    args = parser.parse_args()
+    if not 0 < args.start < args.tasks:
+        parser.error(f"--from must be between 1 and --tasks - 1, got {args.start}")
+
+    bench = Bench.from_args("profile_worker_memory", args)
+    bench.header()
+    from fedsim import models, tfruntime
+
+    tfruntime.configure(args.threads)
+    from fedsim.client.training import Trainer
+
+    bench.say(f"allocator: {allocator()}; {args.model}, {args.tasks} tasks of {args.images}")
+    before = rss_bytes()
+    trainer = Trainer(args.data, verify=False, model=args.model, seed=1)
+    order = np.random.default_rng(1).permutation(len(trainer.labels))
+    clients = [order[i : i + args.images] for i in range(0, len(order), args.images)]
+    settings = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "optimizer": "sgd",
+    }
+    tensors = models.initial_weights(args.model, seed=1)
+    samples: list[dict[str, float]] = []
+    started = time.monotonic()
+    for task in range(1, args.tasks + 1):
+        tensors, _ = trainer.train(tensors, clients[task % len(clients)], settings, seed=task)
+        if task % args.eval_every == 0:
+            trainer.evaluate(tensors)
+        rss = rss_bytes()
+        samples.append({"task": task, "rss_bytes": rss, "seconds": time.monotonic() - started})
+        if task % args.every == 0 or task == args.tasks:
+            bench.say(f"task {task:4d}  RSS {rss / 2**20:8.1f} MiB")
+    at_start = samples[args.start - 1]["rss_bytes"]
+    end = samples[-1]["rss_bytes"]
+    per_task = (end - at_start) / (args.tasks - args.start)
+    result = bench.figure(
+        {
+            "allocator": allocator(),
+            "model": args.model,
+            "tasks": args.tasks,
+            "rss_before_bytes": before,
+            "rss_at_from_bytes": at_start,
+            "rss_end_bytes": end,
+            "growth_bytes": end - at_start,
+            "growth_per_task_bytes": round(per_task),
+            "seconds": round(samples[-1]["seconds"], 1),
+            "samples": samples,
+        }
+    )
+    bench.say(
+        f"growth from task {args.start} to {args.tasks}: {(end - at_start) / 2**20:.1f} MiB "
+        f"({per_task / 2**10:.0f} KiB a task); {allocator()}"
+    )
+    bench.finish([result])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
