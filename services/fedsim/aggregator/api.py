@@ -145,9 +145,8 @@ def evaluation() -> Response:
             scored.task, scored.lease, scored.accuracy, scored.loss, scored.worker
         )
     except Refused as exc:
-        state.note_refusal(f"evaluation {scored.task}", exc.code, exc.reason)
-        version, finished = state.info()
-        return web.error(exc.status, exc.code, exc.reason, version=version, finished=finished)
+        where = f"evaluation {scored.task}"
+        return web.refusal(where, exc.status, exc.code, exc.reason, tell_version=True)
     return jsonify(recorded=True, entry=entry)
 
 
@@ -164,9 +163,8 @@ def dropout() -> Response:
     try:
         attempt = state.give_back(dropped.task, dropped.lease)
     except Refused as exc:
-        state.note_refusal(f"dropout of {dropped.task}", exc.code, exc.reason)
-        version, finished = state.info()
-        return web.error(exc.status, exc.code, exc.reason, version=version, finished=finished)
+        where = f"dropout of {dropped.task}"
+        return web.refusal(where, exc.status, exc.code, exc.reason, tell_version=True)
     return jsonify(given_back=True, task=dropped.task, attempt=attempt)
 
 
@@ -248,14 +246,9 @@ def get_update(update_id: str) -> Response:
 
 
 def _refused(status: int, code: str, detail: str, update: uploads.Update | None = None) -> Response:
-    state = web.state()
     who = f"client {update.client_id} update {update.update_id}" if update else request.remote_addr
     log.warning("refused update from %s: %d %s: %s", who, status, code, detail)
-    state.note_refusal(str(who), code, detail)
-    if status == 409:
-        version, finished = state.info()
-        return web.error(status, code, detail, version=version, finished=finished)
-    return web.error(status, code, detail)
+    return web.refusal(str(who), status, code, detail, tell_version=status == 409)
 
 
 @bp.get("/v1/history")

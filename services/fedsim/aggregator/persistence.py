@@ -277,7 +277,7 @@ def _pending(meta: Mapping[str, str], path: object) -> dict[str, Any]:
         and names(found["since"])
     ):
         return found
-    log.warning("checkpoint %s has a malformed pending entry: its score names no clients", path)
+    log.warning("checkpoint %s: malformed pending entries; the next ones name fewer clients", path)
     return {}
 
 

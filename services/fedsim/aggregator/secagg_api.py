@@ -37,13 +37,8 @@ def init_app(app: Flask) -> None:
 
 
 def _refused(status: int, code: str, detail: str) -> Response:
-    state = web.state()
     log.warning("refused secure aggregation message: %d %s: %s", status, code, detail)
-    state.note_refusal(request.path, code, detail)
-    if status == 409:
-        version, finished = state.info()
-        return web.error(status, code, detail, version=version, finished=finished)
-    return web.error(status, code, detail)
+    return web.refusal(request.path, status, code, detail, tell_version=status == 409)
 
 
 @bp.post("/v1/secagg")

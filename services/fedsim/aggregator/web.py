@@ -77,6 +77,18 @@ def error(status: int, code: str, detail: str, **extra: Any) -> Response:
     return response
 
 
+def refusal(source: str, status: int, code: str, detail: str, *, tell_version: bool) -> Response:
+    """The answer to a refused request, noted in the run's events under `source`. With
+    `tell_version` it carries the served version and whether the run is finished, so that
+    a worker holding work the run has moved past lets it go."""
+    current = state()
+    current.note_refusal(source, code, detail)
+    if tell_version:
+        version, finished = current.info()
+        return error(status, code, detail, version=version, finished=finished)
+    return error(status, code, detail)
+
+
 def http_error(exc: HTTPException) -> Response:
     """Werkzeug's errors (404, 405, 413 from the read cap...) as JSON like ours."""
     code = "too_large" if exc.code == 413 else (exc.name or "error").lower().replace(" ", "_")
