@@ -214,3 +214,27 @@ def test_profile_shares_name_the_upload_steps_seen_and_the_rest():
     assert set(found) == {"decode (safetensors)", "the rest"}
     assert 0 < found["decode (safetensors)"] < 1 and 0 < found["the rest"] < 1
     assert sum(found.values()) == pytest.approx(1)
+
+
+def test_profile_run_memory_runs_the_worker_loop_against_the_aggregator(tmp_path):
+    """The stand-in learner goes through the real worker loop and gunicorn: the run reaches its
+    last round, and each process's memory is read."""
+    import subprocess
+
+    out = tmp_path / "profile.json"
+    argv = [sys.executable, str(ROOT / "scripts" / "profile_run_memory.py"), "--model", "mlp"]
+    argv += ["--rounds", "3", "--workers", "2", "--every", "1", "--from", "1"]
+    argv += ["--force", "--json", str(out)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "services"), str(ROOT / "scripts")]),
+    }
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["results"]
+    rounds = [s["round"] for s in result["samples"]]  # rounds closed between looks share one
+    assert rounds == sorted(set(rounds)) and rounds[-1] == 3
+    assert all(s["aggregator_rss_bytes"] > 0 for s in result["samples"])
+    assert all(len(s["worker_rss_bytes"]) == 2 for s in result["samples"])
+    assert "round    3" in done.stdout and "growth from round " in done.stdout

@@ -1,8 +1,8 @@
 """A stand-in aggregator under a real gunicorn on 127.0.0.1, the proxy (deploy/nginx) in
 front of it, and uploaders that load it.
 
-The model folder holds checkpoint 0 of the mlp and the default partition plan
-made from stand-in labels, so neither TensorFlow nor MNIST is needed.
+The model folder holds checkpoint 0 of the mlp (or another model) and the partition plan
+of its settings made from stand-in labels, so neither TensorFlow nor MNIST is needed.
 """
 
 from __future__ import annotations
@@ -29,31 +29,37 @@ from .procs import free_port, start
 NGINX_ENTRYPOINT = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "entrypoint.sh"
 ID_WIDTH = 32  # update ids are patched into one pre-encoded body, so they share a width
 TRAIN_IMAGES = 60_000  # MNIST's training set, which the stand-in labels cover
+LABELS = (np.arange(TRAIN_IMAGES) % 10).astype(np.uint8)  # stand-in labels: 0-9 in turn
+
+
+def model_weights(model: str, seed: int) -> dict[str, np.ndarray]:
+    """Seeded float32 tensors of `model`'s layout, of the size of trained weights."""
+    rng = np.random.default_rng(seed)
+    return {n: rng.standard_normal(s).astype(np.float32) * 0.05 for n, s in SHAPES[model]}
 
 
 def mlp_weights(seed: int) -> dict[str, np.ndarray]:
-    """Seeded float32 tensors of the mlp's layout, of the size of trained weights."""
-    rng = np.random.default_rng(seed)
-    return {n: rng.standard_normal(s).astype(np.float32) * 0.05 for n, s in SHAPES["mlp"]}
+    return model_weights("mlp", seed)
 
 
-def stand_in(tmp: Path) -> dict[str, str]:
-    """Checkpoint 0, the partition plan and a tokens file in `tmp`; the settings to serve them."""
+def stand_in(tmp: Path, model: str = "mlp", **settings: str) -> dict[str, str]:
+    """Checkpoint 0 of `model`, the partition plan and a tokens file in `tmp`; the settings
+    to serve them (`settings` added, e.g. NUM_CLIENTS="100")."""
     model_dir = tmp / "models"
-    checkpoints.save(model_dir, 0, mlp_weights(0), {"samples": 0, "model": "mlp"}, keep=5)
+    checkpoints.save(model_dir, 0, model_weights(model, 0), {"samples": 0, "model": model}, keep=5)
     env = {
         "MODEL_DIR": str(model_dir),
-        "MODEL": "mlp",
+        "MODEL": model,
         "FEDSIM_ENV_FILE": str(tmp / "no.env"),
         "TOKENS_FILE": str(tmp / "secrets" / "tokens.json"),
         # The benches push every update as client-1: a window of one version (each update
         # makes one) lets it add its partition's samples each time, so the quota never binds.
         "CLIENT_QUOTA_VERSIONS": "1",
+        **settings,
     }
-    settings = config.load(environ=env, env_file=tmp / "no.env")
-    labels = (np.arange(TRAIN_IMAGES) % 10).astype(np.uint8)
-    plan = partition.plan_settings(settings)
-    partition.write(model_dir, partition.manifest(plan, partition.make(plan, labels), labels))
+    loaded = config.load(environ=env, env_file=tmp / "no.env")
+    plan = partition.plan_settings(loaded)
+    partition.write(model_dir, partition.manifest(plan, partition.make(plan, LABELS), LABELS))
     tokens.ensure(Path(env["TOKENS_FILE"]))
     return env
 

@@ -3,10 +3,12 @@
 A worker asks for work and gets a task with a lease; it finishes the task within
 TASK_TIMEOUT or the task goes to another worker, and a result under the old
 lease is refused. ids.py names the work (task ids, seeds), leases.py tracks
-workers and leases, queues.py and rounds.py hold the three plans, and secagg.py
-the round plan under SECAGG=true (secure aggregation's phases as tasks).
+workers and leases, queues.py is the queue, asynchronous.py and rounds.py hold
+its three plans, and secagg.py the round plan under SECAGG=true (secure
+aggregation's phases as tasks).
 """
 
+from fedsim.aggregator.tasks.asynchronous import SampledQueue, SliceQueue
 from fedsim.aggregator.tasks.ids import Client, choose_attackers, sample, task_seed
 from fedsim.aggregator.tasks.leases import (
     MAX_WORKERS,
@@ -15,7 +17,7 @@ from fedsim.aggregator.tasks.leases import (
     Worker,
     lease_key,
 )
-from fedsim.aggregator.tasks.queues import Queue, SampledQueue, SliceQueue
+from fedsim.aggregator.tasks.queues import Queue
 from fedsim.aggregator.tasks.rounds import RETRY, Round, RoundQueue
 from fedsim.protocol import Offer
 
