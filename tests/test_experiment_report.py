@@ -298,11 +298,17 @@ def test_without_a_target_nothing_is_reached():
 
 def test_a_dp_run_reports_its_last_epsilon_and_the_summary_shows_it(sweep):
     entries = history(0.1, 0.8, 0.9)
-    for e, eps in zip(entries, (None, 1.25, 2.5), strict=True):
-        e["epsilon"] = eps
+    for e, eps in zip(entries, (0.0, 1.25, 2.5), strict=True):
+        e |= {"epsilon": eps, "delta": 0.01}
     got = outcome.measure(outcome.Raw("finished", START, 5.0, entries), per_round=1,
                           workers=1, target=None)  # fmt: skip
     assert got["epsilon"] == 2.5
+    # DP_NOISE=0: every round's ε is null (no bound); version 0's 0 is not the run's ε.
+    for e, eps in zip(entries, (0.0, None, None), strict=True):
+        e["epsilon"] = eps
+    clipped = outcome.measure(outcome.Raw("finished", START, 5.0, entries), per_round=1,
+                              workers=1, target=None)  # fmt: skip
+    assert clipped["epsilon"] == math.inf
     plain = outcome.measure(outcome.Raw("finished", START, 5.0, history(0.1, 0.9)),
                             per_round=1, workers=1, target=None)  # fmt: skip
     assert plain["epsilon"] is None
@@ -314,6 +320,9 @@ def test_a_dp_run_reports_its_last_epsilon_and_the_summary_shows_it(sweep):
     m, sd = independent_mean_sd([1.0, 2.0, 3.0])
     summary = report.summary(e, results)
     assert "ε at DP_DELTA" in summary and f"{m:.2f} ± {sd:.2f}" in summary
+    for r in results:
+        r["epsilon"] = math.inf
+    assert "| ∞ |" in report.summary(e, results)
 
 
 AGGREGATOR_METRICS = """\

@@ -9,6 +9,7 @@ read on the same axis.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -133,9 +134,13 @@ def _growth(points: Sequence[Point]) -> int | None:
 
 
 def _epsilon(entries: Sequence[Mapping[str, Any]]) -> float | None:
-    """The last ε the history shows (DP runs), inf as "inf"'s float; None without DP."""
-    shown = [e["epsilon"] for e in entries if e.get("epsilon") is not None]
-    return float(shown[-1]) if shown else None
+    """The ε of a DP run's last history entry (entries carry `delta` under DP), inf where it
+    shows none (DP_NOISE=0: no bound; version 0's ε of 0 is not the run's); None without DP."""
+    private = [e for e in entries if e.get("delta") is not None]
+    if not private:
+        return None
+    last = private[-1].get("epsilon")
+    return math.inf if last is None else float(last)
 
 
 def measure(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -190,7 +191,8 @@ def cells_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
                         if h["target"] == a]  # fmt: skip
                 row.append(reached(hits, "s"))
         if private:
-            row.append(shown(of(runs, "epsilon"), "{:.2f}"))
+            eps = of(runs, "epsilon")  # inf: DP_NOISE=0, clipping without a bound
+            row.append("∞" if eps and all(map(math.isinf, eps)) else shown(eps, "{:.2f}"))
         row += [shown(of(runs, k), *OWN[k][1:]) for k in own]
         mb = (shown(of(runs, "bytes_to_workers"), "{:.1f}", 1e6) + " / "
               + shown(of(runs, "bytes_from_workers"), "{:.1f}", 1e6))  # fmt: skip
