@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from flask.testing import FlaskClient
 
-from helpers import TYPED_TOKEN, ask, bearer, state_of
+from helpers import TYPED_TOKEN, answer, ask, bearer, post, state_of
 
 ROUND = {"AGGREGATION": "fedavg", "PARTITION": "iid", "NUM_CLIENTS": 4, "CLIENTS_PER_ROUND": 2}
 POPULATION = {"CLIENT_SPEED": "uniform:1,4", "CLIENT_BANDWIDTH": "1e6", "DROPOUT": "0.2"}
@@ -107,3 +107,32 @@ def test_equal_clients_show_speed_1_unlimited_bandwidth_no_dropout(make_app) -> 
         for c in status["clients"]
     )
     assert status["population"]["bandwidth"] is None
+
+
+def test_a_diverged_training_stops_the_run_at_the_served_version(make_app) -> None:
+    client = make_app(**ROUND).test_client()
+    score = ask(client, "wk-1")["task"]  # version 0 is scored first
+    first, second = train_task(client, "wk-2"), train_task(client, "wk-3")
+    body = {"worker": "wk-2", "task": first["id"], "lease": first["lease"]}
+    response = client.post("/v1/dropouts", json={**body, "diverged": "non-finite weights in a"})
+    assert response.status_code == 200
+    reason = response.get_json()["stopped"]
+    assert reason.startswith(f"{first['client']}'s training in task {first['id']} on ")
+    assert "diverged (non-finite weights in a); the run stops at version 0" in reason
+
+    # The round's other update is refused, no training is handed out, and the run is
+    # finished once the served version has its score.
+    late = post(client, answer(second, 1.0))
+    assert late.status_code == 409 and late.get_json()["error"] == "finished"
+    offer = ask(client, "wk-4")
+    assert offer["task"] is None and not offer["finished"]
+    status = client.get("/v1/status").get_json()
+    assert status["stopped"] == reason and not status["finished"]
+    assert any(e["kind"] == "finished" and reason in e["text"] for e in status["events"])
+    scored = {"worker": "wk-1", "task": score["id"], "lease": score["lease"]}
+    assert (
+        client.post("/v1/evaluations", json={**scored, "accuracy": 0.1, "loss": 2.3}).status_code
+        == 200
+    )
+    assert ask(client, "wk-4")["finished"]
+    assert client.get("/v1/status").get_json()["version"] == 0

@@ -122,3 +122,41 @@ def test_a_profile_and_attempt_travel_and_are_absent_by_default() -> None:
     assert "profile" not in plain and "attempt" not in plain
     sent = task(Profile(speed=2.5, bandwidth=None, dropout=0.1), attempt=1)
     assert TrainTask.from_json(sent.to_json()) == sent
+
+
+def test_non_finite_names_the_first_tensor_with_a_nan_or_an_infinity() -> None:
+    ok = {"a": np.ones(3, np.float32), "b": np.zeros(2, np.float32)}
+    assert pacing.non_finite(ok) is None
+    assert pacing.non_finite({**ok, "b": np.array([0.0, np.inf], np.float32)}) == "b"
+    assert pacing.non_finite({"c": np.array([np.nan], np.float32), **ok}) == "c"
+
+
+def test_a_diverged_training_is_reported_with_what_was_non_finite(caplog) -> None:
+    sent = Recorder()
+    with caplog.at_level(logging.INFO):
+        retries = pacing.diverged(
+            "w1",
+            "client-2 round 1",
+            task(None),
+            sent,
+            "h-1-ab",
+            "hidden/kernel from version 4",
+            1.3e7,
+        )
+    detail = "non-finite weights in hidden/kernel from version 4, loss 1.3e+07"
+    assert retries == 1 and sent.sent == [Dropout("h-1-ab", "r1.c2", "ab" * 32, detail)]
+    assert f"w1 client-2 round 1 diverged: {detail}; reported, the run stops" in caplog.text
+    pacing.diverged("w1", "c", task(None), Recorder(409), "h-1-ab", "x", float("nan"))
+    assert "loss not finite" in caplog.text and "did not take the report" in caplog.text
+
+
+@pytest.mark.parametrize("diverged", [7, "", "two\nlines", "x" * (Dropout.MAX_DETAIL + 1)], ids=str)
+def test_a_dropout_s_diverged_detail_is_one_short_line(diverged) -> None:
+    from fedsim.protocol import Invalid
+
+    body = {**Dropout("h-1-ab", "r1.c2", "ab" * 32).to_json(), "diverged": diverged}
+    with pytest.raises(Invalid, match="diverged must be one line of 1-300 printable"):
+        Dropout.from_json(body)
+    assert "diverged" not in Dropout("h-1-ab", "r1.c2", "ab" * 32).to_json()  # older form
+    both = Dropout("h-1-ab", "r1.c2", "ab" * 32, "nan in a")
+    assert Dropout.from_json(both.to_json()) == both

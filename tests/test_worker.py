@@ -470,3 +470,39 @@ def test_topk_residuals_follow_each_client_in_the_shared_folder(make_settings) -
     for client, path in files.items():
         _, meta = weights.decode(path.read_bytes(), dtypes=("F32", "I32"))
         assert (meta["client"], meta["run"]) == (client, run)
+
+
+class DivergingLearner(FakeLearner):
+    """Trains as FakeLearner until task `at`, whose weights come out NaN."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def train(self, tensors, indices, settings, seed, *, labels=None):
+        out, trained = super().train(tensors, indices, settings, seed, labels=labels)
+        if len(self.trained) == self.at:
+            out = {name: np.full(t.shape, np.nan, np.float32) for name, t in out.items()}
+        return out, trained
+
+
+def test_a_diverged_training_is_reported_and_the_run_stops_cleanly(make_settings, caplog):
+    settings, adapter = setup(
+        make_settings, AGGREGATION="fedavg", PARTITION="iid", NUM_CLIENTS=4, CLIENTS_PER_ROUND=2
+    )
+    learner = DivergingLearner(at=3)  # round 2's first task
+    worker = Worker(
+        settings, in_process_transport(adapter), lambda n: learner, uid="h-1-ab", sleep=quick_sleep
+    )
+    with caplog.at_level(logging.INFO):
+        summary = worker.run()  # returns: the run is over, the worker exits normally
+
+    assert (summary.trained, summary.diverged) == (2, 1)
+    got = status(adapter)
+    assert got["finished"] and got["version"] == 1 and got["round"]["rounds_done"] == 1
+    assert "diverged (non-finite weights in " in got["stopped"]
+    assert "from version 1" in got["stopped"] and "the run stops at version 1" in got["stopped"]
+    assert "diverged: non-finite weights in" in caplog.text
+    assert ", 1 diverged, " in summary.line("w1", 1.0)
+    # Version 1 was scored, and nothing after it was published or trained.
+    assert [e["version"] for e in history.read(settings.model_dir)] == [0, 1]

@@ -152,7 +152,8 @@ def evaluation() -> Response:
 
 @bp.post("/v1/dropouts")
 def dropout() -> Response:
-    """A worker gives back a training task its client dropped: {worker, task, lease}."""
+    """A worker gives back a training task its client dropped: {worker, task, lease}; with
+    `diverged` (what was non-finite), a task whose training diverged: the run stops."""
     state = web.state()
     if (refused := web.workers_only()) is not None:
         return refused
@@ -161,6 +162,9 @@ def dropout() -> Response:
     except Invalid as exc:
         return web.bad(exc)
     try:
+        if dropped.diverged is not None:  # the run stops: its model diverged on a client
+            reason = state.diverged(dropped.task, dropped.lease, dropped.diverged)
+            return jsonify(given_back=True, task=dropped.task, stopped=reason)
         attempt = state.give_back(dropped.task, dropped.lease)
     except Refused as exc:
         where = f"dropout of {dropped.task}"

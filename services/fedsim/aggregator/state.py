@@ -250,6 +250,26 @@ class State:
             self.events.add("dropout", f"{client} dropped task {task_id} on {worker}")
             return attempt
 
+    def diverged(self, task_id: str, lease: str, detail: str) -> str:
+        """A worker's training of `task_id` diverged (`detail`: what was non-finite): the run
+        stops at the served version, which is scored if it was not. The reason; Refused if the
+        task is not held under `lease`."""
+        with self._lock:
+            worker, client, _ = self.queue.give_back(task_id, lease)
+            version = self.snapshot.version
+            reason = (
+                f"{client}'s training in task {task_id} on {worker} diverged ({detail}); "
+                f"the run stops at version {version}: lower LEARNING_RATE"
+                + (", or DP_NOISE" if self.privacy is not None else "")
+            )
+            self.queue.stop(reason)
+            log.error("stopping: %s", reason)
+            self.events.add("finished", f"stopped: {reason}")
+            if self.queue.finished:
+                self.metrics.set_finished(True)
+        self.holds.changed()  # idle workers hear that the run is over
+        return reason
+
     def _drain_expired(self) -> None:
         """Log and count the leases that ran out since the last call. Caller holds _lock."""
         for task_id, worker in self.queue.drain_expired():

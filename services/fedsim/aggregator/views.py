@@ -203,6 +203,8 @@ def status(core: Core, clients: int | None = STATUS_CLIENTS) -> dict[str, Any]:
         "mode": core.strategy.mode,
         "partition": dict(core.manifest["settings"]),
         "finished": queue.finished,
+        # Why training stopped before its end (a client's training diverged); None if not.
+        "stopped": queue.stopped,
         "round": queue_status.pop("round", None),
         "run": {
             "rounds": s.rounds,

@@ -1,4 +1,5 @@
-"""How a worker acts out its task's logical client: a slow client's wait and its dropouts.
+"""How a worker acts out its task's logical client: a slow client's wait, its dropouts, and
+a training that diverged.
 
 A training task carries its client's `Profile` (its line of clients.json, see
 `fedsim.data.population`) unless every client is equal. Under CLOCK=real a slow client
@@ -13,6 +14,8 @@ The bytes are the model pulled and the update pushed, as a real client would mov
 on every task. A task drops when the draw of its seed and attempt falls below the
 client's dropout, so the same task drops the same way whichever worker takes it. Under
 CLOCK=virtual nobody waits: the aggregator orders the updates by their simulated time.
+A training that gives non-finite weights is reported, not pushed: the aggregator stops
+the run there (a model that diverges on a client has nothing to publish from it).
 """
 
 from __future__ import annotations
@@ -63,6 +66,33 @@ def drop(name: str, what: str, task: TrainTask, transport: GivesBack, uid: str) 
     if status != 200:
         log.info(
             "%s %s dropout not taken back (%s): its lease runs out instead",
+            name,
+            what,
+            answer.get("detail") or "no answer",
+        )
+    return retries
+
+
+def non_finite(tensors: Mapping[str, np.ndarray]) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity, or None."""
+    for name, tensor in tensors.items():
+        if not np.isfinite(tensor).all():
+            return name
+    return None
+
+
+def diverged(
+    name: str, what: str, task: TrainTask, transport: GivesBack, uid: str, where: str, loss: float
+) -> int:
+    """Report a training whose weights came out non-finite (`where`: the tensor, the version
+    it started from): the aggregator stops the run. The retries it took."""
+    shown = f"loss {loss:.4g}" if np.isfinite(loss) else "loss not finite"
+    detail = f"non-finite weights in {where}, {shown}"[: Dropout.MAX_DETAIL]
+    log.error("%s %s diverged: %s; reported, the run stops", name, what, detail)
+    status, answer, retries = transport.give_back(Dropout(uid, task.id, task.lease, detail))
+    if status != 200:
+        log.warning(
+            "%s %s: the aggregator did not take the report (%s)",
             name,
             what,
             answer.get("detail") or "no answer",

@@ -35,6 +35,7 @@ class Summary:
     trained: int = 0
     evaluations: int = 0
     dropped: int = 0  # training tasks whose client dropped out (DROPOUT)
+    diverged: int = 0  # training tasks that gave non-finite weights (the run stops)
     pulls_failed: int = 0
     clients: list[str] = field(default_factory=list)
     counts: Counts = field(default_factory=Counts)
@@ -47,7 +48,8 @@ class Summary:
             f"{name} done: {self.trained} updates trained"
             f"{f' ({shown})' if shown else ''}, {self.evaluations} evaluation"
             f"{'' if self.evaluations == 1 else 's'}"
-            f"{f', {self.dropped} dropped' if self.dropped else ''}, pushes "
+            f"{f', {self.dropped} dropped' if self.dropped else ''}"
+            f"{f', {self.diverged} diverged' if self.diverged else ''}, pushes "
             f"{c.pushes_accepted} accepted {c.pushes_failed} failed {c.pushes_refused} refused, "
             f"pulls {self.pulls_failed} failed, re-pushed {c.repushed}{unconfirmed}, "
             f"{c.retries} retries, bytes pushed {c.bytes_pushed} pulled {c.bytes_pulled}, "

@@ -297,6 +297,13 @@ class Worker:
             tensors, trained = self.learner.train(
                 self.model.tensors, indices, task.train, task.seed, labels=labels
             )
+            if (bad := pacing.non_finite(tensors)) is not None:  # nothing to push: the run stops
+                self.summary.diverged += 1
+                self.summary.counts.retries += pacing.diverged(
+                    self.name, what, task, self.transport, self.uid, f"{bad} from version {base}",
+                    trained.loss,
+                )  # fmt: skip
+                return
             sent = self.stages.worker(pipeline.Outgoing(self.model.tensors, tensors, fields))
             tensors = dict(sent.tensors)
         except ValueError as exc:

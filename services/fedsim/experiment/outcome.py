@@ -22,6 +22,7 @@ TRAIN_LINE = re.compile(r" train samples \d+ loss \S+ acc \S+ \((\d+(?:\.\d+)?)s
 # A worker's last line: "... worker-1 done: 4 updates trained ..., 0 retries, 31.2s".
 WORKER_DONE = re.compile(r" done: \d+ updates trained.*, (\d+(?:\.\d+)?)s$", re.M)
 REFUSED_LINE = "refused aggregate:"  # the aggregator's line for a non-finite or exploding model
+STOPPED_LINE = "stopping: "  # the aggregator's line when a client's training diverged
 AGGREGATOR_PEAK = "fedsim_process_peak_resident_memory_bytes"  # its VmHWM, in its /metrics
 GROWTH_FROM_ROUND = 5  # memory growth is read from this round (TensorFlow has warmed up) on
 
@@ -133,6 +134,15 @@ def _growth(points: Sequence[Point]) -> int | None:
     return last.memory - start.memory
 
 
+def _stopped(log: str) -> str | None:
+    """Why the run stopped before its rounds (a client's training diverged), from the
+    aggregator's log; None when it did not."""
+    for line in log.splitlines():
+        if STOPPED_LINE in line:
+            return line.split(STOPPED_LINE, 1)[1].strip()
+    return None
+
+
 def _epsilon(entries: Sequence[Mapping[str, Any]]) -> float | None:
     """The ε of a DP run's last history entry (entries carry `delta` under DP), inf where it
     shows none (DP_NOISE=0: no bound; version 0's ε of 0 is not the run's); None without DP."""
@@ -196,6 +206,7 @@ def measure(
         "history_bytes": raw.history_bytes,
         "memory_growth_bytes": _growth(points),
         "refused_aggregates": raw.aggregator_log.count(REFUSED_LINE),
+        "stopped": _stopped(raw.aggregator_log),
         "epsilon": _epsilon(raw.entries),
         "load_start": raw.load_start,
         "load_end": raw.load_end,

@@ -35,7 +35,7 @@ FIGURES = (
     "seconds_per_round", "train_seconds", "slowest_worker_seconds", "outside_training",
     "bytes_to_workers",
     "bytes_from_workers", "peak_memory_bytes", "memory_growth_bytes", "refused_aggregates",
-    "epsilon", "aggregator_seconds_per_round", "aggregator_peak_memory_bytes", "status_bytes",
+    "stopped", "epsilon", "aggregator_seconds_per_round", "aggregator_peak_memory_bytes", "status_bytes",
     "history_bytes", "load_start", "load_end",
 )  # fmt: skip
 MACHINE = ("fedsim", "cpus", "memory_bytes", "finished_at", "sweep_load_start", "loaded")

@@ -124,6 +124,8 @@ def outcome_line(result: dict[str, Any]) -> str:
     parts.append(f"load {result['load_start']:.2f}-{result['load_end']:.2f}")
     if result["status"] != "finished":
         parts.append(f"stopped: {result['status']}")
+    if result.get("stopped"):
+        parts.append(f"stopped early: {result['stopped']}")
     return "; ".join(parts)
 
 

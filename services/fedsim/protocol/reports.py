@@ -55,18 +55,33 @@ class Ask:
 
 @dataclass(frozen=True)
 class Dropout:
-    """A worker gives back a training task its client dropped (DROPOUT_MODE=abort)."""
+    """A worker gives back a training task its client dropped (DROPOUT_MODE=abort), or whose
+    training diverged (`diverged`: what was non-finite, one line; the run then stops)."""
 
+    OMITTED: ClassVar[tuple[str, ...]] = ("diverged",)
+    MAX_DETAIL: ClassVar[int] = 300
     worker: str
     task: str
     lease: str
+    diverged: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return record_json(self)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Dropout:
-        return cls(*task_answer(data, "the id of the training task given back"))
+        answer = task_answer(data, "the id of the training task given back")
+        diverged = data.get("diverged")
+        if diverged is not None and not (
+            isinstance(diverged, str)
+            and 0 < len(diverged) <= cls.MAX_DETAIL
+            and diverged.isprintable()
+        ):
+            raise Invalid(
+                "bad_dropout",
+                f"diverged must be one line of 1-{cls.MAX_DETAIL} printable characters",
+            )
+        return cls(*answer, diverged=diverged)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ class SliceQueue(Queue):
         self.done[client.number] = max(self.done[client.number], position + 1)
 
     @property
-    def training_done(self) -> bool:
+    def plan_done(self) -> bool:
         return all(self.done[n] == len(c.slice_numbers) for n, c in self.clients.items())
 
     def _next_slice(self, client: Client) -> int:
@@ -156,7 +156,7 @@ class SampledQueue(Queue):
         self.done_numbers.add(ids.parse_update(task_id)[0])  # type: ignore[index]
 
     @property
-    def training_done(self) -> bool:
+    def plan_done(self) -> bool:
         return len(self.done_numbers) >= self.total
 
     def _training(self, worker: Worker, version: int, now: float, uid: str) -> Offer:

@@ -200,7 +200,7 @@ class FlightQueue(Queue):
             )
 
     @property
-    def training_done(self) -> bool:
+    def plan_done(self) -> bool:
         return len(self.landed) >= self.total or (self.stalled() and not self.waiting)
 
     # --- checkpoints -------------------------------------------------------------------

@@ -60,6 +60,9 @@ class Queue(Leases):
         self.training = TrainSettings.of(training)  # epochs, batch size, learning rate, ...
         self.partition = dict(partition)
         self.evals: list[int] = []  # versions waiting to be scored, oldest first
+        # Why training stopped before the plan's end (a client's training diverged); None
+        # while it goes on. Not saved: a restart tries the plan again.
+        self.stopped: str | None = None
 
     # --- asking -----------------------------------------------------------------------
 
@@ -75,6 +78,8 @@ class Queue(Leases):
                 lease = self._lease(task_id, worker, now)
                 worker.client = None
                 return Offer(EvalTask(task_id, lease, v, worker.name, self.task_timeout)), worker
+        if self.stopped is not None:
+            return self._finished_offer(), worker
         return self._training(worker, version, now, uid), worker
 
     def _train_task(
@@ -156,6 +161,8 @@ class Queue(Leases):
         self.check_genuine(task_id, lease)
         if self._is_done(task_id):
             return False
+        if self.stopped is not None:
+            raise Refused("finished", f"the run stopped: {self.stopped}", finished=True)
         self._check_lease(task_id, lease)
         self._check_open(task_id, base_version, version)
         return True
@@ -197,6 +204,17 @@ class Queue(Leases):
                 dropped.append(version)
         return dropped
 
+    def stop(self, reason: str) -> None:
+        """End training now, before the plan's end: no training task is handed out or counted
+        from here on; the versions waiting for a score still get one."""
+        self.stopped = reason
+        for task_id in [t for t in self.leases if ids.parse_eval(t) is None]:
+            self._revoke(task_id)
+
+    @property
+    def training_done(self) -> bool:
+        return self.stopped is not None or self.plan_done
+
     @property
     def finished(self) -> bool:
         return self.training_done and not self.evals
@@ -208,7 +226,8 @@ class Queue(Leases):
     # --- per plan ----------------------------------------------------------------------
 
     @property
-    def training_done(self) -> bool:
+    def plan_done(self) -> bool:
+        """Whether the plan's training is all done (training_done also counts a stop)."""
         raise NotImplementedError
 
     def _client_of(self, task_id: str) -> Client | None:

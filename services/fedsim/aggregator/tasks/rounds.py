@@ -82,7 +82,10 @@ class RoundQueue(Queue):
 
     def open_round(self, version: int, now: float | None = None) -> Round | None:
         """The open round, opening the next one at `version` when none is open (`now`, on
-        the run's clock, decides who is online; default: the run clock's now)."""
+        the run's clock, decides who is online; default: the run clock's now). None when the
+        rounds are done or the run stopped."""
+        if self.stopped is not None:
+            return None
         if self.round is None and self.rounds_done < self.rounds:
             number = self.rounds_done + 1
             saved, self._resume = self._resume, {}
@@ -242,6 +245,14 @@ class RoundQueue(Queue):
         self.round.opened_at = now
         return r
 
+    def stop(self, reason: str) -> None:
+        """End training now: the open round is dropped unpublished, its late results refused."""
+        r = self.round
+        if r is not None:
+            self._remember(r, f"round {r.number} was dropped when the run stopped")
+            self.round = None
+        super().stop(reason)
+
     def _revoke_all(self, r: Round) -> None:
         for number in r.sampled:
             self._revoke(r.task(number))
@@ -252,7 +263,7 @@ class RoundQueue(Queue):
             self.closed.pop(next(iter(self.closed)))
 
     @property
-    def training_done(self) -> bool:
+    def plan_done(self) -> bool:
         return self.rounds_done >= self.rounds
 
     # --- handing out -----------------------------------------------------------------
