@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from flask.testing import FlaskClient
 
-from helpers import TYPED_TOKEN, answer, ask, bearer, post, state_of
+from helpers import TYPED_TOKEN, answer, ask, bearer, post, state_of, upload
 
 ROUND = {"AGGREGATION": "fedavg", "PARTITION": "iid", "NUM_CLIENTS": 4, "CLIENTS_PER_ROUND": 2}
 POPULATION = {"CLIENT_SPEED": "uniform:1,4", "CLIENT_BANDWIDTH": "1e6", "DROPOUT": "0.2"}
@@ -136,3 +136,25 @@ def test_a_diverged_training_stops_the_run_at_the_served_version(make_app) -> No
     )
     assert ask(client, "wk-4")["finished"]
     assert client.get("/v1/status").get_json()["version"] == 0
+
+
+def test_an_asynchronous_run_stopped_scores_its_last_version_and_takes_no_update(make_app):
+    client = make_app(**{**ROUND, "AGGREGATION": "async-weighted"}).test_client()
+    score = ask(client, "wk-1")["task"]
+    scored = {"worker": "wk-1", "task": score["id"], "lease": score["lease"]}
+    assert (
+        client.post("/v1/evaluations", json={**scored, "accuracy": 0.1, "loss": 2.3}).status_code
+        == 200
+    )
+    first, second = train_task(client, "wk-2"), train_task(client, "wk-3")
+    assert post(client, answer(first, 1.0)).status_code == 200  # v1: EVAL_EVERY=2 skips it
+    body = {"worker": "wk-3", "task": second["id"], "lease": second["lease"]}
+    stopped = client.post("/v1/dropouts", json={**body, "diverged": "non-finite weights in a"})
+    assert "the run stops at version 1" in stopped.get_json()["stopped"]
+
+    last = ask(client, "wk-2")["task"]  # the version it stopped at is scored after all
+    assert (last["kind"], last["version"]) == ("evaluate", 1)
+    typed = upload(1.0, client_id="typed", num_samples=100)  # a hand-started client's
+    late = post(client, typed, headers=bearer(TYPED_TOKEN))
+    assert late.status_code == 409 and late.get_json()["error"] == "finished"
+    assert client.get("/v1/status").get_json()["version"] == 1

@@ -432,3 +432,20 @@ def test_in_a_log_progress_prints_only_each_runs_start_and_outcome():
 
 def test_durations_read_as_minutes_or_hours():
     assert [progress.duration(s) for s in (9, 71, 3725)] == ["9s", "1m11s", "1h02m"]
+
+
+def test_a_run_stopped_by_a_diverged_training_says_why_and_a_budget_stop_does_not_count():
+    from fedsim.aggregator.state import STOPPED
+
+    reason = "client-7's training in task r3.c7 on w1 diverged (non-finite weights in a)"
+    log = (
+        "10:00:01 INFO fedsim.aggregator: round 2: epsilon 3.100; stopping: DP_EPSILON_BUDGET=4\n"
+        f"10:00:02 ERROR fedsim.aggregator: {STOPPED}{reason}\n"
+    )
+    raw = outcome.Raw("finished", START, 5.0, history(0.1, 0.5), aggregator_log=log)
+    got = outcome.measure(raw, per_round=1, workers=1, target=None)
+    assert got["stopped"] == reason
+    budget = outcome.Raw(
+        "finished", START, 5.0, history(0.1, 0.5), aggregator_log=log.splitlines()[0]
+    )
+    assert outcome.measure(budget, per_round=1, workers=1, target=None)["stopped"] is None

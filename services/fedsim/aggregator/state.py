@@ -46,6 +46,7 @@ log = logging.getLogger("fedsim.aggregator")
 __all__ = ["Result", "Snapshot", "StartupError", "State"]
 
 Tensors = Mapping[str, np.ndarray]
+STOPPED = "run stopped, a training diverged: "  # the log line's start (experiment/outcome.py)
 
 
 @dataclass(frozen=True)
@@ -263,8 +264,11 @@ class State:
                 + (", or DP_NOISE" if self.privacy is not None else "")
             )
             self.queue.stop(reason)
-            log.error("stopping: %s", reason)
+            log.error("%s%s", STOPPED, reason)
             self.events.add("finished", f"stopped: {reason}")
+            # Asynchronous rules score every EVAL_EVERY versions: the last one may have none.
+            if not (self.evaluations.scored(version) or version in self.evaluations.waiting):
+                self.evaluations.want(self.snapshot, None, self.ledger.total)
             if self.queue.finished:
                 self.metrics.set_finished(True)
         self.holds.changed()  # idle workers hear that the run is over
@@ -352,6 +356,8 @@ class State:
                 f"slice, at most NUM_IMAGES_TRAIN={self.settings.num_images_train}",
                 status=422,
             )
+        if self.queue.stopped is not None:  # no version after the stop, with a task or not
+            raise Refused("finished", f"the run stopped: {self.queue.stopped}", finished=True)
         if self.strategy.mode != "async":
             raise Refused(
                 "no_task",

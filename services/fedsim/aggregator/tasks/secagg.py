@@ -112,6 +112,12 @@ class SecaggQueue(RoundQueue):
             self._new_attempt(r)
         return r
 
+    def stop(self, reason: str) -> None:
+        """End training now: the open attempt is dropped with its round, nothing unmasked."""
+        self.attempt, self.outcome, self.stats, self.phase_opened = None, None, None, None
+        self.offered = set()
+        super().stop(reason)
+
     def _new_attempt(self, r: Round) -> None:
         now = self._clock()
         if self.stats is None:
