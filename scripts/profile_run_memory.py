@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from benchlib import Bench, add_arguments, serve
+from benchlib import Bench, add_arguments, allocator, serve
 from benchlib.procs import children
 
 
@@ -47,14 +47,6 @@ def rss_bytes(pid: int) -> int:
     except OSError:  # gone
         pass
     return 0
-
-
-def allocator() -> str:
-    preload = os.environ.get("LD_PRELOAD", "")
-    arenas = os.environ.get("MALLOC_ARENA_MAX")
-    if preload:
-        return f"LD_PRELOAD={preload}"
-    return f"glibc malloc{f', MALLOC_ARENA_MAX={arenas}' if arenas else ''}"
 
 
 class StandIn:

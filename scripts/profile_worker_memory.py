@@ -18,14 +18,13 @@ printed. Refuses to start above a load of 1.0 unless --force. A benchmark, not a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchlib import ROOT, Bench, add_arguments
+from benchlib import ROOT, Bench, add_arguments, allocator
 
 
 def rss_bytes() -> int:
@@ -33,14 +32,6 @@ def rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def allocator() -> str:
-    preload = os.environ.get("LD_PRELOAD", "")
-    arenas = os.environ.get("MALLOC_ARENA_MAX")
-    if preload:
-        return f"LD_PRELOAD={preload}"
-    return f"glibc malloc{f', MALLOC_ARENA_MAX={arenas}' if arenas else ''}"
 
 
 def main() -> int:

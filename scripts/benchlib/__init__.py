@@ -15,7 +15,7 @@ experiment files instead (experiments/, docs/experiments.md).
 from pathlib import Path
 
 from .guard import LOAD_LIMIT, Bench, add_arguments
-from .procs import PeakMemory, cpu_seconds, free_port, start, stop, tree_rss, vm_hwm_kib
+from .procs import PeakMemory, allocator, cpu_seconds, free_port, start, stop, tree_rss, vm_hwm_kib
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the project's folder
 
@@ -25,6 +25,7 @@ __all__ = [
     "Bench",
     "PeakMemory",
     "add_arguments",
+    "allocator",
     "cpu_seconds",
     "free_port",
     "start",
