@@ -35,18 +35,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from benchlib import Bench, add_arguments, allocator, serve
+from benchlib import Bench, add_arguments, allocator, rss_bytes, serve
 from benchlib.procs import children
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:  # gone
-        pass
-    return 0
 
 
 class StandIn:

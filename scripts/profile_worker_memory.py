@@ -24,14 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import ROOT, Bench, add_arguments, allocator
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+from benchlib import ROOT, Bench, add_arguments, allocator, rss_bytes
 
 
 def main() -> int:

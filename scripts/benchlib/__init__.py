@@ -15,7 +15,17 @@ experiment files instead (experiments/, docs/experiments.md).
 from pathlib import Path
 
 from .guard import LOAD_LIMIT, Bench, add_arguments
-from .procs import PeakMemory, allocator, cpu_seconds, free_port, start, stop, tree_rss, vm_hwm_kib
+from .procs import (
+    PeakMemory,
+    allocator,
+    cpu_seconds,
+    free_port,
+    rss_bytes,
+    start,
+    stop,
+    tree_rss,
+    vm_hwm_kib,
+)
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the project's folder
 
@@ -28,6 +38,7 @@ __all__ = [
     "allocator",
     "cpu_seconds",
     "free_port",
+    "rss_bytes",
     "start",
     "stop",
     "tree_rss",

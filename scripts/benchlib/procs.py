@@ -1,10 +1,11 @@
 """Processes: free ports, process groups, memory and CPU from /proc, peak sampling.
 
 They live in fedsim.experiment.procs, which the experiment runner uses too; `allocator`
-names the malloc a profile runs under.
+names the malloc a profile runs under, `rss_bytes` a process's resident memory now.
 """
 
 import os
+from pathlib import Path
 
 from fedsim.experiment.procs import (
     PeakMemory,
@@ -23,6 +24,7 @@ __all__ = [
     "children",
     "cpu_seconds",
     "free_port",
+    "rss_bytes",
     "start",
     "stop",
     "tree_rss",
@@ -37,3 +39,14 @@ def allocator() -> str:
     if preload:
         return f"LD_PRELOAD={preload}"
     return f"glibc malloc{f', MALLOC_ARENA_MAX={arenas}' if arenas else ''}"
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """A process's resident memory now (VmRSS); 0 when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

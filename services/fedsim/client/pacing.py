@@ -62,15 +62,18 @@ def drop(name: str, what: str, task: TrainTask, transport: GivesBack, uid: str) 
     )
     if mode != "abort":
         return 0
-    status, answer, retries = transport.give_back(Dropout(uid, task.id, task.lease))
-    if status != 200:
+    retries, refused = _give_back(transport, Dropout(uid, task.id, task.lease))
+    if refused is not None:
         log.info(
-            "%s %s dropout not taken back (%s): its lease runs out instead",
-            name,
-            what,
-            answer.get("detail") or "no answer",
+            "%s %s dropout not taken back (%s): its lease runs out instead", name, what, refused
         )
     return retries
+
+
+def _give_back(transport: GivesBack, dropped: Dropout) -> tuple[int, str | None]:
+    """POST `dropped`: (the retries it took, why it was not taken, or None when it was)."""
+    status, answer, retries = transport.give_back(dropped)
+    return retries, None if status == 200 else str(answer.get("detail") or "no answer")
 
 
 def non_finite(tensors: Mapping[str, np.ndarray]) -> str | None:
@@ -89,14 +92,9 @@ def diverged(
     shown = f"loss {loss:.4g}" if np.isfinite(loss) else "loss not finite"
     detail = f"non-finite weights in {where}, {shown}"[: Dropout.MAX_DETAIL]
     log.error("%s %s diverged: %s; reported, the run stops", name, what, detail)
-    status, answer, retries = transport.give_back(Dropout(uid, task.id, task.lease, detail))
-    if status != 200:
-        log.warning(
-            "%s %s: the aggregator did not take the report (%s)",
-            name,
-            what,
-            answer.get("detail") or "no answer",
-        )
+    retries, refused = _give_back(transport, Dropout(uid, task.id, task.lease, detail))
+    if refused is not None:
+        log.warning("%s %s: the aggregator did not take the report (%s)", name, what, refused)
     return retries
 
 
