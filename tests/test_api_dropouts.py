@@ -73,6 +73,11 @@ def test_a_give_back_under_a_lease_that_ran_out_is_refused(client: FlaskClient, 
         ({"worker": "wk-1", "task": "r1.c1", "lease": "zz"}, 400, "bad_task"),
         ({"task": "r1.c1", "lease": "ab"}, 400, "bad_worker"),
         ({"worker": "wk-1", "task": "r1.c1", "lease": "ab" * 32}, 409, "not_leased"),
+        (
+            {"worker": "wk-1", "task": "r1.c1", "lease": "ab" * 32, "diverged": ""},
+            400,
+            "bad_dropout",
+        ),
     ],
 )
 def test_a_bad_give_back_is_refused_and_changes_nothing(
@@ -81,7 +86,8 @@ def test_a_bad_give_back_is_refused_and_changes_nothing(
     task = train_task(client)
     response = client.post("/v1/dropouts", json=body)
     assert (response.status_code, response.get_json()["error"]) == (status, code)
-    assert state_of(client.application).queue.leases[task["id"]].token == task["lease"]
+    state = state_of(client.application)
+    assert state.queue.leases[task["id"]].token == task["lease"] and state.queue.stopped is None
 
 
 def test_only_a_workers_token_may_give_back(client: FlaskClient) -> None:
