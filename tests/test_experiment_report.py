@@ -435,7 +435,7 @@ def test_durations_read_as_minutes_or_hours():
 
 
 def test_a_run_stopped_by_a_diverged_training_says_why_and_a_budget_stop_does_not_count():
-    from fedsim.aggregator.state import STOPPED
+    from fedsim.aggregator.dropouts import STOPPED
 
     reason = "client-7's training in task r3.c7 on w1 diverged (non-finite weights in a)"
     log = (

@@ -1,4 +1,5 @@
-"""How an accepted update reaches a version: taken by an asynchronous rule, or waiting in a round.
+"""How an update reaches a version: new or a retry (`seen`), then taken by an asynchronous
+rule or waiting in a round.
 
 An asynchronous rule takes each update as it arrives and makes a version of it
 (or holds it, as fedbuff does until it has K); at the end of the run what it
@@ -55,6 +56,7 @@ class Core(Protocol):
     privacy: privacy.Privacy | None
 
     def stamp(self) -> str: ...
+    def drain_expired(self) -> None: ...
     def base(self, version: int) -> Snapshot | None: ...
     def current(self) -> Global: ...
     def rule_step(
@@ -96,6 +98,46 @@ def check_step(core: Core, tensors: Tensors | None, updates: list[Update]) -> Te
 
 
 # --- asynchronous rules ------------------------------------------------------------------
+
+
+def seen(core: Core, update: Update, version: int) -> bool:
+    """Whether `update` was received before (a retry: acknowledge, count once).
+
+    A task's update is new while its task is open (the queue checks the lease,
+    the client and the base version); one without a task while its id is
+    neither in the ledger nor held. Raises Refused for an update not wanted.
+    """
+    if update.task_id is not None:
+        if core.ledger.get(update.update_id) is not None:
+            return True
+        fresh = core.queue.check_update(
+            update.task_id,
+            update.lease,
+            update.client_id,
+            update.base_version,
+            version,
+            update.num_samples,
+        )
+        core.drain_expired()
+        return not fresh
+    if update.num_samples > core.settings.num_images_train:
+        raise Refused(
+            "bad_num_samples",
+            f"num_samples={update.num_samples}: an update without a task is one "
+            f"slice, at most NUM_IMAGES_TRAIN={core.settings.num_images_train}",
+            status=422,
+        )
+    if core.queue.stopped is not None:  # no version after the stop, with a task or not
+        raise Refused("finished", f"the run stopped: {core.queue.stopped}", finished=True)
+    if core.strategy.mode != "async":
+        raise Refused(
+            "no_task",
+            f"{core.strategy.name} runs rounds of sampled clients: only updates for "
+            "tasks count; start a worker instead of a client with its own range",
+        )
+    return core.ledger.get(update.update_id) is not None or any(
+        u.update_id == update.update_id for u in core.held
+    )
 
 
 def accept(

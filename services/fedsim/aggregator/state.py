@@ -1,9 +1,10 @@
 """The aggregator's global state, shared by the request threads of its one process.
 
-The core: the lock, the served snapshot and its versions, update intake and
-dedup, the rule step and publishing, the clock. Each other job is a module
-working on this core under its lock: what the rule does with an update and when
-a round closes (intake.py), checkpoints (saving.py), the versions waiting for a
+The core: the lock, the served snapshot and its versions, the rule step and
+publishing, the clock. Each other job is a module working on this core under its
+lock: whether an update is new, what the rule does with it and when a round
+closes (intake.py), tasks given back and a diverged training's stop (dropouts.py),
+checkpoints (saving.py), the versions waiting for a
 score (evaluations.py), which updates were aggregated (ledger.py), what
 /v1/status shows (views.py, events.py).
 
@@ -27,7 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.aggregator import intake, persistence, privacy, quota, replay, tasks, views, virtual
+from fedsim.aggregator import (
+    dropouts,
+    intake,
+    persistence,
+    privacy,
+    quota,
+    replay,
+    tasks,
+    views,
+    virtual,
+)
 from fedsim.aggregator.evaluations import MAX_WAITING_EVALUATIONS, Evaluations
 from fedsim.aggregator.events import Events, iso
 from fedsim.aggregator.holding import Holds
@@ -46,7 +57,6 @@ log = logging.getLogger("fedsim.aggregator")
 __all__ = ["Result", "Snapshot", "StartupError", "State"]
 
 Tensors = Mapping[str, np.ndarray]
-STOPPED = "run stopped, a training diverged: "  # the log line's start (experiment/outcome.py)
 
 
 @dataclass(frozen=True)
@@ -224,7 +234,7 @@ class State:
             intake.close_round_if_due(self, self._clock())
             virtual.catch_up(self, self.sim)  # CLOCK=virtual: a round opens at its time
             offer, worker = self.queue.ask(uid, self.snapshot.version, retries)
-            self._drain_expired()
+            self.drain_expired()
             if offer.task is not None:
                 task = offer.task
                 if isinstance(task, TrainTask):
@@ -239,42 +249,18 @@ class State:
             return offer, worker.name
 
     def give_back(self, task_id: str, lease: str) -> int:
-        """A worker gives back a training task its client dropped (DROPOUT_MODE=abort): the
-        task goes to the next worker that asks. The attempt that dropped; Refused if not held."""
+        """A worker gives back a task its client dropped (dropouts.py). Refused if not held."""
         with self._lock:
-            worker, client, attempt = self.queue.give_back(task_id, lease)
-            self._drain_expired()
-            self.clients.dropped(client)
-            log.info(
-                "task %s (%s) given back by %s: its client dropped out", task_id, client, worker
-            )
-            self.events.add("dropout", f"{client} dropped task {task_id} on {worker}")
-            return attempt
+            return dropouts.give_back(self, task_id, lease)
 
     def diverged(self, task_id: str, lease: str, detail: str) -> str:
-        """A worker's training of `task_id` diverged (`detail`: what was non-finite): the run
-        stops at the served version, which is scored if it was not. The reason; Refused if the
-        task is not held under `lease`."""
+        """A worker's training diverged: the run stops (dropouts.py). Refused if not held."""
         with self._lock:
-            worker, client, _ = self.queue.give_back(task_id, lease)
-            version = self.snapshot.version
-            reason = (
-                f"{client}'s training in task {task_id} on {worker} diverged ({detail}); "
-                f"the run stops at version {version}: lower LEARNING_RATE"
-                + (", or DP_NOISE" if self.privacy is not None else "")
-            )
-            self.queue.stop(reason)
-            log.error("%s%s", STOPPED, reason)
-            self.events.add("finished", f"stopped: {reason}")
-            # Asynchronous rules score every EVAL_EVERY versions: the last one may have none.
-            if not (self.evaluations.scored(version) or version in self.evaluations.waiting):
-                self.evaluations.want(self.snapshot, None, self.ledger.total)
-            if self.queue.finished:
-                self.metrics.set_finished(True)
+            reason = dropouts.stop(self, task_id, lease, detail)
         self.holds.changed()  # idle workers hear that the run is over
         return reason
 
-    def _drain_expired(self) -> None:
+    def drain_expired(self) -> None:
         """Log and count the leases that ran out since the last call. Caller holds _lock."""
         for task_id, worker in self.queue.drain_expired():
             log.warning(
@@ -312,7 +298,7 @@ class State:
             now = self._clock()
             intake.close_round_if_due(self, now)
             version = self.snapshot.version
-            if self._seen(update, version):
+            if intake.seen(self, update, version):
                 self.metrics.update_duplicate()
                 log.info(
                     "duplicate update %s from client %s acknowledged, not aggregated again",
@@ -328,45 +314,6 @@ class State:
                 else:
                     intake.add_to_round(self, update, version, now)
             return Result(self.snapshot.version, False, self.ledger.number(update.update_id))
-
-    def _seen(self, update: Update, version: int) -> bool:
-        """Whether `update` was received before (a retry: acknowledge, count once).
-
-        A task's update is new while its task is open (the queue checks the lease,
-        the client and the base version); one without a task while its id is
-        neither in the ledger nor held. Raises Refused for an update not wanted.
-        """
-        if update.task_id is not None:
-            if self.ledger.get(update.update_id) is not None:
-                return True
-            fresh = self.queue.check_update(
-                update.task_id,
-                update.lease,
-                update.client_id,
-                update.base_version,
-                version,
-                update.num_samples,
-            )
-            self._drain_expired()
-            return not fresh
-        if update.num_samples > self.settings.num_images_train:
-            raise Refused(
-                "bad_num_samples",
-                f"num_samples={update.num_samples}: an update without a task is one "
-                f"slice, at most NUM_IMAGES_TRAIN={self.settings.num_images_train}",
-                status=422,
-            )
-        if self.queue.stopped is not None:  # no version after the stop, with a task or not
-            raise Refused("finished", f"the run stopped: {self.queue.stopped}", finished=True)
-        if self.strategy.mode != "async":
-            raise Refused(
-                "no_task",
-                f"{self.strategy.name} runs rounds of sampled clients: only updates for "
-                "tasks count; start a worker instead of a client with its own range",
-            )
-        return self.ledger.get(update.update_id) is not None or any(
-            u.update_id == update.update_id for u in self.held
-        )
 
     # --- the rule step and publishing (intake.py calls them) -------------------------
 

@@ -22,7 +22,7 @@ TRAIN_LINE = re.compile(r" train samples \d+ loss \S+ acc \S+ \((\d+(?:\.\d+)?)s
 # A worker's last line: "... worker-1 done: 4 updates trained ..., 0 retries, 31.2s".
 WORKER_DONE = re.compile(r" done: \d+ updates trained.*, (\d+(?:\.\d+)?)s$", re.M)
 REFUSED_LINE = "refused aggregate:"  # the aggregator's line for a non-finite or exploding model
-STOPPED_LINE = "run stopped, a training diverged: "  # aggregator/state.py's STOPPED
+STOPPED_LINE = "run stopped, a training diverged: "  # aggregator/dropouts.py's STOPPED
 AGGREGATOR_PEAK = "fedsim_process_peak_resident_memory_bytes"  # its VmHWM, in its /metrics
 GROWTH_FROM_ROUND = 5  # memory growth is read from this round (TensorFlow has warmed up) on
 
