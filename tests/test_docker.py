@@ -361,6 +361,10 @@ def test_the_tokens_file_is_the_services_users_alone(project, mnist_dir):
     p.wait_healthy()
     listed = p.compose("exec", "-T", "aggregator", "python", "-m", "fedsim.tokens", "list")
     assert "alice: alice" in listed.stdout and "workers: *" in listed.stdout, listed.stdout
+    # The image's allocator, as its aggregator says and as its process has it mapped.
+    assert "memory allocator: jemalloc" in p.compose("logs", "aggregator").stdout
+    maps = p.compose("exec", "-T", "aggregator", "cat", "/proc/1/maps").stdout
+    assert "/libjemalloc.so.2" in maps, maps[:2000]
 
 
 def test_missing_data_stops_compose_up_with_where_to_put_it(project):

@@ -24,7 +24,7 @@ from typing import Any
 from fedsim import config
 from fedsim.experiment.answers import Answers
 from fedsim.experiment.outcome import Raw
-from fedsim.experiment.procs import PeakMemory, free_port, start, stop, tree_rss
+from fedsim.experiment.procs import PeakMemory, free_port, start, stop, tree_rss, with_jemalloc
 from fedsim.experiment.watch import Job, RunFailed, follow, load, tail
 
 HEALTH_SECONDS = 120  # the aggregator answers /healthz within this, or the run fails
@@ -174,8 +174,8 @@ class LocalEngine:
                 [python, "-m", "gunicorn", "-c", "python:fedsim.aggregator.gunicorn_conf",
                  "fedsim.aggregator.app:create_app()"],
                 # Not told where the workers' secret is: it never reads it (docs/secagg.md).
-                env={**{k: v for k, v in env.items() if k != "SECAGG_KEY_FILE"},
-                     "BIND": f"127.0.0.1:{port}"},
+                env=with_jemalloc({**{k: v for k, v in env.items() if k != "SECAGG_KEY_FILE"},
+                                   "BIND": f"127.0.0.1:{port}"}),
                 log=job.logs / "aggregator.log",
                 cwd=self.root,
             )  # fmt: skip
