@@ -200,10 +200,19 @@ def test_a_bad_proximal_mu_is_refused(mu) -> None:
         TrainSettings.from_json({**SETTINGS.to_json(), "proximal_mu": mu})
 
 
+@pytest.mark.parametrize("momentum", [-0.1, 1, 1.5, float("nan"), float("inf"), "0.9", True])
+def test_a_bad_momentum_is_refused(momentum) -> None:
+    with pytest.raises(Invalid, match=r"^momentum (must be a number >= 0 and < 1|is missing or)"):
+        TrainSettings.from_json({**SETTINGS.to_json(), "momentum": momentum})
+
+
 def test_settings_without_model_or_mu_train_the_plain_model_and_are_sent_without_them() -> None:
     wire = {"epochs": 1, "batch_size": 50, "learning_rate": 0.05, "optimizer": "sgd"}
     plain = TrainSettings.from_json(wire)
     assert (plain.model, plain.proximal_mu, plain.mu) == (None, None, 0.0)
+    # An aggregator before MOMENTUM sent none: sgd keeps the momentum it always had.
+    assert plain.sgd_momentum == 0.9
+    assert TrainSettings.from_json({**wire, "momentum": 0}).sgd_momentum == 0
     assert plain.to_json() == wire and TrainSettings.of(plain) is plain
     assert TrainSettings.of({**wire, "proximal_mu": 0}).to_json()["proximal_mu"] == 0.0
 

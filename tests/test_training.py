@@ -12,6 +12,7 @@ import pytest
 from fedsim import models, tfruntime
 from fedsim.data import partition
 from fedsim.protocol import TrainSettings
+from fedsim.protocol.tasks import DEFAULT_MOMENTUM
 
 SETTINGS = TrainSettings(epochs=1, batch_size=50, learning_rate=0.05, optimizer="sgd")
 
@@ -174,7 +175,7 @@ def test_trainer_anchors_each_task_at_its_own_start_with_momentum(trainer, probe
     """Two full-batch steps of momentum SGD (β = 0.9), by hand:
     w1 = w0 - η ∇F(w0);  w2 = w1 + β(-η ∇F(w0)) - η(∇F(w1) + μ(w1 - w0)).
     The reported loss is the data loss F(w1) of the last epoch, without the term."""
-    eta, mu, beta = 0.1, 0.5, models.SGD_MOMENTUM
+    eta, mu, beta = 0.1, 0.5, DEFAULT_MOMENTUM
     settings = replace(SETTINGS, learning_rate=eta, proximal_mu=mu, epochs=2, batch_size=64)
     indices = np.arange(5000, 5064)
     w0 = models.initial_weights("mlp", 5)
@@ -192,6 +193,28 @@ def test_trainer_anchors_each_task_at_its_own_start_with_momentum(trainer, probe
     term = mu / 2 * distance(w1, w0) ** 2
     assert term > 1e-3  # large enough to tell the data loss from the objective
     assert trained.loss == pytest.approx(loss1, rel=1e-5)
+
+
+def test_momentum_zero_is_plain_sgd_and_each_momentum_its_own_model(trainer, probe):
+    """MOMENTUM=0, two full-batch steps: w1 = w0 - η∇F(w0), w2 = w1 - η∇F(w1). The same
+    trainer then trains with β = 0.9: its own compiled model, β η ∇F(w0) further."""
+    eta = 0.1
+    settings = replace(SETTINGS, learning_rate=eta, momentum=0.0, epochs=2, batch_size=64)
+    indices = np.arange(5000, 5064)
+    w0 = models.initial_weights("mlp", 5)
+    plain, _ = trainer.train(w0, indices, settings, seed=2)
+    heavy, _ = trainer.train(w0, indices, replace(settings, momentum=DEFAULT_MOMENTUM), seed=2)
+
+    x, y = images(trainer, indices)
+    _, g0 = data_gradient(probe, w0, x, y)
+    w1 = {k: w0[k] - eta * g0[k] for k in w0}
+    _, g1 = data_gradient(probe, w1, x, y)
+    for name in w0:
+        expected = w1[name] - eta * g1[name]
+        np.testing.assert_allclose(plain[name], expected, rtol=1e-4, atol=2e-6, err_msg=name)
+        np.testing.assert_allclose(
+            heavy[name], expected - DEFAULT_MOMENTUM * eta * g0[name], rtol=1e-4, atol=2e-6
+        )
 
 
 def test_a_large_mu_keeps_the_weights_near_the_start(trainer):

@@ -110,6 +110,7 @@ class Settings:
     batch_size: int
     optimizer: str
     learning_rate: float
+    momentum: float
     model: str
     seed: int
     aggregation: str

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedsim.protocol.tasks import DEFAULT_MOMENTUM
 from fedsim.settings_table import OPTIMIZERS
 
 if TYPE_CHECKING:
     import keras
 
-SGD_MOMENTUM = 0.9  # heavy-ball momentum for "sgd"; see LEARNING_RATE in the README
 # Training steps Keras runs per call of its compiled function. With one, each batch of
 # 10 pays Python's dispatch (the mlp then spends 2.7 ms a step, 1.6 ms with 16); the
 # steps, their order and the weights they give are the same.
@@ -74,8 +74,15 @@ def initial_weights(name: str, seed: int) -> dict[str, np.ndarray]:
     return tensors
 
 
-def build(name: str, *, seed: int, learning_rate: float, optimizer: str = "sgd") -> keras.Model:
-    """A compiled model whose initial weights depend only on `seed`."""
+def build(
+    name: str,
+    *,
+    seed: int,
+    learning_rate: float,
+    optimizer: str = "sgd",
+    momentum: float = DEFAULT_MOMENTUM,
+) -> keras.Model:
+    """A compiled model whose initial weights depend only on `seed`; `momentum` is sgd's."""
     import keras
     from keras import layers
 
@@ -126,7 +133,7 @@ def build(name: str, *, seed: int, learning_rate: float, optimizer: str = "sgd")
     else:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(SHAPES)}")
     if optimizer == "sgd":
-        opt = keras.optimizers.SGD(learning_rate, momentum=SGD_MOMENTUM)
+        opt = keras.optimizers.SGD(learning_rate, momentum=momentum)
     elif optimizer == "adam":
         opt = keras.optimizers.Adam(learning_rate)
     else:

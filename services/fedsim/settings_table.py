@@ -113,10 +113,13 @@ GROUPS: tuple[Group, ...] = (
             Setting("BATCH_SIZE", "32", integer(1),
                 "local minibatch size (why 32: docs/benchmarks.md)"),
             Setting("OPTIMIZER", "sgd", choice(*OPTIMIZERS),
-                "the workers' optimizer, fresh per task: sgd (momentum 0.9) or"
+                "the workers' optimizer, fresh per task: sgd (with MOMENTUM) or"
                 " adam (why sgd: docs/benchmarks.md)"),
             Setting("LEARNING_RATE", "0.05", number(0, above=True),
                 "the optimizer's step size; 0.05 suits sgd with momentum (use 0.001 with adam)"),
+            Setting("MOMENTUM", "0.9", number(0, 1, below=True),
+                "sgd's heavy-ball momentum; 0 is plain SGD, as McMahan et al. trained"
+                " (adam ignores it)"),
             Setting("MODEL", "mlp", choice(*MODELS),
                 "mlp: the original 784-200-200-10; cnn: McMahan et al.'s CNN"),
             Setting("SEED", "42", integer(0),

@@ -394,6 +394,7 @@ def make_queue(
             "epochs": settings.epochs,
             "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate,
+            "momentum": settings.momentum,
             "optimizer": settings.optimizer,
             **strategy.client_settings(),  # e.g. FedProx's proximal_mu
         },

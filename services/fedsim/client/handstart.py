@@ -76,6 +76,7 @@ def run(
         batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
         optimizer=settings.optimizer,
+        momentum=settings.momentum,
     )
     stages = pipeline.build(settings)  # COMPRESSION: its delta is encoded like a worker's
     base = model.tensors  # the global version pulled last: what a delta is measured from

@@ -31,6 +31,7 @@ import numpy as np
 from fedsim import models
 from fedsim.data import mnist
 from fedsim.protocol import TrainSettings
+from fedsim.protocol.tasks import DEFAULT_MOMENTUM
 from fedsim.tfruntime import quiet as quiet_tensorflow
 
 __all__ = ["Trained", "Trainer", "fresh_optimizer", "proximal_model", "quiet_tensorflow"]
@@ -57,23 +58,30 @@ class Trainer:
         self.data_dir, self.verify, self.model_name, self.seed = data_dir, verify, model, seed
         self.images, self.labels = mnist.load_pair(data_dir, "train", verify=verify)
         self._test: tuple[np.ndarray, np.ndarray] | None = None
-        self._models: dict[str, Any] = {}
-        self._proximal: dict[str, Any] = {}  # optimizer kind -> Proximal around _models[kind]
+        # One compiled model per optimizer (kind, sgd's momentum): the momentum is fixed in
+        # the compiled step, the step size is not (fresh_optimizer sets it per task).
+        self._models: dict[tuple[str, float], Any] = {}
+        self._proximal: dict[tuple[str, float], Any] = {}  # Proximal around _models[key]
 
-    def _model(self, optimizer: str, learning_rate: float) -> Any:
-        model = self._models.get(optimizer)
+    def _model(self, key: tuple[str, float], learning_rate: float) -> Any:
+        model = self._models.get(key)
         if model is None:
+            optimizer, momentum = key
             model = models.build(
-                self.model_name, seed=self.seed, learning_rate=learning_rate, optimizer=optimizer
+                self.model_name,
+                seed=self.seed,
+                learning_rate=learning_rate,
+                optimizer=optimizer,
+                momentum=momentum,
             )
-            self._models[optimizer] = model
+            self._models[key] = model
         return model
 
-    def _proximal_model(self, optimizer: str, learning_rate: float) -> Any:
-        wrapper = self._proximal.get(optimizer)
+    def _proximal_model(self, key: tuple[str, float], learning_rate: float) -> Any:
+        wrapper = self._proximal.get(key)
         if wrapper is None:
-            wrapper = proximal_model(self._model(optimizer, learning_rate))
-            self._proximal[optimizer] = wrapper
+            wrapper = proximal_model(self._model(key, learning_rate))
+            self._proximal[key] = wrapper
         return wrapper
 
     def train(
@@ -88,8 +96,8 @@ class Trainer:
         """Train from `tensors` on the images at `indices`; the new weights and the metrics.
 
         `settings`: the task's TrainSettings (or their JSON form): epochs, batch_size,
-        learning_rate, optimizer, and optionally proximal_mu (FedProx's μ; absent or 0
-        for plain training). Invalid (a ValueError) when they break the protocol.
+        learning_rate, optimizer, momentum (sgd's), and optionally proximal_mu (FedProx's
+        μ; absent or 0 for plain training). Invalid (a ValueError) when they break the protocol.
         `labels`: the labels to train on, one per index, in place of the data set's
         (label-flipping attackers); the images are still those at `indices`.
         """
@@ -98,12 +106,13 @@ class Trainer:
         settings = TrainSettings.of(settings)
         mu = settings.mu
         y = self._labels(indices, labels)
-        optimizer, learning_rate = settings.optimizer, settings.learning_rate
-        model = self._model(optimizer, learning_rate)
+        learning_rate = settings.learning_rate
+        key = (settings.optimizer, settings.sgd_momentum if settings.optimizer == "sgd" else 0.0)
+        model = self._model(key, learning_rate)
         models.set_weights(model, dict(tensors))
         fresh_optimizer(model.optimizer, learning_rate)
         if mu > 0:
-            model = self._proximal_model(optimizer, learning_rate)
+            model = self._proximal_model(key, learning_rate)
             model.start(mu)  # w_t: the weights just set
         keras.utils.set_random_seed(seed)  # the task's shuffling, whichever worker runs it
         x = mnist.scale(self.images[indices])
@@ -122,7 +131,7 @@ class Trainer:
             float(history.history["accuracy"][-1]),
             time.monotonic() - started,
         )
-        return models.get_weights(self._models[optimizer]), trained
+        return models.get_weights(self._models[key]), trained
 
     def _labels(self, indices: np.ndarray | Sequence[int], labels: np.ndarray | None) -> np.ndarray:
         """The training labels for `indices`: the data set's, or `labels` once checked."""
@@ -146,7 +155,9 @@ class Trainer:
         if self._test is None:
             images, labels = mnist.load_pair(self.data_dir, "t10k", verify=self.verify)
             self._test = (mnist.scale(images), np.asarray(labels, dtype=np.int64))
-        model = next(iter(self._models.values()), None) or self._model("sgd", 0.01)
+        model = next(iter(self._models.values()), None) or self._model(
+            ("sgd", DEFAULT_MOMENTUM), 0.01
+        )
         models.set_weights(model, dict(tensors))
         started = time.monotonic()
         # Batches of 100: the cnn's activations for 1,000 images at once cost a worker

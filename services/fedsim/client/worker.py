@@ -218,13 +218,14 @@ class Worker:
             self._announced = True
             t = task.train
             log.info(
-                "%s: %s, %d epochs, batch %d, %s learning rate %g",
+                "%s: %s, %d epochs, batch %d, %s learning rate %g%s",
                 self.name,
                 t.model or self.settings.model,
                 t.epochs,
                 t.batch_size,
                 t.optimizer,
                 t.learning_rate,
+                f" momentum {t.sgd_momentum:g}" if t.optimizer == "sgd" else "",
             )
 
     def _ensure_model(self, version: int, what: str) -> None:

@@ -94,6 +94,7 @@ def run(settings: Any) -> None:
         "epochs": settings.epochs,
         "batch_size": settings.batch_size,
         "learning_rate": settings.learning_rate,
+        "momentum": settings.momentum,
         "optimizer": settings.optimizer,
         **strategies.build(settings).client_settings(),  # as the queue's tasks carry them
     }

@@ -20,6 +20,8 @@ from fedsim.protocol.base import (
 )
 from fedsim.protocol.secagg import Masking, SecaggTask
 
+DEFAULT_MOMENTUM = 0.9  # sgd's heavy-ball momentum unless MOMENTUM says otherwise
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -30,13 +32,18 @@ class TrainSettings:
     (`Strategy.client_settings`) must be fields here: other keys are not sent.
     """
 
-    OMITTED: ClassVar[tuple[str, ...]] = ("model", "proximal_mu")
+    OMITTED: ClassVar[tuple[str, ...]] = ("model", "proximal_mu", "momentum")
     epochs: int
     batch_size: int
     learning_rate: float
     optimizer: str
     model: str | None = None
     proximal_mu: float | None = None
+    momentum: float | None = None  # sgd's; None (sent by none before MOMENTUM): 0.9
+
+    @property
+    def sgd_momentum(self) -> float:
+        return DEFAULT_MOMENTUM if self.momentum is None else self.momentum
 
     @property
     def mu(self) -> float:
@@ -55,6 +62,9 @@ class TrainSettings:
         rate = typed(data, "learning_rate", int, float)
         if not 0 < rate < math.inf:
             raise Invalid("bad_task", f"learning_rate must be a finite number > 0, got {rate!r}")
+        momentum = optional(data, "momentum", int, float)
+        if momentum is not None and not 0 <= momentum < 1:
+            raise Invalid("bad_task", f"momentum must be a number >= 0 and < 1, got {momentum!r}")
         return cls(
             epochs=count(data, "epochs", lo=1),
             batch_size=count(data, "batch_size", lo=1),
@@ -62,6 +72,7 @@ class TrainSettings:
             optimizer=typed(data, "optimizer", str),
             model=optional(data, "model", str),
             proximal_mu=None if mu is None else float(mu),
+            momentum=None if momentum is None else float(momentum),
         )
 
     @classmethod
