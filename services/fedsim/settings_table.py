@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from fedsim.data.spread import availability_setting, bandwidth_setting, speed_setting
+from fedsim.protocol.tasks import DEFAULT_MOMENTUM
 from fedsim.rules import AGGREGATION, rule_settings
 from fedsim.settings import (
     Group,
@@ -117,7 +118,7 @@ GROUPS: tuple[Group, ...] = (
                 " adam (why sgd: docs/benchmarks.md)"),
             Setting("LEARNING_RATE", "0.05", number(0, above=True),
                 "the optimizer's step size; 0.05 suits sgd with momentum (use 0.001 with adam)"),
-            Setting("MOMENTUM", "0.9", number(0, 1, below=True),
+            Setting("MOMENTUM", f"{DEFAULT_MOMENTUM:g}", number(0, 1, below=True),
                 "sgd's heavy-ball momentum; 0 is plain SGD, as McMahan et al. trained"
                 " (adam ignores it)"),
             Setting("MODEL", "mlp", choice(*MODELS),
