@@ -64,6 +64,8 @@ def test_compose_keys_are_allowed_in_env_file(tmp_path: Path) -> None:
         ("MAX_WAIT", "-1", "a number >= 0"),
         ("MAX_WAIT", "nan", "a number >= 0"),
         ("LEARNING_RATE", "0", "a number > 0"),
+        ("MOMENTUM", "1", "a number >= 0 and < 1"),
+        ("MOMENTUM", "-0.1", "a number >= 0 and < 1"),
         ("NUM_IMAGES_TRAIN", "60001", "<= 60000"),
         ("MODEL", "resnet", "one of mlp, cnn"),
         ("OPTIMIZER", "lbfgs", "one of sgd, adam"),
