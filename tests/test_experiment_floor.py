@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.experiment import report, runner, spec
+from fedsim.experiment import floor, report, runner, spec
 from fedsim.experiment.floor import unsupported
 from fedsim.experiment.local import KerasEngine, LocalEngine
 from fedsim.experiment.outcome import Raw
@@ -108,6 +108,51 @@ def test_engine_keras_on_the_command_line_runs_the_floor_once_per_settings(tmp_p
     )
     with pytest.raises(spec.ExperimentError, match=r"^--engine keras: cell .*AGGREGATION="):
         spec.load(write(tmp_path, median, "median.toml")).with_engine("keras")
+
+
+def test_floor_processes_share_a_floor_cell_and_must_be_a_count(tmp_path):
+    e = spec.load(write(tmp_path, PAIRED.replace("aim = 1.2", "aim = 1.2\nfloor_processes = 2")))
+
+    assert [(c.title, c.workers, e.engine_of(c)) for c in e.cells] == [
+        ("workers=2 engine=local", 2, "local"),
+        ("workers=2 processes engine=keras", 2, "keras"),
+        ("workers=1 engine=local", 1, "local"),
+    ]
+    assert e.floor_processes == 2
+    one = spec.load(write(tmp_path, PAIRED, "one.toml"))
+    # Another number of processes is another floor: its runs have their own folder.
+    assert one.cells[1].key("keras", "rounds", None) != e.cells[1].key("keras", "rounds", None)
+    for bad in ("0", "true", '"two"', "65"):
+        message = refused(tmp_path, PAIRED.replace("aim = 1.2", f"floor_processes = {bad}"))
+        assert "floor_processes: " in message and "is not an integer >= 1 and <= 64" in message
+
+
+def test_the_floor_refuses_a_process_count_it_cannot_start(capsys):
+    with pytest.raises(SystemExit):
+        floor._main(["--processes", "0"])
+    assert "--processes must be 1 to 64, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_floor_processes_train_what_one_does(make_settings, mnist_dir, tmp_path):
+    runs = {}
+    for processes in (1, 2):
+        settings = make_settings(
+            AGGREGATION="fedavg", PARTITION="slices", NUM_IMAGES_TRAIN=500,
+            CLIENT_SLICES="1 2", ROUNDS=2, EPOCHS=1, SEED=3,
+            MODEL_DIR=tmp_path / f"floor-{processes}",
+        )  # fmt: skip
+        floor.run(settings, processes)
+        history = (settings.model_dir / "history.jsonl").read_text().splitlines()
+        runs[processes] = [json.loads(line) for line in history]
+    one, two = runs[1], runs[2]
+    assert [h["round"] for h in one] == [h["round"] for h in two] == [1, 2]
+    for a, b in zip(one, two, strict=True):
+        # The same clients, slices, seeds and weights; TensorFlow's threads differ (every
+        # core, one each), so the float32 sums differ in order: a few of 10,000 images.
+        assert a["clients"] == b["clients"] and a["samples"] == b["samples"]
+        assert a["updates"] == b["updates"]
+        assert abs(a["accuracy"] - b["accuracy"]) <= 0.0005
 
 
 def test_the_floor_accepts_fedavg_and_fedprox_only(make_settings):

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes.util
 import json
-import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +11,6 @@ import pytest
 import requests
 
 from fedsim import checkpoints
-from fedsim.aggregator import gunicorn_conf
-from fedsim.experiment.procs import with_jemalloc
 from helpers import WORKERS_TOKEN, Server, running_aggregator, start_gunicorn, upload
 
 
@@ -202,27 +196,5 @@ def test_a_bad_threads_value_stops_gunicorn_with_one_line_naming_it(tmp_path: Pa
     assert "Traceback" not in srv.output()
 
 
-def test_gunicorn_says_which_allocator_it_runs_under(server: Server, tmp_path: Path) -> None:
+def test_gunicorn_says_which_allocator_it_runs_under(server: Server) -> None:
     assert "memory allocator: glibc malloc" in server.output()  # nothing preloaded here
-    maps = tmp_path / "maps"
-    maps.write_text("7f3c r-xp 00000000 08:01 42 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n")
-    assert gunicorn_conf.allocator(maps) == "jemalloc"
-    maps.write_text("7f3c r-xp 00000000 08:01 42 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
-    assert gunicorn_conf.allocator(maps) == "glibc malloc"
-    assert gunicorn_conf.allocator(tmp_path / "absent") == "unknown (no /proc)"
-
-
-def test_the_local_engine_preloads_jemalloc_where_the_system_has_it(monkeypatch) -> None:
-    found = ctypes.util.find_library("jemalloc")
-    if found:  # a real process under it says so (the image's case)
-        said = subprocess.run(
-            [sys.executable, "-c", "from fedsim.aggregator import gunicorn_conf as g; "
-             "print(g.allocator())"],
-            env=with_jemalloc(dict(os.environ)), capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        assert said.stdout.strip() == "jemalloc", said
-    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libjemalloc.so.2")
-    assert with_jemalloc({"A": "1"}) == {"A": "1", "LD_PRELOAD": "libjemalloc.so.2"}
-    assert with_jemalloc({"LD_PRELOAD": "libtcmalloc.so.4"}) == {"LD_PRELOAD": "libtcmalloc.so.4"}
-    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
-    assert with_jemalloc({"A": "1"}) == {"A": "1"}

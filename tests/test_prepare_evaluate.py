@@ -166,6 +166,37 @@ def test_prepare_imports_no_tensorflow(tmp_path, mnist_dir):
         assert (checkpoint.tensors[name] == value).all()
 
 
+def test_evaluate_imports_no_tensorflow(tmp_path, mnist_dir):
+    # TensorFlow's start-up would be most of evaluate.sh's seconds; the scores are numpy's.
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DATA_DIR": str(mnist_dir),
+        "MODEL_DIR": str(tmp_path / "models"),
+        "FEDSIM_ENV_FILE": str(tmp_path / "no.env"),
+        "MODEL": "cnn",
+    }
+    code = (
+        "import sys; from fedsim import {0}; code = {0}.cli.run('{0}', {0}._main);"
+        " loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'));"
+        " print('loaded:', loaded); sys.exit(code)"
+    )
+    for module in ("prepare", "evaluate"):
+        result = subprocess.run(
+            [sys.executable, "-c", code.format(module)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "loaded: []" in result.stdout
+    assert (
+        "checkpoint: " in result.stdout
+        and "(version 0, 0 samples aggregated, cnn)" in result.stdout
+    )
+
+
 def test_evaluate_without_a_checkpoint_says_what_to_run(env, capsys):
     assert evaluate._main([]) == 1
     err = capsys.readouterr().err

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsim import checkpoints, cli, config, models, tfruntime, weights
+from fedsim import checkpoints, cli, config, forward, models, weights
 from fedsim.aggregator import history
 from fedsim.data import mnist
 
@@ -150,14 +150,9 @@ def _main(argv: list[str] | None = None) -> int:
     images, labels = mnist.load_pair(settings.data_dir, "t10k", verify=settings.data_verify)
 
     name = model_name(checkpoint, settings.model)
-    tfruntime.quiet()
-    model = models.build(
-        name, seed=settings.seed, learning_rate=settings.learning_rate
-    )  # no training
     tensors = checkpoints.split(checkpoint.tensors)[0]  # not the rule's server state
     weights.validate(tensors, models.SHAPES[name])
-    models.set_weights(model, tensors)
-    probabilities = model.predict(mnist.scale(images), batch_size=1000, verbose=0)
+    probabilities = forward.predict(name, tensors, images)  # numpy: no TensorFlow start-up
 
     report = score(np.asarray(probabilities), labels.astype(np.int64))
     report.update(

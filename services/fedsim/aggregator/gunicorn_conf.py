@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 
 # One BLAS thread: the aggregator's numpy work (means, medians, Krum's distances) is
 # small, and on a busy machine a thread per core made Krum 15-20 times slower. Set
@@ -22,6 +21,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from gunicorn.glogging import Logger
 
+from fedsim import allocator
 from fedsim.config import ConfigError
 
 
@@ -88,17 +88,8 @@ logconfig_dict = {
 }
 
 
-def allocator(maps: Path = Path("/proc/self/maps")) -> str:
-    """The malloc this process runs under: jemalloc where it is preloaded (the image's,
-    services/aggregator/Dockerfile), else glibc's."""
-    try:
-        return "jemalloc" if "/libjemalloc" in maps.read_text() else "glibc malloc"
-    except OSError:
-        return "unknown (no /proc)"
-
-
 def on_starting(server) -> None:
-    server.log.info("memory allocator: %s", allocator())
+    server.log.info("memory allocator: %s", allocator.name())
 
 
 def worker_exit(server, worker) -> None:

@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-from fedsim import cli, config, tokens
+from fedsim import allocator, cli, config, tokens
 
 log = logging.getLogger("fedsim.client")
 
@@ -50,7 +50,12 @@ def _main() -> int:
         tfruntime.configure(threads)
         from fedsim.client.training import Trainer
 
-        log.info("TensorFlow threads %d (%d workers live)", threads, workers)
+        log.info(
+            "TensorFlow threads %d (%d workers live), memory allocator: %s",
+            threads,
+            workers,
+            allocator.name(),
+        )
         return Trainer(
             settings.data_dir, verify=settings.data_verify, model=settings.model, seed=settings.seed
         )

@@ -1,6 +1,7 @@
 """The plain Keras floor: a FedAvg run's training in one process, with nothing federated around it.
 
-    python -m fedsim.experiment.floor      (the keras engine starts it with a run's settings)
+    python -m fedsim.experiment.floor [--processes N]   (the keras engine starts it with a
+                                                         run's settings)
 
 It trains what a fedsim run of the same settings trains, in one loop: the same
 partition plan, the same seeded sample of CLIENTS_PER_ROUND clients each round,
@@ -11,6 +12,12 @@ the test set scored after every round, as a fedsim run's evaluation tasks do.
 No aggregator, HTTP, checkpoint or worker process; TensorFlow keeps its default
 thread pools (every core). What a fedsim run takes beyond this process's
 seconds is what the system adds: start-ups, HTTP, checkpoints, waiting.
+
+With `--processes N` (an experiment's `floor_processes`) N plain processes share
+each round's clients, each with a TensorFlow thread pool of its share of the
+cores, as fedsim's N workers do; a round's score is computed by one of them
+while the next round trains, and this process only deals the tasks out and
+averages. On 2 cores, 2 processes are the floor a 2-worker run is held to.
 
 It writes the history (MODEL_DIR/history.jsonl, one entry per round, as the
 aggregator's) and the workers' log lines, so the experiment runner measures it
@@ -54,14 +61,23 @@ def unsupported(settings: Any) -> ConfigError | None:
     return None
 
 
-def _main() -> int:
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from fedsim import config
 
+    parser = argparse.ArgumentParser(prog="python -m fedsim.experiment.floor")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="plain processes sharing the clients"
+    )
+    args = parser.parse_args(argv)
+    if not 1 <= args.processes <= 64:
+        parser.error(f"--processes must be 1 to 64, got {args.processes}")
     settings = config.load()
     refused = unsupported(settings)
     if refused is not None:
         raise refused
-    run(settings)
+    run(settings, args.processes)
     return 0
 
 
@@ -72,7 +88,7 @@ def main() -> None:
     sys.exit(cli.run("floor", _main))
 
 
-def run(settings: Any) -> None:
+def run(settings: Any, processes: int = 1) -> None:
     from fedsim import tfruntime
 
     tfruntime.quiet()
@@ -82,13 +98,14 @@ def run(settings: Any) -> None:
     from fedsim.aggregator import strategies
     from fedsim.aggregator.strategies.aggregate import weighted_mean
     from fedsim.aggregator.tasks import ids
-    from fedsim.client.training import Trainer
-    from fedsim.data import partition
+    from fedsim.data import mnist, partition
 
-    trainer = Trainer(
-        settings.data_dir, verify=settings.data_verify, model=settings.model, seed=settings.seed
-    )
-    parts = partition.make(partition.plan_settings(settings), trainer.labels)
+    trainers = _Trainers(settings, processes)
+    if processes == 1:
+        labels = _trainer.labels
+    else:
+        labels = mnist.load_file(settings.data_dir, "train-labels", verify=settings.data_verify)
+    parts = partition.make(partition.plan_settings(settings), labels)
     train = {
         "model": settings.model,
         "epochs": settings.epochs,
@@ -102,9 +119,10 @@ def run(settings: Any) -> None:
     history.parent.mkdir(parents=True, exist_ok=True)
     current = models.initial_weights(settings.model, settings.seed)
     trained = samples = 0  # updates and samples in the model so far, as the history counts
+    scoring = None  # the last round's score, computed while the next round trains
     for round_no in range(1, settings.rounds + 1):
         chosen = ids.sample(settings.seed, round_no, settings.per_round, len(parts))
-        updates, counts = [], []
+        jobs = []
         for number in chosen:
             part = parts[number - 1]
             indices = part.indices
@@ -112,14 +130,15 @@ def run(settings: Any) -> None:
                 first, last = part.slices
                 slice_no = first + (round_no - 1) % (last - first + 1)
                 indices = partition.slice_indices(part, slice_no, settings.num_images_train)
-            task = ids.round_task(round_no, number)
-            tensors, done = trainer.train(
-                current, indices, train, ids.task_seed(settings.seed, task)
-            )
+            seed = ids.task_seed(settings.seed, ids.round_task(round_no, number))
+            jobs.append((part.id, trainers.train(current, indices, train, seed)))
+        updates, counts = [], []
+        for client, job in jobs:
+            tensors, done = job.result()
             trained += 1
             log.info(
                 "floor %s r%d train samples %d loss %.4f acc %.4f (%.1fs)",
-                part.id,
+                client,
                 round_no,
                 done.samples,
                 done.loss,
@@ -128,31 +147,115 @@ def run(settings: Any) -> None:
             )
             updates.append(tensors)
             counts.append(done.samples)
+        if scoring is not None:
+            _record(history, *scoring)
         current = {n: t.astype(np.float32) for n, t in weighted_mean(updates, counts).items()}
         samples += sum(counts)
-        accuracy, loss, scored = trainer.evaluate(current)
         entry = {
             "version": round_no,
             "round": round_no,
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "accuracy": round(accuracy, 6),
-            "loss": round(loss, 6),
             "samples": samples,
             "updates": trained,
             "clients": [ids.client_id(n) for n in chosen],
         }
-        with history.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-        log.info(
-            "floor round %d: accuracy %.4f loss %.4f (scored in %.2fs)",
-            round_no,
-            accuracy,
-            loss,
-            scored,
-        )
+        scoring = (entry, trainers.evaluate(current))
+        if processes == 1:  # one process scores before the next round, as it always did
+            _record(history, *scoring)
+            scoring = None
+    if scoring is not None:
+        _record(history, *scoring)
+    trainers.close()
     log.info(
         "floor done: %d updates trained, 0 retries, %.1fs", trained, time.monotonic() - STARTED
     )
+
+
+def _record(history: Any, entry: dict[str, Any], job: Any) -> None:
+    """Append a round's history entry once its score is in, as the aggregator's."""
+    accuracy, loss, scored = job.result()
+    entry = {
+        "version": entry["version"],
+        "round": entry["round"],
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "accuracy": round(accuracy, 6),
+        "loss": round(loss, 6),
+        **{k: entry[k] for k in ("samples", "updates", "clients")},
+    }
+    with history.open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+    log.info(
+        "floor round %d: accuracy %.4f loss %.4f (scored in %.2fs)",
+        entry["round"],
+        accuracy,
+        loss,
+        scored,
+    )
+
+
+class _Done:
+    """A result already computed, answering as a future does."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+class _Trainers:
+    """The Trainer in this process, or one in each of `processes` spawned processes."""
+
+    def __init__(self, settings: Any, processes: int) -> None:
+        args = (str(settings.data_dir), settings.data_verify, settings.model, settings.seed)
+        self.pool = None
+        if processes == 1:
+            _start(*args, threads=0)
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from fedsim import tfruntime
+
+        # Spawned: this process never starts TensorFlow, so there is nothing to fork.
+        self.pool = ProcessPoolExecutor(
+            processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start,
+            initargs=(*args, tfruntime.threads_for(0, processes)),
+        )
+
+    def train(self, *args: Any) -> Any:
+        return self.pool.submit(_train, *args) if self.pool else _Done(_train(*args))
+
+    def evaluate(self, tensors: Any) -> Any:
+        return self.pool.submit(_evaluate, tensors) if self.pool else _Done(_evaluate(tensors))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+_trainer: Any = None  # this process's Trainer (_start)
+
+
+def _start(data_dir: str, verify: bool, model: str, seed: int, threads: int) -> None:
+    global _trainer
+    from pathlib import Path
+
+    from fedsim import tfruntime
+    from fedsim.client.training import Trainer
+
+    if threads:  # a process of a pool: its share of the cores (0: TensorFlow's default)
+        tfruntime.configure(threads)
+    _trainer = Trainer(Path(data_dir), verify=verify, model=model, seed=seed)
+
+
+def _train(*args: Any) -> Any:
+    return _trainer.train(*args)
+
+
+def _evaluate(tensors: Any) -> Any:
+    return _trainer.evaluate(tensors)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from fedsim import config
+from fedsim.allocator import preloaded
 from fedsim.experiment.answers import Answers
 from fedsim.experiment.outcome import Raw
-from fedsim.experiment.procs import PeakMemory, free_port, start, stop, tree_rss, with_jemalloc
+from fedsim.experiment.procs import PeakMemory, free_port, start, stop, tree_rss
 from fedsim.experiment.watch import Job, RunFailed, follow, load, tail
 
 HEALTH_SECONDS = 120  # the aggregator answers /healthz within this, or the run fails
@@ -174,7 +175,7 @@ class LocalEngine:
                 [python, "-m", "gunicorn", "-c", "python:fedsim.aggregator.gunicorn_conf",
                  "fedsim.aggregator.app:create_app()"],
                 # Not told where the workers' secret is: it never reads it (docs/secagg.md).
-                env=with_jemalloc({**{k: v for k, v in env.items() if k != "SECAGG_KEY_FILE"},
+                env=preloaded({**{k: v for k, v in env.items() if k != "SECAGG_KEY_FILE"},
                                    "BIND": f"127.0.0.1:{port}"}),
                 log=job.logs / "aggregator.log",
                 cwd=self.root,
@@ -184,7 +185,7 @@ class LocalEngine:
             workers = [
                 start(
                     [python, "-m", "fedsim.client"],
-                    env=env,
+                    env=preloaded(env),  # as the client image: jemalloc where the system has it
                     log=job.logs / f"worker-{i}.log",
                     cwd=self.root,
                 )
@@ -249,8 +250,9 @@ class LocalEngine:
 
 
 class KerasEngine(LocalEngine):
-    """The floor: the same cell trained by one plain Keras process (experiment/floor.py),
-    measured as a federated run is, so a sweep pairs fedsim with what it adds to training."""
+    """The floor: the same cell trained by plain Keras (experiment/floor.py, in one process or
+    the experiment's floor_processes), measured as a federated run is, so a sweep pairs
+    fedsim with what it adds to training."""
 
     name = "keras"
 
@@ -262,7 +264,10 @@ class KerasEngine(LocalEngine):
         started, clock = time.time(), time.monotonic()
         load_start = load()
         proc = start(
-            [sys.executable, "-m", "fedsim.experiment.floor"], env=env, log=log, cwd=self.root
+            [sys.executable, "-m", "fedsim.experiment.floor", "--processes", str(job.workers)],
+            env=env,
+            log=log,
+            cwd=self.root,
         )
 
         def finished() -> bool:

@@ -17,17 +17,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
-def with_jemalloc(env: dict[str, str]) -> dict[str, str]:
-    """`env` with jemalloc preloaded when the system has it (Debian's libjemalloc2) and `env`
-    preloads nothing else: the aggregator image's allocator, for the aggregator run here.
-    Under glibc's malloc its per-thread arenas grow with the bodies gunicorn's threads
-    receive, some 100-170 MiB over W2's rounds (docs/benchmarks.md, W2)."""
-    import ctypes.util
-
-    library = None if env.get("LD_PRELOAD") else ctypes.util.find_library("jemalloc")
-    return {**env, "LD_PRELOAD": library} if library else env
-
-
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (the kernel's pick)."""
     with socket.socket() as s:

@@ -329,8 +329,9 @@ def summary(e: Experiment, results: Sequence[dict[str, Any]]) -> str:
             "## Against the plain Keras floor",
             "",
             "Seconds from start to end, each run against the floor's run of the same settings "
-            "and seed (experiment/floor.py: the same training in one process, evaluation after "
-            "every round included).",
+            "and seed (experiment/floor.py: the same training in "
+            + ("one process" if e.floor_processes == 1 else f"{e.floor_processes} processes")
+            + ", evaluation after every round included).",
             "",
             "```",
             *floor,

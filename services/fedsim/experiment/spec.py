@@ -7,6 +7,7 @@
                                    # FedAvg in one process); --engine on the command line wins
     aim = 1.2                      # with a keras cell: the seconds each cell aims at, as a
                                    # multiple of the plain Keras floor's (reported, not enforced)
+    floor_processes = 1            # plain Keras processes sharing a keras cell's clients
     target = 0.9                   # test accuracy: rounds and seconds to reach it; a list
                                    # (e.g. [0.97, 0.95]) reports each, the first is "the" one
     stop = "rounds"                # or "target": stop a run once it reaches the target
@@ -47,6 +48,7 @@ ENGINES = ("local", "compose", "keras")
 STOPS = ("rounds", "target")
 TOP_KEYS = (
     "name", "description", "seeds", "workers", "engine", "aim", "target", "stop", "timeout",
+    "floor_processes",
 )  # fmt: skip
 TABLES = ("settings", "grid")
 WORKERS_AXIS = "workers"
@@ -112,6 +114,7 @@ class Experiment:
     grid: dict[str, list[tuple[str, dict[str, str]]]]  # axis -> [(value, companions)]
     cells: tuple[Cell, ...] = field(default=())
     also: tuple[float, ...] = ()  # further targets, reported beside the first
+    floor_processes: int = 1  # a keras cell's processes (floor.py --processes)
 
     @property
     def targets(self) -> tuple[float, ...]:
@@ -238,6 +241,7 @@ def _check(data: dict[str, Any], path: Path) -> Experiment:
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: {seeds} lists a seed twice")
     workers = _integer("workers", data.get("workers", 2), 1, MAX_WORKERS)
+    floor_processes = _integer("floor_processes", data.get("floor_processes", 1), 1, MAX_WORKERS)
     engine = data.get("engine", "local")
     if engine not in ENGINES:
         raise ValueError(f"engine: {engine!r} is not one of {', '.join(ENGINES)}")
@@ -278,7 +282,7 @@ def _check(data: dict[str, Any], path: Path) -> Experiment:
     experiment = Experiment(
         path, name, description, tuple(seeds), workers, engine, target, stop, float(timeout),
         None if aim is None else float(aim), base, grid,
-        also=tuple(float(t) for t in targets[1:]),
+        also=tuple(float(t) for t in targets[1:]), floor_processes=floor_processes,
     )  # fmt: skip
     return _with_cells(experiment)
 
@@ -299,10 +303,10 @@ def _with_cells(e: Experiment) -> Experiment:
                 settings[axis] = value
             settings.update(extra)
         if (engine or e.engine) == FLOOR:
-            # One process whatever the workers axis says: the floor runs once per settings.
-            workers = 1
+            # floor_processes whatever the workers axis says: the floor runs once per settings.
+            workers = e.floor_processes
             if WORKERS_AXIS in axes:
-                axes[WORKERS_AXIS] = "1 process"
+                axes[WORKERS_AXIS] = f"{workers} process{'' if workers == 1 else 'es'}"
             if any(c.settings == settings and e.engine_of(c) == FLOOR for c in cells):
                 continue
         cell = Cell(len(cells) + 1, axes, settings, workers, engine)
