@@ -147,8 +147,8 @@ def test_compose_run_trains_evaluates_and_resumes(project, mnist_dir):
     for c in clients:
         summary = worker_summary(p.container_logs(c["Name"]))
         assert summary["trained"] == 2 and summary["accepted"] == 2, summary
-    # The client image preloads jemalloc, and each worker says so in its first lines.
-    assert logs.count("memory allocator: jemalloc") == 3, logs
+    # The client image preloads tcmalloc, and each worker says so in its first lines.
+    assert logs.count("memory allocator: tcmalloc") == 3, logs
 
     status = p.status()  # the aggregator keeps serving after the workers are done
     assert status["version"] == 6 and status["samples"] == 12_000, status

@@ -1,28 +1,39 @@
-"""Which malloc a process runs under. Both images preload jemalloc (Debian's libjemalloc2).
+"""Which malloc a process runs under. The images preload one (Debian's packages): jemalloc
+in the aggregator's, tcmalloc in the client's (the workers).
 
 Under glibc's malloc, threads that receive, decode or train on multi-megabyte
 arrays leave per-thread arenas fragmented and never given back: over W2's cnn
-rounds the aggregator grew 100-170 MiB, and a TensorFlow worker held about
-100 MiB more than under jemalloc (docs/benchmarks.md, W2).
+rounds the aggregator grew 100-170 MiB (flat under jemalloc), and a TensorFlow
+worker held about 100 MiB more than under either. For TensorFlow's training
+steps jemalloc was 15% slower than glibc's malloc here, tcmalloc (TensorFlow's
+own recommendation) a few percent faster (docs/benchmarks.md, W2).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+JEMALLOC = "jemalloc"  # the aggregator's
+TCMALLOC = "tcmalloc_minimal"  # the workers'
+
 
 def name(maps: Path = Path("/proc/self/maps")) -> str:
-    """jemalloc where it is mapped into this process (preloaded), else glibc's malloc."""
+    """jemalloc or tcmalloc where one is mapped into this process (preloaded), else glibc's."""
     try:
-        return "jemalloc" if "/libjemalloc" in maps.read_text() else "glibc malloc"
+        text = maps.read_text()
     except OSError:
         return "unknown (no /proc)"
+    for library, called in (("/libjemalloc", "jemalloc"), ("/libtcmalloc", "tcmalloc")):
+        if library in text:
+            return called
+    return "glibc malloc"
 
 
-def preloaded(env: dict[str, str]) -> dict[str, str]:
-    """`env` with jemalloc preloaded when the system has it and `env` preloads nothing else:
-    the images' allocator, for the processes the experiment runner starts itself."""
+def preloaded(env: dict[str, str], library: str) -> dict[str, str]:
+    """`env` with `library` (JEMALLOC, TCMALLOC) preloaded when the system has it and `env`
+    preloads nothing else: the images' allocators, for the processes the experiment
+    runner starts itself."""
     import ctypes.util
 
-    library = None if env.get("LD_PRELOAD") else ctypes.util.find_library("jemalloc")
-    return {**env, "LD_PRELOAD": library} if library else env
+    found = None if env.get("LD_PRELOAD") else ctypes.util.find_library(library)
+    return {**env, "LD_PRELOAD": found} if found else env

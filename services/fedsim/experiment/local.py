@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim import config
-from fedsim.allocator import preloaded
+from fedsim.allocator import JEMALLOC, TCMALLOC, preloaded
 from fedsim.experiment.answers import Answers
 from fedsim.experiment.outcome import Raw
 from fedsim.experiment.procs import PeakMemory, free_port, start, stop, tree_rss
@@ -176,7 +176,7 @@ class LocalEngine:
                  "fedsim.aggregator.app:create_app()"],
                 # Not told where the workers' secret is: it never reads it (docs/secagg.md).
                 env=preloaded({**{k: v for k, v in env.items() if k != "SECAGG_KEY_FILE"},
-                                   "BIND": f"127.0.0.1:{port}"}),
+                                   "BIND": f"127.0.0.1:{port}"}, JEMALLOC),
                 log=job.logs / "aggregator.log",
                 cwd=self.root,
             )  # fmt: skip
@@ -185,7 +185,7 @@ class LocalEngine:
             workers = [
                 start(
                     [python, "-m", "fedsim.client"],
-                    env=preloaded(env),  # as the client image: jemalloc where the system has it
+                    env=preloaded(env, TCMALLOC),  # as in the client image
                     log=job.logs / f"worker-{i}.log",
                     cwd=self.root,
                 )
