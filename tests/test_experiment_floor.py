@@ -155,6 +155,20 @@ def test_two_floor_processes_train_what_one_does(make_settings, mnist_dir, tmp_p
         assert abs(a["accuracy"] - b["accuracy"]) <= 0.0005
 
 
+def test_a_floor_round_is_timed_when_its_score_came_in_not_when_it_is_written(tmp_path):
+    # A pool's score of round r is read after round r + 1's trainings: the entry keeps the
+    # score's own time, so the seconds between rounds are the rounds' and not the reading's.
+    history = tmp_path / "history.jsonl"
+    entry = {"version": 1, "round": 1, "samples": 600, "updates": 10, "clients": ["client-1"]}
+    floor._record(history, entry, floor._Done((0.9, 0.3, 1.5, "2026-01-01T00:00:01.000+00:00")))
+
+    written = json.loads(history.read_text())
+    assert written == {
+        "version": 1, "round": 1, "time": "2026-01-01T00:00:01.000+00:00", "accuracy": 0.9,
+        "loss": 0.3, "samples": 600, "updates": 10, "clients": ["client-1"],
+    }  # fmt: skip
+
+
 def test_the_floor_accepts_fedavg_and_fedprox_only(make_settings):
     assert unsupported(make_settings(AGGREGATION="fedavg")) is None
     assert unsupported(make_settings(AGGREGATION="fedprox")) is None

@@ -171,12 +171,13 @@ def run(settings: Any, processes: int = 1) -> None:
 
 
 def _record(history: Any, entry: dict[str, Any], job: Any) -> None:
-    """Append a round's history entry once its score is in, as the aggregator's."""
-    accuracy, loss, scored = job.result()
+    """Append a round's history entry, timed when its score came in, as the aggregator's
+    (a pool's score may be read a round later: its time is still the score's)."""
+    accuracy, loss, scored, at = job.result()
     entry = {
         "version": entry["version"],
         "round": entry["round"],
-        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "time": at,
         "accuracy": round(accuracy, 6),
         "loss": round(loss, 6),
         **{k: entry[k] for k in ("samples", "updates", "clients")},
@@ -255,7 +256,8 @@ def _train(*args: Any) -> Any:
 
 
 def _evaluate(tensors: Any) -> Any:
-    return _trainer.evaluate(tensors)
+    """(accuracy, loss, seconds, when it finished as the history's ISO time)."""
+    return (*_trainer.evaluate(tensors), datetime.now(UTC).isoformat(timespec="milliseconds"))
 
 
 if __name__ == "__main__":
