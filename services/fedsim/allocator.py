@@ -5,8 +5,8 @@ Under glibc's malloc, threads that receive, decode or train on multi-megabyte
 arrays leave per-thread arenas fragmented and never given back: over W2's cnn
 rounds the aggregator grew 100-170 MiB (flat under jemalloc), and a TensorFlow
 worker held about 100 MiB more than under either. For TensorFlow's training
-steps jemalloc was 15% slower than glibc's malloc here, tcmalloc (TensorFlow's
-own recommendation) a few percent faster (docs/benchmarks.md, W2).
+steps jemalloc was 15% slower than glibc's malloc here, tcmalloc a few percent
+faster (docs/benchmarks.md, W2).
 """
 
 from __future__ import annotations
