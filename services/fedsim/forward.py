@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from fedsim.data import mnist
 from fedsim.models import SHAPES
 
 # Images a step: the cnn's second convolution unfolds 14 x 14 x 800 floats an image
@@ -33,10 +34,6 @@ def predict(name: str, tensors: Mapping[str, np.ndarray], images: np.ndarray) ->
     t = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
     out = [layers(t, images[i : i + BATCH]) for i in range(0, len(images), BATCH)]
     return np.concatenate(out) if out else np.zeros((0, 10), np.float32)
-
-
-def _scale(images: np.ndarray) -> np.ndarray:
-    return images.astype(np.float32) / np.float32(255.0)
 
 
 def _relu(x: np.ndarray) -> np.ndarray:
@@ -71,14 +68,14 @@ def _pool(x: np.ndarray) -> np.ndarray:
 
 
 def _mlp(t: Mapping[str, np.ndarray], images: np.ndarray) -> np.ndarray:
-    x = _scale(images).reshape(len(images), -1)
+    x = mnist.scale(images).reshape(len(images), -1)
     x = _relu(_dense(x, t, "hidden1"))
     x = _relu(_dense(x, t, "hidden2"))
     return _softmax(_dense(x, t, "output"))
 
 
 def _cnn(t: Mapping[str, np.ndarray], images: np.ndarray) -> np.ndarray:
-    x = _scale(images)[..., np.newaxis]
+    x = mnist.scale(images)[..., np.newaxis]
     x = _pool(_relu(_conv_same(x, t["conv1/kernel"], t["conv1/bias"])))
     x = _pool(_relu(_conv_same(x, t["conv2/kernel"], t["conv2/bias"])))
     x = _relu(_dense(x.reshape(len(x), -1), t, "hidden"))

@@ -98,14 +98,10 @@ def run(settings: Any, processes: int = 1) -> None:
     from fedsim.aggregator import strategies
     from fedsim.aggregator.strategies.aggregate import weighted_mean
     from fedsim.aggregator.tasks import ids
-    from fedsim.data import mnist, partition
+    from fedsim.data import partition
 
     trainers = _Trainers(settings, processes)
-    if processes == 1:
-        labels = _trainer.labels
-    else:
-        labels = mnist.load_file(settings.data_dir, "train-labels", verify=settings.data_verify)
-    parts = partition.make(partition.plan_settings(settings), labels)
+    parts = partition.make(partition.plan_settings(settings), trainers.labels())
     train = {
         "model": settings.model,
         "epochs": settings.epochs,
@@ -208,6 +204,7 @@ class _Trainers:
 
     def __init__(self, settings: Any, processes: int) -> None:
         args = (str(settings.data_dir), settings.data_verify, settings.model, settings.seed)
+        self.settings = settings
         self.pool = None
         if processes == 1:
             _start(*args, threads=0)
@@ -223,6 +220,17 @@ class _Trainers:
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start,
             initargs=(*args, tfruntime.threads_for(0, processes)),
+        )
+
+    def labels(self) -> Any:
+        """The training set's labels, which the partition plan is made from: the Trainer's
+        here, or read alone where the pool's processes hold the images."""
+        if self.pool is None:
+            return _trainer.labels
+        from fedsim.data import mnist
+
+        return mnist.load_file(
+            self.settings.data_dir, "train-labels", verify=self.settings.data_verify
         )
 
     def train(self, *args: Any) -> Any:
