@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from benchlib import (  # noqa: E402
 )
 from benchlib.docker import COMPOSE_RESET, clean_env, mnist_files, status  # noqa: E402
 from benchlib.procs import cpu_seconds, tree_rss  # noqa: E402
+from fedsim.experiment.procs import trees_rss  # noqa: E402
 
 
 def fake_load(*values: float):
@@ -238,3 +241,18 @@ def test_profile_run_memory_runs_the_worker_loop_against_the_aggregator(tmp_path
     assert all(s["aggregator_rss_bytes"] > 0 for s in result["samples"])
     assert all(len(s["worker_rss_bytes"]) == 2 for s in result["samples"])
     assert "round    3" in done.stdout and "growth from round " in done.stdout
+
+
+def test_memory_of_named_process_trees_and_their_sum(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        got = trees_rss({"me": os.getpid(), "child": child.pid, "gone": 2**22 + 1})
+        # The child is in my tree too: each name is its process with its descendants.
+        assert got["child"] > 2**20 and got["me"] >= got["child"] + 10 * 2**20
+        assert got["gone"] == 0
+        with PeakMemory(lambda: {"a": 3, "b": 4}, every=0.01) as memory:
+            time.sleep(0.05)
+        assert (memory.last, memory.parts, memory.peak) == (7, {"a": 3, "b": 4}, 7)
+    finally:
+        child.kill()
+        child.wait()

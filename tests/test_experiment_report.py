@@ -228,7 +228,11 @@ def test_a_run_is_measured_from_its_history_logs_and_metrics():
         started=START,
         seconds=20.0,
         entries=history(0.1, 0.8, 0.92, 0.91, 0.95, 0.96, 0.94),
-        memory_at={1: 100, 5: 300, 6: 350},
+        memory_at={
+            1: {"aggregator": 40, "worker-1": 60},
+            5: {"aggregator": 100, "worker-1": 200},
+            6: {"aggregator": 90, "worker-1": 260},
+        },
         peak_memory=400,
         worker_logs="w1 client-1 round 1 train samples 600 loss 0.5 acc 0.8 (1.5s)\n"
         "w2 client-2 round 1 train samples 600 loss 0.5 acc 0.8 (2.5s)\n"
@@ -255,6 +259,8 @@ def test_a_run_is_measured_from_its_history_logs_and_metrics():
     assert got["train_seconds"] == 4.0 and got["outside_training"] == 1 - 4.0 / 40.0
     assert (got["bytes_to_workers"], got["bytes_from_workers"]) == (1_500_000, 797_520)
     assert got["memory_growth_bytes"] == 50 and got["peak_memory_bytes"] == 400
+    assert got["memory_growth_by_process"] == {"aggregator": -10, "worker-1": 60}
+    assert [p["memory"] for p in got["curve"]] == [None, 100, None, None, None, 300, 350]
     assert got["refused_aggregates"] == 1 and got["evaluations"] == 6
     assert [p["x"] for p in got["curve"]] == [0, 1, 2, 3, 4, 5, 6]
 
@@ -449,3 +455,32 @@ def test_a_run_stopped_by_a_diverged_training_says_why_and_a_budget_stop_does_no
         "finished", START, 5.0, history(0.1, 0.5), aggregator_log=log.splitlines()[0]
     )
     assert outcome.measure(budget, per_round=1, workers=1, target=None)["stopped"] is None
+
+
+def test_memory_growth_by_process_is_a_csv_column_and_a_table_of_the_summary(sweep, tmp_path):
+    e, results = sweep
+    assert "Memory growth by process" not in report.summary(e, results)  # none sampled apart
+    mib = 2**20
+    results[0] |= {
+        "memory_growth_bytes": 60 * mib,
+        "memory_growth_by_process": {"aggregator": 5 * mib, "worker-1": 55 * mib},
+    }
+    results[1] |= {"memory_growth_bytes": -mib,
+                   "memory_growth_by_process": {"aggregator": -mib, "worker-2": 0}}  # fmt: skip
+
+    report.write_csv(e, results, tmp_path / "runs.csv")
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text())))
+    summary = report.summary(e, results)
+
+    assert rows[0]["memory_growth_by_process"] == f"aggregator={5 * mib} worker-1={55 * mib}"
+    assert rows[2]["memory_growth_by_process"] == ""
+    table = summary.split("## Memory growth by process (MiB, from round 5 to the end)")[1]
+    table = table.split("## By")[0]  # the axes' tables follow
+    lines = [line for line in table.strip().splitlines() if line.startswith("|")]
+    assert (
+        lines[0]
+        == "| cell | AGGREGATION | EPOCHS | seed | all | aggregator | worker-1 | worker-2 |"
+    )
+    assert lines[2] == "| 1 | `fedavg` | `1` | 1 | +60.0 | +5.0 | +55.0 | - |"
+    assert lines[3] == "| 1 | `fedavg` | `1` | 2 | -1.0 | -1.0 | - | +0.0 |"
+    assert len(lines) == 4  # the runs that sampled their processes apart, no others

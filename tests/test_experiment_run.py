@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedsim.experiment import runner, spec, watch
-from fedsim.experiment.compose import memory_bytes
+from fedsim.experiment.compose import container_memory, memory_bytes
 from fedsim.experiment.local import LocalEngine
 from fedsim.experiment.outcome import Raw
 from fedsim.experiment.watch import RunFailed
@@ -115,6 +115,13 @@ def test_a_sweep_interrupted_after_its_first_cell_resumes_without_running_it_aga
         assert float(row["aggregator_seconds_per_round"]) > 0
         assert 0 < int(row["aggregator_peak_memory_bytes"]) < int(row["peak_memory_bytes"])
         assert int(row["status_bytes"]) > 0 and int(row["history_bytes"]) > 0
+        # Memory by process at each evaluation: the aggregator's and the worker's, summed.
+        curve = json.loads(p.result.read_text())["curve"]
+        sampled = [pt for pt in curve if pt["memory"]]
+        assert sampled and all(pt["memory_by_process"].keys() == {"aggregator", "worker-1"}
+                               for pt in sampled)  # fmt: skip
+        assert all(sum(pt["memory_by_process"].values()) == pt["memory"] for pt in sampled)
+        assert all(min(pt["memory_by_process"].values()) > 0 for pt in sampled)
         settings = json.loads((p.job.folder / "settings.json").read_text())
         assert settings["RUN_LABEL"] == p.job.label and settings["SEED"] == p.seed
         assert settings["AGGREGATION"] == row["AGGREGATION"]
@@ -249,6 +256,9 @@ def test_the_compose_engine_runs_a_two_cell_experiment(tmp_path, mnist_dir):
         assert r["aggregator_seconds_per_round"] > 0
         assert 0 < r["aggregator_peak_memory_bytes"] < r["peak_memory_bytes"]
         assert r["status_bytes"] > 0 and r["history_bytes"] > 0
+        sampled = [pt["memory_by_process"] for pt in r["curve"] if pt["memory"]]
+        assert sampled and all({"aggregator-1", "client-1", "client-2"} <= s.keys()
+                               for s in sampled)  # fmt: skip
     for p in runner.plan(e, folder):
         name = (p.job.folder / "compose.project").read_text().strip()
         assert leftovers(f"com.docker.compose.project={name}") == {
@@ -292,7 +302,7 @@ def follow(j: watch.Job, script: Script, clock=lambda: 0.0) -> tuple[str, list[d
         j,
         entries=script.entries,
         done=script.done,
-        memory=lambda: 7,
+        memory=lambda: {"worker-1": 7},
         on_entry=lambda e: script.seen.append(e["version"]),
         clock=clock,
         sleep=script.sleep,
@@ -305,7 +315,7 @@ def test_a_run_is_followed_to_its_end_each_evaluation_told_once(tmp_path):
     status, entries, memory = follow(job(tmp_path), script)
 
     assert status == "finished" and len(entries) == 4
-    assert script.seen == [0, 1, 2, 3] and memory == {0: 7, 1: 7, 2: 7, 3: 7}
+    assert script.seen == [0, 1, 2, 3] and memory == {v: {"worker-1": 7} for v in range(4)}
 
 
 def test_under_stop_target_a_run_ends_at_the_first_evaluation_that_reaches_it(tmp_path):
@@ -330,3 +340,15 @@ def test_docker_stats_memory_reads_in_bytes():
     assert memory_bytes("1.5GiB / 23.4GiB") == round(1.5 * 2**30)
     assert memory_bytes("812kB / 1GB") == 812_000
     assert memory_bytes("--") == 0
+
+
+def test_docker_stats_memory_is_read_by_container_less_the_project_name():
+    stats = (
+        "fedsim-exp-1a2b-aggregator-1\t150MiB / 23.4GiB\n"
+        "fedsim-exp-1a2b-client-2\t1.5GiB / 23.4GiB\n"
+    )
+
+    got = container_memory(stats, "fedsim-exp-1a2b")
+
+    assert got == {"aggregator-1": 150 * 2**20, "client-2": round(1.5 * 2**30)}
+    assert container_memory("", "fedsim-exp-1a2b") == {}

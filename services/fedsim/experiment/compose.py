@@ -6,7 +6,7 @@ settings in an env file of its own (`--env-file`: the project's `.env` is not
 read, and the caller's environment keeps no fedsim setting). The images are
 built once per sweep. The history (a page at a time after the status, as the
 dashboard reads it: answers.py) and metrics are read over HTTP through the
-proxy, the memory is the sum of the project's containers' (`docker stats`), and
+proxy, the memory is each of the project's containers' (`docker stats`), and
 the project is taken down with its volumes at the end of the run.
 """
 
@@ -30,6 +30,16 @@ from fedsim.experiment.watch import Job, RunFailed, follow, load
 RESET = ("--profile", "*", "down", "-v", "--remove-orphans", "--timeout", "10")
 UNITS = {"B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
 HEALTH_SECONDS = 300
+
+
+def container_memory(stats: str, project: str) -> dict[str, int]:
+    """`docker stats`' "name<TAB>usage" lines -> {name less the "<project>-": bytes}."""
+    out = {}
+    for line in stats.splitlines():
+        name, _, usage = line.partition("\t")
+        if usage:
+            out[name.removeprefix(f"{project}-")] = memory_bytes(usage)
+    return out
 
 
 def memory_bytes(usage: str) -> int:
@@ -111,12 +121,12 @@ class ComposeEngine:
                     raise RunFailed(f"a worker exited {codes} ({job.logs / 'workers.log'})")
                 return len(found) == job.workers and len(codes) == job.workers
 
-            with PeakMemory(lambda: self._memory(compose), every=2.0) as memory:
+            with PeakMemory(lambda: self._memory(compose, project), every=2.0) as memory:
                 status, found, memory_at = follow(
                     job,
                     entries=answers.entries,
                     done=finished,
-                    memory=lambda: memory.last,
+                    memory=lambda: memory.parts,
                     on_entry=on_entry,
                 )
                 seconds = time.monotonic() - clock
@@ -147,12 +157,19 @@ class ComposeEngine:
             load_end=load(),
         )
 
-    def _memory(self, compose: tuple[str, ...]) -> int:
-        """The memory in use by the project's containers now."""
+    def _memory(self, compose: tuple[str, ...], project: str) -> dict[str, int]:
+        """The memory in use by each of the project's containers now, by service and number
+        ("aggregator-1", "client-2"; the project's name left out)."""
         ids = self._run(*compose, "ps", "-q", check=False).stdout.split()
         if not ids:
-            return 0
+            return {}
         out = self._run(
-            "docker", "stats", "--no-stream", "--format", "{{.MemUsage}}", *ids, check=False
+            "docker",
+            "stats",
+            "--no-stream",
+            "--format",
+            "{{.Name}}\t{{.MemUsage}}",
+            *ids,
+            check=False,
         ).stdout
-        return sum(memory_bytes(line) for line in out.splitlines())
+        return container_memory(out, project)

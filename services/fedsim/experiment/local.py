@@ -25,7 +25,7 @@ from fedsim import config
 from fedsim.allocator import JEMALLOC, TCMALLOC, preloaded
 from fedsim.experiment.answers import Answers
 from fedsim.experiment.outcome import Raw
-from fedsim.experiment.procs import PeakMemory, free_port, start, stop, tree_rss
+from fedsim.experiment.procs import PeakMemory, free_port, start, stop, trees_rss
 from fedsim.experiment.watch import Job, RunFailed, follow, load, tail
 
 HEALTH_SECONDS = 120  # the aggregator answers /healthz within this, or the run fails
@@ -90,15 +90,16 @@ def get(url: str, timeout: float = 5) -> bytes | None:
 def watch(
     job: Job,
     model_dir: Path,
-    pids: list[int],
+    pids: Mapping[str, int],
     finished: Callable[[], bool],
     on_entry: Callable[[dict[str, Any]], None],
     clock: float,
     answers: Answers | None = None,
-) -> tuple[str, list[dict[str, Any]], dict[int, int], float, int]:
-    """Follow a run's history until `finished`, sampling its processes' memory (and polling
-    the aggregator's `answers`, when given): (status, entries, memory at each version,
-    seconds since `clock`, peak memory)."""
+) -> tuple[str, list[dict[str, Any]], dict[int, dict[str, int]], float, int]:
+    """Follow a run's history until `finished`, sampling the memory of its processes (`pids`
+    by name, each with its children) and polling the aggregator's `answers`, when given:
+    (status, entries, memory by process at each version, seconds since `clock`, peak of
+    their sum)."""
 
     tail = HistoryTail(model_dir / "history.jsonl")
 
@@ -107,12 +108,12 @@ def watch(
             answers.entries()
         return tail()
 
-    with PeakMemory(lambda: tree_rss(*pids)) as memory:
+    with PeakMemory(lambda: trees_rss(pids)) as memory:
         status, entries_seen, memory_at = follow(
             job,
             entries=entries,
             done=finished,
-            memory=lambda: memory.last,
+            memory=lambda: memory.parts,
             on_entry=on_entry,
         )
         seconds = time.monotonic() - clock
@@ -192,6 +193,8 @@ class LocalEngine:
                 for i in range(1, job.workers + 1)
             ]
             procs += workers
+            names = {"aggregator": aggregator.pid}
+            names.update({f"worker-{i}": w.pid for i, w in enumerate(workers, 1)})
 
             def finished() -> bool:
                 if aggregator.poll() is not None:
@@ -208,7 +211,7 @@ class LocalEngine:
 
             answers = Answers(env["AGGREGATOR_URL"], get, every=ANSWERS_SECONDS)
             status, entries, memory_at, seconds, peak = watch(
-                job, model_dir, [p.pid for p in procs], finished, on_entry, clock, answers
+                job, model_dir, names, finished, on_entry, clock, answers
             )
             answers.poll()  # the answers' sizes at the run's end, its history the longest
             metrics = get(env["AGGREGATOR_URL"] + "/metrics") or b""
@@ -278,7 +281,7 @@ class KerasEngine(LocalEngine):
 
         try:
             status, entries, memory_at, seconds, peak = watch(
-                job, model_dir, [proc.pid], finished, on_entry, clock
+                job, model_dir, {"floor": proc.pid}, finished, on_entry, clock
             )
         finally:
             stop(proc)

@@ -35,7 +35,8 @@ class Raw:
     started: float  # wall clock (time.time()) when the run started
     seconds: float  # from the start to the end of training (the workers done, or stopped)
     entries: list[dict[str, Any]]  # the history, oldest version first
-    memory_at: dict[int, int] = field(default_factory=dict)  # version -> bytes when it arrived
+    # version -> bytes of each process (or container) when the version arrived
+    memory_at: dict[int, dict[str, int]] = field(default_factory=dict)
     peak_memory: int = 0
     worker_logs: str = ""
     aggregator_log: str = ""
@@ -54,8 +55,9 @@ class Point:
     accuracy: float
     loss: float
     seconds: float | None  # since the run's start
-    memory: int | None
+    memory: int | None  # the run's processes together
     sim_seconds: float | None = None  # CLOCK=virtual: the simulated time of the version
+    memory_by_process: dict[str, int] | None = None  # "aggregator", "worker-1", ...: bytes
 
 
 def value(text: str, name: str) -> float | None:
@@ -97,6 +99,7 @@ def curve(raw: Raw, per_round: int) -> list[Point]:
         rnd = e.get("round")
         x = float(rnd) if isinstance(rnd, int) else (e.get("updates") or 0) / per_round
         at = stamp(e)
+        parts = raw.memory_at.get(int(e["version"]))
         points.append(
             Point(
                 round(x, 4),
@@ -105,8 +108,9 @@ def curve(raw: Raw, per_round: int) -> list[Point]:
                 float(e["accuracy"]),
                 float(e["loss"]),
                 None if at is None else round(max(0.0, at - raw.started), 2),
-                raw.memory_at.get(int(e["version"])),
+                sum(parts.values()) if parts else None,
                 _number(e.get("sim_seconds")),
+                parts or None,
             )
         )
     return points
@@ -125,13 +129,30 @@ def _per_round(points: Sequence[Point]) -> float | None:
     return round((timed[-1].seconds - timed[0].seconds) / (timed[-1].x - timed[0].x), 3)
 
 
-def _growth(points: Sequence[Point]) -> int | None:
-    """Memory at the last evaluation less memory at round GROWTH_FROM_ROUND."""
+def _growth_points(points: Sequence[Point]) -> tuple[Point, Point] | None:
+    """The points memory growth is read between: the first at round GROWTH_FROM_ROUND or
+    later, and the last; None without both."""
     start = next((p for p in points if p.x >= GROWTH_FROM_ROUND and p.memory), None)
     last = points[-1] if points else None
     if start is None or last is None or last is start or not last.memory:
         return None
-    return last.memory - start.memory
+    return start, last
+
+
+def _growth(points: Sequence[Point]) -> int | None:
+    """Memory at the last evaluation less memory at round GROWTH_FROM_ROUND."""
+    pair = _growth_points(points)
+    return None if pair is None else pair[1].memory - pair[0].memory
+
+
+def _growth_by_process(points: Sequence[Point]) -> dict[str, int] | None:
+    """The same growth for each process (or container) sampled at both points, so a run's
+    growth has a name: {"aggregator": bytes, "worker-1": bytes, ...}."""
+    pair = _growth_points(points)
+    if pair is None or not pair[0].memory_by_process or not pair[1].memory_by_process:
+        return None
+    start, last = pair[0].memory_by_process, pair[1].memory_by_process
+    return {name: last[name] - start[name] for name in last if name in start} or None
 
 
 def _stopped(log: str) -> str | None:
@@ -205,6 +226,7 @@ def measure(
         "status_bytes": raw.status_bytes,
         "history_bytes": raw.history_bytes,
         "memory_growth_bytes": _growth(points),
+        "memory_growth_by_process": _growth_by_process(points),
         "refused_aggregates": raw.aggregator_log.count(REFUSED_LINE),
         "stopped": _stopped(raw.aggregator_log),
         "epsilon": _epsilon(raw.entries),

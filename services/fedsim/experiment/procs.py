@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 
@@ -67,8 +67,8 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def tree_rss(*roots: int) -> int:
-    """Resident bytes of processes and all their descendants, each counted once."""
+def _table() -> tuple[dict[int, list[int]], dict[int, int]]:
+    """Every process's children and resident bytes, from one pass over /proc."""
     kids: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
@@ -82,6 +82,10 @@ def tree_rss(*roots: int) -> int:
         pid = int(entry.name)
         kids.setdefault(int(fields["PPid"]), []).append(pid)
         rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+    return kids, rss
+
+
+def _tree(roots: Sequence[int], kids: dict[int, list[int]], rss: dict[int, int]) -> int:
     total, todo, seen = 0, list(roots), set()
     while todo:
         pid = todo.pop()
@@ -91,6 +95,18 @@ def tree_rss(*roots: int) -> int:
         total += rss.get(pid, 0)
         todo.extend(kids.get(pid, []))
     return total
+
+
+def tree_rss(*roots: int) -> int:
+    """Resident bytes of processes and all their descendants, each counted once."""
+    return _tree(roots, *_table())
+
+
+def trees_rss(roots: Mapping[str, int]) -> dict[str, int]:
+    """Resident bytes of each named process with its descendants ({"aggregator": pid, ...}
+    -> {"aggregator": bytes, ...}), all read at the same moment."""
+    kids, rss = _table()
+    return {name: _tree([pid], kids, rss) for name, pid in roots.items()}
 
 
 def vm_hwm_kib(pid: int) -> int:
@@ -114,22 +130,31 @@ def cpu_seconds(pid: int) -> float:
 
 
 class PeakMemory(threading.Thread):
-    """Samples a memory figure every `every` seconds until stopped: the last and the peak.
+    """Samples a memory figure every `every` seconds until stopped: the last, its parts and
+    the peak.
 
     `source` is a pid (its tree's resident memory, tree_rss) or a callable giving the
-    bytes in use now (e.g. the sum over several process trees, or containers).
+    bytes in use now, or the bytes of each named part ({"aggregator": ..., "worker-1":
+    ...}: process trees, containers), whose sum is the figure.
     """
 
-    def __init__(self, source: int | Callable[[], int], every: float = 0.5) -> None:
+    def __init__(
+        self, source: int | Callable[[], int | Mapping[str, int]], every: float = 0.5
+    ) -> None:
         super().__init__(daemon=True)
         self.sample = (lambda: tree_rss(source)) if isinstance(source, int) else source
         self.every = every
         self.last = self.peak = 0
+        self.parts: dict[str, int] = {}  # the last sample's parts, when the source names them
         self._done = threading.Event()
 
     def run(self) -> None:
         while True:
-            self.last = self.sample()
+            got = self.sample()
+            if isinstance(got, Mapping):
+                self.parts = dict(got)
+                got = sum(self.parts.values())
+            self.last = got
             self.peak = max(self.peak, self.last)
             if self._done.wait(self.every):
                 return

@@ -5,7 +5,8 @@
 - summary.md: fedsim's version, the machine and its load; a table of the cells
   (mean ± standard deviation over the seeds, the best cell in bold,
   rounds-to-target with how many seeds reached it; the aggregator's own time per
-  round and peak memory when its runs report them); then a table per grid
+  round and peak memory when its runs report them); each run's memory growth by
+  process, when it sampled its processes apart; then a table per grid
   axis when there are several: its values down, the other axes' combinations
   across, the final accuracy in each.
 - curves.png: test accuracy per round, a line per cell and the spread over
@@ -26,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedsim.experiment.outcome import GROWTH_FROM_ROUND
 from fedsim.experiment.spec import FLOOR, Experiment
 
 FIGURES = (
@@ -34,7 +36,8 @@ FIGURES = (
     "seconds",
     "seconds_per_round", "train_seconds", "slowest_worker_seconds", "outside_training",
     "bytes_to_workers",
-    "bytes_from_workers", "peak_memory_bytes", "memory_growth_bytes", "refused_aggregates",
+    "bytes_from_workers", "peak_memory_bytes", "memory_growth_bytes", "memory_growth_by_process",
+    "refused_aggregates",
     "stopped", "epsilon", "aggregator_seconds_per_round", "aggregator_peak_memory_bytes", "status_bytes",
     "history_bytes", "load_start", "load_end",
 )  # fmt: skip
@@ -69,6 +72,9 @@ def rows(e: Experiment, results: Iterable[dict[str, Any]]) -> list[dict[str, Any
         row = {k: r.get(k) for k in columns(e)}
         row.update({axis: r["axes"].get(axis) for axis in e.axes})
         row["settings"] = pairs(r["settings"])
+        by_process = r.get("memory_growth_by_process")
+        if by_process:  # aggregator=1048576 worker-1=-4096 (bytes)
+            row["memory_growth_by_process"] = " ".join(f"{k}={v}" for k, v in by_process.items())
         for hit in r.get("also", []):
             rounds, seconds, sim = further(hit["target"])
             if rounds in row:
@@ -207,6 +213,33 @@ def cells_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
     return table(head, body)
 
 
+def growth_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
+    """Each run's memory growth from round GROWTH_FROM_ROUND to its end, by process (or
+    container), beside the total's; nothing when no run sampled its processes apart."""
+    runs = [(n, r) for n, rs in cells.items() for r in rs if r.get("memory_growth_by_process")]
+    if not runs:
+        return []
+    names = list(dict.fromkeys(k for _, r in runs for k in r["memory_growth_by_process"]))
+    head = ["cell", *e.axes, "seed", "all", *names]
+    titles = {c.number: c.axes for c in e.cells}
+
+    def mib(v: float | None) -> str:
+        return "-" if v is None else f"{v / 2**20:+.1f}"
+
+    body = []
+    for n, r in runs:
+        axes = titles.get(n) or r["axes"]
+        parts = r["memory_growth_by_process"]
+        body.append([str(n), *(f"`{axes.get(a, '')}`" for a in e.axes), str(r["seed"]),
+                     mib(r.get("memory_growth_bytes")), *(mib(parts.get(k)) for k in names)])  # fmt: skip
+    return [
+        f"## Memory growth by process (MiB, from round {GROWTH_FROM_ROUND} to the end)",
+        "",
+        *table(head, body),
+        "",
+    ]
+
+
 def axis_table(e: Experiment, axis: str, cells: dict[int, list[dict]]) -> list[str]:
     """The axis's values down, the other axes' combinations across: final accuracy."""
     others = [a for a in e.axes if a != axis]
@@ -338,6 +371,7 @@ def summary(e: Experiment, results: Sequence[dict[str, Any]]) -> str:
             "```",
             "",
         ]
+    lines += growth_table(e, cells)
     if len(e.axes) > 1:
         for axis in e.axes:
             lines += [f"## By {axis}: final accuracy", "", *axis_table(e, axis, cells), ""]

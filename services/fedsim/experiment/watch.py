@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,22 +61,23 @@ def follow(
     *,
     entries: Callable[[], list[dict[str, Any]]],
     done: Callable[[], bool],
-    memory: Callable[[], int],
+    memory: Callable[[], Mapping[str, int]],
     on_entry: Callable[[dict[str, Any]], None],
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-) -> tuple[str, list[dict[str, Any]], dict[int, int]]:
+) -> tuple[str, list[dict[str, Any]], dict[int, dict[str, int]]]:
     """Until the run ends: its status (finished, target, timeout), history and memory at
-    each version. `done()` is true once the workers are done; it raises RunFailed."""
+    each version, by process (`memory()`: {"aggregator": bytes, "worker-1": bytes, ...}).
+    `done()` is true once the workers are done; it raises RunFailed."""
     started = clock()
-    seen: dict[int, int] = {}
+    seen: dict[int, dict[str, int]] = {}
     found: list[dict[str, Any]] = []
     while True:
         finished = done()
         found = entries()
         for entry in found:
             if entry["version"] not in seen:
-                seen[entry["version"]] = memory()
+                seen[entry["version"]] = dict(memory())
                 on_entry(entry)
         if finished:
             return "finished", found, seen
