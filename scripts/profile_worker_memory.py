@@ -5,7 +5,9 @@ One process trains tasks one after another as a worker does (fedsim.client.train
 Trainer: one model, a fresh optimizer per task, W2's settings by default: McMahan's CNN,
 600 iid images a client, E = 5, B = 10, SGD at 0.02), scores the model every
 --eval-every tasks on the 10,000 test images, and prints its resident memory (VmRSS)
-after every --every tasks, with the growth from task --from to the last.
+and the blocks Python's own allocator holds (sys.getallocatedblocks: what grows there
+is Python objects kept, not TensorFlow's native memory) after every --every tasks,
+with the growth from task --from to the last.
 
     .venv/bin/python scripts/profile_worker_memory.py [--model cnn] [--tasks 60]
         [--threads 1] [--data ./data] [--json FILE]
@@ -70,12 +72,14 @@ def main() -> int:
         tensors, _ = trainer.train(tensors, clients[task % len(clients)], settings, seed=task)
         if task % args.eval_every == 0:
             trainer.evaluate(tensors)
-        rss = rss_bytes()
-        samples.append({"task": task, "rss_bytes": rss, "seconds": time.monotonic() - started})
+        rss, blocks = rss_bytes(), sys.getallocatedblocks()
+        samples.append({"task": task, "rss_bytes": rss, "python_blocks": blocks,
+                        "seconds": time.monotonic() - started})  # fmt: skip
         if task % args.every == 0 or task == args.tasks:
-            bench.say(f"task {task:4d}  RSS {rss / 2**20:8.1f} MiB")
+            bench.say(f"task {task:4d}  RSS {rss / 2**20:8.1f} MiB  Python blocks {blocks:,}")
     at_start = samples[args.start - 1]["rss_bytes"]
     end = samples[-1]["rss_bytes"]
+    blocks = samples[-1]["python_blocks"] - samples[args.start - 1]["python_blocks"]
     per_task = (end - at_start) / (args.tasks - args.start)
     result = bench.figure(
         {
@@ -87,13 +91,14 @@ def main() -> int:
             "rss_end_bytes": end,
             "growth_bytes": end - at_start,
             "growth_per_task_bytes": round(per_task),
+            "python_blocks_growth": blocks,
             "seconds": round(samples[-1]["seconds"], 1),
             "samples": samples,
         }
     )
     bench.say(
         f"growth from task {args.start} to {args.tasks}: {(end - at_start) / 2**20:.1f} MiB "
-        f"({per_task / 2**10:.0f} KiB a task); {allocator()}"
+        f"({per_task / 2**10:.0f} KiB a task), Python blocks {blocks:+,}; {allocator()}"
     )
     bench.finish([result])
     return 0
