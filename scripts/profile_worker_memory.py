@@ -7,10 +7,12 @@ Trainer: one model, a fresh optimizer per task, W2's settings by default: McMaha
 --eval-every tasks on the 10,000 test images, and prints its resident memory (VmRSS)
 and the blocks Python's own allocator holds (sys.getallocatedblocks: what grows there
 is Python objects kept, not TensorFlow's native memory) after every --every tasks,
-with the growth from task --from to the last.
+with the growth from task --from to the last. With --tracemalloc, Python's own
+allocations are traced from task --from on: their growth in bytes, and the lines of
+code that hold most of it (tracing slows the tasks, so the times are not comparable).
 
     .venv/bin/python scripts/profile_worker_memory.py [--model cnn] [--tasks 60]
-        [--threads 1] [--data ./data] [--json FILE]
+        [--threads 1] [--data ./data] [--tracemalloc] [--json FILE]
 
 Compare allocators by running it under them, e.g. `MALLOC_ARENA_MAX=2` or
 `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2`; the allocator in use is
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +45,9 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=5, help="print memory every N tasks")
     parser.add_argument("--from", dest="start", type=int, default=10, help="growth from task")
     parser.add_argument("--data", type=Path, default=ROOT / "data")
+    parser.add_argument(
+        "--tracemalloc", action="store_true", help="trace Python's allocations from --from on"
+    )
     add_arguments(parser)
     args = parser.parse_args()
     if not 0 < args.start < args.tasks:
@@ -72,6 +78,9 @@ def main() -> int:
         tensors, _ = trainer.train(tensors, clients[task % len(clients)], settings, seed=task)
         if task % args.eval_every == 0:
             trainer.evaluate(tensors)
+        if args.tracemalloc and task == args.start:
+            tracemalloc.start()
+            traced_from = tracemalloc.take_snapshot()
         rss, blocks = rss_bytes(), sys.getallocatedblocks()
         samples.append({"task": task, "rss_bytes": rss, "python_blocks": blocks,
                         "seconds": time.monotonic() - started})  # fmt: skip
@@ -81,6 +90,15 @@ def main() -> int:
     end = samples[-1]["rss_bytes"]
     blocks = samples[-1]["python_blocks"] - samples[args.start - 1]["python_blocks"]
     per_task = (end - at_start) / (args.tasks - args.start)
+    traced = None
+    if args.tracemalloc:
+        grown = tracemalloc.take_snapshot().compare_to(traced_from, "lineno")
+        tracemalloc.stop()
+        traced = {
+            "growth_bytes": sum(d.size_diff for d in grown),
+            "top": [{"where": str(d.traceback), "bytes": d.size_diff, "blocks": d.count_diff}
+                    for d in sorted(grown, key=lambda d: -d.size_diff)[:8]],
+        }  # fmt: skip
     result = bench.figure(
         {
             "allocator": allocator(),
@@ -92,6 +110,7 @@ def main() -> int:
             "growth_bytes": end - at_start,
             "growth_per_task_bytes": round(per_task),
             "python_blocks_growth": blocks,
+            "python_traced": traced,
             "seconds": round(samples[-1]["seconds"], 1),
             "samples": samples,
         }
@@ -100,6 +119,13 @@ def main() -> int:
         f"growth from task {args.start} to {args.tasks}: {(end - at_start) / 2**20:.1f} MiB "
         f"({per_task / 2**10:.0f} KiB a task), Python blocks {blocks:+,}; {allocator()}"
     )
+    if traced is not None:
+        bench.say(f"Python's traced allocations from task {args.start}: "
+                  f"{traced['growth_bytes'] / 2**20:+.1f} MiB; the most at")  # fmt: skip
+        for top in traced["top"]:
+            bench.say(
+                f"  {top['bytes'] / 2**10:+9.0f} KiB {top['blocks']:+7,} blocks {top['where']}"
+            )
     bench.finish([result])
     return 0
 

@@ -243,16 +243,26 @@ def test_profile_run_memory_runs_the_worker_loop_against_the_aggregator(tmp_path
     assert "round    3" in done.stdout and "growth from round " in done.stdout
 
 
-def test_memory_of_named_process_trees_and_their_sum(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+def test_memory_of_named_process_trees_and_their_sum():
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
-        got = trees_rss({"me": os.getpid(), "child": child.pid, "gone": 2**22 + 1})
+        assert child.stdout.readline() == "up\n"  # running, its interpreter loaded
+        while Path(f"/proc/{done.pid}/status").read_text().find("State:\tZ") < 0:
+            time.sleep(0.01)  # exited, not yet reaped: a zombie
+        got = trees_rss({"me": os.getpid(), "child": child.pid, "done": done.pid,
+                         "gone": 2**22 + 1})  # fmt: skip
         # The child is in my tree too: each name is its process with its descendants.
         assert got["child"] > 2**20 and got["me"] >= got["child"] + 10 * 2**20
-        assert got["gone"] == 0
+        assert got.keys() == {"me", "child"}  # an exited process is left out, not read as 0
         with PeakMemory(lambda: {"a": 3, "b": 4}, every=0.01) as memory:
             time.sleep(0.05)
         assert (memory.last, memory.parts, memory.peak) == (7, {"a": 3, "b": 4}, 7)
     finally:
         child.kill()
-        child.wait()
+        child.communicate()  # reaps it and closes its pipe
+        done.wait()

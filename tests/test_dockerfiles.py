@@ -26,7 +26,8 @@ def test_the_images_dockerfiles_are_found():
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_apt_install_drops_apts_lists_and_caches_in_its_own_layer(path):
-    # Left in a layer, apt's lists and its pkgcache.bin/srcpkgcache.bin weigh about 80 MB.
+    # Left in a layer, apt's lists and its pkgcache.bin/srcpkgcache.bin weigh about 80 MB
+    # (base images without Debian's docker-clean setting write them on every install).
     installs = [i for i in instructions(path) if i.startswith("RUN") and "apt-get install" in i]
     for run in installs:
         assert "rm -rf /var/lib/apt/lists/*" in run, f"{path.name}: {run[:80]}..."

@@ -260,6 +260,11 @@ def test_a_run_is_measured_from_its_history_logs_and_metrics():
     assert (got["bytes_to_workers"], got["bytes_from_workers"]) == (1_500_000, 797_520)
     assert got["memory_growth_bytes"] == 50 and got["peak_memory_bytes"] == 400
     assert got["memory_growth_by_process"] == {"aggregator": -10, "worker-1": 60}
+    # A worker gone by the last evaluation is not read as shrinking, in its part or the sum.
+    raw.memory_at[6] = {"aggregator": 90}
+    gone = outcome.measure(raw, per_round=10, workers=2, target=0.9)
+    assert gone["memory_growth_by_process"] == {"aggregator": -10}
+    assert gone["memory_growth_bytes"] == -10
     assert [p["memory"] for p in got["curve"]] == [None, 100, None, None, None, 300, 350]
     assert got["refused_aggregates"] == 1 and got["evaluations"] == 6
     assert [p["x"] for p in got["curve"]] == [0, 1, 2, 3, 4, 5, 6]

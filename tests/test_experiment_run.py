@@ -115,13 +115,13 @@ def test_a_sweep_interrupted_after_its_first_cell_resumes_without_running_it_aga
         assert float(row["aggregator_seconds_per_round"]) > 0
         assert 0 < int(row["aggregator_peak_memory_bytes"]) < int(row["peak_memory_bytes"])
         assert int(row["status_bytes"]) > 0 and int(row["history_bytes"]) > 0
-        # Memory by process at each evaluation: the aggregator's and the worker's, summed.
+        # Memory by process at each evaluation: the aggregator's and the worker's (a worker
+        # that has exited by the last evaluation is left out of it).
         curve = json.loads(p.result.read_text())["curve"]
-        sampled = [pt for pt in curve if pt["memory"]]
-        assert sampled and all(pt["memory_by_process"].keys() == {"aggregator", "worker-1"}
-                               for pt in sampled)  # fmt: skip
-        assert all(sum(pt["memory_by_process"].values()) == pt["memory"] for pt in sampled)
-        assert all(min(pt["memory_by_process"].values()) > 0 for pt in sampled)
+        parts = [pt["memory_by_process"] for pt in curve if pt["memory"]]
+        assert parts and parts[0].keys() == {"aggregator", "worker-1"}
+        assert all("aggregator" in m and m.keys() <= {"aggregator", "worker-1"} for m in parts)
+        assert all(min(m.values()) > 2**20 for m in parts)
         settings = json.loads((p.job.folder / "settings.json").read_text())
         assert settings["RUN_LABEL"] == p.job.label and settings["SEED"] == p.seed
         assert settings["AGGREGATION"] == row["AGGREGATION"]
@@ -256,9 +256,8 @@ def test_the_compose_engine_runs_a_two_cell_experiment(tmp_path, mnist_dir):
         assert r["aggregator_seconds_per_round"] > 0
         assert 0 < r["aggregator_peak_memory_bytes"] < r["peak_memory_bytes"]
         assert r["status_bytes"] > 0 and r["history_bytes"] > 0
-        sampled = [pt["memory_by_process"] for pt in r["curve"] if pt["memory"]]
-        assert sampled and all({"aggregator-1", "client-1", "client-2"} <= s.keys()
-                               for s in sampled)  # fmt: skip
+        parts = [pt["memory_by_process"] for pt in r["curve"] if pt["memory"]]
+        assert parts and {"aggregator-1", "client-1", "client-2"} <= parts[0].keys()
     for p in runner.plan(e, folder):
         name = (p.job.folder / "compose.project").read_text().strip()
         assert leftovers(f"com.docker.compose.project={name}") == {
@@ -352,3 +351,4 @@ def test_docker_stats_memory_is_read_by_container_less_the_project_name():
 
     assert got == {"aggregator-1": 150 * 2**20, "client-2": round(1.5 * 2**30)}
     assert container_memory("", "fedsim-exp-1a2b") == {}
+    assert container_memory("--\t0B / 0B\n", "fedsim-exp-1a2b") == {}  # stopped meanwhile

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import stat
 import threading
@@ -568,7 +569,12 @@ def _known(server: Server, update_ids: list[str]) -> list[str]:
 
 @pytest.mark.slow  # about ten seconds: four gunicorn starts
 def test_kill9_under_eight_uploaders_loses_no_acknowledged_update(durable_dir: Path) -> None:
-    env = {"DURABLE": "true", "SAVE_MODEL": 7, "IDLE_SAVE_SECONDS": 3600, "THREADS": 8}
+    # A checkpoint every 100 updates: the first kill (at 40 acknowledged) comes before any,
+    # so its restart must find them in the journal alone; the third (at 120) after one, so
+    # a restart replays the journal's records beyond a checkpoint's. With checkpoints
+    # every few updates a loaded machine could leave no record beyond the last one at
+    # every kill, and the journal would go untested.
+    env = {"DURABLE": "true", "SAVE_MODEL": 100, "IDLE_SAVE_SECONDS": 3600, "THREADS": 8}
     servers = [start_gunicorn(durable_dir, **env)]
     try:
         wait_healthy(servers[-1])
@@ -594,8 +600,10 @@ def test_kill9_under_eight_uploaders_loses_no_acknowledged_update(durable_dir: P
         # None twice: one update and one sample per update acknowledged.
         assert status["updates"] == len(acked) and status["samples"] == len(acked), status
         assert len(_known(server, acked)) == len(acked)
-        # The journal was needed: some restart found acknowledged updates only there.
-        assert any("records after the checkpoint's" in s.output() for s in servers[1:])
+        # The journal was needed: the first restart found the acknowledged updates only
+        # there, the third found records beyond the checkpoint written at the 100th.
+        assert "records after the checkpoint's 0 replayed" in servers[1].output()
+        assert re.search(r"records after the checkpoint's [1-9]\d* replayed", servers[3].output())
     finally:
         for server in servers:
             if server.proc.poll() is None:

@@ -33,12 +33,13 @@ HEALTH_SECONDS = 300
 
 
 def container_memory(stats: str, project: str) -> dict[str, int]:
-    """`docker stats`' "name<TAB>usage" lines -> {name less the "<project>-": bytes}."""
+    """`docker stats`' "name<TAB>usage" lines -> {name less the "<project>-": bytes}; a
+    container that stopped meanwhile ("--") is left out."""
     out = {}
     for line in stats.splitlines():
         name, _, usage = line.partition("\t")
-        if usage:
-            out[name.removeprefix(f"{project}-")] = memory_bytes(usage)
+        if usage and name.strip() not in ("", "--"):
+            out[name.strip().removeprefix(f"{project}-")] = memory_bytes(usage)
     return out
 
 

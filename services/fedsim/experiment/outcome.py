@@ -140,13 +140,18 @@ def _growth_points(points: Sequence[Point]) -> tuple[Point, Point] | None:
 
 
 def _growth(points: Sequence[Point]) -> int | None:
-    """Memory at the last evaluation less memory at round GROWTH_FROM_ROUND."""
+    """Memory at the last evaluation less memory at round GROWTH_FROM_ROUND: the sum of
+    _growth_by_process when the processes were read apart (a worker that had exited by
+    the last evaluation is not counted as shrinking), else the totals' difference."""
+    by_process = _growth_by_process(points)
+    if by_process is not None:
+        return sum(by_process.values())
     pair = _growth_points(points)
     return None if pair is None else pair[1].memory - pair[0].memory
 
 
 def _growth_by_process(points: Sequence[Point]) -> dict[str, int] | None:
-    """The same growth for each process (or container) sampled at both points, so a run's
+    """The same growth for each process (or container) read at both points, so a run's
     growth has a name: {"aggregator": bytes, "worker-1": bytes, ...}."""
     pair = _growth_points(points)
     if pair is None or not pair[0].memory_by_process or not pair[1].memory_by_process:

@@ -104,9 +104,11 @@ def tree_rss(*roots: int) -> int:
 
 def trees_rss(roots: Mapping[str, int]) -> dict[str, int]:
     """Resident bytes of each named process with its descendants ({"aggregator": pid, ...}
-    -> {"aggregator": bytes, ...}), all read at the same moment."""
+    -> {"aggregator": bytes, ...}), all read at the same moment. A process that has exited
+    (gone, or a zombie, which has no resident memory) is left out rather than read as 0;
+    trees are meant to be apart (one inside another would be counted in both)."""
     kids, rss = _table()
-    return {name: _tree([pid], kids, rss) for name, pid in roots.items()}
+    return {name: _tree([pid], kids, rss) for name, pid in roots.items() if rss.get(pid)}
 
 
 def vm_hwm_kib(pid: int) -> int:

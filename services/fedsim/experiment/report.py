@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -219,7 +220,10 @@ def growth_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
     runs = [(n, r) for n, rs in cells.items() for r in rs if r.get("memory_growth_by_process")]
     if not runs:
         return []
-    names = list(dict.fromkeys(k for _, r in runs for k in r["memory_growth_by_process"]))
+    found = {k for _, r in runs for k in r["memory_growth_by_process"]}
+    # aggregator first, then worker-2 before worker-10 (client-2 before client-10)
+    names = sorted(found, key=lambda k: [int(t) if t.isdigit() else t
+                                         for t in re.split(r"(\d+)", k)])  # fmt: skip
     head = ["cell", *e.axes, "seed", "all", *names]
     titles = {c.number: c.axes for c in e.cells}
 
