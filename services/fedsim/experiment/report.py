@@ -221,7 +221,7 @@ def growth_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
     if not runs:
         return []
     found = {k for _, r in runs for k in r["memory_growth_by_process"]}
-    # aggregator first, then worker-2 before worker-10 (client-2 before client-10)
+    # alphabetical, numbers by value: worker-2 before worker-10, client-2 before client-10
     names = sorted(found, key=lambda k: [int(t) if t.isdigit() else t
                                          for t in re.split(r"(\d+)", k)])  # fmt: skip
     head = ["cell", *e.axes, "seed", "all", *names]
