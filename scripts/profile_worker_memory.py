@@ -10,9 +10,11 @@ is Python objects kept, not TensorFlow's native memory) after every --every task
 with the growth from task --from to the last. With --tracemalloc, Python's own
 allocations are traced from task --from on: their growth in bytes, and the lines of
 code that hold most of it (tracing slows the tasks, so the times are not comparable).
+With --gc-every N, Python's cycle collector runs in full after every N tasks: what it
+frees is garbage the worker carried, not memory it needed.
 
     .venv/bin/python scripts/profile_worker_memory.py [--model cnn] [--tasks 60]
-        [--threads 1] [--data ./data] [--tracemalloc] [--json FILE]
+        [--threads 1] [--data ./data] [--tracemalloc] [--gc-every N] [--json FILE]
 
 Compare allocators by running it under them, e.g. `MALLOC_ARENA_MAX=2` or
 `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2`; the allocator in use is
@@ -22,6 +24,7 @@ printed. Refuses to start above a load of 1.0 unless --force. A benchmark, not a
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 import tracemalloc
@@ -48,10 +51,13 @@ def main() -> int:
     parser.add_argument(
         "--tracemalloc", action="store_true", help="trace Python's allocations from --from on"
     )
+    parser.add_argument("--gc-every", type=int, default=0, help="gc.collect() every N tasks")
     add_arguments(parser)
     args = parser.parse_args()
     if not 0 < args.start < args.tasks:
         parser.error(f"--from must be between 1 and --tasks - 1, got {args.start}")
+    if args.gc_every < 0:
+        parser.error(f"--gc-every must be 0 (never) or more, got {args.gc_every}")
 
     bench = Bench.from_args("profile_worker_memory", args)
     bench.header()
@@ -78,6 +84,8 @@ def main() -> int:
         tensors, _ = trainer.train(tensors, clients[task % len(clients)], settings, seed=task)
         if task % args.eval_every == 0:
             trainer.evaluate(tensors)
+        if args.gc_every and task % args.gc_every == 0:
+            gc.collect()
         if args.tracemalloc and task == args.start:
             tracemalloc.start()
             traced_from = tracemalloc.take_snapshot()
@@ -111,6 +119,7 @@ def main() -> int:
             "growth_per_task_bytes": round(per_task),
             "python_blocks_growth": blocks,
             "python_traced": traced,
+            "gc_every": args.gc_every,
             "seconds": round(samples[-1]["seconds"], 1),
             "samples": samples,
         }
