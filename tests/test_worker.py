@@ -18,6 +18,7 @@ from flask import Flask
 from fedsim import checkpoints, tfruntime, weights
 from fedsim.aggregator import history, tasks
 from fedsim.aggregator.app import create_app
+from fedsim.client import worker as worker_module
 from fedsim.client.transport import ProtocolError
 from fedsim.client.worker import Worker
 from fedsim.pipeline.compress import WIRE_NAMES
@@ -120,6 +121,21 @@ def test_rounds_of_sampled_shards_clients_with_two_workers(make_settings):
         assert sorted(entry["clients"]) == sorted(expected)
     assert sum(w.summary.trained for w in workers) == 15
     assert sum(w.summary.evaluations for w in workers) == 4
+
+
+def test_a_worker_collects_garbage_every_few_trained_tasks(make_settings, monkeypatch):
+    collected = []
+    monkeypatch.setattr(worker_module, "GC_EVERY_TASKS", 2)
+    monkeypatch.setattr(worker_module.gc, "collect", lambda: collected.append(1))
+    settings, adapter = setup(
+        make_settings, AGGREGATION="fedavg", PARTITION="shards", NUM_CLIENTS=20,
+        CLIENTS_PER_ROUND=5, ROUNDS=3,
+    )  # fmt: skip
+
+    workers = run_workers(settings, adapter, 2)
+
+    assert sum(w.summary.trained for w in workers) == 15
+    assert len(collected) == sum(w.summary.trained // 2 for w in workers) >= 6
 
 
 def test_asynchronous_rules_off_slices_make_rounds_times_c_updates(make_settings):
