@@ -139,11 +139,11 @@ def _growth_points(points: Sequence[Point]) -> tuple[Point, Point] | None:
     return start, last
 
 
-def _growth(points: Sequence[Point]) -> int | None:
+def _growth(points: Sequence[Point], by_process: Mapping[str, int] | None) -> int | None:
     """Memory at the last evaluation less memory at round GROWTH_FROM_ROUND: the sum of
-    _growth_by_process when the processes were read apart (a worker that had exited by
-    the last evaluation is not counted as shrinking), else the totals' difference."""
-    by_process = _growth_by_process(points)
+    the growth by process (`_growth_by_process`) when the processes were read apart (a
+    worker that had exited by the last evaluation is not counted as shrinking), else the
+    totals' difference."""
     if by_process is not None:
         return sum(by_process.values())
     pair = _growth_points(points)
@@ -203,6 +203,7 @@ def measure(
     worker_seconds_each = [float(s) for s in WORKER_DONE.findall(raw.worker_logs)]
     worker_seconds = workers * raw.seconds
     rounds = final.x if final else 0
+    by_process = _growth_by_process(points)
     return {
         "status": raw.status,
         "rounds": rounds,
@@ -230,8 +231,8 @@ def measure(
         "aggregator_peak_memory_bytes": metric(raw.metrics, AGGREGATOR_PEAK) or None,
         "status_bytes": raw.status_bytes,
         "history_bytes": raw.history_bytes,
-        "memory_growth_bytes": _growth(points),
-        "memory_growth_by_process": _growth_by_process(points),
+        "memory_growth_bytes": _growth(points, by_process),
+        "memory_growth_by_process": by_process,
         "refused_aggregates": raw.aggregator_log.count(REFUSED_LINE),
         "stopped": _stopped(raw.aggregator_log),
         "epsilon": _epsilon(raw.entries),
