@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.experiment import curves, outcome, progress, report, spec
+from fedsim.experiment import curves, outcome, progress, report, spec, tables
 
 SWEEP = """
 name = "hand"
@@ -171,9 +171,9 @@ def test_further_targets_get_their_own_columns(sweep, tmp_path):
 
 
 def test_one_seed_shows_its_value_alone():
-    assert report.shown([0.9123]) == "91.23%"
-    assert report.shown([]) == "-"
-    assert report.reached([{"r": None}, {"r": None}], "r") == "not reached (0/2)"
+    assert tables.shown([0.9123]) == "91.23%"
+    assert tables.shown([]) == "-"
+    assert tables.reached([{"r": None}, {"r": None}], "r") == "not reached (0/2)"
 
 
 def test_the_curves_band_is_the_spread_over_the_seeds_at_each_round(sweep, tmp_path):

@@ -35,6 +35,7 @@ from fedsim.aggregator import (
     privacy,
     quota,
     replay,
+    restore,
     tasks,
     views,
     virtual,
@@ -81,9 +82,9 @@ class State:
         self.layout = SHAPES[settings.model]
         # The update pipeline: each upload goes through `stages.receive` (uploads.py), each
         # aggregate through `stages.publish` before it is served.
-        self.stages = persistence.stages(settings, start)  # with their saved state
+        self.stages = restore.stages(settings, start)  # with their saved state
         self.privacy = privacy.Privacy.of(settings)  # the DP accountant; None when DP is off
-        self.strategy, self.queue = persistence.restore(settings, start, clock=clock, wall=wall)
+        self.strategy, self.queue = restore.restore(settings, start, clock=clock, wall=wall)
         ckpt = start.checkpoint
         self.snapshot = Snapshot.of(
             ckpt.tensors, ckpt.version, start.samples, settings.model, settings.compression_down

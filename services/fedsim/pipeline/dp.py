@@ -89,7 +89,7 @@ def noise_seed(key: bytes, round_no: int) -> int:
 
 def params_of(settings: Any) -> dict[str, Any]:
     """The DP settings epsilon rests on, as a checkpoint saves them: a run resumes only with
-    the same (aggregator/persistence.py). Adaptive clipping is on when quantile > 0."""
+    the same (aggregator/restore.py). Adaptive clipping is on when quantile > 0."""
     return {
         "mode": settings.dp,
         "clients": settings.logical_clients,
@@ -234,7 +234,7 @@ class CentralNoise(Stage):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Adaptive clipping's saved norm. The saved `params` are checked against the settings
-        before (aggregator/persistence.py: a run resumes only with the same)."""
+        before (aggregator/restore.py: a run resumes only with the same)."""
         unknown = sorted(set(state) - {"params", "clip_norm"})
         if unknown:
             raise ValueError(f"unknown dp stage state: {', '.join(unknown)}")
