@@ -75,6 +75,55 @@ def test_each_task_starts_from_a_fresh_optimizer_and_repeats_with_its_seed(train
     assert not np.allclose(first["output/bias"], other["output/bias"])
 
 
+@pytest.mark.parametrize("proximal", [False, True], ids=["plain", "fedprox-mu-0"])
+def test_fit_takes_keras_fits_steps_and_reports_its_last_epoch(trainer, proximal):
+    """training.fit in order against Keras' own fit(shuffle=False): two epochs of 26
+    batches of 10 (the last of 5), so two calls of the compiled step a epoch, the second
+    short: the same weights and the same last epoch's loss and accuracy."""
+    from fedsim.client.training import fit, fresh_optimizer, proximal_model
+
+    inner = models.build("mlp", seed=0, learning_rate=0.05)  # momentum SGD, as the workers'
+    model = proximal_model(inner) if proximal else inner
+    start = models.initial_weights("mlp", 4)
+    x, y = images(trainer, np.arange(255))
+    got = []
+    for run in ("keras", "ours", "ours again"):
+        models.set_weights(inner, start)
+        fresh_optimizer(inner.optimizer, 0.05)
+        if proximal:
+            model.start(0.0)
+        if run == "keras":
+            history = model.fit(x, y, epochs=2, batch_size=10, shuffle=False, verbose=0)
+            reported = history.history["loss"][-1], history.history["accuracy"][-1]
+        else:
+            reported = fit(model, x, y, 2, 10, None)
+        got.append((models.get_weights(inner), reported))
+    for name in start:
+        np.testing.assert_allclose(got[1][0][name], got[0][0][name], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got[1][0][name], got[2][0][name], err_msg=name)
+        assert not np.allclose(got[1][0][name], start[name]), name  # it did train
+    assert got[1][1] == pytest.approx(got[0][1], rel=1e-5)
+
+
+def test_fit_shuffles_each_epoch_from_the_generator_it_is_given(trainer):
+    from fedsim.client.training import fit, fresh_optimizer
+
+    model = models.build("mlp", seed=0, learning_rate=0.05)
+    start = models.initial_weights("mlp", 4)
+    x, y = images(trainer, np.arange(200))
+    got = {}
+    for run, shuffle in [("in order", None), ("seed 1", 1), ("seed 1 again", 1), ("seed 2", 2)]:
+        models.set_weights(model, start)
+        fresh_optimizer(model.optimizer, 0.05)
+        fit(model, x, y, 2, 20, None if shuffle is None else np.random.default_rng(shuffle))
+        got[run] = models.get_weights(model)["output/bias"]
+    np.testing.assert_array_equal(got["seed 1"], got["seed 1 again"])
+    assert not np.allclose(got["seed 1"], got["in order"])
+    assert not np.allclose(got["seed 1"], got["seed 2"])
+    with pytest.raises(ValueError, match="at least one image"):
+        fit(model, x[:0], y[:0], 1, 20, None)
+
+
 def test_evaluate_scores_an_untrained_model_near_chance(trainer):
     accuracy, loss, seconds = trainer.evaluate(models.initial_weights("mlp", 1))
     assert 0.0 < accuracy < 0.3 and loss > 1.5 and seconds >= 0

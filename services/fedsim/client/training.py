@@ -4,7 +4,9 @@ A worker trains logical clients one after another on one TensorFlow runtime
 (virtual clients): the model is built once, each task's weights are swapped in,
 each client's images are taken from the arrays loaded once (kept as uint8 and
 scaled per task, so memory is the model plus the data set, not per client), and
-each task starts from a fresh optimizer state, as a real client's would.
+each task starts from a fresh optimizer state, as a real client's would. `fit`
+feeds Keras' compiled training step the task's batches directly: Keras' own fit
+would build a tf.data pipeline per task.
 
 FedProx (Li et al., MLSys 2020, arXiv:1812.06127): with `proximal_mu` = μ > 0 in
 the task's settings (`fedsim.protocol.TrainSettings`, which checks it) the client
@@ -20,6 +22,7 @@ absent or 0 trains the plain model, as before.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +37,7 @@ from fedsim.protocol import TrainSettings
 from fedsim.protocol.tasks import DEFAULT_MOMENTUM
 from fedsim.tfruntime import quiet as quiet_tensorflow
 
-__all__ = ["Trained", "Trainer", "fresh_optimizer", "proximal_model", "quiet_tensorflow"]
+__all__ = ["Trained", "Trainer", "fit", "fresh_optimizer", "proximal_model", "quiet_tensorflow"]
 
 NUM_CLASSES = 10
 
@@ -114,23 +117,12 @@ class Trainer:
         if mu > 0:
             model = self._proximal_model(key, learning_rate)
             model.start(mu)  # w_t: the weights just set
-        keras.utils.set_random_seed(seed)  # the task's shuffling, whichever worker runs it
+        keras.utils.set_random_seed(seed)  # any random layer's draws, whichever worker trains
         x = mnist.scale(self.images[indices])
         started = time.monotonic()
-        history = model.fit(
-            x,
-            y,
-            epochs=settings.epochs,
-            batch_size=settings.batch_size,
-            shuffle=True,
-            verbose=0,
-        )
-        trained = Trained(
-            len(x),
-            float(history.history["loss"][-1]),
-            float(history.history["accuracy"][-1]),
-            time.monotonic() - started,
-        )
+        shuffle = np.random.default_rng(seed)  # the task's order, whichever worker trains it
+        loss, accuracy = fit(model, x, y, settings.epochs, settings.batch_size, shuffle)
+        trained = Trained(len(x), loss, accuracy, time.monotonic() - started)
         return models.get_weights(self._models[key]), trained
 
     def _labels(self, indices: np.ndarray | Sequence[int], labels: np.ndarray | None) -> np.ndarray:
@@ -172,6 +164,47 @@ class Trainer:
         images, labels = mnist.load_pair(self.data_dir, "t10k", verify=self.verify)
         data = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int64)))
         return data.batch(100).map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y))
+
+
+def fit(
+    model: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    shuffle: np.random.Generator | None,
+) -> tuple[float, float]:
+    """Keras' `model.fit(x, y, epochs, batch_size)` without its data pipeline; the last
+    epoch's mean loss and accuracy, as fit's History gives them.
+
+    Each epoch's batches, in an order drawn from `shuffle` (None: in order), go to the
+    model's compiled training step (Keras' `train_function`, given a Python iterator,
+    runs one compiled step per batch, up to `steps_per_execution` batches a call), the
+    metrics reset at each epoch as fit does. The steps are fit's: with `shuffle` None
+    the weights are fit(shuffle=False)'s to float rounding (tests/test_training.py).
+    Why not fit itself: it builds a new tf.data pipeline at every call, whose traced
+    functions TensorFlow keeps; on 60-image clients that was most of a task's time,
+    and a worker grew with every task (docs/benchmarks.md, "1,000 and 10,000 clients").
+    """
+    if len(x) == 0:
+        raise ValueError("a task must have at least one image")
+    model.make_train_function()  # built once per model, then reused
+    n = len(x)
+    steps = math.ceil(n / batch_size)
+    calls = math.ceil(steps / model.steps_per_execution)
+    for _ in range(epochs):
+        model.reset_metrics()
+        order = np.arange(n) if shuffle is None else shuffle.permutation(n)
+        batches = iter(
+            [
+                (x[order[i : i + batch_size]], y[order[i : i + batch_size]])
+                for i in range(0, n, batch_size)
+            ]
+        )
+        for _ in range(calls):
+            model.train_function(batches)  # takes up to steps_per_execution batches
+    logs = model.get_metrics_result()
+    return float(logs["loss"]), float(logs["accuracy"])
 
 
 def fresh_optimizer(optimizer: Any, learning_rate: float) -> None:
