@@ -426,3 +426,25 @@ def test_a_metric_is_a_plain_decimal(raw: str) -> None:
     with pytest.raises(Invalid, match="loss must be a finite number in ASCII digits"):
         read({**GOOD_META, "loss": raw})
     assert read({**GOOD_META, "loss": "0.125000"}).loss == 0.125
+
+
+def test_a_runs_training_json_carries_its_settings_and_its_rules_and_reads_back():
+    from fedsim import config
+    from fedsim.protocol.tasks import training_json
+
+    settings = config.load(
+        {
+            "MODEL": "cnn",
+            "EPOCHS": "3",
+            "BATCH_SIZE": "20",
+            "LEARNING_RATE": "0.2",
+            "MOMENTUM": "0",
+            "OPTIMIZER": "sgd",
+        }
+    )
+    sent = training_json(settings, {"proximal_mu": 0.5})
+    assert TrainSettings.from_json(sent) == TrainSettings(
+        epochs=3, batch_size=20, learning_rate=0.2, optimizer="sgd", model="cnn",
+        proximal_mu=0.5, momentum=0.0,
+    )  # fmt: skip
+    assert "proximal_mu" not in training_json(settings, {})

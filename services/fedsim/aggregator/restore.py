@@ -25,6 +25,7 @@ from fedsim.aggregator.tasks.secagg import SecaggQueue
 from fedsim.config import Settings
 from fedsim.data.population import Population
 from fedsim.models import SHAPES
+from fedsim.protocol.tasks import training_json
 
 
 def stages(settings: Settings, start: Start) -> pipeline.Pipeline:
@@ -133,15 +134,7 @@ def make_queue(
         "rounds": privacy.rounds_allowed(settings),
         "task_timeout": settings.task_timeout,
         "key": tasks.lease_key(settings.model_dir),  # leases signed before a restart still count
-        "training": {
-            "model": settings.model,
-            "epochs": settings.epochs,
-            "batch_size": settings.batch_size,
-            "learning_rate": settings.learning_rate,
-            "momentum": settings.momentum,
-            "optimizer": settings.optimizer,
-            **strategy.client_settings(),  # e.g. FedProx's proximal_mu
-        },
+        "training": training_json(settings, strategy.client_settings()),
         **kw,
     }
     if settings.attack != "none":

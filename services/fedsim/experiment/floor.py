@@ -99,18 +99,12 @@ def run(settings: Any, processes: int = 1) -> None:
     from fedsim.aggregator.strategies.aggregate import weighted_mean
     from fedsim.aggregator.tasks import ids
     from fedsim.data import partition
+    from fedsim.protocol.tasks import training_json
 
     trainers = _Trainers(settings, processes)
     parts = partition.make(partition.plan_settings(settings), trainers.labels())
-    train = {
-        "model": settings.model,
-        "epochs": settings.epochs,
-        "batch_size": settings.batch_size,
-        "learning_rate": settings.learning_rate,
-        "momentum": settings.momentum,
-        "optimizer": settings.optimizer,
-        **strategies.build(settings).client_settings(),  # as the queue's tasks carry them
-    }
+    # What the queue's tasks carry (aggregator/restore.py).
+    train = training_json(settings, strategies.build(settings).client_settings())
     history = settings.model_dir / "history.jsonl"
     history.parent.mkdir(parents=True, exist_ok=True)
     current = models.initial_weights(settings.model, settings.seed)

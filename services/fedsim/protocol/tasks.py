@@ -81,6 +81,21 @@ class TrainSettings:
         return value if isinstance(value, TrainSettings) else cls.from_json(value)
 
 
+def training_json(settings: Any, rule: Mapping[str, Any]) -> dict[str, Any]:
+    """The `training` every task of a run carries, in TrainSettings' JSON form: the run's
+    MODEL, EPOCHS, BATCH_SIZE, LEARNING_RATE, MOMENTUM and OPTIMIZER, and what its rule
+    adds (`Strategy.client_settings()`, e.g. FedProx's proximal_mu)."""
+    return {
+        "model": settings.model,
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
+        "learning_rate": settings.learning_rate,
+        "momentum": settings.momentum,
+        "optimizer": settings.optimizer,
+        **rule,
+    }
+
+
 @dataclass(frozen=True)
 class Attack:
     """What an attacking client does to its update (`fedsim.pipeline.attacks`), and its seed."""
