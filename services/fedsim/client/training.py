@@ -186,21 +186,17 @@ def fit(
     functions TensorFlow keeps; on 60-image clients that was most of a task's time,
     and a worker grew with every task (docs/benchmarks.md, "1,000 and 10,000 clients").
     """
-    if len(x) == 0:
+    n = len(x)
+    if n == 0:
         raise ValueError("a task must have at least one image")
     model.make_train_function()  # built once per model, then reused
-    n = len(x)
-    steps = math.ceil(n / batch_size)
-    calls = math.ceil(steps / model.steps_per_execution)
+    calls = math.ceil(math.ceil(n / batch_size) / model.steps_per_execution)
     for _ in range(epochs):
         model.reset_metrics()
         order = np.arange(n) if shuffle is None else shuffle.permutation(n)
-        batches = iter(
-            [
-                (x[order[i : i + batch_size]], y[order[i : i + batch_size]])
-                for i in range(0, n, batch_size)
-            ]
-        )
+        # Each batch is copied out when the step takes it, not the whole epoch at once.
+        picks = (order[i : i + batch_size] for i in range(0, n, batch_size))
+        batches = ((x[pick], y[pick]) for pick in picks)
         for _ in range(calls):
             model.train_function(batches)  # takes up to steps_per_execution batches
     logs = model.get_metrics_result()

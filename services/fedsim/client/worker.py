@@ -46,9 +46,11 @@ log = logging.getLogger("fedsim.client")
 STARTUP_SECONDS = 120.0  # how long a worker waits for the aggregator to come up
 LOST_SECONDS = 120.0  # how long it goes on asking when the aggregator stops answering
 IDLE_WAIT_MAX = 2.0  # longest pause between two requests for work
-# Keras leaves each fit's graphs in reference cycles that Python's collector reaches late:
-# a worker training 60-image tasks grew 10 MiB in 750 tasks, 4 MiB with a full collection
-# every 50 (one takes about 0.15 s, 1% of 50 such tasks). docs/benchmarks.md.
+# A full collection every 50 trained tasks (about 0.15 s each time): under Keras' own fit,
+# whose graphs were left in reference cycles the collector reached late, a worker on
+# 60-image tasks grew 10 MiB in 750 tasks, 4 MiB with it. training.fit builds no graphs
+# per task; the collection stays, a cheap bound on any cycle a task leaves (both were
+# measured together: docs/benchmarks.md, "1,000 and 10,000 clients").
 GC_EVERY_TASKS = 50
 
 
