@@ -8,8 +8,8 @@ update pipeline, the outbox, uploading, scoring) with a stand-in learner in Tens
 place: training returns the base weights plus seeded noise, scoring a fixed score. A
 round then costs only what a real one does outside training. W2's settings by default:
 McMahan's CNN, 100 iid clients, 10 a round, FedAvg. Prints the resident memory (VmRSS)
-of the aggregator's worker process and of each worker every --every rounds, and each
-one's growth from round --from to the last.
+of the aggregator's worker process and of each worker every --every rounds, each one's
+growth from round --from to the last, and the aggregator's peak (VmHWM).
 
     .venv/bin/python scripts/profile_run_memory.py [--model cnn] [--rounds 60] [--workers 2]
 
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from benchlib import Bench, add_arguments, allocator, rss_bytes, serve
+from benchlib import Bench, add_arguments, allocator, rss_bytes, serve, vm_hwm_kib
 from benchlib.procs import children
 
 
@@ -158,6 +158,7 @@ def main() -> int:
                 time.sleep(0.1)
             for w in workers:
                 w.wait(timeout=120)
+            peak = vm_hwm_kib(aggregator) * 1024  # before it exits
         finally:
             for w in workers:
                 if w.poll() is None:
@@ -186,11 +187,14 @@ def main() -> int:
             "rounds": args.rounds,
             "workers": args.workers,
             "aggregator_growth_bytes": growth("aggregator_rss_bytes"),
+            "aggregator_peak_bytes": peak,
             "worker_growth_bytes": [growth("worker_rss_bytes", k) for k in range(args.workers)],
             "samples": samples,
         }
     )
-    parts = [f"aggregator {growth('aggregator_rss_bytes') / 2**20:+.1f} MiB"]
+    parts = [
+        f"aggregator {growth('aggregator_rss_bytes') / 2**20:+.1f} MiB (peak {peak / 2**20:.1f})"
+    ]
     parts += [
         f"worker {k + 1} {growth('worker_rss_bytes', k) / 2**20:+.1f} MiB"
         for k in range(args.workers)

@@ -39,9 +39,44 @@ def test_an_allocator_is_preloaded_where_the_system_has_it(monkeypatch, library,
     elif os.environ.get("CI") == "true":
         pytest.fail(f"CI installs lib{library} (.ci/run), but it is not found")
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: f"lib{name}.so")
-    assert allocator.preloaded({"A": "1"}, library) == {"A": "1", "LD_PRELOAD": f"lib{library}.so"}
+    conf = {"MALLOC_CONF": allocator.JEMALLOC_CONF} if library == allocator.JEMALLOC else {}
+    assert allocator.preloaded({"A": "1"}, library) == {
+        "A": "1", "LD_PRELOAD": f"lib{library}.so", **conf
+    }  # fmt: skip
+    assert allocator.preloaded({"MALLOC_CONF": "narenas:4"}, library) == {
+        "MALLOC_CONF": "narenas:4", "LD_PRELOAD": f"lib{library}.so"
+    }  # fmt: skip
     assert allocator.preloaded({"LD_PRELOAD": "libother.so"}, library) == {
         "LD_PRELOAD": "libother.so"
     }
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     assert allocator.preloaded({"A": "1"}, library) == {"A": "1"}
+
+
+# jemalloc's own count of its arenas (mallctl "opt.narenas"), read in a process under it
+NARENAS = """
+import ctypes
+n, size = ctypes.c_uint(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint))
+lib = ctypes.CDLL(None)
+assert lib.mallctl(b"opt.narenas", ctypes.byref(n), ctypes.byref(size), None, 0) == 0
+print(n.value)
+"""
+
+
+def test_the_aggregator_runs_jemalloc_with_one_arena_as_its_image_does() -> None:
+    dockerfile = (Path(__file__).parents[1] / "services/aggregator/Dockerfile").read_text()
+    assert f"ENV MALLOC_CONF={allocator.JEMALLOC_CONF}\n" in dockerfile
+    if not ctypes.util.find_library(allocator.JEMALLOC):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI installs libjemalloc2 (.ci/run), but it is not found")
+        pytest.skip("libjemalloc2 is not installed (apt-get install libjemalloc2)")
+    env = allocator.preloaded(
+        {k: v for k, v in os.environ.items() if k != "MALLOC_CONF"}, allocator.JEMALLOC
+    )
+    said = subprocess.run([sys.executable, "-c", NARENAS], env=env, capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    assert said.stdout.strip() == "1", said
+    env.pop("MALLOC_CONF")  # jemalloc's default on this machine: more than one
+    said = subprocess.run([sys.executable, "-c", NARENAS], env=env, capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    assert int(said.stdout) > 1, said

@@ -270,6 +270,32 @@ def test_a_run_is_measured_from_its_history_logs_and_metrics():
     assert [p["x"] for p in got["curve"]] == [0, 1, 2, 3, 4, 5, 6]
 
 
+def test_memory_growth_is_read_between_medians_at_each_end():
+    """A process whose memory swings with what a round holds when read is not growing:
+    the medians of GROWTH_WINDOW readings at each end are read, not one at each."""
+    assert outcome.GROWTH_WINDOW == 5
+    swing = [100, 100, 160, 100, 150, 100, 100, 100, 170, 100, 100, 100, 160]  # rounds 4-16
+    grows = [200, 200, 200, 200, 200, 200, 200, 200, 210, 230, 230, 230, 230]
+    raw = outcome.Raw(
+        "finished", START, 30.0, history(*[0.5 + r / 100 for r in range(17)]),
+        memory_at={r: {"aggregator": a, "worker-1": w}
+                   for r, a, w in zip(range(4, 17), swing, grows, strict=True)},
+    )  # fmt: skip
+
+    got = outcome.measure(raw, per_round=10, workers=1, target=None)
+
+    # Rounds 5-9 against 12-16: medians 100 and 100, 200 and 230 (round 5 against round 16
+    # alone read the aggregator's +60).
+    assert got["memory_growth_by_process"] == {"aggregator": 0, "worker-1": 30}
+    assert got["memory_growth_bytes"] == 30
+    # Fewer than twice the window: each end is half the readings (here rounds 5-6 and 7-8).
+    raw.memory_at = {r: {"aggregator": m} for r, m in ((4, 1), (5, 10), (6, 20), (7, 40), (8, 50))}
+    raw.entries = history(*[0.5] * 9)
+    assert outcome.measure(raw, per_round=10, workers=1, target=None)["memory_growth_bytes"] == 30
+    raw.memory_at = {r: {"aggregator": 10} for r in (1, 5)}  # one reading from round 5: none
+    assert outcome.measure(raw, per_round=10, workers=1, target=None)["memory_growth_bytes"] is None
+
+
 def test_a_virtual_clock_run_reports_simulated_seconds_to_each_target(sweep):
     entries = history(0.1, 0.8, 0.92, 0.91, 0.95)
     for e, sim in zip(entries, (0.0, 31.5, 60.25, 95.0, 120.5), strict=True):
@@ -479,7 +505,8 @@ def test_memory_growth_by_process_is_a_csv_column_and_a_table_of_the_summary(swe
 
     assert rows[0]["memory_growth_by_process"] == f"aggregator={5 * mib} worker-1={55 * mib}"
     assert rows[2]["memory_growth_by_process"] == ""
-    table = summary.split("## Memory growth by process (MiB, from round 5 to the end)")[1]
+    heading = "## Memory growth by process (MiB, from round 5 to the end, medians of 5 readings"
+    table = summary.split(heading + " at each end)")[1]
     table = table.split("## By")[0]  # the axes' tables follow
     lines = [line for line in table.strip().splitlines() if line.startswith("|")]
     assert (

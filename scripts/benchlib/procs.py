@@ -36,8 +36,11 @@ def allocator() -> str:
     """The allocator this process and its children run under, as the environment sets it."""
     preload = os.environ.get("LD_PRELOAD", "")
     arenas = os.environ.get("MALLOC_ARENA_MAX")
+    # the allocators' own settings: jemalloc's MALLOC_CONF, tcmalloc's TCMALLOC_*
+    tuned = [f"{k}={v}" for k, v in sorted(os.environ.items())
+             if v and (k == "MALLOC_CONF" or k.startswith("TCMALLOC_"))]  # fmt: skip
     if preload:
-        return f"LD_PRELOAD={preload}"
+        return " ".join([f"LD_PRELOAD={preload}", *tuned])
     return f"glibc malloc{f', MALLOC_ARENA_MAX={arenas}' if arenas else ''}"
 
 

@@ -7,6 +7,13 @@ rounds the aggregator grew 100-170 MiB (flat under jemalloc), and a TensorFlow
 worker held about 100 MiB more than under either. For TensorFlow's training
 steps jemalloc was 15% slower than glibc's malloc here, tcmalloc a few percent
 faster (docs/benchmarks.md, W2).
+
+jemalloc runs with one arena (JEMALLOC_CONF): by default it gives each of gunicorn's
+threads one of 4 x cores arenas, and each arena keeps the pages its threads freed
+for reuse; with one, the pages a thread frees are the next thread's. On W2's cnn
+rounds the aggregator's peak fell from 280-288 to 182-184 MiB and its resting memory
+by about 80 MiB, at the same updates a second (docs/benchmarks.md, "W2"). The GIL
+lets one thread allocate at a time anyway.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 JEMALLOC = "jemalloc"  # the aggregator's
+JEMALLOC_CONF = "narenas:1"  # its MALLOC_CONF, in the aggregator's image too
 TCMALLOC = "tcmalloc_minimal"  # the workers'
 
 
@@ -31,9 +39,13 @@ def name(maps: Path = Path("/proc/self/maps")) -> str:
 
 def preloaded(env: dict[str, str], library: str) -> dict[str, str]:
     """`env` with `library` (JEMALLOC, TCMALLOC) preloaded when the system has it and `env`
-    preloads nothing else: the images' allocators, for the processes the experiment
-    runner starts itself."""
+    preloads nothing else, and jemalloc's JEMALLOC_CONF unless `env` sets a MALLOC_CONF:
+    the images' allocators, for the processes the experiment runner starts itself."""
     import ctypes.util
 
     found = None if env.get("LD_PRELOAD") else ctypes.util.find_library(library)
-    return {**env, "LD_PRELOAD": found} if found else env
+    if not found:
+        return env
+    if library == JEMALLOC and not env.get("MALLOC_CONF"):
+        return {**env, "LD_PRELOAD": found, "MALLOC_CONF": JEMALLOC_CONF}
+    return {**env, "LD_PRELOAD": found}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -25,6 +26,10 @@ REFUSED_LINE = "refused aggregate:"  # the aggregator's line for a non-finite or
 STOPPED_LINE = "run stopped, a training diverged: "  # aggregator/dropouts.py's STOPPED
 AGGREGATOR_PEAK = "fedsim_process_peak_resident_memory_bytes"  # its VmHWM, in its /metrics
 GROWTH_FROM_ROUND = 5  # memory growth is read from this round (TensorFlow has warmed up) on
+# ... between the medians of this many readings at each end: a process's memory swings
+# with what a round holds when it is read (the aggregator's buffered updates, ±30 MiB
+# on W2's cnn), and one reading at each end read a swing as growth.
+GROWTH_WINDOW = 5
 
 
 @dataclass
@@ -129,35 +134,50 @@ def _per_round(points: Sequence[Point]) -> float | None:
     return round((timed[-1].seconds - timed[0].seconds) / (timed[-1].x - timed[0].x), 3)
 
 
-def _growth_points(points: Sequence[Point]) -> tuple[Point, Point] | None:
-    """The points memory growth is read between: the first at round GROWTH_FROM_ROUND or
-    later, and the last; None without both."""
-    start = next((p for p in points if p.x >= GROWTH_FROM_ROUND and p.memory), None)
-    last = points[-1] if points else None
-    if start is None or last is None or last is start or not last.memory:
+def _growth_ends(points: Sequence[Point]) -> tuple[list[Point], list[Point]] | None:
+    """The readings memory growth is read between: the first GROWTH_WINDOW from round
+    GROWTH_FROM_ROUND on and the last GROWTH_WINDOW (half of them each when there are
+    fewer than twice as many); None with fewer than two."""
+    read = [p for p in points if p.x >= GROWTH_FROM_ROUND and p.memory]
+    if len(read) < 2:
         return None
-    return start, last
+    k = min(GROWTH_WINDOW, len(read) // 2)
+    return read[:k], read[-k:]
+
+
+def _median_change(first: Sequence[int], last: Sequence[int]) -> int:
+    return round(statistics.median(last) - statistics.median(first))
 
 
 def _growth(points: Sequence[Point], by_process: Mapping[str, int] | None) -> int | None:
-    """Memory at the last evaluation less memory at round GROWTH_FROM_ROUND: the sum of
-    the growth by process (`_growth_by_process`) when the processes were read apart (a
-    worker that had exited by the last evaluation is not counted as shrinking), else the
-    totals' difference."""
+    """Memory at the run's end less memory from round GROWTH_FROM_ROUND, each the median
+    of GROWTH_WINDOW readings (`_growth_ends`): the sum of the growth by process
+    (`_growth_by_process`) when the processes were read apart (a worker that had exited
+    by the last readings is not counted as shrinking), else the totals' change."""
     if by_process is not None:
         return sum(by_process.values())
-    pair = _growth_points(points)
-    return None if pair is None else pair[1].memory - pair[0].memory
+    ends = _growth_ends(points)
+    if ends is None:
+        return None
+    return _median_change([p.memory for p in ends[0]], [p.memory for p in ends[1]])
 
 
 def _growth_by_process(points: Sequence[Point]) -> dict[str, int] | None:
-    """The same growth for each process (or container) read at both points, so a run's
-    growth has a name: {"aggregator": bytes, "worker-1": bytes, ...}."""
-    pair = _growth_points(points)
-    if pair is None or not pair[0].memory_by_process or not pair[1].memory_by_process:
+    """The same growth for each process (or container) read in every reading of both
+    ends, so a run's growth has a name: {"aggregator": bytes, "worker-1": bytes, ...}."""
+    ends = _growth_ends(points)
+    if ends is None:
         return None
-    start, last = pair[0].memory_by_process, pair[1].memory_by_process
-    return {name: last[name] - start[name] for name in last if name in start} or None
+    first, last = ends
+    if not all(p.memory_by_process for p in first + last):
+        return None
+    names = [n for n in last[-1].memory_by_process
+             if all(n in p.memory_by_process for p in first + last)]  # fmt: skip
+    return {
+        n: _median_change([p.memory_by_process[n] for p in first],
+                          [p.memory_by_process[n] for p in last])
+        for n in names
+    } or None  # fmt: skip
 
 
 def _stopped(log: str) -> str | None:

@@ -18,7 +18,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from fedsim.experiment.outcome import GROWTH_FROM_ROUND
+from fedsim.experiment.outcome import GROWTH_FROM_ROUND, GROWTH_WINDOW
 from fedsim.experiment.spec import Experiment
 
 # The aggregator's own figures in the cells table: heading, format, scale.
@@ -172,7 +172,8 @@ def growth_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
         body.append([str(n), *(f"`{axes.get(a, '')}`" for a in e.axes), str(r["seed"]),
                      mib(r.get("memory_growth_bytes")), *(mib(parts.get(k)) for k in names)])  # fmt: skip
     return [
-        f"## Memory growth by process (MiB, from round {GROWTH_FROM_ROUND} to the end)",
+        f"## Memory growth by process (MiB, from round {GROWTH_FROM_ROUND} to the end, "
+        f"medians of {GROWTH_WINDOW} readings at each end)",
         "",
         *table(head, body),
         "",
