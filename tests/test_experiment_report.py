@@ -124,6 +124,10 @@ def test_summary_gives_mean_and_spread_over_the_seeds_and_bolds_the_best_cell(sw
         else:
             assert f"{reached[0]:.1f} (1/{len(TO_TARGET[n])})" in line
     assert "0.60-0.80" in lines[0]  # the load of its runs: 0.6, 0.7, 0.8 at their starts
+    # The run's peak in GiB (every run's 2**30 bytes here), the bytes moved in MB.
+    head = cells.splitlines()[2].split(" | ")
+    assert (head[-3], head[-2]) == ("MB to / from workers", "peak memory (GiB)")
+    assert all(line.split(" | ")[-2] == "1.00 ± 0.00" for line in lines)
 
 
 def test_summary_has_a_table_per_axis_with_the_best_of_each_column_in_bold(sweep):

@@ -123,21 +123,6 @@ def test_rounds_of_sampled_shards_clients_with_two_workers(make_settings):
     assert sum(w.summary.evaluations for w in workers) == 4
 
 
-def test_a_worker_collects_garbage_every_few_trained_tasks(make_settings, monkeypatch):
-    collected = []
-    monkeypatch.setattr(worker_module, "GC_EVERY_TASKS", 2)
-    monkeypatch.setattr(worker_module.gc, "collect", lambda: collected.append(1))
-    settings, adapter = setup(
-        make_settings, AGGREGATION="fedavg", PARTITION="shards", NUM_CLIENTS=20,
-        CLIENTS_PER_ROUND=5, ROUNDS=3,
-    )  # fmt: skip
-
-    workers = run_workers(settings, adapter, 2)
-
-    assert sum(w.summary.trained for w in workers) == 15
-    assert len(collected) == sum(w.summary.trained // 2 for w in workers) >= 6
-
-
 def test_asynchronous_rules_off_slices_make_rounds_times_c_updates(make_settings):
     settings, adapter = setup(
         make_settings, AGGREGATION="fedasync", PARTITION="iid", NUM_CLIENTS=10, ROUNDS=4
@@ -189,8 +174,6 @@ def test_samples_that_differ_from_the_plan_stop_the_worker(make_settings):
 
 
 def test_the_aggregator_gone_for_good_stops_the_worker_with_a_message(make_settings, monkeypatch):
-    import fedsim.client.worker as worker_module
-
     settings, adapter = setup(make_settings)
     monkeypatch.setattr(worker_module, "STARTUP_SECONDS", 0.05)
     transport = in_process_transport(adapter)

@@ -12,7 +12,6 @@ workers, it exits with its summary.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -46,12 +45,6 @@ log = logging.getLogger("fedsim.client")
 STARTUP_SECONDS = 120.0  # how long a worker waits for the aggregator to come up
 LOST_SECONDS = 120.0  # how long it goes on asking when the aggregator stops answering
 IDLE_WAIT_MAX = 2.0  # longest pause between two requests for work
-# A full collection every 50 trained tasks (about 0.15 s each time): under Keras' own fit,
-# whose graphs were left in reference cycles the collector reached late, a worker on
-# 60-image tasks grew 10 MiB in 750 tasks, 4 MiB with it. training.fit builds no graphs
-# per task; the collection stays, a cheap bound on any cycle a task leaves (both were
-# measured together: docs/benchmarks.md, "1,000 and 10,000 clients").
-GC_EVERY_TASKS = 50
 
 
 class AggregatorUnreachable(RuntimeError):
@@ -317,8 +310,6 @@ class Worker:
         except ValueError as exc:
             raise ProtocolError(f"task {task.id}: {exc}") from None
         self.summary.trained += 1
-        if self.summary.trained % GC_EVERY_TASKS == 0:
-            gc.collect()
         # CLOCK=real: a slow client (or a slow link) really takes longer.
         pace = pacing.wait(task.profile, trained.seconds, self.model.tensors, tensors, self.sleep)
         log.info(

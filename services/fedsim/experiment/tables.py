@@ -112,7 +112,7 @@ def cells_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
     own = [k for k in ("aggregator_seconds_per_round", "aggregator_peak_memory_bytes")
            if any(r.get(k) is not None for runs in cells.values() for r in runs)]  # fmt: skip
     head += [OWN[k][0] for k in own]
-    head += ["rounds", "seconds", "MB to / from workers", "peak memory (GB)", "load"]
+    head += ["rounds", "seconds", "MB to / from workers", "peak memory (GiB)", "load"]
     top = best(cells)
     titles = {c.number: c.axes for c in e.cells}
     body = []
