@@ -9,12 +9,14 @@ place: training returns the base weights plus seeded noise, scoring a fixed scor
 round then costs only what a real one does outside training. W2's settings by default:
 McMahan's CNN, 100 iid clients, 10 a round, FedAvg. Prints the resident memory (VmRSS)
 of the aggregator's worker process and of each worker every --every rounds, each one's
-growth from round --from to the last, and the aggregator's peak (VmHWM).
+growth from round --from to the last (medians of up to 5 readings at each end, as the
+experiment runner reads it), and the aggregator's peak (VmHWM).
 
     .venv/bin/python scripts/profile_run_memory.py [--model cnn] [--rounds 60] [--workers 2]
 
 Compare allocators by running it under them, e.g. `MALLOC_ARENA_MAX=2` or
-`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2`: every process inherits it, and
+`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 MALLOC_CONF=narenas:1` (the
+aggregator's image's): every process inherits it, and
 the allocator in use is printed. Refuses to start above a load of 1.0 unless --force. A
 benchmark, not a test: it gates nothing. scripts/profile_worker_memory.py measures the
 training loop alone.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +40,7 @@ import requests
 
 from benchlib import Bench, add_arguments, allocator, rss_bytes, serve, vm_hwm_kib
 from benchlib.procs import children
+from fedsim.experiment.outcome import GROWTH_WINDOW
 
 
 class StandIn:
@@ -158,7 +162,10 @@ def main() -> int:
                 time.sleep(0.1)
             for w in workers:
                 w.wait(timeout=120)
-            peak = vm_hwm_kib(aggregator) * 1024  # before it exits
+            try:  # before it exits
+                peak = vm_hwm_kib(aggregator) * 1024
+            except (OSError, RuntimeError):  # gunicorn replaced its worker: see below
+                peak = 0
         finally:
             for w in workers:
                 if w.poll() is None:
@@ -172,13 +179,19 @@ def main() -> int:
             print(f"profile_run_memory: the run stopped at round {seen}", file=sys.stderr)
             return 1
 
-    first = next(s for s in samples if s["round"] >= args.start)
+    read = [s for s in samples if s["round"] >= args.start]
+    first = read[0]
+    window = max(1, min(GROWTH_WINDOW, len(read) // 2))
 
     def growth(key: str, k: int | None = None) -> int:
+        """The median of the last `window` readings less that of the first `window`, as
+        the experiment runner reads a run's growth (fedsim.experiment.outcome)."""
+
         def at(s: dict) -> int:
             return s[key] if k is None else s[key][k]
 
-        return at(samples[-1]) - at(first)
+        before = statistics.median(at(s) for s in read[:window])
+        return round(statistics.median(at(s) for s in read[-window:]) - before)
 
     result = bench.figure(
         {

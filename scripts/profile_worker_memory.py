@@ -127,7 +127,7 @@ def main() -> int:
     bench.say(
         f"growth from task {args.start} to {args.tasks}: {(end - at_start) / 2**20:.1f} MiB "
         f"({per_task / 2**10:.0f} KiB a task), Python blocks {blocks:+,}; "
-        f"{samples[-1]['seconds'] / args.tasks:.2f} s a task; {allocator()}"
+        f"{samples[-1]['seconds'] / args.tasks:.3f} s a task; {allocator()}"
     )
     if traced is not None:
         bench.say(f"Python's traced allocations from task {args.start}: "

@@ -24,6 +24,16 @@ def test_the_allocator_is_read_from_what_the_process_has_mapped(tmp_path: Path) 
     assert allocator.name(tmp_path / "absent") == "unknown (no /proc)"
 
 
+def test_the_log_names_jemallocs_conf_beside_it(tmp_path: Path) -> None:
+    maps = tmp_path / "maps"
+    maps.write_text("7f3c r-xp 00000000 08:01 42 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n")
+    conf = {"MALLOC_CONF": "narenas:1"}
+    assert allocator.described(maps, conf) == "jemalloc (MALLOC_CONF=narenas:1)"
+    assert allocator.described(maps, {}) == "jemalloc"
+    maps.write_text("7f3c r-xp 00000000 08:01 42 /usr/lib/libtcmalloc_minimal.so.4.5.10\n")
+    assert allocator.described(maps, conf) == "tcmalloc"  # jemalloc's setting, not tcmalloc's
+
+
 @pytest.mark.parametrize(
     ("library", "called"), [(allocator.JEMALLOC, "jemalloc"), (allocator.TCMALLOC, "tcmalloc")]
 )
@@ -70,13 +80,16 @@ def test_the_aggregator_runs_jemalloc_with_one_arena_as_its_image_does() -> None
         if os.environ.get("CI") == "true":
             pytest.fail("CI installs libjemalloc2 (.ci/run), but it is not found")
         pytest.skip("libjemalloc2 is not installed (apt-get install libjemalloc2)")
-    env = allocator.preloaded(
-        {k: v for k, v in os.environ.items() if k != "MALLOC_CONF"}, allocator.JEMALLOC
+    plain = {k: v for k, v in os.environ.items() if k not in ("MALLOC_CONF", "LD_PRELOAD")}
+
+    def arenas(env: dict[str, str]) -> str:
+        said = subprocess.run([sys.executable, "-c", NARENAS], env=env, capture_output=True,
+                              text=True, check=True)  # fmt: skip
+        return said.stdout.strip()
+
+    assert arenas(allocator.preloaded(plain, allocator.JEMALLOC)) == "1"
+    # A MALLOC_CONF of the environment's own is kept, and jemalloc reads it.
+    assert (
+        arenas(allocator.preloaded({**plain, "MALLOC_CONF": "narenas:3"}, allocator.JEMALLOC))
+        == "3"
     )
-    said = subprocess.run([sys.executable, "-c", NARENAS], env=env, capture_output=True,
-                          text=True, check=True)  # fmt: skip
-    assert said.stdout.strip() == "1", said
-    env.pop("MALLOC_CONF")  # jemalloc's default on this machine: more than one
-    said = subprocess.run([sys.executable, "-c", NARENAS], env=env, capture_output=True,
-                          text=True, check=True)  # fmt: skip
-    assert int(said.stdout) > 1, said

@@ -364,7 +364,8 @@ def test_the_tokens_file_is_the_services_users_alone(project, mnist_dir):
     listed = p.compose("exec", "-T", "aggregator", "python", "-m", "fedsim.tokens", "list")
     assert "alice: alice" in listed.stdout and "workers: *" in listed.stdout, listed.stdout
     # The image's allocator, as its aggregator says and as its process has it mapped.
-    assert "memory allocator: jemalloc" in p.compose("logs", "aggregator").stdout
+    logs = p.compose("logs", "aggregator").stdout
+    assert "memory allocator: jemalloc (MALLOC_CONF=narenas:1)" in logs, logs
     maps = p.compose("exec", "-T", "aggregator", "cat", "/proc/1/maps").stdout
     assert "/libjemalloc.so.2" in maps, maps[:2000]
 

@@ -300,6 +300,47 @@ def test_memory_growth_is_read_between_medians_at_each_end():
     assert outcome.measure(raw, per_round=10, workers=1, target=None)["memory_growth_bytes"] is None
 
 
+def test_a_process_missed_by_one_reading_keeps_its_growth_and_totals_are_read_alike():
+    readings = {r: {"aggregator": 100, "worker-1": 200 + r} for r in range(5, 15)}
+    del readings[6]["worker-1"]  # one `docker stats` that missed a container
+    points = [
+        outcome.Point(x=r, round=r, version=r, accuracy=0.9, loss=0.1, seconds=float(r),
+                      memory=sum(m.values()), memory_by_process=m)
+        for r, m in readings.items()
+    ]  # fmt: skip
+
+    got = outcome.growth(points)
+
+    # worker-1: rounds 5, 7, 8, 9 (median 207.5) against 10-14 (212): +4.5, rounded to 4
+    assert got["memory_growth_by_process"] == {"aggregator": 0, "worker-1": 4}
+    assert got["memory_growth_bytes"] == 4
+    for p in points:  # read as one total (a process tree, say): medians of the totals
+        p.memory_by_process = None
+    assert outcome.growth(points) == {"memory_growth_bytes": 5, "memory_growth_by_process": None}
+
+
+def test_the_report_reads_growth_again_from_the_curves_of_runs_measured_before(sweep, tmp_path):
+    e, results = sweep
+    folder = tmp_path / "results"
+    memory = dict(zip(range(5, 15), [100, 160, *[100] * 7, 160], strict=True))
+    curve = [{"x": float(r), "round": r, "version": r, "accuracy": 0.9, "loss": 0.1,
+              "seconds": float(r), "memory": m, "memory_by_process": {"aggregator": m}}
+             for r, m in memory.items()]  # fmt: skip
+    for r in results:
+        cell = next(c for c in e.cells if c.number == r["cell"])
+        run = folder / "runs" / cell.key("local", "rounds", 0.9) / f"seed-{r['seed']}"
+        run.mkdir(parents=True)
+        # as measured between single readings: round 5's 100 and round 14's 160
+        old = {"memory_growth_bytes": 60, "memory_growth_by_process": {"aggregator": 60}}
+        (run / "result.json").write_text(json.dumps(r | old | {"curve": curve}))
+
+    got = report.collect(e, folder, "local")
+
+    assert len(got) == len(results)
+    assert all(r["memory_growth_bytes"] == 0 for r in got)
+    assert all(r["memory_growth_by_process"] == {"aggregator": 0} for r in got)
+
+
 def test_a_virtual_clock_run_reports_simulated_seconds_to_each_target(sweep):
     entries = history(0.1, 0.8, 0.92, 0.91, 0.95)
     for e, sim in zip(entries, (0.0, 31.5, 60.25, 95.0, 120.5), strict=True):
@@ -400,12 +441,12 @@ def test_the_summary_shows_the_aggregators_own_time_and_memory_when_runs_report_
     e, results = sweep
     for r in results:
         r["aggregator_seconds_per_round"] = 0.010 + r["seed"] / 1000  # 11, 12, 13 ms
-        r["aggregator_peak_memory_bytes"] = 200e6 + r["seed"] * 1e6  # 201, 202, 203 MB
+        r["aggregator_peak_memory_bytes"] = (200 + r["seed"]) * 2**20  # 201, 202, 203 MiB
 
     cells = report.summary(e, results).split("## Cells")[1].split("## By")[0]
 
     head, first = cells.splitlines()[2], cells.splitlines()[4]
-    assert "aggregator ms / round" in head and "aggregator peak (MB)" in head
+    assert "aggregator ms / round" in head and "aggregator peak (MiB)" in head
     ms, sd = independent_mean_sd([11.0, 12.0, 13.0])
     mb, mb_sd = independent_mean_sd([201.0, 202.0, 203.0])
     assert f"| {ms:.1f} ± {sd:.1f} | {mb:.0f} ± {mb_sd:.0f} |" in first
@@ -509,8 +550,8 @@ def test_memory_growth_by_process_is_a_csv_column_and_a_table_of_the_summary(swe
 
     assert rows[0]["memory_growth_by_process"] == f"aggregator={5 * mib} worker-1={55 * mib}"
     assert rows[2]["memory_growth_by_process"] == ""
-    heading = "## Memory growth by process (MiB, from round 5 to the end, medians of 5 readings"
-    table = summary.split(heading + " at each end)")[1]
+    heading = "## Memory growth by process (MiB, from round 5 to the end, medians of up to 5"
+    table = summary.split(heading + " readings at each end)")[1]
     table = table.split("## By")[0]  # the axes' tables follow
     lines = [line for line in table.strip().splitlines() if line.startswith("|")]
     assert (

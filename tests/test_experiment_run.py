@@ -136,7 +136,7 @@ def test_a_sweep_interrupted_after_its_first_cell_resumes_without_running_it_aga
         ms = [float(r["aggregator_seconds_per_round"]) / 1e-3 for r in rows
               if r["AGGREGATION"] == rule]  # fmt: skip
         assert f"{statistics.fmean(ms):.1f} ± {statistics.stdev(ms):.1f}" in line
-    assert "aggregator ms / round" in summary and "aggregator peak (MB)" in summary
+    assert "aggregator ms / round" in summary and "aggregator peak (MiB)" in summary
     assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The report again from the files alone says the same.

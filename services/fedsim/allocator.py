@@ -12,12 +12,14 @@ jemalloc runs with one arena (JEMALLOC_CONF): by default it gives each of gunico
 threads one of 4 x cores arenas, and each arena keeps the pages its threads freed
 for reuse; with one, the pages a thread frees are the next thread's. On W2's cnn
 rounds the aggregator's peak fell from 280-288 to 182-184 MiB and its resting memory
-by about 80 MiB, at the same updates a second (docs/benchmarks.md, "W2"). The GIL
-lets one thread allocate at a time anyway.
+by about 80 MiB, at the same updates a second (docs/benchmarks.md, "W2"): most of
+its allocations are made holding the GIL, one thread at a time, anyway.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 JEMALLOC = "jemalloc"  # the aggregator's
@@ -35,6 +37,13 @@ def name(maps: Path = Path("/proc/self/maps")) -> str:
         if library in text:
             return called
     return "glibc malloc"
+
+
+def described(maps: Path = Path("/proc/self/maps"), env: Mapping[str, str] | None = None) -> str:
+    """`name`, with jemalloc's MALLOC_CONF when it has one: what a process's log names."""
+    called = name(maps)
+    conf = (os.environ if env is None else env).get("MALLOC_CONF")
+    return f"{called} (MALLOC_CONF={conf})" if called == "jemalloc" and conf else called
 
 
 def preloaded(env: dict[str, str], library: str) -> dict[str, str]:

@@ -89,7 +89,7 @@ logconfig_dict = {
 
 
 def on_starting(server) -> None:
-    server.log.info("memory allocator: %s", allocator.name())
+    server.log.info("memory allocator: %s", allocator.described())
 
 
 def worker_exit(server, worker) -> None:

@@ -13,7 +13,7 @@ import math
 import re
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -151,9 +151,8 @@ def _median_change(first: Sequence[int], last: Sequence[int]) -> int:
 
 def _growth(points: Sequence[Point], by_process: Mapping[str, int] | None) -> int | None:
     """Memory at the run's end less memory from round GROWTH_FROM_ROUND, each the median
-    of GROWTH_WINDOW readings (`_growth_ends`): the sum of the growth by process
-    (`_growth_by_process`) when the processes were read apart (a worker that had exited
-    by the last readings is not counted as shrinking), else the totals' change."""
+    of up to GROWTH_WINDOW readings (`_growth_ends`): the sum of the growth by process
+    (`_growth_by_process`) when the processes were read apart, else the totals' change."""
     if by_process is not None:
         return sum(by_process.values())
     ends = _growth_ends(points)
@@ -163,21 +162,44 @@ def _growth(points: Sequence[Point], by_process: Mapping[str, int] | None) -> in
 
 
 def _growth_by_process(points: Sequence[Point]) -> dict[str, int] | None:
-    """The same growth for each process (or container) read in every reading of both
-    ends, so a run's growth has a name: {"aggregator": bytes, "worker-1": bytes, ...}."""
+    """The same growth for each process (or container), so a run's growth has a name:
+    {"aggregator": bytes, "worker-1": bytes, ...}. A process is read at the end if it is
+    in the last reading (a worker that had exited is not counted as shrinking), each
+    end's median over the readings that have it (a container one `docker stats` missed
+    keeps its place)."""
     ends = _growth_ends(points)
-    if ends is None:
+    if ends is None or not ends[1][-1].memory_by_process:
         return None
     first, last = ends
-    if not all(p.memory_by_process for p in first + last):
+
+    def readings(end: Sequence[Point], name: str) -> list[int]:
+        return [p.memory_by_process[name] for p in end if name in (p.memory_by_process or {})]
+
+    out = {}
+    for name in last[-1].memory_by_process:
+        before, after = readings(first, name), readings(last, name)
+        if before:
+            out[name] = _median_change(before, after)
+    return out or None
+
+
+def growth(points: Sequence[Point]) -> dict[str, Any]:
+    """A run's memory_growth_bytes and memory_growth_by_process, from its curve."""
+    by_process = _growth_by_process(points)
+    return {"memory_growth_bytes": _growth(points, by_process),
+            "memory_growth_by_process": by_process}  # fmt: skip
+
+
+def growth_of(curve: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """`growth` of a curve as result.json keeps it; None when it holds no memory
+    readings or is not a curve this version reads."""
+    if not any(isinstance(p, Mapping) and p.get("memory") for p in curve):
         return None
-    names = [n for n in last[-1].memory_by_process
-             if all(n in p.memory_by_process for p in first + last)]  # fmt: skip
-    return {
-        n: _median_change([p.memory_by_process[n] for p in first],
-                          [p.memory_by_process[n] for p in last])
-        for n in names
-    } or None  # fmt: skip
+    names = {f.name for f in fields(Point)}
+    try:
+        return growth([Point(**{k: v for k, v in p.items() if k in names}) for p in curve])
+    except (TypeError, ValueError):
+        return None
 
 
 def _stopped(log: str) -> str | None:
@@ -223,7 +245,6 @@ def measure(
     worker_seconds_each = [float(s) for s in WORKER_DONE.findall(raw.worker_logs)]
     worker_seconds = workers * raw.seconds
     rounds = final.x if final else 0
-    by_process = _growth_by_process(points)
     return {
         "status": raw.status,
         "rounds": rounds,
@@ -251,8 +272,7 @@ def measure(
         "aggregator_peak_memory_bytes": metric(raw.metrics, AGGREGATOR_PEAK) or None,
         "status_bytes": raw.status_bytes,
         "history_bytes": raw.history_bytes,
-        "memory_growth_bytes": _growth(points, by_process),
-        "memory_growth_by_process": by_process,
+        **growth(points),
         "refused_aggregates": raw.aggregator_log.count(REFUSED_LINE),
         "stopped": _stopped(raw.aggregator_log),
         "epsilon": _epsilon(raw.entries),

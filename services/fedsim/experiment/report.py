@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedsim.experiment import outcome
 from fedsim.experiment.spec import FLOOR, Experiment
 from fedsim.experiment.tables import (
     axis_table,
@@ -229,5 +230,8 @@ def collect(e: Experiment, folder: Path, engine: str) -> list[dict[str, Any]]:
                 result = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            out.append(result | {"cell": cell.number, "axes": cell.axes})
+            # Growth read again from the curve: runs measured before it was read between
+            # medians (outcome.GROWTH_WINDOW) are shown as the heading says.
+            regrown = outcome.growth_of(result.get("curve") or [])
+            out.append(result | (regrown or {}) | {"cell": cell.number, "axes": cell.axes})
     return out

@@ -24,7 +24,7 @@ from fedsim.experiment.spec import Experiment
 # The aggregator's own figures in the cells table: heading, format, scale.
 OWN: dict[str, tuple[str, str, float]] = {
     "aggregator_seconds_per_round": ("aggregator ms / round", "{:.1f}", 1e-3),
-    "aggregator_peak_memory_bytes": ("aggregator peak (MB)", "{:.0f}", 1e6),
+    "aggregator_peak_memory_bytes": ("aggregator peak (MiB)", "{:.0f}", 2**20),
 }
 
 
@@ -173,7 +173,7 @@ def growth_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
                      mib(r.get("memory_growth_bytes")), *(mib(parts.get(k)) for k in names)])  # fmt: skip
     return [
         f"## Memory growth by process (MiB, from round {GROWTH_FROM_ROUND} to the end, "
-        f"medians of {GROWTH_WINDOW} readings at each end)",
+        f"medians of up to {GROWTH_WINDOW} readings at each end)",
         "",
         *table(head, body),
         "",
