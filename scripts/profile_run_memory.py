@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import requests
 
 from benchlib import Bench, add_arguments, allocator, rss_bytes, serve, vm_hwm_kib
 from benchlib.procs import children
-from fedsim.experiment.outcome import GROWTH_WINDOW
+from fedsim.experiment.outcome import median_growth
 
 
 class StandIn:
@@ -181,17 +180,10 @@ def main() -> int:
 
     read = [s for s in samples if s["round"] >= args.start]
     first = read[0]
-    window = max(1, min(GROWTH_WINDOW, len(read) // 2))
 
     def growth(key: str, k: int | None = None) -> int:
-        """The median of the last `window` readings less that of the first `window`, as
-        the experiment runner reads a run's growth (fedsim.experiment.outcome)."""
-
-        def at(s: dict) -> int:
-            return s[key] if k is None else s[key][k]
-
-        before = statistics.median(at(s) for s in read[:window])
-        return round(statistics.median(at(s) for s in read[-window:]) - before)
+        """As the experiment runner reads a run's growth: medians at each end."""
+        return median_growth([s[key] if k is None else s[key][k] for s in read]) or 0
 
     result = bench.figure(
         {

@@ -55,6 +55,5 @@ def preloaded(env: dict[str, str], library: str) -> dict[str, str]:
     found = None if env.get("LD_PRELOAD") else ctypes.util.find_library(library)
     if not found:
         return env
-    if library == JEMALLOC and not env.get("MALLOC_CONF"):
-        return {**env, "LD_PRELOAD": found, "MALLOC_CONF": JEMALLOC_CONF}
-    return {**env, "LD_PRELOAD": found}
+    tuned = library == JEMALLOC and not env.get("MALLOC_CONF")
+    return {**env, "LD_PRELOAD": found, **({"MALLOC_CONF": JEMALLOC_CONF} if tuned else {})}

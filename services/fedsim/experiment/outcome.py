@@ -134,31 +134,36 @@ def _per_round(points: Sequence[Point]) -> float | None:
     return round((timed[-1].seconds - timed[0].seconds) / (timed[-1].x - timed[0].x), 3)
 
 
-def _growth_ends(points: Sequence[Point]) -> tuple[list[Point], list[Point]] | None:
-    """The readings memory growth is read between: the first GROWTH_WINDOW from round
-    GROWTH_FROM_ROUND on and the last GROWTH_WINDOW (half of them each when there are
-    fewer than twice as many); None with fewer than two."""
-    read = [p for p in points if p.x >= GROWTH_FROM_ROUND and p.memory]
-    if len(read) < 2:
+def _ends(readings: Sequence[Any]) -> tuple[Sequence[Any], Sequence[Any]] | None:
+    """The first and the last GROWTH_WINDOW of `readings` (half of them each when there
+    are fewer than twice as many); None with fewer than two."""
+    if len(readings) < 2:
         return None
-    k = min(GROWTH_WINDOW, len(read) // 2)
-    return read[:k], read[-k:]
+    k = min(GROWTH_WINDOW, len(readings) // 2)
+    return readings[:k], readings[-k:]
 
 
-def _median_change(first: Sequence[int], last: Sequence[int]) -> int:
-    return round(statistics.median(last) - statistics.median(first))
+def median_growth(readings: Sequence[int]) -> int | None:
+    """The median of the last readings less that of the first (`_ends`): the growth of
+    one series read a round apart, a swing at either end not read as growth."""
+    ends = _ends(readings)
+    if ends is None:
+        return None
+    return round(statistics.median(ends[1]) - statistics.median(ends[0]))
+
+
+def _read(points: Sequence[Point]) -> list[Point]:
+    """The points memory growth is read over: from round GROWTH_FROM_ROUND, with memory."""
+    return [p for p in points if p.x >= GROWTH_FROM_ROUND and p.memory]
 
 
 def _growth(points: Sequence[Point], by_process: Mapping[str, int] | None) -> int | None:
     """Memory at the run's end less memory from round GROWTH_FROM_ROUND, each the median
-    of up to GROWTH_WINDOW readings (`_growth_ends`): the sum of the growth by process
+    of up to GROWTH_WINDOW readings (`median_growth`): the sum of the growth by process
     (`_growth_by_process`) when the processes were read apart, else the totals' change."""
     if by_process is not None:
         return sum(by_process.values())
-    ends = _growth_ends(points)
-    if ends is None:
-        return None
-    return _median_change([p.memory for p in ends[0]], [p.memory for p in ends[1]])
+    return median_growth([p.memory for p in _read(points)])
 
 
 def _growth_by_process(points: Sequence[Point]) -> dict[str, int] | None:
@@ -167,7 +172,7 @@ def _growth_by_process(points: Sequence[Point]) -> dict[str, int] | None:
     in the last reading (a worker that had exited is not counted as shrinking), each
     end's median over the readings that have it (a container one `docker stats` missed
     keeps its place)."""
-    ends = _growth_ends(points)
+    ends = _ends(_read(points))
     if ends is None or not ends[1][-1].memory_by_process:
         return None
     first, last = ends
@@ -179,7 +184,7 @@ def _growth_by_process(points: Sequence[Point]) -> dict[str, int] | None:
     for name in last[-1].memory_by_process:
         before, after = readings(first, name), readings(last, name)
         if before:
-            out[name] = _median_change(before, after)
+            out[name] = round(statistics.median(after) - statistics.median(before))
     return out or None
 
 
