@@ -339,6 +339,14 @@ def test_the_report_reads_growth_again_from_the_curves_of_runs_measured_before(s
     assert len(got) == len(results)
     assert all(r["memory_growth_bytes"] == 0 for r in got)
     assert all(r["memory_growth_by_process"] == {"aggregator": 0} for r in got)
+    # A curve this version cannot read (its points lack fields) leaves the stored figures.
+    for path in folder.glob("runs/*/seed-*/result.json"):
+        result = json.loads(path.read_text())
+        result["curve"] = [{"memory": 100}, {"memory": 160}]
+        path.write_text(json.dumps(result))
+    kept = report.collect(e, folder, "local")
+    assert all(r["memory_growth_bytes"] == 60 for r in kept)
+    assert all(r["memory_growth_by_process"] == {"aggregator": 60} for r in kept)
 
 
 def test_a_virtual_clock_run_reports_simulated_seconds_to_each_target(sweep):
