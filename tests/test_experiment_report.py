@@ -170,7 +170,7 @@ def test_further_targets_get_their_own_columns(sweep, tmp_path):
 
     rows = list(csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text())))
     assert [r["rounds_to_0.95"] for r in rows[:3]] == ["3.0", "", ""]
-    assert "| rounds to 90% | seconds to 90% | rounds to 95% |" in text
+    assert "| rounds to 90%, interpolated | seconds to 90% | rounds to 95% |" in text
     assert "| 3.0 (1/3) |" in text and "target: 90%, 95% test accuracy" in text
 
 
@@ -259,6 +259,7 @@ def test_a_run_is_measured_from_its_history_logs_and_metrics():
     assert got["sim_seconds_to_target"] is None  # the real clock: no simulated time
     assert got["slowest_worker_seconds"] == 19.5
     assert (got["rounds_to_target"], got["seconds_to_target"]) == (2.0, 12.0)
+    assert got["rounds_to_target_interpolated"] == 1.83  # 1 + (0.9 - 0.8) / (0.92 - 0.8)
     assert got["seconds_per_round"] == 1.0
     assert got["train_seconds"] == 4.0 and got["outside_training"] == 1 - 4.0 / 40.0
     assert (got["bytes_to_workers"], got["bytes_from_workers"]) == (1_500_000, 797_520)
@@ -384,6 +385,55 @@ def test_without_a_target_nothing_is_reached():
     got = outcome.measure(outcome.Raw("finished", START, 5.0, history(0.1, 0.99)), per_round=1,
                           workers=1, target=None)  # fmt: skip
     assert got["rounds_to_target"] is None and got["final_accuracy"] == 0.99
+    assert got["rounds_to_target_interpolated"] is None
+
+
+def points_at(*accuracies: float, step: float = 1.0) -> list[outcome.Point]:
+    return [outcome.Point(x=round((i + 1) * step, 4), round=i + 1, version=i + 1, accuracy=a,
+                          loss=0.1, seconds=None, memory=None)
+            for i, a in enumerate(accuracies)]  # fmt: skip
+
+
+def test_rounds_to_a_target_are_interpolated_on_the_best_accuracy_so_far():
+    """As McMahan et al. read them: the curve of the best accuracy so far, crossed between
+    the evaluation before and the one that reached the target."""
+    # W2's seed 3 at 0.215: best so far 98.99% at round 19, 99.02% at round 20.
+    assert outcome.crossing(points_at(*[0.98] * 18, 0.9899, 0.9902), 0.99) == 19.33
+    # A dip after the best (rounds 2-3 below round 1's 0.985) starts from the best: from
+    # round 3's x with round 1's accuracy, 3 + (0.99 - 0.985) / (0.995 - 0.985) = 3.5.
+    assert outcome.crossing(points_at(0.985, 0.97, 0.98, 0.995), 0.99) == 3.5
+    assert outcome.crossing(points_at(0.98, 0.99), 0.99) == 2.0  # reached exactly: its round
+    assert outcome.crossing(points_at(0.995, 0.999), 0.99) == 1.0  # the first evaluation
+    assert outcome.crossing(points_at(0.5, 0.98, 0.97), 0.99) is None
+    # An asynchronous run's x, in rounds' worth of updates: 0.5 + 0.5 * (0.9 - 0.8) / 0.2
+    assert outcome.crossing(points_at(0.8, 1.0, step=0.5), 0.9) == 0.75
+
+
+def test_the_report_interpolates_rounds_to_the_target_of_runs_measured_before(sweep, tmp_path):
+    e, results = sweep
+    folder = tmp_path / "results"
+    for r in results:
+        r.pop("rounds_to_target_interpolated", None)  # as runs measured before it
+        cell = next(c for c in e.cells if c.number == r["cell"])
+        run = folder / "runs" / cell.key("local", e.stop, e.target) / f"seed-{r['seed']}"
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps(r))
+
+    got = report.collect(e, folder, "local")
+
+    # Each curve: accuracy final * x / 4 at rounds 1-4, so 0.9 is crossed between the
+    # round before and the first at or above it (version 0 left out).
+    for r in got:
+        acc = [p["accuracy"] for p in r["curve"] if p["version"] > 0]
+        hit = next((i for i, a in enumerate(acc) if a >= 0.9), None)
+        if hit is None:
+            assert "rounds_to_target_interpolated" not in r
+        else:
+            want = hit + (0.9 - acc[hit - 1]) / (acc[hit] - acc[hit - 1])  # round hit before
+            assert r["rounds_to_target_interpolated"] == round(want, 2)
+    assert any("rounds_to_target_interpolated" in r for r in got)
+    cells = report.summary(e, got).split("## Cells")[1]
+    assert "| rounds to 90% | rounds to 90%, interpolated | seconds to 90% |" in cells
 
 
 def test_a_dp_run_reports_its_last_epsilon_and_the_summary_shows_it(sweep):

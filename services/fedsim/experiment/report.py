@@ -35,7 +35,8 @@ from fedsim.experiment.tables import (
 
 FIGURES = (
     "status", "rounds", "evaluations", "final_accuracy", "final_loss", "best_accuracy",
-    "best_round", "target", "rounds_to_target", "seconds_to_target", "sim_seconds_to_target",
+    "best_round", "target", "rounds_to_target", "rounds_to_target_interpolated",
+    "seconds_to_target", "sim_seconds_to_target",
     "seconds",
     "seconds_per_round", "train_seconds", "slowest_worker_seconds", "outside_training",
     "bytes_to_workers",
@@ -233,5 +234,9 @@ def collect(e: Experiment, folder: Path, engine: str) -> list[dict[str, Any]]:
             # Growth read again from the curve: runs measured before it was read between
             # medians (outcome.GROWTH_WINDOW) are shown as the heading says.
             regrown = outcome.growth_of(result.get("curve") or [])
+            # ... and the interpolated rounds to the target, which runs before it lack.
+            crossed = outcome.crossing_of(result.get("curve") or [], result.get("target"))
+            if crossed is not None:
+                regrown = (regrown or {}) | {"rounds_to_target_interpolated": crossed}
             out.append(result | (regrown or {}) | {"cell": cell.number, "axes": cell.axes})
     return out

@@ -117,9 +117,11 @@ def outcome_line(result: dict[str, Any]) -> str:
     ]
     if result["target"] is not None:
         reached = result["rounds_to_target"]
+        crossed = result.get("rounds_to_target_interpolated")
         parts.append(
             f"{result['target']:.0%} "
             + ("not reached" if reached is None else f"at round {reached:g}")
+            + ("" if reached is None or crossed is None else f" ({crossed:g} interpolated)")
         )
     parts.append(f"load {result['load_start']:.2f}-{result['load_end']:.2f}")
     if result["status"] != "finished":
