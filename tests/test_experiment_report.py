@@ -174,6 +174,20 @@ def test_further_targets_get_their_own_columns(sweep, tmp_path):
     assert "| 3.0 (1/3) |" in text and "target: 90%, 95% test accuracy" in text
 
 
+def test_rounds_run_show_one_decimal_only_when_the_seeds_stopped_apart(sweep):
+    e, results = sweep
+    cell = [r for r in results if r["cell"] == 1]
+    for r, rounds in zip(cell, (23.0, 21.0, 20.0), strict=True):  # stopped at the target
+        r["rounds"] = rounds
+
+    lines = report.summary(e, results).split("## Cells")[1].splitlines()
+
+    row = {line.split(" | ")[0].strip("|* "): line.split(" | ") for line in lines if "`" in line}
+    at = lines[2].split(" | ").index("rounds")
+    assert row["1"][at] == "21.3 ± 1.5"  # not 21.3333 ± 1.52753
+    assert row["3"][at] == "4 ± 0"  # every seed ran all 4
+
+
 def test_one_seed_shows_its_value_alone():
     assert tables.shown([0.9123]) == "91.23%"
     assert tables.shown([]) == "-"

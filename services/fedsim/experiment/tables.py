@@ -141,7 +141,8 @@ def cells_table(e: Experiment, cells: dict[int, list[dict]]) -> list[str]:
         mb = (shown(of(runs, "bytes_to_workers"), "{:.1f}", 1e6) + " / "
               + shown(of(runs, "bytes_from_workers"), "{:.1f}", 1e6))  # fmt: skip
         row += [
-            shown(of(runs, "rounds"), "{:g}"),
+            # "4" when every seed ran the same rounds, "21.3 ± 1.5" when they stopped apart
+            shown(of(runs, "rounds"), "{:g}" if len(set(of(runs, "rounds"))) == 1 else "{:.1f}"),
             shown(of(runs, "seconds"), "{:.0f}"),
             mb,
             shown(of(runs, "peak_memory_bytes"), "{:.2f}", 2**30),
