@@ -195,22 +195,10 @@ def growth(points: Sequence[Point]) -> dict[str, Any]:
             "memory_growth_by_process": by_process}  # fmt: skip
 
 
-def _stored(curve: Sequence[Mapping[str, Any]]) -> list[Point] | None:
-    """A curve as result.json keeps it, as points; None when this version cannot read it."""
-    names = {f.name for f in fields(Point)}
-    try:
-        return [Point(**{k: v for k, v in p.items() if k in names}) for p in curve]
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
-def growth_of(curve: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """`growth` of a curve as result.json keeps it; None when it holds no memory
-    readings or is not a curve this version reads."""
-    if not any(isinstance(p, Mapping) and p.get("memory") for p in curve):
-        return None
-    points = _stored(curve)
-    return None if points is None else growth(points)
+def _scored(points: Sequence[Point]) -> list[Point]:
+    """The evaluations a run is read on: version 0 (the initial model) left out, unless it
+    is all there is."""
+    return [p for p in points if p.version > 0] or list(points)
 
 
 def crossing(points: Sequence[Point], target: float) -> float | None:
@@ -220,10 +208,10 @@ def crossing(points: Sequence[Point], target: float) -> float | None:
     round 19, 99.02% at round 20, crossed at 19 + (0.99 - 0.9899) / (0.9902 - 0.9899)
     = 19.33. None when it never did; the first evaluation's round when it already had."""
     best: Point | None = None  # the evaluation holding the best accuracy so far
-    last_x: float | None = None
+    last_x = 0.0  # the round of the evaluation before
     for p in points:
         if p.accuracy >= target:
-            if best is None or last_x is None:
+            if best is None:
                 return p.x
             share = (target - best.accuracy) / (p.accuracy - best.accuracy)
             return round(last_x + share * (p.x - last_x), 2)
@@ -233,13 +221,19 @@ def crossing(points: Sequence[Point], target: float) -> float | None:
     return None
 
 
-def crossing_of(curve: Sequence[Mapping[str, Any]], target: float | None) -> float | None:
-    """`crossing` of a curve as result.json keeps it (version 0 left out, as `measure`
-    does); None without a target or a curve this version reads."""
-    points = None if target is None else _stored(curve)
-    if not points:
-        return None
-    return crossing([p for p in points if p.version > 0] or points, target)
+def reread(curve: Sequence[Mapping[str, Any]], target: float | None) -> dict[str, Any]:
+    """What a curve as result.json keeps it gives again, so runs measured before a
+    figure was read (or read so) are shown alike: `growth` when it holds memory readings,
+    `crossing` as rounds_to_target_interpolated when it reached `target`; nothing from a
+    curve this version cannot read."""
+    names = {f.name for f in fields(Point)}
+    try:
+        points = [Point(**{k: v for k, v in p.items() if k in names}) for p in curve]
+    except (AttributeError, TypeError, ValueError):
+        return {}
+    out = growth(points) if any(p.memory for p in points) else {}
+    crossed = None if target is None else crossing(_scored(points), target)
+    return out | ({} if crossed is None else {"rounds_to_target_interpolated": crossed})
 
 
 def _stopped(log: str) -> str | None:
@@ -267,7 +261,7 @@ def measure(
     """The figures of a run: a row of runs.csv (less the settings) and its curve; `also`:
     further targets, each with its rounds and seconds to it."""
     points = curve(raw, per_round)
-    scored = [p for p in points if p.version > 0] or points
+    scored = _scored(points)
     final = scored[-1] if scored else None
     best = max(scored, key=lambda p: (p.accuracy, -p.version)) if scored else None
     reached = None

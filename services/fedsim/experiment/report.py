@@ -231,12 +231,9 @@ def collect(e: Experiment, folder: Path, engine: str) -> list[dict[str, Any]]:
                 result = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            # Growth read again from the curve: runs measured before it was read between
-            # medians (outcome.GROWTH_WINDOW) are shown as the heading says.
-            regrown = outcome.growth_of(result.get("curve") or [])
-            # ... and the interpolated rounds to the target, which runs before it lack.
-            crossed = outcome.crossing_of(result.get("curve") or [], result.get("target"))
-            if crossed is not None:
-                regrown = (regrown or {}) | {"rounds_to_target_interpolated": crossed}
-            out.append(result | (regrown or {}) | {"cell": cell.number, "axes": cell.axes})
+            # Growth and the interpolated rounds read again from the curve: runs measured
+            # before growth was read between medians (outcome.GROWTH_WINDOW), or before
+            # the interpolation, are shown as the headings say.
+            again = outcome.reread(result.get("curve") or [], result.get("target"))
+            out.append(result | again | {"cell": cell.number, "axes": cell.axes})
     return out
