@@ -11,10 +11,14 @@ with the growth from task --from to the last. With --tracemalloc, Python's own
 allocations are traced from task --from on: their growth in bytes, and the lines of
 code that hold most of it (tracing slows the tasks, so the times are not comparable).
 With --gc-every N, Python's cycle collector runs in full after every N tasks: what it
-frees is garbage the worker carried, not memory it needed.
+frees is garbage the worker carried, not memory it needed. With --release-every N the
+allocator gives its free pages back after every N tasks, as a worker does when it waits
+between rounds (fedsim.allocator.release); under tcmalloc each line also gives the free
+pages it holds (what a release gives back).
 
     .venv/bin/python scripts/profile_worker_memory.py [--model cnn] [--tasks 60]
-        [--threads 1] [--data ./data] [--tracemalloc] [--gc-every N] [--json FILE]
+        [--momentum 0.9] [--threads 1] [--data ./data] [--tracemalloc] [--gc-every N]
+        [--release-every N] [--json FILE]
 
 Compare allocators by running it under them, e.g. `MALLOC_ARENA_MAX=2` or
 `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2`; the allocator in use is
@@ -43,6 +47,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--learning-rate", type=float, default=0.02)
+    parser.add_argument("--momentum", type=float, default=0.0, help="sgd's (W2: 0)")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow's intra-op threads")
     parser.add_argument("--every", type=int, default=5, help="print memory every N tasks")
@@ -52,15 +57,23 @@ def main() -> int:
         "--tracemalloc", action="store_true", help="trace Python's allocations from --from on"
     )
     parser.add_argument("--gc-every", type=int, default=0, help="gc.collect() every N tasks")
+    parser.add_argument(
+        "--release-every", type=int, default=0, help="allocator.release() every N tasks"
+    )
     add_arguments(parser)
     args = parser.parse_args()
     if not 0 < args.start < args.tasks:
         parser.error(f"--from must be between 1 and --tasks - 1, got {args.start}")
-    if args.gc_every < 0:
-        parser.error(f"--gc-every must be 0 (never) or more, got {args.gc_every}")
+    for flag in ("gc_every", "release_every"):
+        if getattr(args, flag) < 0:
+            dashed = "--" + flag.replace("_", "-")
+            parser.error(f"{dashed} must be 0 (never) or more, got {getattr(args, flag)}")
+    if not 0 <= args.momentum < 1:
+        parser.error(f"--momentum must be at least 0 and below 1, got {args.momentum}")
 
     bench = Bench.from_args("profile_worker_memory", args)
     bench.header()
+    from fedsim import allocator as malloc
     from fedsim import models, tfruntime
 
     tfruntime.configure(args.threads)
@@ -76,6 +89,7 @@ def main() -> int:
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "optimizer": "sgd",
+        "momentum": args.momentum,
     }
     tensors = models.initial_weights(args.model, seed=1)
     samples: list[dict[str, float]] = []
@@ -86,14 +100,18 @@ def main() -> int:
             trainer.evaluate(tensors)
         if args.gc_every and task % args.gc_every == 0:
             gc.collect()
+        if args.release_every and task % args.release_every == 0:
+            malloc.release()
         if args.tracemalloc and task == args.start:
             tracemalloc.start()
             traced_from = tracemalloc.take_snapshot()
-        rss, blocks = rss_bytes(), sys.getallocatedblocks()
+        rss, blocks, held = rss_bytes(), sys.getallocatedblocks(), malloc.free_held()
         samples.append({"task": task, "rss_bytes": rss, "python_blocks": blocks,
+                        "allocator_free_bytes": held,
                         "seconds": time.monotonic() - started})  # fmt: skip
         if task % args.every == 0 or task == args.tasks:
-            bench.say(f"task {task:4d}  RSS {rss / 2**20:8.1f} MiB  Python blocks {blocks:,}")
+            free = "" if held is None else f"  tcmalloc's free pages {held / 2**20:6.1f} MiB"
+            bench.say(f"task {task:4d}  RSS {rss / 2**20:8.1f} MiB  Python blocks {blocks:,}{free}")
     at_start = samples[args.start - 1]["rss_bytes"]
     end = samples[-1]["rss_bytes"]
     blocks = samples[-1]["python_blocks"] - samples[args.start - 1]["python_blocks"]
@@ -120,6 +138,8 @@ def main() -> int:
             "python_blocks_growth": blocks,
             "python_traced": traced,
             "gc_every": args.gc_every,
+            "release_every": args.release_every,
+            "momentum": args.momentum,
             "seconds": round(samples[-1]["seconds"], 1),
             "samples": samples,
         }

@@ -93,3 +93,46 @@ def test_the_aggregator_runs_jemalloc_with_one_arena_as_its_image_does() -> None
         arenas(allocator.preloaded({**plain, "MALLOC_CONF": "narenas:3"}, allocator.JEMALLOC))
         == "3"
     )
+
+
+# A process that frees half of 64 MiB it wrote, then asks its allocator to give the free
+# pages back: which call did, and how much resident memory that gave back.
+RELEASE = """
+import numpy
+from fedsim import allocator
+def resident(): return int(open("/proc/self/statm").read().split()[1]) * 4096
+blocks = [numpy.ones(1 << 20, numpy.uint8) for _ in range(64)]
+del blocks[::2]  # freed, between blocks still in use: kept by the allocator for reuse
+before = resident()
+held = allocator.free_held()
+called = allocator.release()
+print(called, (before - resident()) >> 20, held is not None and held >> 20, allocator.free_held())
+"""
+
+
+@pytest.mark.parametrize(
+    ("library", "call"),
+    [(allocator.TCMALLOC, "MallocExtension_ReleaseFreeMemory"),
+     (allocator.JEMALLOC, "mallctl(arena.4096.purge)"), (None, "malloc_trim(0)")],
+)  # fmt: skip
+def test_release_gives_the_allocators_free_pages_back(library, call) -> None:
+    plain = {k: v for k, v in os.environ.items() if k not in ("MALLOC_CONF", "LD_PRELOAD")}
+    if library is None:
+        env = plain
+    elif ctypes.util.find_library(library):
+        env = allocator.preloaded(plain, library)
+    elif os.environ.get("CI") == "true":
+        pytest.fail(f"CI installs lib{library} (.ci/run), but it is not found")
+    else:
+        pytest.skip(f"lib{library} is not installed")
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    said = subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    called, given_back, held_before, held_after = said.stdout.split()
+    assert called == call, said
+    if library is not None:  # glibc gives blocks this large back when they are freed
+        assert int(given_back) >= 16, said  # of the 32 MiB freed
+    if library == allocator.TCMALLOC:  # its own count of the free pages it held, and after
+        assert int(held_before) >= 16 and int(held_after) < 1 << 20, said
+    else:
+        assert (held_before, held_after) == ("False", "None"), said

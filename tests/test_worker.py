@@ -6,6 +6,7 @@ whose weights say which task made them. Several workers run in threads.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import threading
@@ -37,14 +38,15 @@ def quick_sleep(seconds: float) -> None:
     time.sleep(min(seconds, 0.005))
 
 
-def setup(make_settings, **overrides: object):
+def setup(make_settings, hold: float | None = None, **overrides: object):
+    """Settings and the app in this process; `hold`: how long an idle ask waits there."""
     settings = make_settings(**{"MODEL": "mlp", "IDLE_SAVE_SECONDS": 0.2, **overrides})
     write_v0(settings.model_dir)
     write_plan(settings)
     write_tokens(settings)
 
     def make_app() -> Flask:
-        config = {"FEDSIM_SETTINGS": settings, "FEDSIM_TICKER": False}
+        config = {"FEDSIM_SETTINGS": settings, "FEDSIM_TICKER": False, "FEDSIM_HOLD": hold}
         return create_app({"TESTING": True, **config})
 
     return settings, InProcess(make_app)
@@ -505,3 +507,33 @@ def test_a_diverged_training_is_reported_and_the_run_stops_cleanly(make_settings
     assert ", 1 diverged, " in summary.line("w1", 1.0)
     # Version 1 was scored, and nothing after it was published or trained.
     assert [e["version"] for e in history.read(settings.model_dir)] == [0, 1]
+
+
+def test_a_worker_gives_its_free_memory_back_when_it_waits_after_work(make_settings, monkeypatch):
+    # Asks answered at once (no hold): a worker finds no task while another ends the round.
+    settings, adapter = setup(
+        make_settings, hold=0.0, AGGREGATION="fedavg", PARTITION="iid", NUM_CLIENTS=6,
+        CLIENTS_PER_ROUND=3, ROUNDS=3,
+    )  # fmt: skip
+    done: dict[threading.Thread, int] = {}  # tasks done, by worker thread
+    released: dict[threading.Thread, list[int]] = {}  # its tasks done at each release
+    do = Worker._do
+
+    def counted(self: Worker, task) -> None:
+        do(self, task)
+        me = threading.current_thread()
+        done[me] = done.get(me, 0) + 1
+
+    def release() -> str:
+        me = threading.current_thread()
+        released.setdefault(me, []).append(done.get(me, 0))
+        return "recorded"
+
+    monkeypatch.setattr(Worker, "_do", counted)
+    monkeypatch.setattr(worker_module.allocator, "release", release)
+    run_workers(settings, adapter, 2)
+    assert status(adapter)["finished"] is True
+    assert released, "no worker gave memory back while it waited between rounds"
+    for counts in released.values():
+        assert counts[0] > 0  # not before its first task
+        assert all(a < b for a, b in itertools.pairwise(counts))  # once a pause, after work

@@ -14,12 +14,21 @@ for reuse; with one, the pages a thread frees are the next thread's. On W2's cnn
 rounds the aggregator's peak fell from 280-288 to 182-184 MiB and its resting memory
 by about 80 MiB, at the same updates a second (docs/benchmarks.md, "W2"): most of
 its allocations are made holding the GIL, one thread at a time, anyway.
+
+A worker gives its allocator's free pages back (`release`) when it has no work
+for now. tcmalloc keeps the pages a task freed for the next one, and where no
+free run of them is long enough for a model-sized array (the cnn's weights are
+6.7 MB) it maps more: a W2 worker's resident memory climbed in steps of 10-15
+MiB to about 750 MiB, by round 9 with plain SGD and by round 11-18 with momentum,
+while what it had allocated stayed at about 165 MiB (docs/benchmarks.md, W2).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 JEMALLOC = "jemalloc"  # the aggregator's
@@ -57,3 +66,61 @@ def preloaded(env: dict[str, str], library: str) -> dict[str, str]:
         return env
     tuned = library == JEMALLOC and not env.get("MALLOC_CONF")
     return {**env, "LD_PRELOAD": found, **({"MALLOC_CONF": JEMALLOC_CONF} if tuned else {})}
+
+
+def release() -> str | None:
+    """Give the free pages this process's malloc holds back to the system; which call did
+    (None: none known here). A page given back is mapped again when next used, so this
+    is for a pause in the work (a worker between rounds), not inside it."""
+    call = _releaser()
+    if call is None:
+        return None
+    call()
+    return call.__name__
+
+
+# jemalloc's MALLCTL_ARENAS_ALL: "arena.4096.purge" purges every arena
+_JEMALLOC_PURGE_ALL = b"arena.4096.purge"
+
+
+@functools.cache
+def _releaser() -> Callable[[], object] | None:
+    try:
+        process = ctypes.CDLL(None)  # the symbols of this process: libc's, a preloaded malloc's
+    except OSError:
+        return None
+    called = name()
+    if called == "tcmalloc" and hasattr(process, "MallocExtension_ReleaseFreeMemory"):
+        return process.MallocExtension_ReleaseFreeMemory
+    if called == "jemalloc" and hasattr(process, "mallctl"):
+        mallctl = process.mallctl
+
+        def purge() -> object:
+            return mallctl(_JEMALLOC_PURGE_ALL, None, None, None, 0)
+
+        purge.__name__ = "mallctl(arena.4096.purge)"
+        return purge
+    if called == "glibc malloc" and hasattr(process, "malloc_trim"):
+        trim = process.malloc_trim
+        trim.argtypes = [ctypes.c_size_t]
+
+        def trim_all() -> object:
+            return trim(0)
+
+        trim_all.__name__ = "malloc_trim(0)"
+        return trim_all
+    return None
+
+
+def free_held() -> int | None:
+    """Bytes tcmalloc holds free and mapped (its page heap's free pages): what `release`
+    gives back; None under another allocator."""
+    if name() != "tcmalloc":
+        return None
+    try:
+        get = ctypes.CDLL(None).MallocExtension_GetNumericProperty
+    except (OSError, AttributeError):
+        return None
+    value = ctypes.c_size_t(0)
+    found = get(b"tcmalloc.pageheap_free_bytes", ctypes.byref(value))
+    return value.value if found else None

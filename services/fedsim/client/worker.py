@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedsim import models, pipeline, weights
+from fedsim import allocator, models, pipeline, weights
 from fedsim.client import pacing
 from fedsim.client.outbox import Outbox, describe
 from fedsim.client.records import Learner, LocalModel, Summary
@@ -122,6 +122,7 @@ class Worker:
             self.start()
         wait = 0.2
         unanswered_since: float | None = None
+        worked = False  # since the allocator last gave its free pages back
         while True:
             if self.outbox.kept and not self.outbox.confirm():
                 if self.outbox.busy:  # it answers 503: alive, so wait as long as it takes
@@ -142,6 +143,7 @@ class Worker:
             if offer.task is not None:
                 wait = 0.2
                 self._do(offer.task)
+                worked = True
                 continue
             if offer.finished:
                 log.info("%s: the run is finished", self.name)
@@ -151,6 +153,9 @@ class Worker:
                 break
             # Nothing yet (a round closing, a client's next slice held elsewhere): wait,
             # longer each time, never longer than the aggregator or IDLE_WAIT_MAX says.
+            if worked:  # what the tasks freed goes back to the system while this one waits
+                allocator.release()
+                worked = False
             self.sleep(min(wait, offer.retry_after, IDLE_WAIT_MAX))
             wait = min(wait * 2, IDLE_WAIT_MAX)
         self.outbox.settle()
