@@ -13,8 +13,9 @@ code that hold most of it (tracing slows the tasks, so the times are not compara
 With --gc-every N, Python's cycle collector runs in full after every N tasks: what it
 frees is garbage the worker carried, not memory it needed. With --release-every N the
 allocator gives its free pages back after every N tasks, as a worker does when it waits
-between rounds (fedsim.allocator.release); under tcmalloc each line also gives the free
-pages it holds (what a release gives back).
+between rounds (fedsim.allocator.release); under tcmalloc each line also gives its own
+counts (fedsim.allocator.held): allocated, its heap, the free pages it holds (what a
+release gives back) and those it gave back.
 
     .venv/bin/python scripts/profile_worker_memory.py [--model cnn] [--tasks 60]
         [--momentum 0.9] [--threads 1] [--data ./data] [--tracemalloc] [--gc-every N]
@@ -105,13 +106,16 @@ def main() -> int:
         if args.tracemalloc and task == args.start:
             tracemalloc.start()
             traced_from = tracemalloc.take_snapshot()
-        rss, blocks, held = rss_bytes(), sys.getallocatedblocks(), malloc.free_held()
+        rss, blocks, held = rss_bytes(), sys.getallocatedblocks(), malloc.held()
         samples.append({"task": task, "rss_bytes": rss, "python_blocks": blocks,
-                        "allocator_free_bytes": held,
+                        "tcmalloc_bytes": held,
                         "seconds": time.monotonic() - started})  # fmt: skip
         if task % args.every == 0 or task == args.tasks:
-            free = "" if held is None else f"  tcmalloc's free pages {held / 2**20:6.1f} MiB"
-            bench.say(f"task {task:4d}  RSS {rss / 2**20:8.1f} MiB  Python blocks {blocks:,}{free}")
+            counts = "".join(f" {k} {v / 2**20:.1f}" for k, v in (held or {}).items())
+            bench.say(
+                f"task {task:4d}  RSS {rss / 2**20:8.1f} MiB  Python blocks {blocks:,}"
+                + (f"  tcmalloc's MiB:{counts}" if held else "")
+            )
     at_start = samples[args.start - 1]["rss_bytes"]
     end = samples[-1]["rss_bytes"]
     blocks = samples[-1]["python_blocks"] - samples[args.start - 1]["python_blocks"]

@@ -15,12 +15,13 @@ rounds the aggregator's peak fell from 280-288 to 182-184 MiB and its resting me
 by about 80 MiB, at the same updates a second (docs/benchmarks.md, "W2"): most of
 its allocations are made holding the GIL, one thread at a time, anyway.
 
-A worker gives its allocator's free pages back (`release`) when it has no work
-for now. tcmalloc keeps the pages a task freed for the next one, and where no
-free run of them is long enough for a model-sized array (the cnn's weights are
-6.7 MB) it maps more: a W2 worker's resident memory climbed in steps of 10-15
-MiB to about 750 MiB, by round 9 with plain SGD and by round 11-18 with momentum,
-while what it had allocated stayed at about 165 MiB (docs/benchmarks.md, W2).
+A worker gives its allocator's free pages back (`release`) when an ask for work
+comes back empty after work. tcmalloc keeps the pages a task freed for the next
+one, and where no free run of them is long enough for a large array it maps more:
+a W2 worker's resident memory climbed in steps of 10-20 MiB to about 750 MiB while
+what it had allocated stayed level, and the reading from round 5 on was that
+climb (docs/benchmarks.md, W2). Given back, the pages are mapped again by the next
+task, so a worker's peak is the same; between rounds it holds what it uses.
 """
 
 from __future__ import annotations
@@ -112,15 +113,27 @@ def _releaser() -> Callable[[], object] | None:
     return None
 
 
-def free_held() -> int | None:
-    """Bytes tcmalloc holds free and mapped (its page heap's free pages): what `release`
-    gives back; None under another allocator."""
+# tcmalloc's own counts (MallocExtension_GetNumericProperty), by the names `held` gives them
+_TCMALLOC_COUNTS = {
+    "allocated": b"generic.current_allocated_bytes",  # in use by the program
+    "heap": b"generic.heap_size",  # mapped from the system, given back or not
+    "free": b"tcmalloc.pageheap_free_bytes",  # free pages it holds: what `release` gives back
+    "given_back": b"tcmalloc.pageheap_unmapped_bytes",  # free pages given back
+}
+
+
+def held() -> dict[str, int] | None:
+    """tcmalloc's own counts, in bytes: what the program has allocated, its heap, the free
+    pages it holds and those it gave back; None under another allocator."""
     if name() != "tcmalloc":
         return None
     try:
         get = ctypes.CDLL(None).MallocExtension_GetNumericProperty
     except (OSError, AttributeError):
         return None
-    value = ctypes.c_size_t(0)
-    found = get(b"tcmalloc.pageheap_free_bytes", ctypes.byref(value))
-    return value.value if found else None
+    counts = {}
+    for called, prop in _TCMALLOC_COUNTS.items():
+        value = ctypes.c_size_t(0)
+        if get(prop, ctypes.byref(value)):
+            counts[called] = value.value
+    return counts
