@@ -93,7 +93,7 @@ def main() -> int:
         "momentum": args.momentum,
     }
     tensors = models.initial_weights(args.model, seed=1)
-    samples: list[dict[str, float]] = []
+    samples: list[dict] = []  # a task's figures, tcmalloc's counts among them
     started = time.monotonic()
     for task in range(1, args.tasks + 1):
         tensors, _ = trainer.train(tensors, clients[task % len(clients)], settings, seed=task)

@@ -18,7 +18,7 @@ its allocations are made holding the GIL, one thread at a time, anyway.
 A worker gives its allocator's free pages back (`release`) when an ask for work
 comes back empty after work. tcmalloc keeps the pages a task freed for the next
 one, and where no free run of them is long enough for a large array it maps more:
-a W2 worker's resident memory climbed in steps of 10-20 MiB to about 750 MiB while
+a W2 worker's resident memory climbed in steps of 10-15 MiB to about 750 MiB while
 what it had allocated stayed level, and the reading from round 5 on was that
 climb (docs/benchmarks.md, W2). Given back, the pages are mapped again by the next
 task, so a worker's peak is the same; between rounds it holds what it uses.
@@ -70,9 +70,10 @@ def preloaded(env: dict[str, str], library: str) -> dict[str, str]:
 
 
 def release() -> str | None:
-    """Give the free pages this process's malloc holds back to the system; which call did
-    (None: none known here). A page given back is mapped again when next used, so this
-    is for a pause in the work (a worker between rounds), not inside it."""
+    """Give the free pages this process's malloc holds back to the system, and name the
+    call that did (None: no call known for this malloc). A page given back is mapped
+    again when next used, so this is for a pause in the work (a worker between rounds),
+    not inside it."""
     call = _releaser()
     if call is None:
         return None
