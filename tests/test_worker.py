@@ -20,7 +20,7 @@ from fedsim import checkpoints, tfruntime, weights
 from fedsim.aggregator import history, tasks
 from fedsim.aggregator.app import create_app
 from fedsim.client import worker as worker_module
-from fedsim.client.transport import ProtocolError
+from fedsim.client.transport import ProtocolError, Transport
 from fedsim.client.worker import Worker
 from fedsim.pipeline.compress import WIRE_NAMES
 from helpers import (
@@ -516,24 +516,33 @@ def test_a_worker_gives_its_free_memory_back_when_it_waits_after_work(make_setti
         CLIENTS_PER_ROUND=3, ROUNDS=3,
     )  # fmt: skip
     done: dict[threading.Thread, int] = {}  # tasks done, by worker thread
-    released: dict[threading.Thread, list[int]] = {}  # its tasks done at each release
-    do = Worker._do
+    empty: dict[threading.Thread, bool] = {}  # whether its last ask came back without work
+    released: dict[threading.Thread, list[tuple[int, bool]]] = {}  # (done, empty) at each
+    do, ask = Worker._do, Transport.ask
 
     def counted(self: Worker, task) -> None:
         do(self, task)
         me = threading.current_thread()
         done[me] = done.get(me, 0) + 1
 
+    def asked(self: Transport, *args, **kwargs):
+        offer = ask(self, *args, **kwargs)
+        empty[threading.current_thread()] = offer.task is None
+        return offer
+
     def release() -> str:
         me = threading.current_thread()
-        released.setdefault(me, []).append(done.get(me, 0))
+        released.setdefault(me, []).append((done.get(me, 0), empty.get(me, False)))
         return "recorded"
 
     monkeypatch.setattr(Worker, "_do", counted)
+    monkeypatch.setattr(Transport, "ask", asked)
     monkeypatch.setattr(worker_module.allocator, "release", release)
     run_workers(settings, adapter, 2)
     assert status(adapter)["finished"] is True
     assert released, "no worker gave memory back while it waited between rounds"
-    for counts in released.values():
+    for calls in released.values():
+        counts = [n for n, _ in calls]
+        assert all(was_empty for _, was_empty in calls)  # only when there was no work
         assert counts[0] > 0  # not before its first task
         assert all(a < b for a, b in itertools.pairwise(counts))  # once a pause, after work

@@ -1,5 +1,5 @@
-"""Which malloc a process runs under. The images preload one (Debian's packages): jemalloc
-in the aggregator's, tcmalloc in the client's (the workers).
+"""Which malloc a process runs under, and its free pages given back. The images preload
+one (Debian's packages): jemalloc in the aggregator's, tcmalloc in the client's (the workers).
 
 Under glibc's malloc, threads that receive, decode or train on multi-megabyte
 arrays leave per-thread arenas fragmented and never given back: over W2's cnn
@@ -71,43 +71,63 @@ def preloaded(env: dict[str, str], library: str) -> dict[str, str]:
 
 def release() -> str | None:
     """Give the free pages this process's malloc holds back to the system, and name the
-    call that did (None: no call known for this malloc). A page given back is mapped
-    again when next used, so this is for a pause in the work (a worker between rounds),
-    not inside it."""
+    call that did (None: no call known for this malloc, or the call refused). A page
+    given back is mapped again when next used, so this is for a pause in the work (a
+    worker between rounds), not inside it. Never raises: it saves memory, nothing more."""
     call = _releaser()
-    if call is None:
+    if call is None or not call():
         return None
-    call()
     return call.__name__
 
 
-# jemalloc's MALLCTL_ARENAS_ALL: "arena.4096.purge" purges every arena
+# jemalloc's MALLCTL_ARENAS_ALL (jemalloc 5): "arena.4096.purge" purges every arena
 _JEMALLOC_PURGE_ALL = b"arena.4096.purge"
 
 
-@functools.cache
-def _releaser() -> Callable[[], object] | None:
+def _symbols() -> ctypes.CDLL | None:
+    """This process's own symbols (libc's, and a preloaded malloc's), where it has them."""
     try:
-        process = ctypes.CDLL(None)  # the symbols of this process: libc's, a preloaded malloc's
-    except OSError:
+        return ctypes.CDLL(None)
+    except (OSError, TypeError):  # TypeError: Windows' ctypes takes no None
         return None
+
+
+@functools.cache
+def _releaser() -> Callable[[], bool] | None:
+    """The call that gives the free pages back, True when it did. Looked up once: the
+    malloc a process runs under is fixed when it starts (LD_PRELOAD)."""
     called = name()
+    process = _symbols() if called in ("tcmalloc", "jemalloc", "glibc malloc") else None
+    if process is None:
+        return None
     if called == "tcmalloc" and hasattr(process, "MallocExtension_ReleaseFreeMemory"):
-        return process.MallocExtension_ReleaseFreeMemory
+        free = process.MallocExtension_ReleaseFreeMemory
+        free.argtypes, free.restype = [], None
+
+        def release_free_memory() -> bool:
+            free()
+            return True
+
+        release_free_memory.__name__ = "MallocExtension_ReleaseFreeMemory"
+        return release_free_memory
     if called == "jemalloc" and hasattr(process, "mallctl"):
         mallctl = process.mallctl
+        pointer = ctypes.c_void_p
+        mallctl.argtypes = [ctypes.c_char_p, pointer, pointer, pointer, ctypes.c_size_t]
+        mallctl.restype = ctypes.c_int
 
-        def purge() -> object:
-            return mallctl(_JEMALLOC_PURGE_ALL, None, None, None, 0)
+        def purge() -> bool:
+            return mallctl(_JEMALLOC_PURGE_ALL, None, None, None, 0) == 0  # 0: done
 
         purge.__name__ = "mallctl(arena.4096.purge)"
         return purge
     if called == "glibc malloc" and hasattr(process, "malloc_trim"):
         trim = process.malloc_trim
-        trim.argtypes = [ctypes.c_size_t]
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
 
-        def trim_all() -> object:
-            return trim(0)
+        def trim_all() -> bool:
+            trim(0)  # 1 when it gave memory back, 0 when there was none to give
+            return True
 
         trim_all.__name__ = "malloc_trim(0)"
         return trim_all
@@ -126,12 +146,12 @@ _TCMALLOC_COUNTS = {
 def held() -> dict[str, int] | None:
     """tcmalloc's own counts, in bytes: what the program has allocated, its heap, the free
     pages it holds and those it gave back; None under another allocator."""
-    if name() != "tcmalloc":
+    process = _symbols() if name() == "tcmalloc" else None
+    get = getattr(process, "MallocExtension_GetNumericProperty", None)
+    if get is None:
         return None
-    try:
-        get = ctypes.CDLL(None).MallocExtension_GetNumericProperty
-    except (OSError, AttributeError):
-        return None
+    get.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t)]
+    get.restype = ctypes.c_int
     counts = {}
     for called, prop in _TCMALLOC_COUNTS.items():
         value = ctypes.c_size_t(0)
