@@ -13,6 +13,22 @@ import pytest
 
 from fedsim import allocator
 
+PACKAGES = {allocator.JEMALLOC: "libjemalloc2", allocator.TCMALLOC: "libtcmalloc-minimal4"}
+
+
+def without_preload() -> dict[str, str]:
+    """This process's environment without a preloaded malloc or jemalloc's settings."""
+    return {k: v for k, v in os.environ.items() if k not in ("MALLOC_CONF", "LD_PRELOAD")}
+
+
+def require(library: str) -> None:
+    """Skip where `library` is not installed; fail under CI, which installs it (.ci/run)."""
+    if ctypes.util.find_library(library):
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI installs {PACKAGES[library]} (.ci/run), but it is not found")
+    pytest.skip(f"{PACKAGES[library]} is not installed (apt-get install {PACKAGES[library]})")
+
 
 def test_the_allocator_is_read_from_what_the_process_has_mapped(tmp_path: Path) -> None:
     maps = tmp_path / "maps"
@@ -77,11 +93,8 @@ print(n.value)
 def test_the_aggregator_runs_jemalloc_with_one_arena_as_its_image_does() -> None:
     dockerfile = (Path(__file__).parents[1] / "services/aggregator/Dockerfile").read_text()
     assert f"ENV MALLOC_CONF={allocator.JEMALLOC_CONF}\n" in dockerfile
-    if not ctypes.util.find_library(allocator.JEMALLOC):
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI installs libjemalloc2 (.ci/run), but it is not found")
-        pytest.skip("libjemalloc2 is not installed (apt-get install libjemalloc2)")
-    plain = {k: v for k, v in os.environ.items() if k not in ("MALLOC_CONF", "LD_PRELOAD")}
+    require(allocator.JEMALLOC)
+    plain = without_preload()
 
     def arenas(env: dict[str, str]) -> str:
         said = subprocess.run([sys.executable, "-c", NARENAS], env=env, capture_output=True,
@@ -120,17 +133,13 @@ print(called, (before - resident()) >> 20, *(c and c["free"] >> 20 for c in (hel
      (allocator.JEMALLOC, "mallctl(arena.4096.purge)"), (None, "malloc_trim(0)")],
 )  # fmt: skip
 def test_release_gives_the_allocators_free_pages_back(library, call) -> None:
-    plain = {k: v for k, v in os.environ.items() if k not in ("MALLOC_CONF", "LD_PRELOAD")}
     if library is None:
         if platform.libc_ver()[0] != "glibc":
             pytest.skip("the C library here is not glibc")
-        env = plain
-    elif ctypes.util.find_library(library):
-        env = allocator.preloaded(plain, library)
-    elif os.environ.get("CI") == "true":
-        pytest.fail(f"CI installs lib{library} (.ci/run), but it is not found")
+        env = without_preload()
     else:
-        pytest.skip(f"lib{library} is not installed")
+        require(library)
+        env = allocator.preloaded(without_preload(), library)
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     said = subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True,
                           text=True, check=True)  # fmt: skip
