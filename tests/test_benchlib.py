@@ -266,3 +266,21 @@ def test_memory_of_named_process_trees_and_their_sum():
         child.kill()
         child.communicate()  # reaps it and closes its pipe
         done.wait()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--release-every", "-1"], "--release-every must be 0 (never) or more, got -1"),
+     (["--gc-every", "-2"], "--gc-every must be 0 (never) or more, got -2"),
+     (["--momentum", "1"], "--momentum must be at least 0 and below 1, got 1.0"),
+     (["--momentum", "-0.1"], "--momentum must be at least 0 and below 1, got -0.1")],
+)  # fmt: skip
+def test_profile_worker_memory_refuses_a_bad_option_in_one_line(tmp_path, args, message):
+    out = tmp_path / "out.json"
+    said = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/profile_worker_memory.py"), *args, "--json", str(out)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    assert said.returncode == 2, said
+    assert said.stderr.strip().splitlines()[-1].endswith(message), said.stderr
+    assert not out.exists()  # refused before anything ran or was written
